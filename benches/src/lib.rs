@@ -1,0 +1,1 @@
+//! Criterion benchmarks for microcosm live in `benches/`; this library is empty on purpose.

@@ -1,0 +1,1 @@
+//! Replicated metadata (in progress)

@@ -1,0 +1,599 @@
+//! QUIC endpoints that both listen and dial, with one reused connection per peer.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls_pki_types::CertificateDer;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::config::TransportConfig;
+use crate::error::{EndpointError, ErrorCode, FrameError, RemoteError, RpcError};
+use crate::frame::{self, Frame, Message};
+use crate::rpc::{
+    HELLO_ID, Method, PROTOCOL_VERSION, Peer, Router, STATUS_ERR, STATUS_OK, Service, WireError,
+};
+use crate::stream::{DataSender, DataStream};
+use crate::tls::{Identity, Role, role_of_cert};
+
+/// Application close code: the peer's certificate names no valid role.
+const CLOSE_BAD_IDENTITY: u32 = 1;
+/// Application close code: the endpoint is shutting down.
+const CLOSE_SHUTDOWN: u32 = 2;
+/// Stream stop code: a request could not be read.
+const STOP_BAD_FRAME: u32 = 1;
+/// Stream stop code: the peer's role may not open data streams here.
+const STOP_REFUSED: u32 = 2;
+
+/// A QUIC endpoint: serves a [`Router`] and dials peers, reusing one connection per peer.
+#[derive(Clone)]
+pub struct Endpoint {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    quinn: quinn::Endpoint,
+    config: TransportConfig,
+    router: Arc<Router>,
+    conns: Mutex<HashMap<(SocketAddr, Role), quinn::Connection>>,
+}
+
+impl Endpoint {
+    /// Binds `addr` (port 0 picks a free port) and starts serving `router`. Must be called
+    /// inside a tokio runtime.
+    pub fn bind(
+        addr: SocketAddr,
+        identity: &Identity,
+        config: TransportConfig,
+        router: Router,
+    ) -> Result<Self, EndpointError> {
+        config.validate()?;
+        let transport = Arc::new(config.quinn()?);
+        let server_tls = QuicServerConfig::try_from(identity.server_config()?)
+            .map_err(|e| EndpointError::Config(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
+        server.transport_config(transport.clone());
+        let client_tls = QuicClientConfig::try_from(identity.client_config()?)
+            .map_err(|e| EndpointError::Config(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
+        client.transport_config(transport);
+
+        let socket = udp_socket(addr, config.udp_buffer_bytes)?;
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| EndpointError::Bind { addr, source })?;
+        endpoint.set_default_client_config(client);
+
+        let inner = Arc::new(Inner {
+            quinn: endpoint,
+            config,
+            router: Arc::new(router),
+            conns: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(accept_loop(Arc::downgrade(&inner), inner.quinn.clone()));
+        Ok(Self { inner })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        // The socket was bound in `bind`; quinn only fails here if the socket is gone, which
+        // cannot happen while the endpoint lives. Fall back to the unspecified address.
+        self.inner
+            .quinn
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The endpoint's configuration.
+    pub fn config(&self) -> &TransportConfig {
+        &self.inner.config
+    }
+
+    /// Returns the connection to `addr`, whose certificate must grant `role`, dialing (and
+    /// re-dialing with backoff) until `deadline` if there is none or it was lost.
+    pub async fn connection(
+        &self,
+        addr: SocketAddr,
+        role: Role,
+        deadline: Instant,
+    ) -> Result<Connection, RpcError> {
+        if let Some(conn) = self.cached(addr, role) {
+            return Ok(conn);
+        }
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let attempt_deadline = deadline.min(Instant::now() + self.inner.config.connect_timeout);
+            match self.dial(addr, role, attempt_deadline).await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => {
+                    let now = Instant::now();
+                    if now + backoff >= deadline {
+                        return Err(e);
+                    }
+                    debug!(%addr, error = %e, ?backoff, "dial failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    fn cached(&self, addr: SocketAddr, role: Role) -> Option<Connection> {
+        let mut conns = lock(&self.inner.conns);
+        match conns.get(&(addr, role)) {
+            Some(c) if c.close_reason().is_none() => {
+                Some(self.wrap(c.clone(), Peer { role, addr }))
+            }
+            Some(_) => {
+                conns.remove(&(addr, role));
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn wrap(&self, conn: quinn::Connection, peer: Peer) -> Connection {
+        Connection {
+            conn,
+            peer,
+            max_frame: self.inner.config.max_frame_bytes,
+        }
+    }
+
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        role: Role,
+        deadline: Instant,
+    ) -> Result<Connection, RpcError> {
+        let unreachable = |reason: String| RpcError::Unreachable { addr, reason };
+        let connecting = self
+            .inner
+            .quinn
+            .connect(addr, role.server_name())
+            .map_err(|e| unreachable(e.to_string()))?;
+        let conn = tokio::time::timeout_at(deadline, connecting)
+            .await
+            .map_err(|_| unreachable("handshake timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let conn = self.wrap(conn, Peer { role, addr });
+        // With TLS 1.3 the client's handshake completes before the server has checked our
+        // certificate: only a hello round trip proves that we were admitted.
+        let version: u32 = conn
+            .raw_call(HELLO_ID, &PROTOCOL_VERSION, deadline)
+            .await
+            .map_err(|e| unreachable(format!("refused: {e}")))?;
+        if version != PROTOCOL_VERSION {
+            conn.conn
+                .close(CLOSE_SHUTDOWN.into(), b"protocol version mismatch");
+            return Err(unreachable(format!(
+                "peer speaks protocol version {version}, we speak {PROTOCOL_VERSION}"
+            )));
+        }
+        tokio::spawn(serve_connection(
+            self.inner.router.clone(),
+            conn.conn.clone(),
+            conn.peer,
+            self.inner.config.max_frame_bytes,
+        ));
+        lock(&self.inner.conns).insert((addr, role), conn.conn.clone());
+        Ok(conn)
+    }
+
+    /// Calls method `M` on the node at `addr` with the default deadline.
+    pub async fn call<M: Method>(
+        &self,
+        addr: SocketAddr,
+        req: &M::Request,
+    ) -> Result<M::Response, RpcError> {
+        self.call_timeout::<M>(addr, req, self.inner.config.default_call_timeout)
+            .await
+    }
+
+    /// Calls method `M` on the node at `addr`; the whole call, including (re)connecting, must
+    /// finish within `timeout`.
+    pub async fn call_timeout<M: Method>(
+        &self,
+        addr: SocketAddr,
+        req: &M::Request,
+        timeout: Duration,
+    ) -> Result<M::Response, RpcError> {
+        let deadline = Instant::now() + timeout;
+        let conn = self
+            .connection(addr, <M::Service as Service>::SERVED_BY, deadline)
+            .await?;
+        let result = conn.raw_call(M::ID, req, deadline).await;
+        if let Err(RpcError::ConnectionLost { .. }) = &result {
+            self.forget(addr, <M::Service as Service>::SERVED_BY);
+        }
+        result
+    }
+
+    /// Opens a data stream to the executor at `addr`, starting with `header`.
+    pub async fn open_data_stream(
+        &self,
+        addr: SocketAddr,
+        header: Bytes,
+        timeout: Duration,
+    ) -> Result<DataSender, RpcError> {
+        let deadline = Instant::now() + timeout;
+        let conn = self.connection(addr, Role::Executor, deadline).await?;
+        conn.open_data_stream(header, deadline).await
+    }
+
+    /// Drops the cached connection to `addr`, so the next call dials again.
+    pub fn forget(&self, addr: SocketAddr, role: Role) {
+        lock(&self.inner.conns).remove(&(addr, role));
+    }
+
+    /// Closes every connection and stops accepting new ones.
+    pub fn close(&self) {
+        self.inner.quinn.close(CLOSE_SHUTDOWN.into(), b"shutdown");
+        lock(&self.inner.conns).clear();
+    }
+}
+
+/// One connection to a peer, shared by all calls and streams to it.
+#[derive(Clone)]
+pub struct Connection {
+    conn: quinn::Connection,
+    peer: Peer,
+    max_frame: u32,
+}
+
+impl Connection {
+    /// The peer at the other end.
+    pub fn peer(&self) -> Peer {
+        self.peer
+    }
+
+    /// The underlying quinn connection (for tests and diagnostics).
+    pub fn quinn(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Calls method `M` on this connection, finishing before `deadline`.
+    pub async fn call<M: Method>(
+        &self,
+        req: &M::Request,
+        deadline: Instant,
+    ) -> Result<M::Response, RpcError> {
+        self.raw_call(M::ID, req, deadline).await
+    }
+
+    async fn raw_call<Req: Message, Resp: Message>(
+        &self,
+        method: u32,
+        req: &Req,
+        deadline: Instant,
+    ) -> Result<Resp, RpcError> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let payload = req.encode().map_err(|e| RpcError::Encode(e.to_string()))?;
+        let len = frame::len_prefix(payload.len(), self.max_frame)
+            .map_err(|e| RpcError::Encode(e.to_string()))?;
+        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        let mut header = [0u8; 12];
+        header[..4].copy_from_slice(&len);
+        header[4..8].copy_from_slice(&method.to_le_bytes());
+        header[8..].copy_from_slice(&timeout_ms.to_le_bytes());
+        let lost = |reason: String| RpcError::ConnectionLost {
+            addr: self.peer.addr,
+            reason,
+        };
+        let exchange = async {
+            let (mut send, mut recv) =
+                self.conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
+            let mut chunks = [
+                Bytes::copy_from_slice(&header),
+                Bytes::from(payload.into_vec()),
+            ];
+            send.write_all_chunks(&mut chunks)
+                .await
+                .map_err(|e| lost(e.to_string()))?;
+            // Finishing an open stream we own cannot fail; a failure means the connection died.
+            send.finish().map_err(|e| lost(e.to_string()))?;
+            let Some(head) = frame::read_header::<8>(&mut recv)
+                .await
+                .map_err(|e| map_stream(e, &lost))?
+            else {
+                return Err(lost("stream closed before a response".into()));
+            };
+            let (len, status) = split_header(&head);
+            let len = frame::check_len(len, self.max_frame)?;
+            let mut body = Frame::new();
+            frame::read_body(&mut recv, len, &mut body)
+                .await
+                .map_err(|e| map_stream(e, &lost))?;
+            match status {
+                STATUS_OK => Ok(Resp::decode(&body)?),
+                STATUS_ERR => {
+                    let err = WireError::decode(&body)?;
+                    Err(RpcError::Remote(RemoteError {
+                        code: err.code,
+                        message: err.message,
+                    }))
+                }
+                other => Err(RpcError::BadFrame(FrameError::InvalidArchive(format!(
+                    "unknown response status {other}"
+                )))),
+            }
+        };
+        match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(RpcError::Timeout(timeout)),
+        }
+    }
+
+    /// Opens a data stream on this connection, starting with `header`.
+    pub async fn open_data_stream(
+        &self,
+        header: Bytes,
+        deadline: Instant,
+    ) -> Result<DataSender, RpcError> {
+        let lost = |reason: String| RpcError::ConnectionLost {
+            addr: self.peer.addr,
+            reason,
+        };
+        // open_uni waits for stream credit; bound it by the deadline.
+        let send = tokio::time::timeout_at(deadline, self.conn.open_uni())
+            .await
+            .map_err(|_| RpcError::Timeout(Duration::ZERO))?
+            .map_err(|e| lost(e.to_string()))?;
+        let mut sender = DataSender {
+            send,
+            max_frame: self.max_frame,
+            addr: self.peer.addr,
+        };
+        sender.send(header).await?;
+        Ok(sender)
+    }
+}
+
+fn map_stream(e: FrameError, lost: &impl Fn(String) -> RpcError) -> RpcError {
+    match e {
+        FrameError::Stream(reason) => lost(reason),
+        other => RpcError::BadFrame(other),
+    }
+}
+
+fn split_header(head: &[u8; 8]) -> (u32, u32) {
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let status = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    (len, status)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned map only means another thread panicked mid-update of a cache; the map itself
+    // is still structurally valid, so keep using it.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, EndpointError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind_err = |source| EndpointError::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(bind_err)?;
+    if let Err(e) = socket.set_recv_buffer_size(buffer) {
+        warn!(error = %e, "cannot size UDP receive buffer");
+    }
+    if let Err(e) = socket.set_send_buffer_size(buffer) {
+        warn!(error = %e, "cannot size UDP send buffer");
+    }
+    let granted = (
+        socket.recv_buffer_size().unwrap_or(0),
+        socket.send_buffer_size().unwrap_or(0),
+    );
+    // Linux reports double the granted size and silently caps at net.core.{r,w}mem_max.
+    if granted.0 < buffer {
+        debug!(
+            requested = buffer,
+            recv = granted.0,
+            send = granted.1,
+            "UDP buffers capped by the kernel"
+        );
+    }
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    Ok(socket.into())
+}
+
+async fn accept_loop(inner: std::sync::Weak<Inner>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let Some(inner) = inner.upgrade() else { break };
+        let router = inner.router.clone();
+        let max_frame = inner.config.max_frame_bytes;
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(error = %e, "handshake failed");
+                    return;
+                }
+            };
+            let addr = conn.remote_address();
+            let Some(role) = peer_role(&conn) else {
+                warn!(%addr, "peer certificate names no valid role; closing");
+                conn.close(
+                    CLOSE_BAD_IDENTITY.into(),
+                    b"certificate names no valid role",
+                );
+                return;
+            };
+            debug!(%addr, %role, "accepted connection");
+            serve_connection(router, conn, Peer { role, addr }, max_frame).await;
+        });
+    }
+    info!("endpoint stopped accepting");
+}
+
+fn peer_role(conn: &quinn::Connection) -> Option<Role> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    role_of_cert(certs.first()?).ok()
+}
+
+/// Serves calls and data streams the peer opens on `conn` until it closes.
+async fn serve_connection(
+    router: Arc<Router>,
+    conn: quinn::Connection,
+    peer: Peer,
+    max_frame: u32,
+) {
+    let uni = {
+        let router = router.clone();
+        let conn = conn.clone();
+        async move {
+            while let Ok(recv) = conn.accept_uni().await {
+                tokio::spawn(serve_data_stream(router.clone(), peer, recv, max_frame));
+            }
+        }
+    };
+    let bi = async move {
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            tokio::spawn(serve_call(router.clone(), peer, send, recv, max_frame));
+        }
+    };
+    tokio::join!(uni, bi);
+}
+
+async fn serve_data_stream(
+    router: Arc<Router>,
+    peer: Peer,
+    mut recv: quinn::RecvStream,
+    max_frame: u32,
+) {
+    let Some((callers, handler)) = router.streams.as_ref() else {
+        let _ = recv.stop(STOP_REFUSED.into());
+        return;
+    };
+    if !callers.contains(&peer.role) {
+        warn!(addr = %peer.addr, role = %peer.role, "data stream refused for role");
+        let _ = recv.stop(STOP_REFUSED.into());
+        return;
+    }
+    let mut header = Frame::new();
+    match frame::read_frame(&mut recv, max_frame, &mut header).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            warn!(addr = %peer.addr, error = %e, "bad data stream header");
+            let _ = recv.stop(STOP_BAD_FRAME.into());
+            return;
+        }
+    }
+    handler(
+        peer,
+        DataStream {
+            peer,
+            header,
+            recv,
+            max_frame,
+        },
+    )
+    .await;
+}
+
+async fn serve_call(
+    router: Arc<Router>,
+    peer: Peer,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    max_frame: u32,
+) {
+    let result = handle_call(&router, peer, &mut recv, max_frame).await;
+    let (status, body) = match result {
+        Ok(Some(body)) => (STATUS_OK, body),
+        Ok(None) => return,
+        Err(err) => {
+            if err.is(ErrorCode::BadRequest) {
+                debug!(addr = %peer.addr, error = %err.message, "bad request frame");
+                // Stop reading the rest of a bad request; the connection carries on.
+                let _ = recv.stop(STOP_BAD_FRAME.into());
+            }
+            let wire = WireError {
+                code: err.code,
+                message: err.message,
+            };
+            match wire.encode() {
+                Ok(b) => (STATUS_ERR, b),
+                Err(e) => {
+                    warn!(error = %e, "cannot encode error response");
+                    let _ = send.reset(STOP_BAD_FRAME.into());
+                    return;
+                }
+            }
+        }
+    };
+    let Ok(len) = frame::len_prefix(body.len(), max_frame) else {
+        warn!(addr = %peer.addr, len = body.len(), "response exceeds the frame limit");
+        let _ = send.reset(STOP_BAD_FRAME.into());
+        return;
+    };
+    let mut header = [0u8; 8];
+    header[..4].copy_from_slice(&len);
+    header[4..].copy_from_slice(&status.to_le_bytes());
+    let mut chunks = [
+        Bytes::copy_from_slice(&header),
+        Bytes::from(body.into_vec()),
+    ];
+    if send.write_all_chunks(&mut chunks).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+/// Reads, checks and runs one call. `Ok(None)`: the stream ended before a request.
+async fn handle_call(
+    router: &Router,
+    peer: Peer,
+    recv: &mut quinn::RecvStream,
+    max_frame: u32,
+) -> Result<Option<rkyv::util::AlignedVec>, RemoteError> {
+    let bad = |e: FrameError| RemoteError::new(ErrorCode::BadRequest, e.to_string());
+    let Some(head) = frame::read_header::<12>(recv).await.map_err(bad)? else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let method = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let timeout_ms = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    let len = frame::check_len(len, max_frame).map_err(bad)?;
+    let route = if method == HELLO_ID {
+        None
+    } else {
+        let route = router.routes.get(&method).ok_or_else(|| {
+            RemoteError::new(
+                ErrorCode::UnknownMethod,
+                format!("unknown method id {method}"),
+            )
+        })?;
+        if !route.callers.contains(&peer.role) {
+            return Err(RemoteError::new(
+                ErrorCode::PermissionDenied,
+                format!("role {} may not call {}", peer.role, route.name),
+            ));
+        }
+        Some(route)
+    };
+    let mut body = Frame::new();
+    frame::read_body(recv, len, &mut body).await.map_err(bad)?;
+    frame::expect_end(recv).await.map_err(bad)?;
+    let Some(route) = route else {
+        let version = u32::decode(&body).map_err(bad)?;
+        debug!(addr = %peer.addr, version, "hello");
+        return PROTOCOL_VERSION.encode().map(Some).map_err(bad);
+    };
+    let deadline = Duration::from_millis(timeout_ms.into());
+    match tokio::time::timeout(deadline, (route.handler)(peer, body)).await {
+        Ok(result) => result.map(Some),
+        Err(_) => Err(RemoteError::new(
+            ErrorCode::DeadlineExceeded,
+            format!("{} did not finish within {deadline:?}", route.name),
+        )),
+    }
+}

@@ -1,0 +1,89 @@
+//! Long-lived unidirectional data streams carrying framed record batches.
+//!
+//! A data stream starts with one header frame (chosen by the application, e.g. which edge of
+//! which job and epoch it carries) followed by batch frames. The receiver gets each batch as a
+//! 16-byte aligned [`Frame`] that can be validated once and read in place. QUIC flow control is
+//! the backpressure: a sender whose receiver stops reading blocks in [`DataSender::send`].
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+
+use crate::error::{FrameError, RpcError};
+use crate::frame::{self, Frame};
+use crate::rpc::Peer;
+
+/// The sending half of a data stream.
+pub struct DataSender {
+    pub(crate) send: quinn::SendStream,
+    pub(crate) max_frame: u32,
+    pub(crate) addr: SocketAddr,
+}
+
+impl DataSender {
+    /// Sends one frame (e.g. an archived record batch). Waits while the receiver's flow-control
+    /// window is full.
+    pub async fn send(&mut self, payload: Bytes) -> Result<(), RpcError> {
+        let prefix = frame::len_prefix(payload.len(), self.max_frame)?;
+        let mut chunks = [Bytes::copy_from_slice(&prefix), payload];
+        self.send
+            .write_all_chunks(&mut chunks)
+            .await
+            .map_err(|e| RpcError::ConnectionLost {
+                addr: self.addr,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Ends the stream after everything sent so far.
+    pub fn finish(mut self) -> Result<(), RpcError> {
+        self.send.finish().map_err(|e| RpcError::ConnectionLost {
+            addr: self.addr,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Aborts the stream with an application error code.
+    pub fn reset(mut self, code: u32) {
+        // Resetting an already closed stream has no effect worth reporting.
+        let _ = self.send.reset(quinn::VarInt::from_u32(code));
+    }
+}
+
+/// The receiving half of a data stream, handed to the router's data-stream handler.
+pub struct DataStream {
+    pub(crate) peer: Peer,
+    pub(crate) header: Frame,
+    pub(crate) recv: quinn::RecvStream,
+    pub(crate) max_frame: u32,
+}
+
+impl DataStream {
+    /// The peer that opened the stream.
+    pub fn peer(&self) -> Peer {
+        self.peer
+    }
+
+    /// The header frame the sender opened the stream with.
+    pub fn header(&self) -> &Frame {
+        &self.header
+    }
+
+    /// Receives the next frame into `buf` (reusing its allocation). Returns `Ok(false)` when
+    /// the sender finished the stream.
+    pub async fn recv_into(&mut self, buf: &mut Frame) -> Result<bool, FrameError> {
+        frame::read_frame(&mut self.recv, self.max_frame, buf).await
+    }
+
+    /// Receives the next frame in a new buffer; `Ok(None)` when the stream is finished.
+    pub async fn recv(&mut self) -> Result<Option<Frame>, FrameError> {
+        let mut buf = Frame::new();
+        Ok(self.recv_into(&mut buf).await?.then_some(buf))
+    }
+
+    /// Tells the sender to stop (e.g. the frame was invalid or the task is gone).
+    pub fn stop(mut self, code: u32) {
+        // Stopping an already finished stream has no effect worth reporting.
+        let _ = self.recv.stop(quinn::VarInt::from_u32(code));
+    }
+}

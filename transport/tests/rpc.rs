@@ -1,0 +1,535 @@
+//! RPC and data streams over real QUIC sockets on 127.0.0.1 with mutual TLS.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use microcosm_transport::tls::{ClusterCa, init_cluster_certs};
+use microcosm_transport::{
+    Endpoint, ErrorCode, Frame, Identity, Method, Peer, RemoteError, Role, Router, RpcError,
+    Service, TransportConfig,
+};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+struct TestService;
+impl Service for TestService {
+    const NAME: &'static str = "test";
+    const SERVED_BY: Role = Role::Master;
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+struct EchoReq {
+    n: u64,
+    text: String,
+}
+
+macro_rules! method {
+    ($name:ident, $id:expr, $callers:expr, $req:ty, $resp:ty) => {
+        struct $name;
+        impl Method for $name {
+            type Service = TestService;
+            const ID: u32 = $id;
+            const NAME: &'static str = stringify!($name);
+            const CALLERS: &'static [Role] = $callers;
+            type Request = $req;
+            type Response = $resp;
+        }
+    };
+}
+
+const ALL: &[Role] = &[Role::Master, Role::Executor, Role::Client];
+method!(Echo, 1, ALL, EchoReq, EchoReq);
+method!(Sleep, 2, ALL, u64, u64);
+method!(Fail, 3, ALL, u32, u32);
+method!(MasterOnly, 4, &[Role::Master], u32, u32);
+
+fn router() -> Router {
+    Router::new()
+        .route::<Echo, _, _>(|_peer: Peer, req: EchoReq| async move { Ok(req) })
+        .route::<Sleep, _, _>(|_, ms: u64| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(ms)
+        })
+        .route::<Fail, _, _>(|_, code: u32| async move {
+            Err(RemoteError {
+                code,
+                message: format!("failing with {code}"),
+            })
+        })
+        .route::<MasterOnly, _, _>(|_, x: u32| async move { Ok(x + 1) })
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    server: Endpoint,
+    dir_path: std::path::PathBuf,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        Self::with_config(TransportConfig::default())
+    }
+
+    fn with_config(config: TransportConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        init_cluster_certs(dir.path(), "test", &[]).unwrap();
+        let identity = Identity::load(dir.path(), Role::Master).unwrap();
+        let server = Endpoint::bind(localhost(), &identity, config, router()).unwrap();
+        let dir_path = dir.path().to_path_buf();
+        Self {
+            _dir: dir,
+            server,
+            dir_path,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    fn client(&self, role: Role) -> Endpoint {
+        endpoint_from(&self.dir_path, role)
+    }
+}
+
+fn endpoint_from(dir: &Path, role: Role) -> Endpoint {
+    let identity = Identity::load(dir, role).unwrap();
+    Endpoint::bind(
+        localhost(),
+        &identity,
+        TransportConfig::default(),
+        Router::new(),
+    )
+    .unwrap()
+}
+
+fn localhost() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+#[tokio::test]
+async fn round_trip() {
+    let cluster = Cluster::new();
+    let client = cluster.client(Role::Client);
+    let req = EchoReq {
+        n: 42,
+        text: "hello".into(),
+    };
+    let resp = client.call::<Echo>(cluster.addr(), &req).await.unwrap();
+    assert_eq!(resp, req);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_calls_share_one_connection() {
+    let cluster = Cluster::new();
+    let client = cluster.client(Role::Executor);
+    let addr = cluster.addr();
+    let conn = client
+        .connection(addr, Role::Master, Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..1000u64 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = EchoReq {
+                n,
+                text: n.to_string(),
+            };
+            client
+                .call_timeout::<Echo>(addr, &req, Duration::from_secs(20))
+                .await
+                .map(|r| r == req)
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap().unwrap());
+    }
+    let again = client
+        .connection(addr, Role::Master, Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        conn.quinn().stable_id(),
+        again.quinn().stable_id(),
+        "connection was not reused"
+    );
+}
+
+#[tokio::test]
+async fn deadline_expires() {
+    let cluster = Cluster::new();
+    let client = cluster.client(Role::Client);
+    let started = Instant::now();
+    let err = client
+        .call_timeout::<Sleep>(cluster.addr(), &5_000, Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RpcError::Timeout(_)), "{err:?}");
+    assert!(err.is_retryable());
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // The connection still serves calls afterwards.
+    assert_eq!(client.call::<Sleep>(cluster.addr(), &1).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn server_error_is_typed() {
+    let cluster = Cluster::new();
+    let client = cluster.client(Role::Client);
+    let err = client
+        .call::<Fail>(cluster.addr(), &(ErrorCode::NotFound as u32))
+        .await
+        .unwrap_err();
+    let remote = err.remote().expect("a remote error");
+    assert!(remote.is(ErrorCode::NotFound));
+    assert_eq!(remote.message, "failing with 7");
+    assert!(!err.is_retryable());
+    let err = client
+        .call::<Fail>(cluster.addr(), &(ErrorCode::Unavailable as u32))
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable());
+}
+
+#[tokio::test]
+async fn certificate_from_another_ca_is_refused() {
+    let cluster = Cluster::new();
+    let other = tempfile::tempdir().unwrap();
+    init_cluster_certs(other.path(), "other", &[]).unwrap();
+    let stranger = endpoint_from(other.path(), Role::Master);
+    let err = stranger
+        .call_timeout::<Echo>(
+            cluster.addr(),
+            &EchoReq {
+                n: 1,
+                text: String::new(),
+            },
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RpcError::Unreachable { .. } | RpcError::Timeout(_)),
+        "{err:?}"
+    );
+
+    // A client trusting the right CA but holding a certificate signed by another one.
+    let ca = ClusterCa::generate("rogue").unwrap();
+    let rogue = ca.issue(Role::Master, &[]).unwrap();
+    let ca_pem = std::fs::read(cluster.dir_path.join("ca.pem")).unwrap();
+    let id = Identity::from_pem(
+        Role::Master,
+        &ca_pem,
+        rogue.cert_pem.as_bytes(),
+        rogue.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let rogue_ep =
+        Endpoint::bind(localhost(), &id, TransportConfig::default(), Router::new()).unwrap();
+    let err = rogue_ep
+        .call_timeout::<MasterOnly>(cluster.addr(), &1, Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RpcError::Unreachable { .. } | RpcError::Timeout(_)),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn role_may_not_call_master_only_method() {
+    let cluster = Cluster::new();
+    let client = cluster.client(Role::Client);
+    let err = client
+        .call::<MasterOnly>(cluster.addr(), &1)
+        .await
+        .unwrap_err();
+    assert!(
+        err.remote().unwrap().is(ErrorCode::PermissionDenied),
+        "{err:?}"
+    );
+    let master = cluster.client(Role::Master);
+    assert_eq!(
+        master.call::<MasterOnly>(cluster.addr(), &1).await.unwrap(),
+        2
+    );
+}
+
+/// Sends raw bytes on a new stream of `conn` and returns the error the server answered.
+async fn raw_request(
+    name: &str,
+    conn: &quinn::Connection,
+    bytes: Vec<u8>,
+    finish: bool,
+) -> RpcError {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&bytes).await.unwrap();
+    if finish {
+        send.finish().unwrap();
+    }
+    let mut head = [0u8; 8];
+    recv.read_exact(&mut head).await.expect("an error response");
+    let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
+    let status = u32::from_le_bytes(head[4..].try_into().unwrap());
+    assert_eq!(status, 1, "{name}: expected an error status");
+    let mut body = Frame::new();
+    body.resize(len, 0);
+    recv.read_exact(body.as_mut_slice()).await.unwrap();
+    #[derive(rkyv::Archive, rkyv::Deserialize, rkyv::Serialize)]
+    struct WireError {
+        code: u32,
+        message: String,
+    }
+    let e: WireError = microcosm_transport::Message::decode(&body).unwrap();
+    RpcError::Remote(RemoteError {
+        code: e.code,
+        message: e.message,
+    })
+}
+
+fn request(len: u32, method: u32, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&len.to_le_bytes());
+    v.extend_from_slice(&method.to_le_bytes());
+    v.extend_from_slice(&5000u32.to_le_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_fail_their_stream_only() {
+    let config = TransportConfig {
+        max_frame_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let cluster = Cluster::with_config(config);
+    let client = cluster.client(Role::Client);
+    let addr = cluster.addr();
+    let conn = client
+        .connection(addr, Role::Master, Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    let q = conn.quinn().clone();
+    let good = microcosm_transport::Message::encode(&EchoReq {
+        n: 3,
+        text: "ok".into(),
+    })
+    .unwrap();
+    let good_len = good.len() as u32;
+
+    // A slow good call runs in parallel with every bad frame on the same connection.
+    let parallel = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call::<Sleep>(addr, &300).await })
+    };
+    let cases: Vec<(&str, Vec<u8>, bool, &str)> = vec![
+        ("length 0", request(0, 1, &[]), true, "empty frame"),
+        (
+            "over the limit",
+            request((1 << 20) + 1, 1, &[0; 16]),
+            false,
+            "exceeds the limit",
+        ),
+        (
+            "2^32-1",
+            request(u32::MAX, 1, &[0; 16]),
+            false,
+            "exceeds the limit",
+        ),
+        (
+            "truncated",
+            request(good_len, 1, &good[..good.len() / 2]),
+            true,
+            "ended inside a frame",
+        ),
+        (
+            "trailing bytes after the frame",
+            {
+                let mut v = request(good_len, 1, &good);
+                v.extend_from_slice(b"more");
+                v
+            },
+            true,
+            "trailing bytes",
+        ),
+        (
+            "not an archive",
+            request(64, 1, &[0xAB; 64]),
+            true,
+            "invalid archive",
+        ),
+        (
+            "unknown method",
+            request(good_len, 999, &good),
+            true,
+            "unknown method",
+        ),
+    ];
+    for (name, bytes, finish, expect) in cases {
+        let err = raw_request(name, &q, bytes, finish).await;
+        let remote = err.remote().unwrap();
+        assert!(
+            remote.message.contains(expect),
+            "{name}: expected {expect:?} in {:?}",
+            remote.message
+        );
+        // After each bad frame, a good call on the same connection succeeds.
+        let ok = client
+            .call::<Echo>(
+                addr,
+                &EchoReq {
+                    n: 9,
+                    text: name.into(),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(ok.text, name);
+    }
+    assert_eq!(parallel.await.unwrap().unwrap(), 300);
+    assert!(
+        conn.quinn().close_reason().is_none(),
+        "connection was closed"
+    );
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct Batch {
+    records: Vec<Rec>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone, Copy)]
+struct Rec {
+    seq: u64,
+    table: u32,
+    payload: [u64; 12],
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_stream_delivers_records_in_order() {
+    const TOTAL: u64 = 100_000;
+    const BATCH: u64 = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    init_cluster_certs(dir.path(), "t", &[]).unwrap();
+    let received = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<String>();
+    let done_tx = Arc::new(Mutex::new(Some(done_tx)));
+    let router = {
+        let received = received.clone();
+        Router::new().data_streams(&[Role::Executor], move |_peer, mut stream| {
+            let received = received.clone();
+            let done_tx = done_tx.clone();
+            async move {
+                let header = String::from_utf8_lossy(stream.header()).to_string();
+                let mut buf = Frame::new();
+                while stream.recv_into(&mut buf).await.unwrap() {
+                    let batch = microcosm_transport::frame::access::<ArchivedBatch>(&buf).unwrap();
+                    let mut r = received.lock().await;
+                    r.extend(batch.records.iter().map(|rec| rec.seq.to_native()));
+                }
+                if let Some(tx) = done_tx.lock().await.take() {
+                    let _ = tx.send(header);
+                }
+            }
+        })
+    };
+    let server = Endpoint::bind(
+        localhost(),
+        &Identity::load(dir.path(), Role::Executor).unwrap(),
+        TransportConfig::default(),
+        router,
+    )
+    .unwrap();
+    let client = endpoint_from(dir.path(), Role::Executor);
+    let mut sender = client
+        .open_data_stream(
+            server.local_addr(),
+            Bytes::from_static(b"edge-7"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    for b in 0..TOTAL / BATCH {
+        let records = (0..BATCH)
+            .map(|i| Rec {
+                seq: b * BATCH + i,
+                table: 1,
+                payload: [i; 12],
+            })
+            .collect();
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&Batch { records }).unwrap();
+        sender.send(Bytes::from(bytes.into_vec())).await.unwrap();
+    }
+    sender.finish().unwrap();
+    let header = tokio::time::timeout(Duration::from_secs(30), done_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(header, "edge-7");
+    let r = received.lock().await;
+    assert_eq!(r.len() as u64, TOTAL);
+    assert!(
+        r.iter().enumerate().all(|(i, s)| *s == i as u64),
+        "records out of order"
+    );
+}
+
+#[tokio::test]
+async fn client_may_not_open_data_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    init_cluster_certs(dir.path(), "t", &[]).unwrap();
+    let router = Router::new().data_streams(&[Role::Executor], |_, _| async {});
+    let server = Endpoint::bind(
+        localhost(),
+        &Identity::load(dir.path(), Role::Executor).unwrap(),
+        TransportConfig::default(),
+        router,
+    )
+    .unwrap();
+    let client = endpoint_from(dir.path(), Role::Client);
+    let mut sender = client
+        .open_data_stream(
+            server.local_addr(),
+            Bytes::from_static(b"h"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    // The server stops the stream; writes fail soon after.
+    let mut failed = false;
+    for _ in 0..200 {
+        if sender.send(Bytes::from(vec![0u8; 1024])).await.is_err() {
+            failed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(failed, "server accepted a data stream from a client");
+}
+
+#[tokio::test]
+async fn unreachable_peer_is_a_retryable_error() {
+    let cluster = Cluster::new();
+    let client = cluster.client(Role::Client);
+    // Bind a socket and drop it to get a port nobody listens on.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let err = client
+        .call_timeout::<Echo>(
+            dead,
+            &EchoReq {
+                n: 0,
+                text: String::new(),
+            },
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+}
