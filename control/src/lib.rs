@@ -7,7 +7,10 @@
 //! decisions, so they are unit-tested without sockets or sleeps; the async shells around them
 //! do the I/O over `microcosm-transport`.
 
+pub mod client;
 pub mod job;
 pub mod liveness;
+pub mod master;
 pub mod meta;
+pub mod proto;
 pub mod scheduler;

@@ -1,0 +1,107 @@
+//! A client of the masters that fails over between them by itself.
+//!
+//! It starts from any subset of master addresses, learns the member list from the masters'
+//! status replies, and retries a retryable failure (unreachable master, election in progress)
+//! on the next master until its patience runs out.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use microcosm_transport::{Endpoint, Method, RpcError};
+
+use crate::proto::{GetNodeStatus, MasterApi, NodeStatus, Nothing};
+
+/// A failover-aware client of the masters.
+pub struct MasterClient {
+    endpoint: Endpoint,
+    addrs: Mutex<Vec<SocketAddr>>,
+    patience: Duration,
+    call_timeout: Duration,
+}
+
+impl MasterClient {
+    /// A client reaching the masters at `addrs` through `endpoint`.
+    pub fn new(endpoint: Endpoint, addrs: Vec<SocketAddr>) -> Self {
+        Self {
+            endpoint,
+            addrs: Mutex::new(addrs),
+            patience: Duration::from_secs(6),
+            call_timeout: Duration::from_secs(3),
+        }
+    }
+
+    /// Sets how long a call keeps retrying across masters (default 6 s) and the deadline of
+    /// one attempt (default 3 s).
+    pub fn with_timeouts(mut self, patience: Duration, call_timeout: Duration) -> Self {
+        self.patience = patience;
+        self.call_timeout = call_timeout;
+        self
+    }
+
+    /// The master addresses currently known.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<SocketAddr>> {
+        // The list is replaced whole; a poisoned lock still holds a valid list.
+        self.addrs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds members learned from a status reply.
+    pub fn learn(&self, status: &NodeStatus) {
+        let mut addrs = self.lock();
+        for m in &status.members {
+            if let Ok(a) = m.addr.parse::<SocketAddr>()
+                && !addrs.contains(&a)
+            {
+                addrs.push(a);
+            }
+        }
+    }
+
+    /// Calls `M` on some master, failing over on retryable errors. A non-retryable error
+    /// (e.g. an invalid request) is returned at once.
+    pub async fn call<M>(&self, req: &M::Request) -> Result<M::Response, RpcError>
+    where
+        M: Method<Service = MasterApi>,
+    {
+        let deadline = tokio::time::Instant::now() + self.patience;
+        let mut last: Option<RpcError> = None;
+        let mut round = 0u32;
+        loop {
+            for addr in self.addrs() {
+                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if remaining.is_zero() {
+                    break;
+                }
+                match self
+                    .endpoint
+                    .call_timeout::<M>(addr, req, remaining.min(self.call_timeout))
+                    .await
+                {
+                    Ok(resp) => return Ok(resp),
+                    Err(e) if e.is_retryable() => {
+                        tracing::debug!(%addr, error = %e, "master call failed; trying the next");
+                        last = Some(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            round += 1;
+            tokio::time::sleep(Duration::from_millis((50 * u64::from(round)).min(300))).await;
+        }
+        Err(last.unwrap_or(RpcError::Timeout(self.patience)))
+    }
+
+    /// Asks the master at `addr` (only) for its status.
+    pub async fn status_of(&self, addr: SocketAddr) -> Result<NodeStatus, RpcError> {
+        self.endpoint
+            .call_timeout::<GetNodeStatus>(addr, &Nothing::default(), self.call_timeout)
+            .await
+    }
+}

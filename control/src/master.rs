@@ -1,0 +1,844 @@
+//! The master process: a raft member serving the control-plane API over QUIC.
+//!
+//! Any master accepts any call. Writes on a follower are forwarded to the leader (during an
+//! election they wait briefly and retry); reads are answered from the local applied state.
+//! Masters start either by bootstrapping a new cluster from an initial member list or by
+//! joining a running one (learner first, then voter). A master restarted from its data dir
+//! rejoins with its state and never bootstraps again.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use microcosm_transport::{
+    Endpoint, ErrorCode, Identity, Peer, RemoteError, Role, Router, RpcError, TransportConfig,
+};
+use openraft::ServerState;
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use crate::job::JobState;
+use crate::meta::{
+    Command, CommandResponse, JobId, MasterNode, MetaConfig, MetaError, MetaNode, MetaRequest,
+    NodeId, RaftRpc, RaftRpcResponse, RaftTransport, RequestId, TransportFailure, handle_raft_rpc,
+};
+use crate::proto::{
+    Blob, ControlJob, ExecutorInfo, ForwardWrite, GetJob, GetNodeStatus, JobAction, JobInfo,
+    JobList, JobRef, JobTransitionInfo, JoinCluster, ListJobs, MemberInfo, NodeStatus, Nothing,
+    RaftMessage, SubmitJob,
+};
+
+/// Errors starting or configuring a master.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    /// The configuration file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    ReadConfig {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration is invalid; the message names the key.
+    #[error("invalid master config: {0}")]
+    Config(String),
+    /// The data dir cannot be used.
+    #[error("data-dir {path}: {reason}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Certificates could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] microcosm_transport::TlsError),
+    /// The endpoint could not be created.
+    #[error(transparent)]
+    Endpoint(#[from] microcosm_transport::EndpointError),
+    /// The metadata layer failed.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// Joining the cluster failed.
+    #[error("cannot join the cluster via {addrs}: {reason}")]
+    Join {
+        /// The addresses tried.
+        addrs: String,
+        /// The last error.
+        reason: String,
+    },
+}
+
+/// A master's configuration (TOML, kebab-case keys; unknown keys are rejected).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MasterConfig {
+    /// Raft id of this master; unique in the cluster and stable for its data dir.
+    pub node_id: u64,
+    /// Human-readable name (default `master-<node-id>`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// UDP address to listen on; also the address advertised to peers.
+    pub listen_addr: SocketAddr,
+    /// Directory for the metadata store.
+    pub data_dir: PathBuf,
+    /// Directory with the cluster CA and the master certificate (`microcosm certs init`).
+    pub certs_dir: PathBuf,
+    /// Cluster id; a data dir of another cluster is refused.
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
+    /// Members of a new cluster as `id=host:port` (bootstrap). Must include this master.
+    #[serde(default)]
+    pub initial_members: Vec<String>,
+    /// Addresses of running masters to join (instead of `initial-members`).
+    #[serde(default)]
+    pub join: Vec<String>,
+    /// Raft heartbeat interval (ms).
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// Lower bound of the election timeout (ms).
+    #[serde(default = "default_election_min")]
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the election timeout (ms).
+    #[serde(default = "default_election_max")]
+    pub election_timeout_max_ms: u64,
+    /// How long a write may wait for a quorum before failing with "no quorum" (ms).
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_ms: u64,
+}
+
+fn default_cluster_id() -> String {
+    "microcosm".into()
+}
+fn default_heartbeat() -> u64 {
+    50
+}
+fn default_election_min() -> u64 {
+    150
+}
+fn default_election_max() -> u64 {
+    300
+}
+fn default_write_timeout() -> u64 {
+    2000
+}
+
+/// Parses `id=host:port`.
+pub fn parse_member(s: &str) -> Result<(NodeId, SocketAddr), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("initial-members entry {s:?} is not of the form id=host:port"))?;
+    let id = id
+        .trim()
+        .parse::<NodeId>()
+        .map_err(|e| format!("initial-members entry {s:?}: bad id: {e}"))?;
+    let addr = addr
+        .trim()
+        .parse::<SocketAddr>()
+        .map_err(|e| format!("initial-members entry {s:?}: bad address: {e}"))?;
+    Ok((id, addr))
+}
+
+impl MasterConfig {
+    /// Reads and parses a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self, MasterError> {
+        let text = std::fs::read_to_string(path).map_err(|source| MasterError::ReadConfig {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Parses a TOML config.
+    pub fn from_toml(text: &str) -> Result<Self, MasterError> {
+        toml::from_str(text).map_err(|e| MasterError::Config(e.to_string().trim().to_string()))
+    }
+
+    /// Checks values that parsing cannot.
+    pub fn validate(&self) -> Result<(), MasterError> {
+        let bad = |m: String| Err(MasterError::Config(m));
+        if self.heartbeat_ms == 0 {
+            return bad("heartbeat-ms must be > 0".into());
+        }
+        if self.election_timeout_min_ms <= self.heartbeat_ms {
+            return bad(format!(
+                "election-timeout-min-ms ({}) must be greater than heartbeat-ms ({})",
+                self.election_timeout_min_ms, self.heartbeat_ms
+            ));
+        }
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms {
+            return bad(format!(
+                "election-timeout-max-ms ({}) must be greater than election-timeout-min-ms ({})",
+                self.election_timeout_max_ms, self.election_timeout_min_ms
+            ));
+        }
+        if !self.initial_members.is_empty() && !self.join.is_empty() {
+            return bad(
+                "set either initial-members (new cluster) or join (running cluster), not both"
+                    .into(),
+            );
+        }
+        let members = self.members().map_err(MasterError::Config)?;
+        if !members.is_empty() && !members.contains_key(&self.node_id) {
+            return bad(format!(
+                "initial-members does not include this master (node-id {})",
+                self.node_id
+            ));
+        }
+        for j in &self.join {
+            j.parse::<SocketAddr>()
+                .map_err(|e| MasterError::Config(format!("join address {j:?}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn members(&self) -> Result<BTreeMap<NodeId, SocketAddr>, String> {
+        let mut out = BTreeMap::new();
+        for m in &self.initial_members {
+            let (id, addr) = parse_member(m)?;
+            if out.insert(id, addr).is_some() {
+                return Err(format!("initial-members names node {id} twice"));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The name, defaulted.
+    pub fn name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("master-{}", self.node_id))
+    }
+}
+
+/// Makes sure the data dir exists and is writable.
+fn check_data_dir(path: &Path) -> Result<(), MasterError> {
+    let err = |reason: String| MasterError::DataDir {
+        path: path.to_path_buf(),
+        reason,
+    };
+    std::fs::create_dir_all(path).map_err(|e| err(format!("cannot create: {e}")))?;
+    let probe = path.join(".write-probe");
+    std::fs::write(&probe, b"ok").map_err(|e| err(format!("not writable: {e}")))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Unix time in milliseconds (metadata timestamps for humans; never used for liveness).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Checks a job specification of a given type before it is accepted.
+pub trait JobValidator: Send + Sync + 'static {
+    /// Returns `Err(message naming the problem)` for an unknown type or invalid spec.
+    fn validate(&self, job_type: &str, spec: &str) -> Result<(), String>;
+}
+
+/// Raft over the QUIC RPC layer.
+struct QuicRaft {
+    endpoint: Endpoint,
+}
+
+impl RaftTransport for QuicRaft {
+    async fn call(
+        &self,
+        target: NodeId,
+        addr: &str,
+        req: RaftRpc,
+        timeout: Duration,
+    ) -> Result<RaftRpcResponse, TransportFailure> {
+        let unreachable = |reason: String| TransportFailure::Unreachable { target, reason };
+        let network = |reason: String| TransportFailure::Network { target, reason };
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|e| unreachable(format!("bad address {addr:?}: {e}")))?;
+        let bytes = postcard::to_stdvec(&req).map_err(|e| network(e.to_string()))?;
+        match self
+            .endpoint
+            .call_timeout::<RaftMessage>(addr, &Blob { bytes }, timeout)
+            .await
+        {
+            Ok(blob) => postcard::from_bytes(&blob.bytes)
+                .map_err(|e| network(format!("bad raft response: {e}"))),
+            Err(e @ RpcError::Unreachable { .. }) => Err(unreachable(e.to_string())),
+            Err(e) => Err(network(e.to_string())),
+        }
+    }
+}
+
+struct Shared {
+    node: OnceLock<Arc<MetaNode>>,
+    endpoint: OnceLock<Endpoint>,
+    validator: Arc<dyn JobValidator>,
+}
+
+fn unavailable(msg: impl Into<String>) -> RemoteError {
+    RemoteError::new(ErrorCode::Unavailable, msg)
+}
+
+impl Shared {
+    fn node(&self) -> Result<&Arc<MetaNode>, RemoteError> {
+        self.node
+            .get()
+            .ok_or_else(|| unavailable("master is starting"))
+    }
+
+    /// Applies `request` through the leader: locally if this master leads, otherwise
+    /// forwarded; waits through elections until `deadline`.
+    async fn propose(
+        &self,
+        request: MetaRequest,
+        timeout: Duration,
+    ) -> Result<CommandResponse, RemoteError> {
+        let node = self.node()?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last;
+        loop {
+            match node.write(request.clone()).await {
+                Ok(resp) => return Ok(resp),
+                Err(MetaError::ForwardToLeader {
+                    leader_addr: Some(addr),
+                    ..
+                }) => match self.forward(&addr, &request, deadline).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(e) if e.is_retryable() => last = e.to_string(),
+                    Err(e) => {
+                        return Err(e
+                            .remote()
+                            .cloned()
+                            .unwrap_or_else(|| unavailable(e.to_string())));
+                    }
+                },
+                Err(e @ MetaError::ForwardToLeader { .. }) => last = e.to_string(),
+                Err(e @ MetaError::NoQuorum(_)) => return Err(unavailable(e.to_string())),
+                Err(e) if e.is_retryable() => last = e.to_string(),
+                Err(e) => return Err(RemoteError::new(ErrorCode::Internal, e.to_string())),
+            }
+            if tokio::time::Instant::now() + Duration::from_millis(50) >= deadline {
+                return Err(unavailable(format!(
+                    "no quorum: write not accepted in time ({last})"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn forward(
+        &self,
+        addr: &str,
+        request: &MetaRequest,
+        deadline: tokio::time::Instant,
+    ) -> Result<CommandResponse, RpcError> {
+        let endpoint = self
+            .endpoint
+            .get()
+            .ok_or_else(|| RpcError::Encode("endpoint not ready".into()))?;
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|e| RpcError::Encode(format!("bad leader address {addr:?}: {e}")))?;
+        let bytes = postcard::to_stdvec(request).map_err(|e| RpcError::Encode(e.to_string()))?;
+        let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let blob = endpoint
+            .call_timeout::<ForwardWrite>(addr, &Blob { bytes }, timeout)
+            .await?;
+        postcard::from_bytes(&blob.bytes)
+            .map_err(|e| RpcError::Encode(format!("bad forwarded response: {e}")))
+    }
+
+    fn status(&self) -> Result<NodeStatus, RemoteError> {
+        let node = self.node()?;
+        let s = node.status();
+        let cfg = node.config();
+        let membership = node.raft().metrics().borrow().membership_config.clone();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| MemberInfo {
+                id: *id,
+                addr: n.addr.clone(),
+                name: n.name.clone(),
+                voter: s.voters.contains(id),
+            })
+            .collect();
+        let executors = node.read_local(|st| {
+            st.executors
+                .values()
+                .map(|e| ExecutorInfo {
+                    id: e.id.0,
+                    addr: e.addr.clone(),
+                    name: e.name.clone(),
+                    state: format!("{:?}", e.state).to_lowercase(),
+                    slots: e.slots,
+                    used: st
+                        .tasks
+                        .values()
+                        .filter(|t| t.executor == Some(e.id))
+                        .count() as u32,
+                    incarnation: e.incarnation,
+                })
+                .collect()
+        });
+        Ok(NodeStatus {
+            id: cfg.node_id,
+            name: cfg.name.clone(),
+            addr: cfg.addr.clone(),
+            role: role_name(s.role).into(),
+            term: s.term,
+            last_applied: s.last_applied,
+            leader_id: s.leader,
+            members,
+            executors,
+        })
+    }
+
+    fn job_info(&self, id: u64) -> Result<JobInfo, RemoteError> {
+        self.node()?.read_local(|st| {
+            st.jobs.get(&JobId(id)).map(job_info).ok_or_else(|| {
+                RemoteError::new(ErrorCode::NotFound, format!("unknown job id {id}"))
+            })
+        })
+    }
+}
+
+fn job_info(j: &crate::meta::state::JobRecord) -> JobInfo {
+    JobInfo {
+        id: j.id.0,
+        job_type: j.job_type.clone(),
+        state: j.state.to_string(),
+        reason: j
+            .history
+            .last()
+            .map(|h| h.reason.clone())
+            .unwrap_or_default(),
+        epoch: j.epoch,
+        tasks: j.tasks.len() as u32,
+        history: j
+            .history
+            .iter()
+            .map(|h| JobTransitionInfo {
+                state: h.state.to_string(),
+                reason: h.reason.clone(),
+                at_ms: h.at_ms,
+            })
+            .collect(),
+        spec: j.spec.clone(),
+    }
+}
+
+fn role_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+fn response_error(resp: CommandResponse) -> RemoteError {
+    match resp {
+        CommandResponse::Rejected(r) => {
+            RemoteError::new(ErrorCode::FailedPrecondition, r.to_string())
+        }
+        other => RemoteError::new(
+            ErrorCode::Internal,
+            format!("unexpected response {other:?}"),
+        ),
+    }
+}
+
+/// How long a client-facing write may wait for a leader.
+const WRITE_PATIENCE: Duration = Duration::from_millis(2500);
+
+fn router(shared: Arc<Shared>) -> Router {
+    let s1 = shared.clone();
+    let s2 = shared.clone();
+    let s3 = shared.clone();
+    let s4 = shared.clone();
+    let s5 = shared.clone();
+    let s6 = shared.clone();
+    let s7 = shared.clone();
+    Router::new()
+        .route::<RaftMessage, _, _>(move |_peer: Peer, blob: Blob| {
+            let shared = s1.clone();
+            async move {
+                let node = shared.node()?;
+                let rpc: RaftRpc = postcard::from_bytes(&blob.bytes).map_err(|e| {
+                    RemoteError::new(ErrorCode::BadRequest, format!("bad raft message: {e}"))
+                })?;
+                let resp = handle_raft_rpc(node.raft(), rpc).await;
+                let bytes = postcard::to_stdvec(&resp)
+                    .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))?;
+                Ok(Blob { bytes })
+            }
+        })
+        .route::<ForwardWrite, _, _>(move |_peer, blob: Blob| {
+            let shared = s2.clone();
+            async move {
+                let node = shared.node()?;
+                let req: MetaRequest = postcard::from_bytes(&blob.bytes).map_err(|e| {
+                    RemoteError::new(ErrorCode::BadRequest, format!("bad forwarded write: {e}"))
+                })?;
+                // The forwarder retries; one hop only, so a stale hint cannot loop.
+                let resp = node
+                    .write(req)
+                    .await
+                    .map_err(|e| unavailable(e.to_string()))?;
+                let bytes = postcard::to_stdvec(&resp)
+                    .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))?;
+                Ok(Blob { bytes })
+            }
+        })
+        .route::<JoinCluster, _, _>(move |_peer, req: JoinRequest| {
+            let shared = s3.clone();
+            async move { join_on_leader(&shared, req).await }
+        })
+        .route::<GetNodeStatus, _, _>(move |_peer, _: Nothing| {
+            let shared = s4.clone();
+            async move { shared.status() }
+        })
+        .route::<SubmitJob, _, _>(move |_peer, req: crate::proto::SubmitJobRequest| {
+            let shared = s5.clone();
+            async move {
+                shared
+                    .validator
+                    .validate(&req.job_type, &req.spec)
+                    .map_err(|m| RemoteError::new(ErrorCode::InvalidArgument, m))?;
+                let request = MetaRequest {
+                    id: RequestId {
+                        client: req.client_id,
+                        seq: req.seq,
+                    },
+                    command: Command::SubmitJob {
+                        job_type: req.job_type,
+                        spec: req.spec,
+                        at_ms: unix_ms(),
+                    },
+                };
+                match shared.propose(request, WRITE_PATIENCE).await? {
+                    CommandResponse::JobSubmitted { id } => Ok(JobRef { id: id.0 }),
+                    other => Err(response_error(other)),
+                }
+            }
+        })
+        .route::<ListJobs, _, _>(move |_peer, _: Nothing| {
+            let shared = s6.clone();
+            async move {
+                let jobs = shared
+                    .node()?
+                    .read_local(|st| st.jobs.values().map(job_info).collect());
+                Ok(JobList { jobs })
+            }
+        })
+        .route::<GetJob, _, _>(move |_peer, r: JobRef| {
+            let shared = s7.clone();
+            async move { shared.job_info(r.id) }
+        })
+        .route::<ControlJob, _, _>(move |_peer, req: crate::proto::JobControlRequest| {
+            let shared = shared.clone();
+            async move { control_job(&shared, req).await }
+        })
+}
+
+async fn control_job(
+    shared: &Shared,
+    req: crate::proto::JobControlRequest,
+) -> Result<JobInfo, RemoteError> {
+    let current = shared.job_info(req.id)?;
+    let state = shared
+        .node()?
+        .read_local(|st| st.jobs.get(&JobId(req.id)).map(|j| j.state))
+        .ok_or_else(|| {
+            RemoteError::new(ErrorCode::NotFound, format!("unknown job id {}", req.id))
+        })?;
+    let (target, reason) = match (req.action, state) {
+        (_, s) if s.is_terminal() => {
+            return Err(RemoteError::new(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "job {} is {}; cannot {:?} it",
+                    req.id, current.state, req.action
+                )
+                .to_lowercase(),
+            ));
+        }
+        (JobAction::Cancel, _) => (JobState::Cancelled, "cancelled by user"),
+        (JobAction::Pause, JobState::Paused) | (JobAction::Resume, JobState::Running) => {
+            return Ok(current);
+        }
+        (JobAction::Pause, _) => (JobState::Paused, "paused by user"),
+        (JobAction::Resume, JobState::Paused) => (JobState::Pending, "resumed by user"),
+        (JobAction::Resume, s) => {
+            return Err(RemoteError::new(
+                ErrorCode::FailedPrecondition,
+                format!("job {} is {s}, not paused; cannot resume it", req.id),
+            ));
+        }
+    };
+    let request = MetaRequest {
+        id: RequestId {
+            client: req.client_id,
+            seq: req.seq,
+        },
+        command: Command::SetJobState {
+            job: JobId(req.id),
+            state: target,
+            reason: reason.into(),
+            at_ms: unix_ms(),
+        },
+    };
+    match shared.propose(request, WRITE_PATIENCE).await? {
+        CommandResponse::JobStateSet => {}
+        other => return Err(response_error(other)),
+    }
+    shared.job_info(req.id)
+}
+
+use crate::proto::JoinRequest;
+
+async fn join_on_leader(shared: &Shared, req: JoinRequest) -> Result<Nothing, RemoteError> {
+    let node = shared.node()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let master = MasterNode::new(req.addr.clone(), req.name.clone());
+    loop {
+        let result = async {
+            if node.status().voters.contains(&req.node_id) {
+                return Ok(());
+            }
+            node.add_learner(req.node_id, master.clone()).await?;
+            node.promote_voter(req.node_id).await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                info!(node = req.node_id, addr = %req.addr, "master joined as voter");
+                return Ok(Nothing::default());
+            }
+            Err(MetaError::ForwardToLeader {
+                leader_addr: Some(addr),
+                ..
+            }) => {
+                let endpoint = shared
+                    .endpoint
+                    .get()
+                    .ok_or_else(|| unavailable("starting"))?;
+                let addr: SocketAddr = addr.parse().map_err(|e| {
+                    RemoteError::new(ErrorCode::Internal, format!("bad leader address: {e}"))
+                })?;
+                let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+                return endpoint
+                    .call_timeout::<JoinCluster>(addr, &req, timeout)
+                    .await
+                    .map_err(|e| {
+                        e.remote()
+                            .cloned()
+                            .unwrap_or_else(|| unavailable(e.to_string()))
+                    });
+            }
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(unavailable(e.to_string())),
+        }
+    }
+}
+
+/// A running master.
+pub struct MasterServer {
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+}
+
+impl MasterServer {
+    /// Starts a master: opens (or creates) its store, serves the API, and bootstraps or joins
+    /// the cluster if the store is new.
+    pub async fn start(
+        config: MasterConfig,
+        validator: Arc<dyn JobValidator>,
+    ) -> Result<Self, MasterError> {
+        config.validate()?;
+        check_data_dir(&config.data_dir)?;
+        let identity = Identity::load(&config.certs_dir, Role::Master)?;
+        let shared = Arc::new(Shared {
+            node: OnceLock::new(),
+            endpoint: OnceLock::new(),
+            validator,
+        });
+        let endpoint = Endpoint::bind(
+            config.listen_addr,
+            &identity,
+            TransportConfig::default(),
+            router(shared.clone()),
+        )?;
+        let _ = shared.endpoint.set(endpoint.clone());
+        let addr = endpoint.local_addr().to_string();
+        let mut meta = MetaConfig::new(
+            config.node_id,
+            addr.clone(),
+            &config.data_dir,
+            &config.cluster_id,
+        );
+        meta.name = config.name();
+        meta.heartbeat_ms = config.heartbeat_ms;
+        meta.election_min_ms = config.election_timeout_min_ms;
+        meta.election_max_ms = config.election_timeout_max_ms;
+        meta.write_timeout_ms = config.write_timeout_ms;
+        let node = Arc::new(
+            MetaNode::start(
+                meta,
+                Arc::new(QuicRaft {
+                    endpoint: endpoint.clone(),
+                }),
+            )
+            .await?,
+        );
+        let _ = shared.node.set(node.clone());
+        let initialized = node
+            .raft()
+            .is_initialized()
+            .await
+            .map_err(|e| MasterError::Meta(MetaError::Stopped(e.to_string())))?;
+        if initialized {
+            info!(
+                node = config.node_id,
+                "restarted from data dir; rejoining the cluster"
+            );
+        } else if !config.initial_members.is_empty() {
+            let members = config
+                .members()
+                .map_err(MasterError::Config)?
+                .into_iter()
+                .map(|(id, a)| {
+                    let name = if id == config.node_id {
+                        config.name()
+                    } else {
+                        format!("master-{id}")
+                    };
+                    (id, MasterNode::new(a.to_string(), name))
+                })
+                .collect();
+            node.bootstrap(members).await?;
+            info!(node = config.node_id, "bootstrapped a new cluster");
+        } else if !config.join.is_empty() {
+            join(&endpoint, &config, &addr).await?;
+        } else {
+            return Err(MasterError::Config(
+                "a new data dir needs initial-members (new cluster) or join (running cluster)"
+                    .into(),
+            ));
+        }
+        Ok(Self { shared, endpoint })
+    }
+
+    /// The address the master serves on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr()
+    }
+
+    /// This master's status.
+    pub fn status(&self) -> Option<NodeStatus> {
+        self.shared.status().ok()
+    }
+
+    /// Stops serving and shuts the raft node down.
+    pub async fn shutdown(self) {
+        if let Some(node) = self.shared.node.get()
+            && let Err(e) = node.shutdown().await
+        {
+            warn!(error = %e, "raft shutdown");
+        }
+        self.endpoint.close();
+    }
+}
+
+async fn join(endpoint: &Endpoint, config: &MasterConfig, addr: &str) -> Result<(), MasterError> {
+    let req = JoinRequest {
+        node_id: config.node_id,
+        addr: addr.to_string(),
+        name: config.name(),
+    };
+    let addrs: Vec<SocketAddr> = config.join.iter().filter_map(|a| a.parse().ok()).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        for a in &addrs {
+            match endpoint
+                .call_timeout::<JoinCluster>(*a, &req, Duration::from_secs(12))
+                .await
+            {
+                Ok(_) => {
+                    info!(node = config.node_id, via = %a, "joined the cluster");
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(via = %a, error = %e, "join attempt failed");
+                    last = e.to_string();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Err(MasterError::Join {
+        addrs: config.join.join(","),
+        reason: last,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+node-id = 1
+listen-addr = "127.0.0.1:7101"
+data-dir = "data/m1"
+certs-dir = "certs"
+initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = MasterConfig::from_toml(BASE).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.heartbeat_ms, 50);
+        assert_eq!(c.name(), "master-1");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = MasterConfig::from_toml(&format!("{BASE}\nbogus-key = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("bogus-key"), "{err}");
+    }
+
+    #[test]
+    fn election_timeout_below_heartbeat_is_refused() {
+        let c = MasterConfig::from_toml(&format!("{BASE}\nheartbeat-ms = 200\n")).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("election-timeout-min-ms") && err.contains("heartbeat-ms"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn members_must_include_self_and_exclude_join() {
+        let c =
+            MasterConfig::from_toml(&BASE.replace("1=127.0.0.1:7101", "3=127.0.0.1:7103")).unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("does not include")
+        );
+        let c = MasterConfig::from_toml(&format!("{BASE}\njoin = [\"127.0.0.1:7000\"]\n")).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("not both"));
+        assert!(parse_member("x").is_err());
+        assert!(parse_member("1=nope").is_err());
+    }
+}

@@ -1,0 +1,749 @@
+//! Durable raft log and state machine in one redb file (`<data_dir>/meta.redb`).
+//!
+//! [`open_store`] opens (or creates) the file, creates every table, checks the schema version and
+//! the cluster id, and loads the durable state machine into memory. It returns a [`LogStore`]
+//! (openraft's `RaftLogStorage` + `RaftLogReader`) and a [`StateMachineStore`] (openraft's
+//! `RaftStateMachine`, with [`SnapshotBuilder`]).
+//!
+//! Contracts honoured (see openraft's storage docs):
+//! - every write (vote, append, truncate, purge, apply) is one redb transaction committed with
+//!   `Durability::Immediate` (fsync) on a blocking thread before the call returns, and the append
+//!   callback is called only after that commit; writes are serialized by openraft's `&mut self`;
+//! - the state machine is durable: each applied batch writes the changed rows, the id counters,
+//!   `last_applied` and the membership in one transaction, so a restart reloads it (and with it
+//!   the request-id dedup table);
+//! - a snapshot is built from one read transaction (data, `last_applied` and membership agree),
+//!   stored as "current" with a unique id; installing one replaces everything in one transaction.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::MetaError;
+use super::state::{
+    CheckpointRecord, Counters, DedupEntry, Dirty, ExecutorRecord, JobRecord, MetaState, TaskRecord,
+};
+use super::{MasterNode, NodeId, TypeConfig};
+
+/// Version of the on-disk layout; a file with another version is refused.
+pub const SCHEMA_VERSION: u32 = 1;
+/// File name of the metadata store inside a master's data dir.
+pub const FILE_NAME: &str = "meta.redb";
+
+type Bytes = &'static [u8];
+const CLUSTER: TableDefinition<'_, &str, Bytes> = TableDefinition::new("cluster");
+const RAFT_LOG: TableDefinition<'_, u64, Bytes> = TableDefinition::new("raft_log");
+const RAFT_META: TableDefinition<'_, &str, Bytes> = TableDefinition::new("raft_meta");
+const EXECUTORS: TableDefinition<'_, u64, Bytes> = TableDefinition::new("executors");
+const JOBS: TableDefinition<'_, u64, Bytes> = TableDefinition::new("jobs");
+const TASKS: TableDefinition<'_, u64, Bytes> = TableDefinition::new("tasks");
+const CHECKPOINTS: TableDefinition<'_, u64, Bytes> = TableDefinition::new("checkpoints");
+const DEDUP: TableDefinition<'_, u64, Bytes> = TableDefinition::new("dedup");
+const SM_META: TableDefinition<'_, &str, Bytes> = TableDefinition::new("sm_meta");
+const SM_SNAPSHOT: TableDefinition<'_, &str, Bytes> = TableDefinition::new("sm_snapshot");
+
+const DATA_TABLES: [TableDefinition<'_, u64, Bytes>; 5] =
+    [EXECUTORS, JOBS, TASKS, CHECKPOINTS, DEDUP];
+
+const K_SCHEMA: &str = "schema_version";
+const K_CLUSTER_ID: &str = "cluster_id";
+const K_VOTE: &str = "vote";
+const K_LAST_PURGED: &str = "last_purged";
+const K_LAST_APPLIED: &str = "last_applied";
+const K_MEMBERSHIP: &str = "membership";
+const K_COUNTERS: &str = "counters";
+const K_CURRENT: &str = "current";
+
+type SE = StorageError<NodeId>;
+
+/// Serialized state-machine snapshot: metadata plus the postcard-encoded [`MetaState`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, MasterNode>,
+    data: Vec<u8>,
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_allocvec(v)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(bytes)
+}
+
+fn io_err(e: impl std::error::Error + 'static) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+fn w_logs(e: impl std::error::Error + 'static) -> SE {
+    StorageIOError::write_logs(AnyError::new(&e)).into()
+}
+fn r_logs(e: impl std::error::Error + 'static) -> SE {
+    StorageIOError::read_logs(AnyError::new(&e)).into()
+}
+fn w_vote(e: impl std::error::Error + 'static) -> SE {
+    StorageIOError::write_vote(AnyError::new(&e)).into()
+}
+fn r_vote(e: impl std::error::Error + 'static) -> SE {
+    StorageIOError::read_vote(AnyError::new(&e)).into()
+}
+fn w_sm(e: impl std::error::Error + 'static) -> SE {
+    StorageIOError::write_state_machine(AnyError::new(&e)).into()
+}
+fn w_snap(e: impl std::error::Error + 'static) -> SE {
+    StorageIOError::write_snapshot(None, AnyError::new(&e)).into()
+}
+fn r_snap(e: impl std::error::Error + 'static) -> SE {
+    StorageIOError::read_snapshot(None, AnyError::new(&e)).into()
+}
+
+/// A blocking task died (panicked or was cancelled).
+#[derive(Debug, thiserror::Error)]
+#[error("blocking storage task failed: {0}")]
+struct JoinFailure(String);
+
+/// Runs `f` on tokio's blocking pool (redb commits fsync and block the thread).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, redb::Error> + Send + 'static,
+    map: fn(JoinFailure) -> SE,
+    map_db: fn(redb::Error) -> SE,
+) -> Result<T, SE> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(map_db),
+        Err(e) => Err(map(JoinFailure(e.to_string()))),
+    }
+}
+
+fn corrupt(what: &str, e: postcard::Error) -> redb::Error {
+    redb::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("corrupt {what}: {e}"),
+    ))
+}
+
+fn enc<T: Serialize>(what: &str, v: &T) -> Result<Vec<u8>, redb::Error> {
+    encode(v).map_err(|e| corrupt(what, e))
+}
+
+/// Everything [`open_store`] returns.
+pub struct OpenedStore {
+    /// The raft log storage.
+    pub log: LogStore,
+    /// The durable state machine.
+    pub state_machine: StateMachineStore,
+    /// Shared, read-only view of the applied metadata (updated by the state machine).
+    pub state: Arc<RwLock<MetaState>>,
+    /// One more handle on the redb file, so that its owner can close it deterministically.
+    pub(super) file: Arc<Database>,
+}
+
+/// Opens (or creates) `<data_dir>/meta.redb` for cluster `cluster_id`.
+///
+/// Fails with [`MetaError::ClusterMismatch`] if the file belongs to another cluster and with
+/// [`MetaError::SchemaMismatch`] if it was written by an incompatible version.
+pub fn open_store(data_dir: &Path, cluster_id: &str) -> Result<OpenedStore, MetaError> {
+    std::fs::create_dir_all(data_dir).map_err(|e| MetaError::Storage {
+        context: format!("create data dir {}", data_dir.display()),
+        message: e.to_string(),
+    })?;
+    let path = data_dir.join(FILE_NAME);
+    let storage = |context: &str, e: &dyn std::fmt::Display| MetaError::Storage {
+        context: format!("{context} {}", path.display()),
+        message: e.to_string(),
+    };
+    let db = Database::create(&path).map_err(|e| storage("open", &e))?;
+    let txn = db.begin_write().map_err(|e| storage("write", &e))?;
+    {
+        let mut cluster = txn
+            .open_table(CLUSTER)
+            .map_err(|e| storage("open table in", &e))?;
+        let found_schema = cluster
+            .get(K_SCHEMA)
+            .map_err(|e| storage("read", &e))?
+            .map(|v| decode::<u32>(v.value()));
+        match found_schema {
+            None => {
+                let v = encode(&SCHEMA_VERSION).map_err(|e| storage("encode", &e))?;
+                cluster
+                    .insert(K_SCHEMA, v.as_slice())
+                    .map_err(|e| storage("write", &e))?;
+            }
+            Some(Ok(v)) if v == SCHEMA_VERSION => {}
+            Some(Ok(v)) => {
+                return Err(MetaError::SchemaMismatch {
+                    found: v,
+                    expected: SCHEMA_VERSION,
+                });
+            }
+            Some(Err(e)) => return Err(storage("corrupt schema version in", &e)),
+        }
+        let found_cluster = cluster
+            .get(K_CLUSTER_ID)
+            .map_err(|e| storage("read", &e))?
+            .map(|v| decode::<String>(v.value()));
+        match found_cluster {
+            None => {
+                let v = encode(&cluster_id).map_err(|e| storage("encode", &e))?;
+                cluster
+                    .insert(K_CLUSTER_ID, v.as_slice())
+                    .map_err(|e| storage("write", &e))?;
+            }
+            Some(Ok(found)) if found == cluster_id => {}
+            Some(Ok(found)) => {
+                return Err(MetaError::ClusterMismatch {
+                    dir: data_dir.display().to_string(),
+                    found,
+                    expected: cluster_id.to_owned(),
+                });
+            }
+            Some(Err(e)) => return Err(storage("corrupt cluster id in", &e)),
+        }
+        for t in [RAFT_META, SM_META, SM_SNAPSHOT] {
+            txn.open_table(t)
+                .map_err(|e| storage("create table in", &e))?;
+        }
+        for t in [RAFT_LOG].into_iter().chain(DATA_TABLES) {
+            txn.open_table(t)
+                .map_err(|e| storage("create table in", &e))?;
+        }
+    }
+    txn.commit().map_err(|e| storage("commit", &e))?;
+    let db = Arc::new(db);
+    let read = db.begin_read().map_err(|e| storage("read", &e))?;
+    let (state, last_applied, membership) =
+        load_state(&read).map_err(|e| storage("load state machine from", &e))?;
+    drop(read);
+    let state = Arc::new(RwLock::new(state));
+    let file = db.clone();
+    Ok(OpenedStore {
+        file,
+        log: LogStore { db: db.clone() },
+        state_machine: StateMachineStore {
+            db,
+            state: state.clone(),
+            last_applied,
+            membership,
+        },
+        state,
+    })
+}
+
+type Loaded = (
+    MetaState,
+    Option<LogId<NodeId>>,
+    StoredMembership<NodeId, MasterNode>,
+);
+
+/// Reads the whole state machine from one read transaction.
+fn load_state(txn: &redb::ReadTransaction) -> Result<Loaded, redb::Error> {
+    fn rows<T: DeserializeOwned>(
+        txn: &redb::ReadTransaction,
+        def: TableDefinition<'_, u64, Bytes>,
+        what: &str,
+    ) -> Result<Vec<(u64, T)>, redb::Error> {
+        let table = txn.open_table(def)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            out.push((k.value(), decode(v.value()).map_err(|e| corrupt(what, e))?));
+        }
+        Ok(out)
+    }
+    let mut state = MetaState::default();
+    state.executors = rows::<ExecutorRecord>(txn, EXECUTORS, "executor")?
+        .into_iter()
+        .map(|(_, r)| (r.id, r))
+        .collect();
+    state.jobs = rows::<JobRecord>(txn, JOBS, "job")?
+        .into_iter()
+        .map(|(_, r)| (r.id, r))
+        .collect();
+    state.tasks = rows::<TaskRecord>(txn, TASKS, "task")?
+        .into_iter()
+        .map(|(_, r)| (r.id, r))
+        .collect();
+    state.checkpoints = rows::<CheckpointRecord>(txn, CHECKPOINTS, "checkpoint")?
+        .into_iter()
+        .map(|(k, r)| (super::JobId(k), r))
+        .collect();
+    state.dedup = rows::<DedupEntry>(txn, DEDUP, "dedup entry")?
+        .into_iter()
+        .collect();
+    let sm = txn.open_table(SM_META)?;
+    if let Some(v) = sm.get(K_COUNTERS)? {
+        state.counters = decode::<Counters>(v.value()).map_err(|e| corrupt("counters", e))?;
+    }
+    let last_applied = match sm.get(K_LAST_APPLIED)? {
+        Some(v) => decode(v.value()).map_err(|e| corrupt("last_applied", e))?,
+        None => None,
+    };
+    let membership = match sm.get(K_MEMBERSHIP)? {
+        Some(v) => decode(v.value()).map_err(|e| corrupt("membership", e))?,
+        None => StoredMembership::default(),
+    };
+    Ok((state, last_applied, membership))
+}
+
+/// The raft log (and vote) in redb. Cheap to clone; each clone is also a log reader.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    fn meta_value<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, redb::Error> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(RAFT_META)?;
+        match table.get(key)? {
+            Some(v) => Ok(Some(decode(v.value()).map_err(|e| corrupt(key, e))?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, SE> {
+        let bounds: (Bound<u64>, Bound<u64>) =
+            (range.start_bound().cloned(), range.end_bound().cloned());
+        let db = self.db.clone();
+        blocking(
+            move || {
+                let txn = db.begin_read()?;
+                let table = txn.open_table(RAFT_LOG)?;
+                let mut out = Vec::new();
+                for row in table.range(bounds)? {
+                    let (_, v) = row?;
+                    out.push(decode(v.value()).map_err(|e| corrupt("log entry", e))?);
+                }
+                Ok(out)
+            },
+            r_logs,
+            r_logs,
+        )
+        .await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SE> {
+        let last_purged: Option<LogId<NodeId>> = self.meta_value(K_LAST_PURGED).map_err(r_logs)?;
+        let txn = self.db.begin_read().map_err(r_logs)?;
+        let table = txn.open_table(RAFT_LOG).map_err(r_logs)?;
+        let last = match table.last().map_err(r_logs)? {
+            Some((_, v)) => {
+                let e: Entry<TypeConfig> = decode(v.value()).map_err(r_logs)?;
+                Some(e.log_id)
+            }
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SE> {
+        let bytes = encode(vote).map_err(w_vote)?;
+        let db = self.db.clone();
+        blocking(
+            move || {
+                let txn = db.begin_write()?;
+                txn.open_table(RAFT_META)?
+                    .insert(K_VOTE, bytes.as_slice())?;
+                txn.commit()?;
+                Ok(())
+            },
+            w_vote,
+            w_vote,
+        )
+        .await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SE> {
+        self.meta_value(K_VOTE).map_err(r_vote)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SE>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut rows = Vec::new();
+        for e in entries {
+            rows.push((e.log_id.index, encode(&e).map_err(w_logs)?));
+        }
+        let db = self.db.clone();
+        let result = blocking(
+            move || {
+                let txn = db.begin_write()?;
+                {
+                    let mut table = txn.open_table(RAFT_LOG)?;
+                    for (index, bytes) in &rows {
+                        table.insert(*index, bytes.as_slice())?;
+                    }
+                }
+                txn.commit()?;
+                Ok(())
+            },
+            w_logs,
+            w_logs,
+        )
+        .await;
+        // The commit above is durable (fsync) before the callback tells openraft so.
+        match result {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(io_err(e.clone())));
+                Err(e)
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SE> {
+        let db = self.db.clone();
+        blocking(
+            move || {
+                let txn = db.begin_write()?;
+                txn.open_table(RAFT_LOG)?
+                    .retain_in(log_id.index.., |_, _| false)?;
+                txn.commit()?;
+                Ok(())
+            },
+            w_logs,
+            w_logs,
+        )
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SE> {
+        let bytes = encode(&log_id).map_err(w_logs)?;
+        let db = self.db.clone();
+        blocking(
+            move || {
+                let txn = db.begin_write()?;
+                txn.open_table(RAFT_META)?
+                    .insert(K_LAST_PURGED, bytes.as_slice())?;
+                txn.open_table(RAFT_LOG)?
+                    .retain_in(..=log_id.index, |_, _| false)?;
+                txn.commit()?;
+                Ok(())
+            },
+            w_logs,
+            w_logs,
+        )
+        .await
+    }
+}
+
+/// The durable metadata state machine.
+pub struct StateMachineStore {
+    db: Arc<Database>,
+    state: Arc<RwLock<MetaState>>,
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, MasterNode>,
+}
+
+/// One row change produced by an applied batch.
+enum Row {
+    Put(TableDefinition<'static, u64, Bytes>, u64, Vec<u8>),
+    Delete(TableDefinition<'static, u64, Bytes>, u64),
+}
+
+/// Serializes the rows named by `dirty` from `state`.
+fn dirty_rows(state: &MetaState, dirty: &Dirty) -> Result<Vec<Row>, postcard::Error> {
+    let mut rows = Vec::new();
+    fn put<K: Ord, T: Serialize>(
+        rows: &mut Vec<Row>,
+        def: TableDefinition<'static, u64, Bytes>,
+        map: &BTreeMap<K, T>,
+        key: &K,
+        raw: u64,
+    ) -> Result<(), postcard::Error> {
+        match map.get(key) {
+            Some(v) => rows.push(Row::Put(def, raw, encode(v)?)),
+            None => rows.push(Row::Delete(def, raw)),
+        }
+        Ok(())
+    }
+    for id in &dirty.executors {
+        put(&mut rows, EXECUTORS, &state.executors, id, id.0)?;
+    }
+    for id in &dirty.jobs {
+        put(&mut rows, JOBS, &state.jobs, id, id.0)?;
+    }
+    for id in &dirty.tasks {
+        put(&mut rows, TASKS, &state.tasks, id, id.0)?;
+    }
+    for id in &dirty.checkpoints {
+        put(&mut rows, CHECKPOINTS, &state.checkpoints, id, id.0)?;
+    }
+    for id in &dirty.clients {
+        put(&mut rows, DEDUP, &state.dedup, id, *id)?;
+    }
+    Ok(rows)
+}
+
+fn write_sm_meta(
+    txn: &redb::WriteTransaction,
+    counters: &Counters,
+    last_applied: &Option<LogId<NodeId>>,
+    membership: &StoredMembership<NodeId, MasterNode>,
+) -> Result<(), redb::Error> {
+    let mut sm = txn.open_table(SM_META)?;
+    sm.insert(K_COUNTERS, enc("counters", counters)?.as_slice())?;
+    sm.insert(
+        K_LAST_APPLIED,
+        enc("last_applied", last_applied)?.as_slice(),
+    )?;
+    sm.insert(K_MEMBERSHIP, enc("membership", membership)?.as_slice())?;
+    Ok(())
+}
+
+impl StateMachineStore {
+    /// A read-only view of the applied metadata.
+    pub fn state(&self) -> Arc<RwLock<MetaState>> {
+        self.state.clone()
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, MasterNode>), SE> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<super::CommandResponse>, SE>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut responses = Vec::new();
+        let (rows, counters) = {
+            // Never held across an await: released at the end of this block.
+            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+            for entry in entries {
+                self.last_applied = Some(entry.log_id);
+                let response = match entry.payload {
+                    EntryPayload::Blank => super::CommandResponse::Internal,
+                    EntryPayload::Normal(req) => state.apply(&req),
+                    EntryPayload::Membership(m) => {
+                        self.membership = StoredMembership::new(Some(entry.log_id), m);
+                        super::CommandResponse::Internal
+                    }
+                };
+                responses.push(response);
+            }
+            let dirty = state.take_dirty();
+            (dirty_rows(&state, &dirty).map_err(w_sm)?, state.counters)
+        };
+        let last_applied = self.last_applied;
+        let membership = self.membership.clone();
+        let db = self.db.clone();
+        blocking(
+            move || {
+                let txn = db.begin_write()?;
+                for row in rows {
+                    match row {
+                        Row::Put(def, k, v) => {
+                            txn.open_table(def)?.insert(k, v.as_slice())?;
+                        }
+                        Row::Delete(def, k) => {
+                            txn.open_table(def)?.remove(k)?;
+                        }
+                    }
+                }
+                write_sm_meta(&txn, &counters, &last_applied, &membership)?;
+                txn.commit()?;
+                Ok(())
+            },
+            w_sm,
+            w_sm,
+        )
+        .await?;
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            db: self.db.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SE> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, MasterNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), SE> {
+        let data = snapshot.into_inner();
+        let new_state: MetaState = decode(&data).map_err(r_snap)?;
+        let all = Dirty {
+            executors: new_state.executors.keys().copied().collect(),
+            jobs: new_state.jobs.keys().copied().collect(),
+            tasks: new_state.tasks.keys().copied().collect(),
+            checkpoints: new_state.checkpoints.keys().copied().collect(),
+            clients: new_state.dedup.keys().copied().collect(),
+        };
+        let rows = dirty_rows(&new_state, &all).map_err(w_snap)?;
+        let stored = encode(&StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })
+        .map_err(w_snap)?;
+        let counters = new_state.counters;
+        let last_applied = meta.last_log_id;
+        let membership = meta.last_membership.clone();
+        let db = self.db.clone();
+        {
+            let membership = membership.clone();
+            blocking(
+                move || {
+                    let txn = db.begin_write()?;
+                    for def in DATA_TABLES {
+                        txn.open_table(def)?.retain(|_, _| false)?;
+                    }
+                    for row in rows {
+                        if let Row::Put(def, k, v) = row {
+                            txn.open_table(def)?.insert(k, v.as_slice())?;
+                        }
+                    }
+                    write_sm_meta(&txn, &counters, &last_applied, &membership)?;
+                    txn.open_table(SM_SNAPSHOT)?
+                        .insert(K_CURRENT, stored.as_slice())?;
+                    txn.commit()?;
+                    Ok(())
+                },
+                w_snap,
+                w_snap,
+            )
+            .await?;
+        }
+        self.last_applied = last_applied;
+        self.membership = membership;
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = new_state;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SE> {
+        let txn = self.db.begin_read().map_err(r_snap)?;
+        let table = txn.open_table(SM_SNAPSHOT).map_err(r_snap)?;
+        let Some(v) = table.get(K_CURRENT).map_err(r_snap)? else {
+            return Ok(None);
+        };
+        let stored: StoredSnapshot = decode(v.value()).map_err(r_snap)?;
+        Ok(Some(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
+    }
+}
+
+/// Builds snapshots from one consistent read transaction.
+pub struct SnapshotBuilder {
+    db: Arc<Database>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SE> {
+        let db = self.db.clone();
+        let nonce: u64 = rand::random();
+        blocking(
+            move || {
+                let read = db.begin_read()?;
+                let (state, last_applied, membership) = load_state(&read)?;
+                drop(read);
+                let data = enc("snapshot", &state)?;
+                let snapshot_id = match last_applied {
+                    Some(l) => format!("{}-{}-{nonce:016x}", l.leader_id, l.index),
+                    None => format!("empty-{nonce:016x}"),
+                };
+                let meta = SnapshotMeta {
+                    last_log_id: last_applied,
+                    last_membership: membership,
+                    snapshot_id,
+                };
+                let stored = enc(
+                    "snapshot",
+                    &StoredSnapshot {
+                        meta: meta.clone(),
+                        data: data.clone(),
+                    },
+                )?;
+                let txn = db.begin_write()?;
+                txn.open_table(SM_SNAPSHOT)?
+                    .insert(K_CURRENT, stored.as_slice())?;
+                txn.commit()?;
+                Ok(Snapshot {
+                    meta,
+                    snapshot: Box::new(Cursor::new(data)),
+                })
+            },
+            w_snap,
+            w_snap,
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopen_after_drop_and_cluster_mismatch() {
+        let dir = tempfile::TempDir::new().unwrap();
+        drop(open_store(dir.path(), "a").unwrap());
+        drop(open_store(dir.path(), "a").unwrap());
+        let err = open_store(dir.path(), "b").err().unwrap();
+        assert!(matches!(err, MetaError::ClusterMismatch { .. }), "{err}");
+        drop(open_store(dir.path(), "a").unwrap());
+    }
+
+    struct Builder;
+
+    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir>
+        for Builder
+    {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), SE> {
+            let dir = tempfile::TempDir::new().map_err(w_logs)?;
+            let store = open_store(dir.path(), "conformance").map_err(w_logs)?;
+            Ok((dir, store.log, store.state_machine))
+        }
+    }
+
+    /// openraft's own storage conformance suite (log, vote, purge, truncate, apply, snapshot).
+    #[test]
+    fn openraft_storage_conformance() {
+        openraft::testing::Suite::test_all(Builder).unwrap();
+    }
+}

@@ -1,0 +1,230 @@
+//! The control plane's RPC surface: services, methods and their messages.
+//!
+//! Messages are rkyv archives validated on receipt. Raft traffic and forwarded metadata writes
+//! travel as opaque postcard blobs ([`Blob`]) because openraft's types are serde types.
+
+use microcosm_transport::{Method, Role, Service};
+
+/// Methods served by masters.
+pub struct MasterApi;
+impl Service for MasterApi {
+    const NAME: &'static str = "master";
+    const SERVED_BY: Role = Role::Master;
+}
+
+/// An opaque payload (postcard-encoded serde value).
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    /// The encoded bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// A request that carries no arguments.
+#[derive(
+    rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default,
+)]
+pub struct Nothing {
+    /// Reserved; keeps the archive non-empty.
+    pub reserved: u32,
+}
+
+/// A master joining a running cluster.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct JoinRequest {
+    /// The new master's raft id.
+    pub node_id: u64,
+    /// Its RPC address.
+    pub addr: String,
+    /// Its name.
+    pub name: String,
+}
+
+/// One member of the masters' raft group.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    /// Raft id.
+    pub id: u64,
+    /// RPC address.
+    pub addr: String,
+    /// Name.
+    pub name: String,
+    /// Voter (true) or learner (false).
+    pub voter: bool,
+}
+
+/// One executor as the metadata knows it.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ExecutorInfo {
+    /// Executor id.
+    pub id: u64,
+    /// RPC address.
+    pub addr: String,
+    /// Name.
+    pub name: String,
+    /// "alive" or "lost".
+    pub state: String,
+    /// Slots offered.
+    pub slots: u32,
+    /// Slots used by placed tasks.
+    pub used: u32,
+    /// Registration count at this address.
+    pub incarnation: u64,
+}
+
+/// A master's own view of itself and the cluster.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// Raft id.
+    pub id: u64,
+    /// Name.
+    pub name: String,
+    /// RPC address.
+    pub addr: String,
+    /// "leader", "follower", "candidate", "learner" or "shutdown".
+    pub role: String,
+    /// Current term.
+    pub term: u64,
+    /// Index of the last applied log entry.
+    pub last_applied: Option<u64>,
+    /// The leader this master knows of.
+    pub leader_id: Option<u64>,
+    /// Members of the raft group.
+    pub members: Vec<MemberInfo>,
+    /// Executors known to the metadata (as applied on this master).
+    pub executors: Vec<ExecutorInfo>,
+}
+
+/// A user submits a job.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SubmitJobRequest {
+    /// Job type (e.g. "demo").
+    pub job_type: String,
+    /// The job specification (TOML).
+    pub spec: String,
+    /// Caller's id for deduplication of retries.
+    pub client_id: u64,
+    /// Caller's request sequence number; a retry reuses it.
+    pub seq: u64,
+}
+
+/// A job id.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobRef {
+    /// The job id.
+    pub id: u64,
+}
+
+/// What a user can ask of a job.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobAction {
+    /// Stop the job for good.
+    Cancel,
+    /// Suspend the job's tasks.
+    Pause,
+    /// Resume a paused job.
+    Resume,
+}
+
+/// A job action request.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobControlRequest {
+    /// The job.
+    pub id: u64,
+    /// What to do.
+    pub action: JobAction,
+    /// Caller's id for deduplication of retries.
+    pub client_id: u64,
+    /// Caller's request sequence number.
+    pub seq: u64,
+}
+
+/// A state change in a job's history.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct JobTransitionInfo {
+    /// New state.
+    pub state: String,
+    /// Why.
+    pub reason: String,
+    /// When (Unix ms).
+    pub at_ms: u64,
+}
+
+/// A job as users see it.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct JobInfo {
+    /// Job id.
+    pub id: u64,
+    /// Job type.
+    pub job_type: String,
+    /// Current state.
+    pub state: String,
+    /// Reason of the last transition.
+    pub reason: String,
+    /// Placement epoch.
+    pub epoch: u64,
+    /// Number of tasks.
+    pub tasks: u32,
+    /// State changes, oldest first.
+    pub history: Vec<JobTransitionInfo>,
+    /// The job specification.
+    pub spec: String,
+}
+
+/// A list of jobs.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct JobList {
+    /// Jobs by id.
+    pub jobs: Vec<JobInfo>,
+}
+
+const MASTERS: &[Role] = &[Role::Master];
+const ANYONE: &[Role] = &[Role::Master, Role::Executor, Role::Client];
+const USERS: &[Role] = &[Role::Client, Role::Master];
+
+macro_rules! method {
+    ($(#[$doc:meta])* $name:ident, $service:ty, $id:expr, $callers:expr, $req:ty => $resp:ty) => {
+        $(#[$doc])*
+        pub struct $name;
+        impl Method for $name {
+            type Service = $service;
+            const ID: u32 = $id;
+            const NAME: &'static str = stringify!($name);
+            const CALLERS: &'static [Role] = $callers;
+            type Request = $req;
+            type Response = $resp;
+        }
+    };
+}
+
+method!(
+    /// Raft traffic between masters (append entries, vote, snapshot).
+    RaftMessage, MasterApi, 10, MASTERS, Blob => Blob
+);
+method!(
+    /// A follower forwards a metadata write to the leader.
+    ForwardWrite, MasterApi, 11, MASTERS, Blob => Blob
+);
+method!(
+    /// A new master asks the leader to add it as a learner and then a voter.
+    JoinCluster, MasterApi, 12, MASTERS, JoinRequest => Nothing
+);
+method!(
+    /// A master's own status and its view of the cluster.
+    GetNodeStatus, MasterApi, 13, ANYONE, Nothing => NodeStatus
+);
+method!(
+    /// Submit a job; answers its id.
+    SubmitJob, MasterApi, 20, USERS, SubmitJobRequest => JobRef
+);
+method!(
+    /// List all jobs.
+    ListJobs, MasterApi, 21, USERS, Nothing => JobList
+);
+method!(
+    /// One job in detail.
+    GetJob, MasterApi, 22, USERS, JobRef => JobInfo
+);
+method!(
+    /// Cancel, pause or resume a job.
+    ControlJob, MasterApi, 23, USERS, JobControlRequest => JobInfo
+);

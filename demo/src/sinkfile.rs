@@ -1,0 +1,522 @@
+//! The sink file format: one CSV line per record, no header.
+//!
+//! ```text
+//! kind,table_id,schema_ver,pk,produced_ns,synced_ns,sink_ns
+//! data,3,1,10,1700000000000000000,1700000000000150000,1700000000000200000
+//! ```
+//!
+//! `kind` is `data` or `ddl`; the integers are unsigned decimal without sign, padding or
+//! leading zeros; times are Unix nanoseconds. For a DDL row `pk` is the pk of the data
+//! record that follows it. Every line ends with `\n`.
+//!
+//! [`SinkRow::write_to`] appends a line to a reusable buffer without allocating (beyond
+//! the buffer's own growth); [`SinkRow::parse`] is strict and says which column is wrong.
+
+use std::fmt;
+
+/// Number of comma-separated fields in a sink line.
+pub const FIELD_COUNT: usize = 7;
+
+/// Column names, in order, as used in [`RowError`] messages.
+pub const COLUMNS: [&str; FIELD_COUNT] = [
+    "kind",
+    "table_id",
+    "schema_ver",
+    "pk",
+    "produced_ns",
+    "synced_ns",
+    "sink_ns",
+];
+
+/// Longest excerpt of a bad field quoted in an error.
+const MAX_QUOTED: usize = 32;
+
+/// Whether a row is a data record or a schema change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RowKind {
+    /// A data record (`data`).
+    Data,
+    /// A DDL (schema change) record (`ddl`).
+    Ddl,
+}
+
+impl RowKind {
+    /// The spelling used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowKind::Data => "data",
+            RowKind::Ddl => "ddl",
+        }
+    }
+}
+
+impl fmt::Display for RowKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One line of a sink file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SinkRow {
+    /// Data or DDL.
+    pub kind: RowKind,
+    /// The table (producer) id.
+    pub table_id: u32,
+    /// The table's schema version the record carries (for a DDL: the new version).
+    pub schema_ver: u64,
+    /// The data record's pk (for a DDL: the pk of the data record that follows it).
+    pub pk: u64,
+    /// When the producer intended to emit the record (Unix ns).
+    pub produced_ns: u64,
+    /// When the syncer passed the record (Unix ns).
+    pub synced_ns: u64,
+    /// When the sink wrote the record (Unix ns).
+    pub sink_ns: u64,
+}
+
+/// What is wrong with a sink line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RowError {
+    /// The line does not have exactly [`FIELD_COUNT`] comma-separated fields.
+    #[error("expected 7 comma-separated fields, found {found}")]
+    FieldCount {
+        /// How many fields the line has.
+        found: usize,
+    },
+    /// The first field is neither `data` nor `ddl`.
+    #[error("bad kind {found:?} (expected `data` or `ddl`)")]
+    BadKind {
+        /// The field (truncated to 32 bytes).
+        found: String,
+    },
+    /// An integer column does not hold a canonical unsigned decimal that fits.
+    #[error("bad integer {found:?} in column `{column}`: {problem}")]
+    BadInteger {
+        /// The column name (one of [`COLUMNS`]).
+        column: &'static str,
+        /// The field (truncated to 32 bytes).
+        found: String,
+        /// Why it is not accepted.
+        problem: IntProblem,
+    },
+}
+
+/// Why an integer field was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntProblem {
+    /// The field is empty.
+    Empty,
+    /// The field has a character other than `0`–`9` (signs and spaces included).
+    NotADigit,
+    /// The field has a leading zero (only `0` itself may start with `0`).
+    LeadingZero,
+    /// The value does not fit the column's type.
+    Overflow,
+}
+
+impl fmt::Display for IntProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IntProblem::Empty => "empty",
+            IntProblem::NotADigit => "not a decimal digit string",
+            IntProblem::LeadingZero => "leading zero",
+            IntProblem::Overflow => "too large",
+        })
+    }
+}
+
+impl SinkRow {
+    /// Appends this row as one line, `\n` included, to `buf`.
+    pub fn write_to(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(self.kind.as_str().as_bytes());
+        buf.push(b',');
+        push_u64(buf, u64::from(self.table_id));
+        buf.push(b',');
+        push_u64(buf, self.schema_ver);
+        buf.push(b',');
+        push_u64(buf, self.pk);
+        buf.push(b',');
+        push_u64(buf, self.produced_ns);
+        buf.push(b',');
+        push_u64(buf, self.synced_ns);
+        buf.push(b',');
+        push_u64(buf, self.sink_ns);
+        buf.push(b'\n');
+    }
+
+    /// Parses one line, without its terminating `\n`.
+    pub fn parse(line: &str) -> Result<SinkRow, RowError> {
+        let mut fields = [""; FIELD_COUNT];
+        let mut found = 0;
+        for field in line.split(',') {
+            if let Some(slot) = fields.get_mut(found) {
+                *slot = field;
+            }
+            found += 1;
+        }
+        if found != FIELD_COUNT {
+            return Err(RowError::FieldCount { found });
+        }
+        let [
+            kind,
+            table_id,
+            schema_ver,
+            pk,
+            produced_ns,
+            synced_ns,
+            sink_ns,
+        ] = fields;
+        let kind = match kind {
+            "data" => RowKind::Data,
+            "ddl" => RowKind::Ddl,
+            other => {
+                return Err(RowError::BadKind {
+                    found: quote(other),
+                });
+            }
+        };
+        let table_id =
+            u32::try_from(parse_column(1, table_id)?).map_err(|_| RowError::BadInteger {
+                column: COLUMNS[1],
+                found: quote(table_id),
+                problem: IntProblem::Overflow,
+            })?;
+        Ok(SinkRow {
+            kind,
+            table_id,
+            schema_ver: parse_column(2, schema_ver)?,
+            pk: parse_column(3, pk)?,
+            produced_ns: parse_column(4, produced_ns)?,
+            synced_ns: parse_column(5, synced_ns)?,
+            sink_ns: parse_column(6, sink_ns)?,
+        })
+    }
+}
+
+impl fmt::Display for SinkRow {
+    /// The row as it appears in the file, without the newline.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{},{},{},{},{},{},{}",
+            self.kind,
+            self.table_id,
+            self.schema_ver,
+            self.pk,
+            self.produced_ns,
+            self.synced_ns,
+            self.sink_ns
+        )
+    }
+}
+
+/// Appends the decimal digits of `value` to `buf` without allocating a temporary.
+pub fn push_u64(buf: &mut Vec<u8>, mut value: u64) {
+    // u64::MAX has 20 decimal digits.
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        // `value % 10` is below 10, so the cast cannot truncate.
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[start..]);
+}
+
+/// Parses a canonical unsigned decimal: digits only, no sign, no leading zero.
+pub fn parse_u64(text: &str) -> Result<u64, IntProblem> {
+    let bytes = text.as_bytes();
+    match bytes {
+        [] => return Err(IntProblem::Empty),
+        [b'0', _, ..] => {
+            return Err(if bytes.iter().all(u8::is_ascii_digit) {
+                IntProblem::LeadingZero
+            } else {
+                IntProblem::NotADigit
+            });
+        }
+        _ => {}
+    }
+    let mut value: u64 = 0;
+    let mut overflow = false;
+    for &b in bytes {
+        if !b.is_ascii_digit() {
+            return Err(IntProblem::NotADigit);
+        }
+        match value
+            .checked_mul(10)
+            .and_then(|v| v.checked_add(u64::from(b - b'0')))
+        {
+            Some(v) => value = v,
+            // Keep scanning: a later non-digit is the more useful complaint.
+            None => overflow = true,
+        }
+    }
+    if overflow {
+        Err(IntProblem::Overflow)
+    } else {
+        Ok(value)
+    }
+}
+
+fn parse_column(index: usize, text: &str) -> Result<u64, RowError> {
+    parse_u64(text).map_err(|problem| RowError::BadInteger {
+        column: COLUMNS[index],
+        found: quote(text),
+        problem,
+    })
+}
+
+/// At most [`MAX_QUOTED`] bytes of `text`, cut at a character boundary.
+fn quote(text: &str) -> String {
+    let mut end = text.len().min(MAX_QUOTED);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EDGES: [u64; 8] = [
+        0,
+        1,
+        9,
+        10,
+        99,
+        1_700_000_000_123_456_789,
+        u64::MAX - 1,
+        u64::MAX,
+    ];
+
+    fn row(kind: RowKind, v: u64, table_id: u32) -> SinkRow {
+        SinkRow {
+            kind,
+            table_id,
+            schema_ver: v,
+            pk: v,
+            produced_ns: v,
+            synced_ns: v,
+            sink_ns: v,
+        }
+    }
+
+    #[test]
+    fn writes_the_documented_format() {
+        let mut buf = Vec::new();
+        SinkRow {
+            kind: RowKind::Ddl,
+            table_id: 3,
+            schema_ver: 1,
+            pk: 10,
+            produced_ns: 100,
+            synced_ns: 250,
+            sink_ns: 0,
+        }
+        .write_to(&mut buf);
+        assert_eq!(buf, b"ddl,3,1,10,100,250,0\n");
+        row(RowKind::Data, u64::MAX, u32::MAX).write_to(&mut buf);
+        let text = String::from_utf8(buf).unwrap();
+        assert_eq!(
+            text.lines().nth(1).unwrap(),
+            format!("data,{},{m},{m},{m},{m},{m}", u32::MAX, m = u64::MAX)
+        );
+    }
+
+    #[test]
+    fn push_u64_matches_std_formatting() {
+        let mut buf = Vec::new();
+        let mut v: u64 = 1;
+        for _ in 0..20 {
+            for x in [v - 1, v, v + 1] {
+                buf.clear();
+                push_u64(&mut buf, x);
+                assert_eq!(buf, x.to_string().as_bytes());
+            }
+            v = v.saturating_mul(10);
+        }
+        for x in EDGES {
+            buf.clear();
+            push_u64(&mut buf, x);
+            assert_eq!(buf, x.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn write_then_parse_round_trips_edge_values() {
+        let mut buf = Vec::with_capacity(256);
+        for kind in [RowKind::Data, RowKind::Ddl] {
+            for table_id in [0, 1, 9_999, u32::MAX] {
+                for a in EDGES {
+                    for b in EDGES {
+                        let original = SinkRow {
+                            kind,
+                            table_id,
+                            schema_ver: a,
+                            pk: b,
+                            produced_ns: a,
+                            synced_ns: b,
+                            sink_ns: a ^ b,
+                        };
+                        buf.clear();
+                        original.write_to(&mut buf);
+                        assert_eq!(buf.last(), Some(&b'\n'));
+                        let line = std::str::from_utf8(&buf[..buf.len() - 1]).unwrap();
+                        assert_eq!(SinkRow::parse(line), Ok(original), "{line}");
+                        assert_eq!(original.to_string(), line);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn write_reuses_the_buffer_without_growing() {
+        let mut buf = Vec::with_capacity(256);
+        let ptr = buf.as_ptr();
+        for _ in 0..1000 {
+            buf.clear();
+            row(RowKind::Data, u64::MAX, u32::MAX).write_to(&mut buf);
+        }
+        assert_eq!(buf.as_ptr(), ptr);
+        assert_eq!(buf.capacity(), 256);
+    }
+
+    #[test]
+    fn wrong_field_count_is_reported() {
+        assert_eq!(
+            SinkRow::parse("data,1,2,3,4,5"),
+            Err(RowError::FieldCount { found: 6 })
+        );
+        assert_eq!(
+            SinkRow::parse("data,1,2,3,4,5,6,7"),
+            Err(RowError::FieldCount { found: 8 })
+        );
+        assert_eq!(SinkRow::parse(""), Err(RowError::FieldCount { found: 1 }));
+    }
+
+    #[test]
+    fn bad_kind_is_reported() {
+        let err = SinkRow::parse("DATA,1,2,3,4,5,6").unwrap_err();
+        assert_eq!(
+            err,
+            RowError::BadKind {
+                found: "DATA".into()
+            }
+        );
+        assert!(err.to_string().contains("DATA"), "{err}");
+    }
+
+    #[test]
+    fn bad_integers_name_their_column() {
+        let cases: [(&str, &str, IntProblem); 9] = [
+            ("data,x,0,1,0,0,0", "table_id", IntProblem::NotADigit),
+            (
+                "data,4294967296,0,1,0,0,0",
+                "table_id",
+                IntProblem::Overflow,
+            ),
+            ("data,0,,1,0,0,0", "schema_ver", IntProblem::Empty),
+            ("data,0,0,abc,0,0,0", "pk", IntProblem::NotADigit),
+            ("data,0,0,+1,0,0,0", "pk", IntProblem::NotADigit),
+            ("data,0,0,-1,0,0,0", "pk", IntProblem::NotADigit),
+            ("ddl,0,0,1,007,0,0", "produced_ns", IntProblem::LeadingZero),
+            (
+                "ddl,0,0,1,0,18446744073709551616,0",
+                "synced_ns",
+                IntProblem::Overflow,
+            ),
+            ("ddl,0,0,1,0,0,5\r", "sink_ns", IntProblem::NotADigit),
+        ];
+        for (line, column, problem) in cases {
+            match SinkRow::parse(line) {
+                Err(RowError::BadInteger {
+                    column: c,
+                    problem: p,
+                    ..
+                }) => {
+                    assert_eq!((c, p), (column, problem), "{line}");
+                }
+                other => panic!("{line}: expected BadInteger in {column}, got {other:?}"),
+            }
+        }
+        let err = SinkRow::parse("data,0,0,abc,0,0,0").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "bad integer \"abc\" in column `pk`: not a decimal digit string"
+        );
+    }
+
+    #[test]
+    fn spaces_are_not_tolerated() {
+        assert!(SinkRow::parse("data, 1,0,1,0,0,0").is_err());
+        assert!(SinkRow::parse(" data,1,0,1,0,0,0").is_err());
+        assert!(SinkRow::parse("data,1,0,1,0,0,0 ").is_err());
+    }
+
+    #[test]
+    fn quoted_excerpts_are_truncated_on_char_boundaries() {
+        let long = format!("data,0,0,{},0,0,0", "é".repeat(100));
+        match SinkRow::parse(&long) {
+            Err(RowError::BadInteger { found, .. }) => {
+                assert!(found.len() <= MAX_QUOTED);
+                assert!(found.chars().all(|c| c == 'é'));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn parse_u64_accepts_exactly_the_canonical_forms() {
+        assert_eq!(parse_u64("0"), Ok(0));
+        assert_eq!(parse_u64("18446744073709551615"), Ok(u64::MAX));
+        assert_eq!(parse_u64("00"), Err(IntProblem::LeadingZero));
+        assert_eq!(parse_u64("0x1"), Err(IntProblem::NotADigit));
+        assert_eq!(
+            parse_u64("99999999999999999999x"),
+            Err(IntProblem::NotADigit)
+        );
+        assert_eq!(parse_u64("99999999999999999999"), Err(IntProblem::Overflow));
+    }
+
+    mod prop {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        proptest! {
+            #[test]
+            fn any_row_round_trips(
+                ddl in any::<bool>(),
+                table_id in any::<u32>(),
+                values in any::<[u64; 5]>(),
+            ) {
+                let original = SinkRow {
+                    kind: if ddl { RowKind::Ddl } else { RowKind::Data },
+                    table_id,
+                    schema_ver: values[0],
+                    pk: values[1],
+                    produced_ns: values[2],
+                    synced_ns: values[3],
+                    sink_ns: values[4],
+                };
+                let mut buf = Vec::new();
+                original.write_to(&mut buf);
+                let text = std::str::from_utf8(&buf).unwrap();
+                prop_assert_eq!(SinkRow::parse(text.trim_end_matches('\n')), Ok(original));
+            }
+
+            #[test]
+            fn parse_never_panics(line in ".{0,80}") {
+                let _ = SinkRow::parse(&line);
+            }
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The engine: N worker threads, each running a [`Worker`] loop that parks when idle.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::EngineError;
+use crate::operator::Operator;
+use crate::task::{TaskEvent, TaskHandle, TaskSpec};
+use crate::worker::{Worker, WorkerHandle};
+
+/// Engine settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Worker threads (at least 1). Defaults to the available cores.
+    pub workers: usize,
+    /// Pin worker `i` to core `i % cores` (best effort, Linux only).
+    pub pin_workers: bool,
+    /// Prefix of the worker threads' names.
+    pub thread_name: String,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            workers: std::thread::available_parallelism().map_or(1, usize::from),
+            pin_workers: false,
+            thread_name: "microcosm-worker".to_owned(),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The default configuration with `workers` threads.
+    pub fn with_workers(workers: usize) -> Self {
+        Self {
+            workers,
+            ..Self::default()
+        }
+    }
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Whether every task ended by itself within the drain timeout.
+    pub drained: bool,
+    /// Tasks still alive at the deadline, cancelled.
+    pub cancelled: usize,
+}
+
+/// A running set of worker threads.
+pub struct Engine {
+    workers: Vec<WorkerHandle>,
+    threads: Vec<JoinHandle<()>>,
+    events: Receiver<TaskEvent>,
+    next: AtomicUsize,
+}
+
+impl Engine {
+    /// Starts the worker threads with the system clock.
+    pub fn start(config: EngineConfig) -> Result<Self, EngineError> {
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// Starts the worker threads with the given clock.
+    pub fn with_clock(config: EngineConfig, clock: Arc<dyn Clock>) -> Result<Self, EngineError> {
+        if config.workers == 0 {
+            return Err(EngineError::Config(
+                "an engine needs at least one worker".into(),
+            ));
+        }
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let mut engine = Self {
+            workers: Vec::with_capacity(config.workers),
+            threads: Vec::with_capacity(config.workers),
+            events,
+            next: AtomicUsize::new(0),
+        };
+        for index in 0..config.workers {
+            let worker = Worker::new(index, clock.clone(), events_tx.clone());
+            engine.workers.push(worker.handle());
+            let pin = config.pin_workers.then_some(index % cores);
+            let clock = clock.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("{}-{index}", config.thread_name))
+                .spawn(move || run_worker(worker, clock, pin))
+                .map_err(|e| EngineError::Spawn(e.to_string()))?;
+            engine.threads.push(thread);
+        }
+        Ok(engine)
+    }
+
+    /// Number of workers.
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Handle of worker `index`.
+    pub fn worker(&self, index: usize) -> Option<&WorkerHandle> {
+        self.workers.get(index)
+    }
+
+    /// Places a task on the worker named in the spec, or round-robin.
+    pub fn spawn<O: Operator>(&self, spec: TaskSpec<O>) -> Result<TaskHandle, EngineError> {
+        let index = match spec.worker {
+            Some(i) => i,
+            None => self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len(),
+        };
+        self.workers
+            .get(index)
+            .ok_or(EngineError::NoSuchWorker(index))?
+            .spawn(spec)
+    }
+
+    /// The lifecycle event stream (all clones share one queue).
+    pub fn events(&self) -> Receiver<TaskEvent> {
+        self.events.clone()
+    }
+
+    /// Tasks that have not ended, over all workers.
+    pub fn live_tasks(&self) -> usize {
+        self.workers.iter().map(WorkerHandle::live_tasks).sum()
+    }
+
+    /// Drains, then stops: sources see [`Context::is_draining`](crate::Context::is_draining)
+    /// and should finish; every task may run until it ends by itself or `drain_timeout`
+    /// passes; what is left is cancelled and the threads are joined.
+    pub fn shutdown(mut self, drain_timeout: Duration) -> ShutdownReport {
+        for worker in &self.workers {
+            worker.set_draining();
+        }
+        let deadline = Instant::now() + drain_timeout;
+        // Shutdown is rare: a coarse poll keeps this simple.
+        while self.live_tasks() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let cancelled = self.live_tasks();
+        self.stop();
+        ShutdownReport {
+            drained: cancelled == 0,
+            cancelled,
+        }
+    }
+
+    fn stop(&mut self) {
+        for worker in &self.workers {
+            worker.stop();
+        }
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("a worker thread panicked outside operator code");
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("workers", &self.workers.len())
+            .field("live_tasks", &self.live_tasks())
+            .finish()
+    }
+}
+
+/// The thread wrapper: step, then park as the step says.
+fn run_worker(mut worker: Worker, clock: Arc<dyn Clock>, pin: Option<usize>) {
+    worker.attach_current_thread();
+    if let Some(core) = pin
+        && !pin_current_thread(core)
+    {
+        tracing::warn!(core, "pinning worker thread failed; continuing unpinned");
+    }
+    loop {
+        if worker.is_stopping() {
+            worker.cancel_all();
+            break;
+        }
+        let outcome = worker.step(clock.now());
+        worker.park(&outcome);
+    }
+}
+
+/// Pins the calling thread to one core. Best effort.
+#[cfg(target_os = "linux")]
+fn pin_current_thread(core: usize) -> bool {
+    // SAFETY: `cpu_set_t` is plain data for which all-zero is the empty set; CPU_SET writes
+    // within the set (core is reduced modulo the set size); sched_setaffinity(0, ..) only
+    // reads the set and affects the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core % libc::CPU_SETSIZE as usize, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pin_current_thread(_core: usize) -> bool {
+    false
+}

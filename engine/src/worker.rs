@@ -1,0 +1,1060 @@
+//! The per-core task loop.
+//!
+//! A [`Worker`] owns the tasks placed on it and runs them one round at a time with
+//! [`Worker::step`], which takes the current time and returns a [`StepOutcome`] telling the
+//! caller whether to run again at once, park until a deadline, or park until woken. The thread
+//! wrapper in [`Engine`](crate::Engine) is just `step` then park; tests call `step` directly
+//! with a [`ManualClock`](crate::ManualClock), so the loop is deterministic and needs no sleeps.
+//!
+//! Wake-ups come from other threads through [`TaskWaker`]s: a woken task goes on the worker's
+//! crossbeam run queue (at most once, thanks to its `notified` flag) and the worker is
+//! unparked. Unparking a running worker costs one atomic operation.
+
+use std::any::Any;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::Thread;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::clock::Clock;
+use crate::error::EngineError;
+use crate::operator::{Context, Operator, Status};
+use crate::task::{
+    CONTROL_CANCEL, CONTROL_PAUSE, CONTROL_RUN, NO_SLOT, Next, Runnable, Task, TaskEvent,
+    TaskHandle, TaskMetrics, TaskShared, TaskSpec, TaskState, TaskWaker, WaitKind, next_task_id,
+};
+
+/// State of a worker shared with wakers and handles on other threads.
+pub(crate) struct WorkerShared {
+    pub(crate) index: usize,
+    run_tx: Sender<Arc<TaskShared>>,
+    run_rx: Receiver<Arc<TaskShared>>,
+    inbox_tx: Sender<NewTask>,
+    inbox_rx: Receiver<NewTask>,
+    /// The thread running this worker's loop, once attached.
+    thread: OnceLock<Thread>,
+    draining: AtomicBool,
+    stopping: AtomicBool,
+    live: AtomicUsize,
+    events: Sender<TaskEvent>,
+}
+
+impl WorkerShared {
+    /// Queues a task whose `notified` flag the caller just set, and unparks the worker.
+    pub(crate) fn schedule(&self, task: Arc<TaskShared>) {
+        // The receiver lives in `self`, so the queue cannot be disconnected.
+        let _ = self.run_tx.send(task);
+        self.unpark();
+    }
+
+    /// Wakes the worker thread if it is parked (a single atomic operation if it is not).
+    fn unpark(&self) {
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+
+    fn emit(&self, event: TaskEvent) {
+        // Nobody listening is fine: events are informational.
+        let _ = self.events.send(event);
+    }
+}
+
+struct NewTask {
+    shared: Arc<TaskShared>,
+    task: Box<dyn Runnable>,
+}
+
+/// Spawns tasks onto one worker from any thread.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    shared: Arc<WorkerShared>,
+}
+
+impl WorkerHandle {
+    /// The worker's index.
+    pub fn index(&self) -> usize {
+        self.shared.index
+    }
+
+    /// Tasks placed on this worker that have not ended.
+    pub fn live_tasks(&self) -> usize {
+        self.shared.live.load(Ordering::Acquire)
+    }
+
+    /// Places a task on this worker. It runs once as soon as the worker picks it up.
+    pub fn spawn<O: Operator>(&self, spec: TaskSpec<O>) -> Result<TaskHandle, EngineError> {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(EngineError::ShutDown);
+        }
+        let TaskSpec {
+            name,
+            operator,
+            mut inputs,
+            mut outputs,
+            ..
+        } = spec;
+        let metrics = Arc::new(TaskMetrics::new(
+            inputs.iter().map(|i| i.edge().clone()).collect(),
+        ));
+        let shared = Arc::new(TaskShared {
+            id: next_task_id(),
+            name,
+            worker: self.shared.clone(),
+            notified: AtomicBool::new(false),
+            slot: AtomicUsize::new(NO_SLOT),
+            control: AtomicU8::new(CONTROL_RUN),
+            state: AtomicU8::new(TaskState::Starting as u8),
+            metrics: metrics.clone(),
+        });
+        let waker = TaskWaker {
+            shared: shared.clone(),
+        };
+        for (index, input) in inputs.iter_mut().enumerate() {
+            input.bind(index, &waker, &metrics);
+        }
+        for output in &mut outputs {
+            output.bind(&waker, &metrics);
+        }
+        let task = Box::new(Task {
+            operator,
+            inputs,
+            outputs,
+        });
+        self.shared.live.fetch_add(1, Ordering::AcqRel);
+        let handle = TaskHandle {
+            shared: shared.clone(),
+        };
+        // The receiver lives in `self.shared`, so the inbox cannot be disconnected.
+        let _ = self.shared.inbox_tx.send(NewTask { shared, task });
+        self.shared.unpark();
+        Ok(handle)
+    }
+
+    pub(crate) fn set_draining(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+        self.shared.unpark();
+    }
+
+    pub(crate) fn stop(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.unpark();
+    }
+}
+
+impl fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerHandle")
+            .field("index", &self.shared.index)
+            .field("live_tasks", &self.live_tasks())
+            .finish()
+    }
+}
+
+/// What one [`Worker::step`] did and what the caller should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepOutcome {
+    /// Operator invocations (and flush retries) performed.
+    pub ran: usize,
+    /// Whether tasks are already runnable again (run queue or inbox non-empty).
+    pub runnable: bool,
+    /// Earliest timer (linger flush or `WaitUntil`) still pending.
+    pub next_deadline: Option<Instant>,
+    /// Tasks living on the worker.
+    pub tasks: usize,
+}
+
+/// The parking decision derived from a [`StepOutcome`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Park {
+    /// Do not park: step again at once.
+    No,
+    /// Park until this instant (or an earlier wake-up).
+    Until(Instant),
+    /// Park until woken.
+    Indefinitely,
+}
+
+impl StepOutcome {
+    /// Whether and how long to park after this step.
+    pub fn park(&self) -> Park {
+        if self.runnable {
+            Park::No
+        } else {
+            match self.next_deadline {
+                Some(at) => Park::Until(at),
+                None => Park::Indefinitely,
+            }
+        }
+    }
+}
+
+struct Slot {
+    shared: Arc<TaskShared>,
+    task: Box<dyn Runnable>,
+    state: TaskState,
+    /// The earliest timer queued for this task (later heap entries for it are stale).
+    timer: Option<Instant>,
+    waiting: Option<(Instant, WaitKind)>,
+    source: bool,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    Finished,
+    Cancelled,
+}
+
+/// One per-core task loop. Not `Sync`: it is owned by its thread (or by a test).
+pub struct Worker {
+    shared: Arc<WorkerShared>,
+    clock: Arc<dyn Clock>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    tasks: usize,
+    drain_seen: bool,
+}
+
+impl Worker {
+    /// A worker with index `index` that reports lifecycle events on `events` and measures
+    /// busy time with `clock`.
+    pub fn new(index: usize, clock: Arc<dyn Clock>, events: Sender<TaskEvent>) -> Self {
+        let (run_tx, run_rx) = crossbeam_channel::unbounded();
+        let (inbox_tx, inbox_rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(WorkerShared {
+            index,
+            run_tx,
+            run_rx,
+            inbox_tx,
+            inbox_rx,
+            thread: OnceLock::new(),
+            draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            live: AtomicUsize::new(0),
+            events,
+        });
+        Self {
+            shared,
+            clock,
+            slots: Vec::new(),
+            free: Vec::new(),
+            timers: BinaryHeap::new(),
+            tasks: 0,
+            drain_seen: false,
+        }
+    }
+
+    /// A handle for spawning onto this worker from any thread.
+    pub fn handle(&self) -> WorkerHandle {
+        WorkerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Tasks currently placed on this worker.
+    pub fn task_count(&self) -> usize {
+        self.tasks
+    }
+
+    /// Whether a stop was requested.
+    pub fn is_stopping(&self) -> bool {
+        self.shared.stopping.load(Ordering::Acquire)
+    }
+
+    /// Makes the calling thread the one that wake-ups unpark. Call once, from the thread that
+    /// will run [`Worker::step`] and [`Worker::park`]. Returns false if a thread was already
+    /// attached.
+    pub fn attach_current_thread(&self) -> bool {
+        self.shared.thread.set(std::thread::current()).is_ok()
+    }
+
+    /// Parks the calling (attached) thread as `outcome` says: the thread wrapper's half of
+    /// the loop. A wake-up that arrived since the step makes this return at once; spurious
+    /// returns are harmless (the caller steps again).
+    pub fn park(&self, outcome: &StepOutcome) {
+        match outcome.park() {
+            Park::No => {}
+            Park::Until(at) => {
+                let now = self.clock.now();
+                if at > now {
+                    std::thread::park_timeout(at - now);
+                }
+            }
+            Park::Indefinitely => std::thread::park(),
+        }
+    }
+
+    /// Runs one round: accepts new tasks, fires due timers, then runs every task that was
+    /// runnable at the start of the round once. Tasks made runnable during the round run in
+    /// the next one.
+    pub fn step(&mut self, now: Instant) -> StepOutcome {
+        self.accept();
+        if self.shared.draining.load(Ordering::Acquire) && !self.drain_seen {
+            self.drain_seen = true;
+            self.wake_sources();
+        }
+        self.fire_timers(now);
+        let budget = self.shared.run_rx.len();
+        let mut ran = 0;
+        for _ in 0..budget {
+            let Ok(task) = self.shared.run_rx.try_recv() else {
+                break;
+            };
+            let slot = task.slot.load(Ordering::Acquire);
+            if slot == NO_SLOT {
+                continue;
+            }
+            task.notified.store(false, Ordering::Release);
+            drop(task);
+            if self.run_slot(slot, now) {
+                ran += 1;
+            }
+        }
+        StepOutcome {
+            ran,
+            runnable: !self.shared.run_rx.is_empty() || !self.shared.inbox_rx.is_empty(),
+            next_deadline: self.next_deadline(),
+            tasks: self.tasks,
+        }
+    }
+
+    /// Cancels every task on the worker (used when stopping).
+    pub fn cancel_all(&mut self) {
+        self.accept();
+        for index in 0..self.slots.len() {
+            if self.slots[index].is_some() {
+                self.end(index, End::Cancelled);
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        while let Ok(NewTask { shared, task }) = self.shared.inbox_rx.try_recv() {
+            let index = match self.free.pop() {
+                Some(i) => i,
+                None => {
+                    self.slots.push(None);
+                    self.slots.len() - 1
+                }
+            };
+            let source = task.is_source();
+            shared.slot.store(index, Ordering::Release);
+            shared.set_state(TaskState::Running);
+            tracing::debug!(task = %shared.id, name = %shared.name, worker = self.shared.index, "task started");
+            self.shared.emit(TaskEvent::Started {
+                task: shared.id,
+                worker: self.shared.index,
+            });
+            // A wake that raced ahead of placement may have left `notified` set with its queue
+            // entry already discarded: reset it so this first run is queued.
+            shared.notified.store(false, Ordering::Release);
+            let waker = TaskWaker {
+                shared: shared.clone(),
+            };
+            self.slots[index] = Some(Slot {
+                shared,
+                task,
+                state: TaskState::Running,
+                timer: None,
+                waiting: None,
+                source,
+            });
+            self.tasks += 1;
+            waker.wake();
+        }
+    }
+
+    fn wake_sources(&self) {
+        for slot in self.slots.iter().flatten() {
+            if slot.source {
+                TaskWaker {
+                    shared: slot.shared.clone(),
+                }
+                .wake();
+            }
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((at, index))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut)
+                && slot.timer == Some(at)
+            {
+                slot.timer = None;
+                TaskWaker {
+                    shared: slot.shared.clone(),
+                }
+                .wake();
+            }
+        }
+    }
+
+    fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((at, index))) = self.timers.peek() {
+            let live = self
+                .slots
+                .get(index)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| s.timer == Some(at));
+            if live {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// Runs the task in `index` once. Returns whether anything was invoked.
+    fn run_slot(&mut self, index: usize, now: Instant) -> bool {
+        let draining = self.shared.draining.load(Ordering::Acquire);
+        let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) else {
+            return false;
+        };
+        match slot.shared.control.load(Ordering::Acquire) {
+            CONTROL_CANCEL => {
+                self.end(index, End::Cancelled);
+                return false;
+            }
+            CONTROL_PAUSE => {
+                if slot.state != TaskState::Paused {
+                    slot.state = TaskState::Paused;
+                    slot.shared.set_state(TaskState::Paused);
+                    self.shared.emit(TaskEvent::Paused {
+                        task: slot.shared.id,
+                    });
+                }
+                return false;
+            }
+            _ => {
+                if slot.state == TaskState::Paused {
+                    slot.state = TaskState::Running;
+                    slot.shared.set_state(TaskState::Running);
+                    self.shared.emit(TaskEvent::Resumed {
+                        task: slot.shared.id,
+                    });
+                }
+            }
+        }
+        if let Some((since, kind)) = slot.waiting.take() {
+            slot.shared
+                .metrics
+                .add_wait(kind, now.saturating_duration_since(since));
+        }
+        if slot.state == TaskState::Finishing {
+            if slot.task.flush_all(now) {
+                self.end(index, End::Finished);
+            } else {
+                slot.waiting = Some((now, WaitKind::Blocked));
+            }
+            return true;
+        }
+
+        let waker = TaskWaker {
+            shared: slot.shared.clone(),
+        };
+        let mut cx = Context {
+            now,
+            task: slot.shared.id,
+            waker: &waker,
+            metrics: &slot.shared.metrics,
+            draining,
+        };
+        let started = self.clock.now();
+        let task = &mut slot.task;
+        let result = catch_unwind(AssertUnwindSafe(|| task.invoke(&mut cx)));
+        slot.shared
+            .metrics
+            .add_busy(self.clock.now().saturating_duration_since(started));
+        let status = match result {
+            Ok(Ok(status)) => match slot.task.take_error() {
+                None => status,
+                Some(error) => return self.fail(index, error),
+            },
+            Ok(Err(error)) => return self.fail(index, error),
+            Err(panic) => return self.fail(index, EngineError::Panicked(panic_message(&*panic))),
+        };
+        if status == Status::Finished {
+            slot.state = TaskState::Finishing;
+            slot.shared.set_state(TaskState::Finishing);
+            if slot.task.flush_all(now) {
+                self.end(index, End::Finished);
+            } else {
+                slot.waiting = Some((now, WaitKind::Blocked));
+            }
+            return true;
+        }
+        match slot.task.settle(now, status) {
+            Next::Requeue => waker.wake(),
+            Next::Wait(kind, deadline) => {
+                slot.waiting = Some((now, kind));
+                // Only an earlier deadline needs a new heap entry; a later one is picked up
+                // when the queued timer fires early and the task re-evaluates. This keeps the
+                // heap at about one entry per task.
+                if let Some(at) = deadline
+                    && slot.timer.is_none_or(|queued| at < queued)
+                {
+                    slot.timer = Some(at);
+                    self.timers.push(Reverse((at, index)));
+                }
+            }
+        }
+        true
+    }
+
+    fn fail(&mut self, index: usize, error: EngineError) -> bool {
+        let Some(mut slot) = self.slots.get_mut(index).and_then(Option::take) else {
+            return false;
+        };
+        tracing::warn!(task = %slot.shared.id, name = %slot.shared.name, %error, "task failed");
+        slot.task.abort();
+        let task = slot.shared.id;
+        self.release(index, slot, TaskState::Failed);
+        self.shared.emit(TaskEvent::Failed { task, error });
+        true
+    }
+
+    fn end(&mut self, index: usize, end: End) {
+        let Some(mut slot) = self.slots.get_mut(index).and_then(Option::take) else {
+            return;
+        };
+        let task = slot.shared.id;
+        match end {
+            End::Finished => {
+                tracing::debug!(task = %task, name = %slot.shared.name, "task finished");
+                self.release(index, slot, TaskState::Finished);
+                self.shared.emit(TaskEvent::Finished { task });
+            }
+            End::Cancelled => {
+                tracing::debug!(task = %task, name = %slot.shared.name, "task cancelled");
+                slot.task.abort();
+                self.release(index, slot, TaskState::Cancelled);
+                self.shared.emit(TaskEvent::Cancelled { task });
+            }
+        }
+    }
+
+    /// Removes a task: its edges close (waking peers) when the operator box drops.
+    fn release(&mut self, index: usize, slot: Slot, state: TaskState) {
+        slot.shared.slot.store(NO_SLOT, Ordering::Release);
+        slot.shared.set_state(state);
+        drop(slot.task);
+        self.free.push(index);
+        self.tasks -= 1;
+        self.shared.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.cancel_all();
+        // Break `TaskShared -> WorkerShared -> run queue -> TaskShared` cycles.
+        while self.shared.run_rx.try_recv().is_ok() {}
+    }
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("index", &self.shared.index)
+            .field("tasks", &self.tasks)
+            .finish()
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::testkit::{AddOne, Collect, Counter, Faulty, Manual, drain, settle};
+    use crate::{EdgeConfig, TaskSpec, edge};
+
+    fn setup() -> (Worker, ManualClock, Receiver<TaskEvent>) {
+        let clock = ManualClock::new();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (Worker::new(0, Arc::new(clock.clone()), tx), clock, rx)
+    }
+
+    fn cfg(capacity: usize, batch_size: usize, linger_us: u64) -> EdgeConfig {
+        EdgeConfig {
+            capacity,
+            batch_size,
+            linger: Duration::from_micros(linger_us),
+        }
+    }
+
+    #[test]
+    fn idle_worker_parks_until_woken_and_a_wake_makes_the_task_run() {
+        let (mut worker, clock, _events) = setup();
+        let queue = Arc::new(Mutex::new(VecDeque::new()));
+        let (out, inp) = edge::<u64>(&cfg(4, 8, 50)).unwrap();
+        let (sink, seen) = Collect::new();
+        let h = worker.handle();
+        let source = h
+            .spawn(
+                TaskSpec::new(
+                    "src",
+                    Manual {
+                        queue: queue.clone(),
+                    },
+                )
+                .output(out),
+            )
+            .unwrap();
+        let sink = h.spawn(TaskSpec::new("sink", sink).input(inp)).unwrap();
+
+        let first = worker.step(clock.now());
+        assert_eq!(first.ran, 2, "new tasks run once");
+        assert_eq!(first.tasks, 2);
+        assert_eq!(first.park(), Park::Indefinitely);
+        assert_eq!(
+            worker.step(clock.now()).ran,
+            0,
+            "nothing runs without a wake"
+        );
+
+        queue.lock().unwrap().push_back(7);
+        source.waker().wake();
+        source.waker().wake(); // a second wake of a runnable task is a no-op
+        let woke = worker.step(clock.now());
+        assert_eq!(woke.ran, 1, "only the woken source ran");
+        // Downstream queue was empty, so the single record was flushed at once and the
+        // waiting sink was woken.
+        assert!(woke.runnable);
+        assert_eq!(woke.park(), Park::No);
+        let next = worker.step(clock.now());
+        assert_eq!(next.ran, 1);
+        assert_eq!(seen.lock().unwrap().records, vec![7]);
+        assert_eq!(next.park(), Park::Indefinitely);
+        let m = sink.metrics().snapshot();
+        assert_eq!((m.records_in, m.batches_in, m.queue_depth), (1, 1, 0));
+        assert_eq!(source.metrics().records_out(), 1);
+    }
+
+    #[test]
+    fn partial_batch_lingers_while_consumer_is_busy_then_flushes_at_deadline() {
+        let (mut worker, clock, _events) = setup();
+        let queue = Arc::new(Mutex::new(VecDeque::new()));
+        let (out, inp) = edge::<u64>(&cfg(4, 8, 50)).unwrap();
+        let (sink, seen) = Collect::new();
+        let h = worker.handle();
+        let source = h
+            .spawn(
+                TaskSpec::new(
+                    "src",
+                    Manual {
+                        queue: queue.clone(),
+                    },
+                )
+                .output(out),
+            )
+            .unwrap();
+        let sink = h.spawn(TaskSpec::new("sink", sink).input(inp)).unwrap();
+        settle(&mut worker, clock.now());
+        sink.pause();
+        settle(&mut worker, clock.now());
+        assert_eq!(sink.state(), TaskState::Paused);
+
+        // Idle consumer (empty queue): sent at once.
+        queue.lock().unwrap().extend([1, 2, 3]);
+        source.waker().wake();
+        let out = settle(&mut worker, clock.now());
+        assert_eq!(sink.metrics().queue_depth(), 1);
+        assert_eq!(out.next_deadline, None);
+
+        // Consumer busy (queue non-empty): the partial batch lingers.
+        queue.lock().unwrap().extend([4, 5]);
+        source.waker().wake();
+        let t0 = clock.now();
+        let out = settle(&mut worker, t0);
+        assert_eq!(sink.metrics().queue_depth(), 1, "not flushed yet");
+        let deadline = t0 + Duration::from_micros(50);
+        assert_eq!(out.next_deadline, Some(deadline));
+        assert_eq!(out.park(), Park::Until(deadline));
+
+        // More records under load join the same batch.
+        clock.advance(Duration::from_micros(20));
+        queue.lock().unwrap().push_back(6);
+        source.waker().wake();
+        let out = settle(&mut worker, clock.now());
+        assert_eq!(
+            out.next_deadline,
+            Some(deadline),
+            "deadline counts from the first record"
+        );
+
+        clock.advance(Duration::from_micros(29));
+        let out = worker.step(clock.now());
+        assert_eq!(out.ran, 0, "timer not due yet");
+        assert_eq!(sink.metrics().queue_depth(), 1);
+
+        clock.advance(Duration::from_micros(1));
+        let out = worker.step(clock.now());
+        assert_eq!(out.ran, 1, "the linger timer woke the source");
+        assert_eq!(
+            sink.metrics().queue_depth(),
+            2,
+            "flushed at the linger bound"
+        );
+        assert_eq!(out.next_deadline, None);
+
+        sink.resume();
+        settle(&mut worker, clock.now());
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.batch_sizes, vec![3, 3]);
+        assert_eq!(seen.records, vec![1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn full_batches_flush_immediately_without_waiting_for_linger() {
+        let (mut worker, clock, _events) = setup();
+        let (out, inp) = edge::<u64>(&cfg(8, 4, 1_000_000)).unwrap();
+        let (sink, seen) = Collect::new();
+        let h = worker.handle();
+        let sink = h.spawn(TaskSpec::new("sink", sink).input(inp)).unwrap();
+        settle(&mut worker, clock.now());
+        sink.pause();
+        settle(&mut worker, clock.now());
+        h.spawn(
+            TaskSpec::new(
+                "src",
+                Counter {
+                    next: 0,
+                    n: 8,
+                    per_run: 100,
+                },
+            )
+            .output(out),
+        )
+        .unwrap();
+        settle(&mut worker, clock.now());
+        assert_eq!(sink.metrics().queue_depth(), 2, "two full batches of 4");
+        sink.resume();
+        settle(&mut worker, clock.now());
+        assert_eq!(seen.lock().unwrap().batch_sizes, vec![4, 4]);
+    }
+
+    #[test]
+    fn full_queue_blocks_the_producer_until_the_consumer_pops() {
+        let (mut worker, clock, events) = setup();
+        let (out, inp) = edge::<u64>(&cfg(1, 2, 50)).unwrap();
+        let (sink, seen) = Collect::new();
+        let h = worker.handle();
+        let sink = h.spawn(TaskSpec::new("sink", sink).input(inp)).unwrap();
+        settle(&mut worker, clock.now());
+        sink.pause();
+        settle(&mut worker, clock.now());
+        let source = h
+            .spawn(
+                TaskSpec::new(
+                    "src",
+                    Counter {
+                        next: 0,
+                        n: 100,
+                        per_run: 1000,
+                    },
+                )
+                .output(out),
+            )
+            .unwrap();
+        let out = settle(&mut worker, clock.now());
+        assert_eq!(
+            out.park(),
+            Park::Indefinitely,
+            "blocked producer does not spin"
+        );
+        assert_eq!(
+            source.metrics().records_out(),
+            2,
+            "one batch fits the queue"
+        );
+        assert_eq!(sink.metrics().queue_depth(), 1);
+        let invocations = source.metrics().snapshot().invocations;
+        for _ in 0..5 {
+            clock.advance(Duration::from_millis(1));
+            assert_eq!(worker.step(clock.now()).ran, 0);
+        }
+        assert_eq!(source.metrics().snapshot().invocations, invocations);
+
+        sink.resume();
+        let out = worker.step(clock.now());
+        assert!(out.ran >= 1);
+        assert!(out.runnable, "the pop woke the blocked producer");
+        let out = settle(&mut worker, clock.now());
+        assert_eq!(out.tasks, 0, "both finished");
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.records, (0..100).collect::<Vec<_>>());
+        assert!(seen.batch_sizes.iter().all(|&n| n <= 2));
+        let m = source.metrics().snapshot();
+        assert!(
+            m.blocked >= Duration::from_millis(5),
+            "blocked time accounted: {m:?}"
+        );
+        let ended: Vec<_> = drain(&events)
+            .into_iter()
+            .filter(|e| matches!(e, TaskEvent::Finished { .. }))
+            .map(|e| e.task())
+            .collect();
+        assert_eq!(ended.len(), 2);
+        assert!(ended.contains(&source.id()) && ended.contains(&sink.id()));
+    }
+
+    #[test]
+    fn cancelling_a_task_ends_it_and_downstream_sees_an_aborted_stream() {
+        let (mut worker, clock, events) = setup();
+        let queue = Arc::new(Mutex::new(VecDeque::from([1, 2])));
+        let (out, inp) = edge::<u64>(&cfg(4, 8, 50)).unwrap();
+        let (sink, seen) = Collect::new();
+        let h = worker.handle();
+        let source = h
+            .spawn(TaskSpec::new("src", Manual { queue }).output(out))
+            .unwrap();
+        let sink = h.spawn(TaskSpec::new("sink", sink).input(inp)).unwrap();
+        settle(&mut worker, clock.now());
+        assert_eq!(seen.lock().unwrap().records, vec![1, 2]);
+
+        source.cancel();
+        let out = settle(&mut worker, clock.now());
+        assert_eq!(source.state(), TaskState::Cancelled);
+        assert_eq!(
+            sink.state(),
+            TaskState::Finished,
+            "input ended when the source went"
+        );
+        assert!(seen.lock().unwrap().aborted);
+        assert_eq!(out.tasks, 0);
+        let evs = drain(&events);
+        assert!(evs.contains(&TaskEvent::Cancelled { task: source.id() }));
+        assert!(evs.contains(&TaskEvent::Finished { task: sink.id() }));
+        assert_eq!(h.live_tasks(), 0);
+    }
+
+    #[test]
+    fn operator_errors_and_panics_fail_only_their_task() {
+        let (mut worker, clock, events) = setup();
+        let h = worker.handle();
+        let (bad_out, bad_in) = edge::<u64>(&cfg(4, 8, 50)).unwrap();
+        let (panic_out, panic_in) = edge::<u64>(&cfg(4, 8, 50)).unwrap();
+        let (good_out, good_in) = edge::<u64>(&cfg(2, 8, 50)).unwrap();
+        let (mid_out, mid_in) = edge::<u64>(&cfg(2, 8, 50)).unwrap();
+        let (bad_sink, bad_seen) = Collect::new();
+        let (good_sink, good_seen) = Collect::new();
+        let bad = h
+            .spawn(TaskSpec::new("bad", Faulty { panic: false }).output(bad_out))
+            .unwrap();
+        let panicky = h
+            .spawn(TaskSpec::new("panicky", Faulty { panic: true }).output(panic_out))
+            .unwrap();
+        let (panic_sink, _) = Collect::new();
+        h.spawn(TaskSpec::new("bad-sink", bad_sink).input(bad_in))
+            .unwrap();
+        h.spawn(TaskSpec::new("panic-sink", panic_sink).input(panic_in))
+            .unwrap();
+        h.spawn(
+            TaskSpec::new(
+                "good",
+                Counter {
+                    next: 0,
+                    n: 500,
+                    per_run: 7,
+                },
+            )
+            .output(good_out),
+        )
+        .unwrap();
+        h.spawn(
+            TaskSpec::new("add", AddOne { held: None })
+                .input(good_in)
+                .output(mid_out),
+        )
+        .unwrap();
+        h.spawn(TaskSpec::new("good-sink", good_sink).input(mid_in))
+            .unwrap();
+
+        let out = settle(&mut worker, clock.now());
+        assert_eq!(out.tasks, 0, "every task ended");
+        assert_eq!(bad.state(), TaskState::Failed);
+        assert_eq!(panicky.state(), TaskState::Failed);
+        assert!(bad_seen.lock().unwrap().aborted);
+        assert_eq!(
+            good_seen.lock().unwrap().records,
+            (1..=500).collect::<Vec<_>>(),
+            "the healthy pipeline on the same worker delivered everything"
+        );
+        let failures: Vec<_> = drain(&events)
+            .into_iter()
+            .filter_map(|e| match e {
+                TaskEvent::Failed { task, error } => Some((task, error)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(failures.len(), 2);
+        assert!(failures.contains(&(bad.id(), EngineError::Operator("bad input".into()))));
+        assert!(failures.contains(&(
+            panicky.id(),
+            EngineError::Panicked("boom in operator".into())
+        )));
+    }
+
+    #[test]
+    fn wait_until_parks_until_the_deadline_then_runs() {
+        struct Ticker {
+            every: Duration,
+            ticks: Arc<Mutex<Vec<Instant>>>,
+        }
+        impl Operator for Ticker {
+            type In = ();
+            type Out = ();
+            fn run(
+                &mut self,
+                _: &mut [crate::Input<()>],
+                _: &mut [crate::Output<()>],
+                cx: &mut Context<'_>,
+            ) -> Result<Status, EngineError> {
+                self.ticks.lock().unwrap().push(cx.now());
+                Ok(Status::WaitUntil(cx.now() + self.every))
+            }
+        }
+        let (mut worker, clock, _events) = setup();
+        let ticks = Arc::new(Mutex::new(Vec::new()));
+        worker
+            .handle()
+            .spawn(TaskSpec::new(
+                "ticker",
+                Ticker {
+                    every: Duration::from_millis(10),
+                    ticks: ticks.clone(),
+                },
+            ))
+            .unwrap();
+        let t0 = clock.now();
+        let out = worker.step(t0);
+        assert_eq!(out.park(), Park::Until(t0 + Duration::from_millis(10)));
+        clock.advance(Duration::from_millis(9));
+        assert_eq!(worker.step(clock.now()).ran, 0);
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(worker.step(clock.now()).ran, 1);
+        assert_eq!(
+            *ticks.lock().unwrap(),
+            vec![t0, t0 + Duration::from_millis(10)]
+        );
+    }
+
+    #[test]
+    fn often_woken_task_with_a_far_deadline_keeps_one_timer() {
+        struct Patient;
+        impl Operator for Patient {
+            type In = ();
+            type Out = ();
+            fn run(
+                &mut self,
+                _: &mut [crate::Input<()>],
+                _: &mut [crate::Output<()>],
+                cx: &mut Context<'_>,
+            ) -> Result<Status, EngineError> {
+                Ok(Status::WaitUntil(cx.now() + Duration::from_secs(10)))
+            }
+        }
+        let (mut worker, clock, _events) = setup();
+        let task = worker
+            .handle()
+            .spawn(TaskSpec::new("patient", Patient))
+            .unwrap();
+        let t0 = clock.now();
+        worker.step(t0);
+        for _ in 0..1000 {
+            clock.advance(Duration::from_millis(1));
+            task.waker().wake();
+            assert_eq!(worker.step(clock.now()).ran, 1);
+        }
+        assert_eq!(worker.timers.len(), 1);
+        let out = worker.step(clock.now());
+        assert_eq!(out.park(), Park::Until(t0 + Duration::from_secs(10)));
+        // The queued (earlier) timer fires, the task re-arms for its current deadline.
+        clock.advance(Duration::from_secs(9));
+        assert_eq!(worker.step(clock.now()).ran, 1);
+        let last = clock.now() + Duration::from_secs(10);
+        assert_eq!(worker.step(clock.now()).next_deadline, Some(last));
+    }
+
+    #[test]
+    fn multi_input_operator_sees_input_indices_and_finishes_after_all_inputs() {
+        let (mut worker, clock, _events) = setup();
+        let h = worker.handle();
+        let (a_out, a_in) = edge::<u64>(&cfg(2, 3, 50)).unwrap();
+        let (b_out, b_in) = edge::<u64>(&cfg(2, 3, 50)).unwrap();
+        let (sink, seen) = Collect::new();
+        let sink = h
+            .spawn(TaskSpec::new("merge", sink).input(a_in).input(b_in))
+            .unwrap();
+        let counter = |n| Counter {
+            next: 0,
+            n,
+            per_run: 2,
+        };
+        h.spawn(TaskSpec::new("a", counter(10)).output(a_out))
+            .unwrap();
+        let out = settle(&mut worker, clock.now());
+        assert_eq!(out.tasks, 1, "merge waits for its second input");
+        h.spawn(TaskSpec::new("b", counter(5)).output(b_out))
+            .unwrap();
+        settle(&mut worker, clock.now());
+        assert_eq!(sink.state(), TaskState::Finished);
+        let seen = seen.lock().unwrap();
+        let from = |i| {
+            seen.per_input
+                .iter()
+                .filter(|(idx, _)| *idx == i)
+                .map(|(_, x)| *x)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(from(0), (0..10).collect::<Vec<_>>());
+        assert_eq!(from(1), (0..5).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn draining_asks_sources_to_finish_and_spawn_after_stop_is_refused() {
+        let (mut worker, clock, _events) = setup();
+        let h = worker.handle();
+        let (out, inp) = edge::<u64>(&cfg(2, 3, 50)).unwrap();
+        let (sink, _seen) = Collect::new();
+        let queue = Arc::new(Mutex::new(VecDeque::new()));
+        h.spawn(TaskSpec::new("src", Manual { queue }).output(out))
+            .unwrap();
+        h.spawn(TaskSpec::new("sink", sink).input(inp)).unwrap();
+        assert_eq!(settle(&mut worker, clock.now()).tasks, 2);
+        h.set_draining();
+        assert_eq!(settle(&mut worker, clock.now()).tasks, 0);
+        h.stop();
+        let (sink, _) = Collect::new();
+        assert_eq!(
+            h.spawn(TaskSpec::new("late", sink)).err(),
+            Some(EngineError::ShutDown)
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! Commands that talk to a running cluster as a client: cluster status, submit-job, job ….
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use microcosm_control::client::MasterClient;
+use microcosm_control::proto::{
+    ControlJob, GetJob, JobAction, JobControlRequest, JobInfo, JobRef, ListJobs, NodeStatus,
+    Nothing, SubmitJob, SubmitJobRequest,
+};
+use microcosm_transport::{Endpoint, Identity, Role, Router, RpcError, TransportConfig};
+use serde_json::json;
+
+/// How to print results.
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    /// Human-readable tables.
+    #[default]
+    Table,
+    /// JSON on stdout, for scripts.
+    Json,
+}
+
+/// Where the cluster is and how to authenticate to it.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Master addresses (host:port, comma separated); any subset of the masters will do.
+    #[arg(
+        long,
+        env = "MICROCOSM_MASTER_ADDR",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7101"
+    )]
+    pub master_addr: Vec<SocketAddr>,
+    /// Directory with the cluster CA and the client certificate.
+    #[arg(long, env = "MICROCOSM_CERTS_DIR", default_value = "certs")]
+    pub certs_dir: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+impl ClusterArgs {
+    /// Connects a failover-aware client.
+    pub fn client(&self) -> anyhow::Result<MasterClient> {
+        let identity = Identity::load(&self.certs_dir, Role::Client).with_context(|| {
+            format!(
+                "loading the client certificate from {}",
+                self.certs_dir.display()
+            )
+        })?;
+        let endpoint = Endpoint::bind(
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+            &identity,
+            TransportConfig::default(),
+            Router::new(),
+        )?;
+        Ok(MasterClient::new(endpoint, self.master_addr.clone()))
+    }
+}
+
+fn explain(e: RpcError, addrs: &[SocketAddr]) -> anyhow::Error {
+    let list = addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    match e {
+        RpcError::Remote(r) => anyhow::anyhow!("{}", r.message),
+        RpcError::Unreachable { .. } | RpcError::Timeout(_) | RpcError::ConnectionLost { .. } => {
+            anyhow::anyhow!("cluster unreachable at {list}: {e}")
+        }
+        other => anyhow::anyhow!(other),
+    }
+}
+
+fn client_id() -> u64 {
+    // Distinct per invocation: pid and time.
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+/// `microcosm cluster status`.
+pub async fn cluster_status(args: &ClusterArgs) -> anyhow::Result<()> {
+    let client = args.client()?;
+    // Learn the members from whichever master answers first.
+    let mut first: Option<NodeStatus> = None;
+    for addr in client.addrs() {
+        if let Ok(s) = client.status_of(addr).await {
+            client.learn(&s);
+            first = Some(s);
+            break;
+        }
+    }
+    let Some(first) = first else {
+        bail!(
+            "cluster unreachable at {}",
+            args.master_addr
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+    };
+    let mut rows = Vec::new();
+    for m in &first.members {
+        let addr = m.addr.parse::<SocketAddr>();
+        let status = match addr {
+            Ok(a) => client.status_of(a).await.ok(),
+            Err(_) => None,
+        };
+        rows.push((m.clone(), status));
+    }
+    let leader = rows
+        .iter()
+        .find(|(_, s)| s.as_ref().is_some_and(|s| s.role == "leader"))
+        .map(|(m, _)| m.id);
+    let executors = rows
+        .iter()
+        .filter_map(|(_, s)| s.as_ref())
+        .find(|s| s.role == "leader")
+        .unwrap_or(&first)
+        .executors
+        .clone();
+    if args.output == Output::Json {
+        let masters: Vec<_> = rows
+            .iter()
+            .map(|(m, s)| {
+                json!({
+                    "id": m.id, "name": m.name, "addr": m.addr, "voter": m.voter,
+                    "reachable": s.is_some(),
+                    "role": s.as_ref().map(|s| s.role.clone()),
+                    "term": s.as_ref().map(|s| s.term),
+                    "last_applied": s.as_ref().and_then(|s| s.last_applied),
+                })
+            })
+            .collect();
+        let execs: Vec<_> = executors
+            .iter()
+            .map(|e| json!({"id": e.id, "name": e.name, "addr": e.addr, "state": e.state, "slots": e.slots, "used": e.used, "incarnation": e.incarnation}))
+            .collect();
+        println!(
+            "{}",
+            json!({"leader": leader, "masters": masters, "executors": execs})
+        );
+        return Ok(());
+    }
+    match leader {
+        Some(id) => println!("leader: master {id}"),
+        None => println!("leader: none (election in progress or no quorum)"),
+    }
+    println!(
+        "{:<4} {:<12} {:<22} {:<10} {:<6} {:<8} {:<9}",
+        "ID", "NAME", "ADDRESS", "ROLE", "TERM", "APPLIED", "REACHABLE"
+    );
+    for (m, s) in &rows {
+        match s {
+            Some(s) => println!(
+                "{:<4} {:<12} {:<22} {:<10} {:<6} {:<8} yes",
+                m.id,
+                m.name,
+                m.addr,
+                s.role,
+                s.term,
+                s.last_applied
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "-".into())
+            ),
+            None => println!(
+                "{:<4} {:<12} {:<22} {:<10} {:<6} {:<8} no",
+                m.id, m.name, m.addr, "-", "-", "-"
+            ),
+        }
+    }
+    println!();
+    println!("executors: {}", executors.len());
+    if !executors.is_empty() {
+        println!(
+            "{:<4} {:<12} {:<22} {:<6} {:<10}",
+            "ID", "NAME", "ADDRESS", "STATE", "USED/TOTAL"
+        );
+        for e in &executors {
+            println!(
+                "{:<4} {:<12} {:<22} {:<6} {}/{}",
+                e.id, e.name, e.addr, e.state, e.used, e.slots
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `microcosm submit-job`.
+pub async fn submit_job(
+    args: &ClusterArgs,
+    job_type: &str,
+    config: &std::path::Path,
+) -> anyhow::Result<()> {
+    let spec = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read job config {}", config.display()))?;
+    let client = args.client()?;
+    let req = SubmitJobRequest {
+        job_type: job_type.to_string(),
+        spec,
+        client_id: client_id(),
+        seq: 1,
+    };
+    let job = client
+        .call::<SubmitJob>(&req)
+        .await
+        .map_err(|e| explain(e, &args.master_addr))?;
+    if args.output == Output::Json {
+        println!("{}", json!({"job_id": job.id}));
+    } else {
+        println!("{}", job.id);
+    }
+    Ok(())
+}
+
+fn job_json(j: &JobInfo) -> serde_json::Value {
+    json!({
+        "id": j.id, "type": j.job_type, "state": j.state, "reason": j.reason, "epoch": j.epoch,
+        "tasks": j.tasks,
+        "history": j.history.iter().map(|h| json!({"state": h.state, "reason": h.reason, "at_ms": h.at_ms})).collect::<Vec<_>>(),
+    })
+}
+
+/// `microcosm job list`.
+pub async fn job_list(args: &ClusterArgs) -> anyhow::Result<()> {
+    let client = args.client()?;
+    let list = client
+        .call::<ListJobs>(&Nothing::default())
+        .await
+        .map_err(|e| explain(e, &args.master_addr))?;
+    if args.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::Value::Array(list.jobs.iter().map(job_json).collect())
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<6} {:<8} {:<11} {:<6} REASON",
+        "ID", "TYPE", "STATE", "TASKS"
+    );
+    for j in &list.jobs {
+        println!(
+            "{:<6} {:<8} {:<11} {:<6} {}",
+            j.id, j.job_type, j.state, j.tasks, j.reason
+        );
+    }
+    Ok(())
+}
+
+fn print_job(args: &ClusterArgs, j: &JobInfo) {
+    if args.output == Output::Json {
+        println!("{}", job_json(j));
+        return;
+    }
+    println!("id     = {}", j.id);
+    println!("type   = {}", j.job_type);
+    println!("state  = {}", j.state);
+    println!("reason = {}", j.reason);
+    println!("epoch  = {}", j.epoch);
+    println!("tasks  = {}", j.tasks);
+    println!("\nhistory:");
+    for h in &j.history {
+        println!("  {:>15}  {:<11} {}", h.at_ms, h.state, h.reason);
+    }
+}
+
+/// `microcosm job status ID`.
+pub async fn job_status(args: &ClusterArgs, id: u64) -> anyhow::Result<()> {
+    let client = args.client()?;
+    let j = client
+        .call::<GetJob>(&JobRef { id })
+        .await
+        .map_err(|e| explain(e, &args.master_addr))?;
+    print_job(args, &j);
+    Ok(())
+}
+
+/// `microcosm job cancel|pause|resume ID`.
+pub async fn job_control(args: &ClusterArgs, id: u64, action: JobAction) -> anyhow::Result<()> {
+    let client = args
+        .client()?
+        .with_timeouts(Duration::from_secs(8), Duration::from_secs(5));
+    let req = JobControlRequest {
+        id,
+        action,
+        client_id: client_id(),
+        seq: 1,
+    };
+    let j = client
+        .call::<ControlJob>(&req)
+        .await
+        .map_err(|e| explain(e, &args.master_addr))?;
+    print_job(args, &j);
+    Ok(())
+}

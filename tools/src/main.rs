@@ -1,0 +1,183 @@
+//! `microcosm`: the one binary that launches masters and executors, manages cluster
+//! certificates, and submits and inspects jobs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use microcosm_control::proto::JobAction;
+
+mod certs;
+mod client;
+mod master;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// microcosm: a distributed dataflow engine and task scheduler.
+#[derive(Parser)]
+#[command(name = "microcosm", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage the cluster CA and node certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Run a master.
+    Master(master::MasterArgs),
+    /// Inspect the cluster.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Submit a job; prints its id.
+    SubmitJob {
+        #[command(flatten)]
+        cluster: client::ClusterArgs,
+        /// The job specification (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// The job type.
+        #[arg(long = "type", default_value = "demo")]
+        job_type: String,
+    },
+    /// Inspect and control jobs.
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a cluster CA and one certificate per role (master, executor, client).
+    Init {
+        /// Directory to write the certificates into (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Name of the cluster, recorded in the CA certificate.
+        #[arg(long, default_value = "microcosm")]
+        cluster_name: String,
+        /// Extra IP addresses or DNS names the node certificates are valid for
+        /// (loopback and localhost are always included). Repeat or separate by commas.
+        #[arg(long = "san", value_delimiter = ',')]
+        sans: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Every master with its role, term, last applied index and reachability; the executors.
+    Status {
+        #[command(flatten)]
+        cluster: client::ClusterArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// List jobs.
+    List {
+        #[command(flatten)]
+        cluster: client::ClusterArgs,
+    },
+    /// Show one job with its history.
+    Status {
+        /// Job id.
+        id: u64,
+        #[command(flatten)]
+        cluster: client::ClusterArgs,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// Job id.
+        id: u64,
+        #[command(flatten)]
+        cluster: client::ClusterArgs,
+    },
+    /// Pause a job.
+    Pause {
+        /// Job id.
+        id: u64,
+        #[command(flatten)]
+        cluster: client::ClusterArgs,
+    },
+    /// Resume a paused job.
+    Resume {
+        /// Job id.
+        id: u64,
+        #[command(flatten)]
+        cluster: client::ClusterArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Certs {
+            command:
+                CertsCommand::Init {
+                    dir,
+                    cluster_name,
+                    sans,
+                },
+        } => certs::init(&dir, &cluster_name, &sans),
+        Command::Master(args) => runtime().and_then(|rt| rt.block_on(master::run(args))),
+        Command::Cluster {
+            command: ClusterCommand::Status { cluster },
+        } => runtime().and_then(|rt| rt.block_on(client::cluster_status(&cluster))),
+        Command::SubmitJob {
+            cluster,
+            config,
+            job_type,
+        } => runtime().and_then(|rt| rt.block_on(client::submit_job(&cluster, &job_type, &config))),
+        Command::Job { command } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                match command {
+                    JobCommand::List { cluster } => client::job_list(&cluster).await,
+                    JobCommand::Status { id, cluster } => client::job_status(&cluster, id).await,
+                    JobCommand::Cancel { id, cluster } => {
+                        client::job_control(&cluster, id, JobAction::Cancel).await
+                    }
+                    JobCommand::Pause { id, cluster } => {
+                        client::job_control(&cluster, id, JobAction::Pause).await
+                    }
+                    JobCommand::Resume { id, cluster } => {
+                        client::job_control(&cluster, id, JobAction::Resume).await
+                    }
+                }
+            })
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
