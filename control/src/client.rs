@@ -49,6 +49,14 @@ impl MasterClient {
         self.addrs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Adds a master address if it is not known yet.
+    pub fn add(&self, addr: SocketAddr) {
+        let mut addrs = self.lock();
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
+
     /// Adds members learned from a status reply.
     pub fn learn(&self, status: &NodeStatus) {
         let mut addrs = self.lock();
@@ -81,7 +89,10 @@ impl MasterClient {
                     .call_timeout::<M>(addr, req, remaining.min(self.call_timeout))
                     .await
                 {
-                    Ok(resp) => return Ok(resp),
+                    Ok(resp) => {
+                        self.prefer(addr);
+                        return Ok(resp);
+                    }
                     Err(e) if e.is_retryable() => {
                         tracing::debug!(%addr, error = %e, "master call failed; trying the next");
                         last = Some(e);
@@ -96,6 +107,17 @@ impl MasterClient {
             tokio::time::sleep(Duration::from_millis((50 * u64::from(round)).min(300))).await;
         }
         Err(last.unwrap_or(RpcError::Timeout(self.patience)))
+    }
+
+    /// Tries `addr` first next time (the master that answered last, usually the leader).
+    fn prefer(&self, addr: SocketAddr) {
+        let mut addrs = self.lock();
+        if let Some(pos) = addrs.iter().position(|a| *a == addr)
+            && pos != 0
+        {
+            let a = addrs.remove(pos);
+            addrs.insert(0, a);
+        }
     }
 
     /// Asks the master at `addr` (only) for its status.

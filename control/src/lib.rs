@@ -8,7 +8,10 @@
 //! do the I/O over `microcosm-transport`.
 
 pub mod client;
+pub mod exchange;
+pub mod executor;
 pub mod job;
+pub mod leader;
 pub mod liveness;
 pub mod master;
 pub mod meta;

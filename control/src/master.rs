@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use microcosm_transport::{
@@ -20,9 +20,15 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::job::JobState;
+use crate::leader::{JobCatalog, Reports, assignments_for, next_commands};
+use crate::liveness::{LivenessConfig, LivenessTracker};
 use crate::meta::{
     Command, CommandResponse, JobId, MasterNode, MetaConfig, MetaError, MetaNode, MetaRequest,
     NodeId, RaftRpc, RaftRpcResponse, RaftTransport, RequestId, TransportFailure, handle_raft_rpc,
+};
+use crate::proto::{
+    Assignment, Heartbeat, HeartbeatReply, HeartbeatRequest, RegisterExecutor, RegisterRequest,
+    Registered, TaskLocation,
 };
 use crate::proto::{
     Blob, ControlJob, ExecutorInfo, ForwardWrite, GetJob, GetNodeStatus, JobAction, JobInfo,
@@ -108,6 +114,19 @@ pub struct MasterConfig {
     /// How long a write may wait for a quorum before failing with "no quorum" (ms).
     #[serde(default = "default_write_timeout")]
     pub write_timeout_ms: u64,
+    /// Heartbeat interval executors are told to keep (ms).
+    #[serde(default = "default_executor_heartbeat")]
+    pub executor_heartbeat_ms: u64,
+    /// An executor silent for this long is declared lost (ms); at least two heartbeats.
+    #[serde(default = "default_executor_ttl")]
+    pub executor_ttl_ms: u64,
+}
+
+fn default_executor_heartbeat() -> u64 {
+    250
+}
+fn default_executor_ttl() -> u64 {
+    1500
 }
 
 fn default_cluster_id() -> String {
@@ -188,6 +207,9 @@ impl MasterConfig {
                 self.node_id
             ));
         }
+        self.liveness().validate().map_err(|e| {
+            MasterError::Config(format!("executor-ttl-ms / executor-heartbeat-ms: {e}"))
+        })?;
         for j in &self.join {
             j.parse::<SocketAddr>()
                 .map_err(|e| MasterError::Config(format!("join address {j:?}: {e}")))?;
@@ -204,6 +226,14 @@ impl MasterConfig {
             }
         }
         Ok(out)
+    }
+
+    /// The executor liveness settings.
+    pub fn liveness(&self) -> LivenessConfig {
+        LivenessConfig {
+            heartbeat_interval: Duration::from_millis(self.executor_heartbeat_ms),
+            ttl: Duration::from_millis(self.executor_ttl_ms),
+        }
     }
 
     /// The name, defaulted.
@@ -233,12 +263,6 @@ pub fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// Checks a job specification of a given type before it is accepted.
-pub trait JobValidator: Send + Sync + 'static {
-    /// Returns `Err(message naming the problem)` for an unknown type or invalid spec.
-    fn validate(&self, job_type: &str, spec: &str) -> Result<(), String>;
 }
 
 /// Raft over the QUIC RPC layer.
@@ -276,7 +300,10 @@ impl RaftTransport for QuicRaft {
 struct Shared {
     node: OnceLock<Arc<MetaNode>>,
     endpoint: OnceLock<Endpoint>,
-    validator: Arc<dyn JobValidator>,
+    catalog: Arc<dyn JobCatalog>,
+    reports: Mutex<Reports>,
+    liveness: Mutex<LivenessTracker>,
+    liveness_config: LivenessConfig,
 }
 
 fn unavailable(msg: impl Into<String>) -> RemoteError {
@@ -464,6 +491,8 @@ fn router(shared: Arc<Shared>) -> Router {
     let s5 = shared.clone();
     let s6 = shared.clone();
     let s7 = shared.clone();
+    let s8 = shared.clone();
+    let s9 = shared.clone();
     Router::new()
         .route::<RaftMessage, _, _>(move |_peer: Peer, blob: Blob| {
             let shared = s1.clone();
@@ -507,7 +536,7 @@ fn router(shared: Arc<Shared>) -> Router {
             let shared = s5.clone();
             async move {
                 shared
-                    .validator
+                    .catalog
                     .validate(&req.job_type, &req.spec)
                     .map_err(|m| RemoteError::new(ErrorCode::InvalidArgument, m))?;
                 let request = MetaRequest {
@@ -541,8 +570,16 @@ fn router(shared: Arc<Shared>) -> Router {
             async move { shared.job_info(r.id) }
         })
         .route::<ControlJob, _, _>(move |_peer, req: crate::proto::JobControlRequest| {
-            let shared = shared.clone();
+            let shared = s8.clone();
             async move { control_job(&shared, req).await }
+        })
+        .route::<RegisterExecutor, _, _>(move |_peer, req: RegisterRequest| {
+            let shared = s9.clone();
+            async move { register_executor(&shared, req).await }
+        })
+        .route::<Heartbeat, _, _>(move |_peer, req: HeartbeatRequest| {
+            let shared = shared.clone();
+            async move { heartbeat(&shared, req) }
         })
 }
 
@@ -557,30 +594,25 @@ async fn control_job(
         .ok_or_else(|| {
             RemoteError::new(ErrorCode::NotFound, format!("unknown job id {}", req.id))
         })?;
-    let (target, reason) = match (req.action, state) {
-        (_, s) if s.is_terminal() => {
-            return Err(RemoteError::new(
-                ErrorCode::FailedPrecondition,
-                format!(
-                    "job {} is {}; cannot {:?} it",
-                    req.id, current.state, req.action
-                )
-                .to_lowercase(),
-            ));
-        }
-        (JobAction::Cancel, _) => (JobState::Cancelled, "cancelled by user"),
-        (JobAction::Pause, JobState::Paused) | (JobAction::Resume, JobState::Running) => {
-            return Ok(current);
-        }
-        (JobAction::Pause, _) => (JobState::Paused, "paused by user"),
-        (JobAction::Resume, JobState::Paused) => (JobState::Pending, "resumed by user"),
-        (JobAction::Resume, s) => {
-            return Err(RemoteError::new(
-                ErrorCode::FailedPrecondition,
-                format!("job {} is {s}, not paused; cannot resume it", req.id),
-            ));
-        }
+    let event = match req.action {
+        JobAction::Cancel => crate::job::JobEvent::CancelRequested,
+        JobAction::Pause => crate::job::JobEvent::PauseRequested,
+        JobAction::Resume => crate::job::JobEvent::ResumeRequested,
     };
+    // Asking for the state a job is already in is not an error.
+    match (req.action, state) {
+        (JobAction::Pause, JobState::Paused)
+        | (JobAction::Resume, JobState::Running)
+        | (JobAction::Cancel, JobState::Cancelling | JobState::Cancelled) => return Ok(current),
+        _ => {}
+    }
+    let transition = crate::job::next(state, &event).map_err(|e| {
+        RemoteError::new(
+            ErrorCode::FailedPrecondition,
+            format!("job {}: {e}", req.id),
+        )
+    })?;
+    let (target, reason) = (transition.to, transition.reason);
     let request = MetaRequest {
         id: RequestId {
             client: req.client_id,
@@ -589,7 +621,7 @@ async fn control_job(
         command: Command::SetJobState {
             job: JobId(req.id),
             state: target,
-            reason: reason.into(),
+            reason,
             at_ms: unix_ms(),
         },
     };
@@ -653,6 +685,7 @@ async fn join_on_leader(shared: &Shared, req: JoinRequest) -> Result<Nothing, Re
 pub struct MasterServer {
     shared: Arc<Shared>,
     endpoint: Endpoint,
+    leader_loop: tokio::task::JoinHandle<()>,
 }
 
 impl MasterServer {
@@ -660,15 +693,21 @@ impl MasterServer {
     /// the cluster if the store is new.
     pub async fn start(
         config: MasterConfig,
-        validator: Arc<dyn JobValidator>,
+        catalog: Arc<dyn JobCatalog>,
     ) -> Result<Self, MasterError> {
         config.validate()?;
         check_data_dir(&config.data_dir)?;
         let identity = Identity::load(&config.certs_dir, Role::Master)?;
+        let liveness_config = config.liveness();
+        let liveness = LivenessTracker::new(liveness_config.clone())
+            .map_err(|e| MasterError::Config(e.to_string()))?;
         let shared = Arc::new(Shared {
             node: OnceLock::new(),
             endpoint: OnceLock::new(),
-            validator,
+            catalog,
+            reports: Mutex::new(Reports::new()),
+            liveness: Mutex::new(liveness),
+            liveness_config,
         });
         let endpoint = Endpoint::bind(
             config.listen_addr,
@@ -733,7 +772,12 @@ impl MasterServer {
                     .into(),
             ));
         }
-        Ok(Self { shared, endpoint })
+        let leader_loop = tokio::spawn(leader_loop(shared.clone()));
+        Ok(Self {
+            shared,
+            endpoint,
+            leader_loop,
+        })
     }
 
     /// The address the master serves on.
@@ -748,6 +792,7 @@ impl MasterServer {
 
     /// Stops serving and shuts the raft node down.
     pub async fn shutdown(self) {
+        self.leader_loop.abort();
         if let Some(node) = self.shared.node.get()
             && let Err(e) = node.shutdown().await
         {
@@ -840,5 +885,200 @@ initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
         assert!(c.validate().unwrap_err().to_string().contains("not both"));
         assert!(parse_member("x").is_err());
         assert!(parse_member("1=nope").is_err());
+    }
+}
+
+impl Shared {
+    fn masters(&self) -> Vec<String> {
+        self.node
+            .get()
+            .map(|n| {
+                n.raft()
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .nodes()
+                    .map(|(_, m)| m.addr.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn is_leader(&self) -> bool {
+        self.node
+            .get()
+            .is_some_and(|n| n.status().role == ServerState::Leader)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain maps and trackers: still consistent if a holder panicked.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn register_executor(
+    shared: &Shared,
+    req: RegisterRequest,
+) -> Result<Registered, RemoteError> {
+    if req.slots == 0 {
+        return Err(RemoteError::new(
+            ErrorCode::InvalidArgument,
+            "slots must be at least 1",
+        ));
+    }
+    let node = shared.node()?;
+    let request = node.request(Command::RegisterExecutor {
+        addr: req.addr.clone(),
+        name: req.name.clone(),
+        slots: req.slots,
+        at_ms: unix_ms(),
+    });
+    match shared.propose(request, WRITE_PATIENCE).await? {
+        CommandResponse::ExecutorRegistered {
+            id, incarnation, ..
+        } => {
+            info!(executor = id.0, addr = %req.addr, incarnation, "executor registered");
+            if shared.is_leader() {
+                lock(&shared.liveness).register(id.0, std::time::Instant::now());
+            }
+            Ok(Registered {
+                executor_id: id.0,
+                incarnation,
+                heartbeat_ms: shared.liveness_config.heartbeat_interval.as_millis() as u64,
+                masters: shared.masters(),
+            })
+        }
+        other => Err(response_error(other)),
+    }
+}
+
+fn heartbeat(shared: &Shared, req: HeartbeatRequest) -> Result<HeartbeatReply, RemoteError> {
+    let node = shared.node()?;
+    if !shared.is_leader() {
+        return Err(unavailable("not the leader; heartbeats go to the leader"));
+    }
+    let id = req.executor_id;
+    let known = node.read_local(|st| {
+        st.executor(crate::meta::ExecutorId(id))
+            .map(|e| (e.state == crate::meta::ExecutorState::Alive, e.incarnation))
+    });
+    let reregister = |reason: String| HeartbeatReply {
+        reregister: Some(reason),
+        assignments: Vec::new(),
+        masters: shared.masters(),
+    };
+    match known {
+        None => return Ok(reregister(format!("unknown executor {id}"))),
+        Some((false, _)) => return Ok(reregister(format!("executor {id} was declared lost"))),
+        Some((true, incarnation)) if incarnation != req.incarnation => {
+            return Ok(reregister(format!(
+                "executor {id} incarnation {} is stale (current {incarnation})",
+                req.incarnation
+            )));
+        }
+        Some(_) => {}
+    }
+    {
+        let mut live = lock(&shared.liveness);
+        let now = std::time::Instant::now();
+        if !live.heartbeat(id, now) {
+            live.register(id, now);
+        }
+    }
+    lock(&shared.reports).insert(id, req.tasks);
+    let assignments = node.read_local(|st| {
+        assignments_for(st, id)
+            .into_iter()
+            .map(|(job, locations)| Assignment {
+                job: job.id.0,
+                epoch: job.epoch,
+                job_type: job.job_type.clone(),
+                spec: job.spec.clone(),
+                locations: locations
+                    .into_iter()
+                    .map(|(index, executor)| TaskLocation {
+                        index,
+                        executor,
+                        addr: st
+                            .executor(crate::meta::ExecutorId(executor))
+                            .map(|e| e.addr.clone())
+                            .unwrap_or_default(),
+                    })
+                    .collect(),
+                paused: job.state == JobState::Paused,
+            })
+            .collect()
+    });
+    Ok(HeartbeatReply {
+        reregister: None,
+        assignments,
+        masters: shared.masters(),
+    })
+}
+
+/// How often the leader steps jobs and checks executor liveness.
+const LEADER_TICK: Duration = Duration::from_millis(50);
+
+/// On the leader: expire silent executors and step every job; idle on followers.
+async fn leader_loop(shared: Arc<Shared>) {
+    let mut was_leader = false;
+    let mut ticker = tokio::time::interval(LEADER_TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(node) = shared.node.get() else {
+            continue;
+        };
+        let leader = shared.is_leader();
+        if !leader {
+            if was_leader {
+                lock(&shared.reports).clear();
+            }
+            was_leader = false;
+            continue;
+        }
+        let now = std::time::Instant::now();
+        let alive: Vec<u64> = node.read_local(|st| {
+            st.executors
+                .values()
+                .filter(|e| e.state == crate::meta::ExecutorState::Alive)
+                .map(|e| e.id.0)
+                .collect()
+        });
+        let expired = {
+            let mut live = lock(&shared.liveness);
+            if !was_leader {
+                // A new leader gives every executor one full TTL of grace.
+                for id in &alive {
+                    live.register(*id, now);
+                }
+                live.on_leadership_acquired(now);
+                info!("leading: tracking {} executors", alive.len());
+            }
+            for id in &alive {
+                if !live.contains(*id) {
+                    live.register(*id, now);
+                }
+            }
+            live.expired(now)
+        };
+        was_leader = true;
+        for id in &expired {
+            warn!(executor = id, "executor lost: no heartbeat within the TTL");
+            lock(&shared.reports).remove(id);
+        }
+        let commands = {
+            let reports = lock(&shared.reports).clone();
+            node.read_local(|st| {
+                next_commands(st, &reports, &expired, shared.catalog.as_ref(), unix_ms())
+            })
+        };
+        for command in commands {
+            let request = node.request(command);
+            if let Err(e) = node.write(request).await {
+                warn!(error = %e, "leader step not applied");
+                break;
+            }
+        }
     }
 }

@@ -228,3 +228,138 @@ method!(
     /// Cancel, pause or resume a job.
     ControlJob, MasterApi, 23, USERS, JobControlRequest => JobInfo
 );
+
+/// Methods served by executors: none yet besides data streams; masters hand out work in
+/// heartbeat replies, so a leader change never needs to reach executors.
+pub struct ExecutorApi;
+impl Service for ExecutorApi {
+    const NAME: &'static str = "executor";
+    const SERVED_BY: Role = Role::Executor;
+}
+
+/// An executor announces itself.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RegisterRequest {
+    /// Its data-plane address (host:port), reachable by peer executors.
+    pub addr: String,
+    /// Its name.
+    pub name: String,
+    /// Task slots offered.
+    pub slots: u32,
+}
+
+/// The masters' answer to a registration.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// The executor's id.
+    pub executor_id: u64,
+    /// Registration count at its address.
+    pub incarnation: u64,
+    /// Heartbeat interval the leader expects (ms).
+    pub heartbeat_ms: u64,
+    /// Master addresses, for failover.
+    pub masters: Vec<String>,
+}
+
+/// State of a task as its executor reports it.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskRunState {
+    /// Started, not finished.
+    Running,
+    /// Suspended by a pause.
+    Paused,
+    /// Completed its work.
+    Finished,
+    /// Failed (its error is in the report's message).
+    Failed,
+}
+
+/// One task in a heartbeat.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TaskReport {
+    /// The job.
+    pub job: u64,
+    /// The attempt's epoch.
+    pub epoch: u64,
+    /// Task index in the job graph.
+    pub index: u32,
+    /// Its state.
+    pub state: TaskRunState,
+    /// Error message of a failed task.
+    pub message: String,
+}
+
+/// A periodic heartbeat with the state of every task on the executor.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatRequest {
+    /// The executor's id.
+    pub executor_id: u64,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// Every task it runs or ran for a still-assigned job.
+    pub tasks: Vec<TaskReport>,
+}
+
+/// Where one task of a job runs.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TaskLocation {
+    /// Task index in the job graph.
+    pub index: u32,
+    /// Id of the executor running it.
+    pub executor: u64,
+    /// That executor's data-plane address.
+    pub addr: String,
+}
+
+/// One job attempt an executor must run its share of.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    /// The job.
+    pub job: u64,
+    /// The attempt's epoch; a newer epoch replaces every task of an older one.
+    pub epoch: u64,
+    /// Job type.
+    pub job_type: String,
+    /// Job specification.
+    pub spec: String,
+    /// Where every task of the job runs.
+    pub locations: Vec<TaskLocation>,
+    /// Whether the job is paused.
+    pub paused: bool,
+}
+
+/// The leader's answer to a heartbeat.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatReply {
+    /// Set when the executor is unknown or was declared lost: it must stop every task and
+    /// register again. The text says why.
+    pub reregister: Option<String>,
+    /// The job attempts with tasks on this executor; run exactly these.
+    pub assignments: Vec<Assignment>,
+    /// Master addresses, for failover.
+    pub masters: Vec<String>,
+}
+
+const EXECUTORS: &[Role] = &[Role::Executor];
+
+method!(
+    /// An executor registers and receives its id.
+    RegisterExecutor, MasterApi, 30, EXECUTORS, RegisterRequest => Registered
+);
+method!(
+    /// An executor's heartbeat; answered by the leader only.
+    Heartbeat, MasterApi, 31, EXECUTORS, HeartbeatRequest => HeartbeatReply
+);
+
+/// Header of a data stream between executors.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamHeader {
+    /// The job.
+    pub job: u64,
+    /// The sender's epoch; streams of an older epoch are refused.
+    pub epoch: u64,
+    /// The edge of the job graph.
+    pub edge: u32,
+    /// The consuming partition.
+    pub partition: u32,
+}

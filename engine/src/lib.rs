@@ -117,6 +117,7 @@ mod edge;
 mod engine;
 mod error;
 mod exchange;
+pub mod graph;
 mod operator;
 pub mod operators;
 mod task;
@@ -133,6 +134,7 @@ pub use edge::{
 pub use engine::{Engine, EngineConfig, ShutdownReport};
 pub use error::EngineError;
 pub use exchange::{EdgeAddress, Exchange, ExchangeSender, MemoryExchange, Rejected};
+pub use graph::{EdgeNode, JobGraph, TaskNode};
 pub use operator::{Context, Operator, Status};
 pub use task::{
     MetricsSnapshot, TaskEvent, TaskHandle, TaskId, TaskMetrics, TaskSpec, TaskState, TaskWaker,

@@ -9,6 +9,8 @@ use microcosm_control::proto::JobAction;
 
 mod certs;
 mod client;
+mod executor;
+mod jobs;
 mod master;
 
 #[global_allocator]
@@ -31,6 +33,8 @@ enum Command {
     },
     /// Run a master.
     Master(master::MasterArgs),
+    /// Run an executor.
+    Executor(executor::ExecutorArgs),
     /// Inspect the cluster.
     Cluster {
         #[command(subcommand)]
@@ -130,6 +134,7 @@ fn main() -> ExitCode {
                 },
         } => certs::init(&dir, &cluster_name, &sans),
         Command::Master(args) => runtime().and_then(|rt| rt.block_on(master::run(args))),
+        Command::Executor(args) => runtime().and_then(|rt| rt.block_on(executor::run(args))),
         Command::Cluster {
             command: ClusterCommand::Status { cluster },
         } => runtime().and_then(|rt| rt.block_on(client::cluster_status(&cluster))),

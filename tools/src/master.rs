@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use microcosm_control::master::{JobValidator, MasterConfig, MasterServer};
+use microcosm_control::master::{MasterConfig, MasterServer};
 use tracing::info;
 
 /// Flags of `microcosm master`; each overrides the same key of the config file.
@@ -101,24 +101,10 @@ impl MasterArgs {
     }
 }
 
-/// Job types this binary knows.
-pub struct KnownJobTypes;
-
-impl JobValidator for KnownJobTypes {
-    fn validate(&self, job_type: &str, spec: &str) -> Result<(), String> {
-        match job_type {
-            "demo" => microcosm_demo::DemoSpec::from_toml_str(spec)
-                .map(|_| ())
-                .map_err(|e| format!("invalid demo job spec: {e}")),
-            other => Err(format!("unknown job type {other:?} (known: demo)")),
-        }
-    }
-}
-
 /// Runs a master until interrupted.
 pub async fn run(args: MasterArgs) -> anyhow::Result<()> {
     let config = args.config()?;
-    let server = MasterServer::start(config, Arc::new(KnownJobTypes)).await?;
+    let server = MasterServer::start(config, Arc::new(crate::jobs::JobTypes)).await?;
     info!(addr = %server.local_addr(), "master serving");
     shutdown_signal().await;
     info!("shutting down");

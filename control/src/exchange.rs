@@ -1,0 +1,404 @@
+//! The engine's [`Exchange`] over QUIC data streams: how remote edges cross executors.
+//!
+//! Outbound, each remote edge gets one long-lived unidirectional stream to the executor that
+//! runs the consuming task, opened with a [`StreamHeader`] naming job, epoch and edge. Batches
+//! go through a small bounded queue to an async sender; a full queue is reported to the engine
+//! as `Full` (the producing task blocks) and the sender notifies the task when room frees, so
+//! QUIC flow control ends up as the backpressure.
+//!
+//! Inbound, executors register each remote edge's [`InboundHandle`] in an [`InboundRegistry`].
+//! An arriving stream is matched by (job, epoch, edge, partition); a stream from an older epoch
+//! than the one registered for its job is refused (fencing a replaced attempt). Each frame is
+//! validated once ([`SealedBatch::from_bytes`]) and pushed to the consuming task.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use microcosm_engine::{
+    EdgeAddress, EngineError, Exchange, ExchangeSender, InboundHandle, InboundRejected, Notify,
+    Record, Rejected, SealedBatch,
+};
+use microcosm_transport::{DataStream, Endpoint, Frame, Message};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::proto::StreamHeader;
+
+/// Batches queued per outbound edge before the producer is told the edge is full.
+const OUTBOUND_QUEUE: usize = 8;
+/// How long an arriving stream waits for its consumer to be registered.
+const BIND_WAIT: Duration = Duration::from_secs(10);
+/// Stream stop code: stale epoch or unknown edge.
+const STOP_REFUSED: u32 = 10;
+
+/// A type-erased inbound edge: takes validated frames.
+trait InboundPort: Send + Sync {
+    /// Pushes one frame; `Err(Some(frame))` means full (retry after notify), `Err(None)` closed
+    /// or invalid.
+    fn push(&self, frame: Frame) -> Result<(), PushError>;
+    fn set_space_notify(&self, notify: Arc<dyn Notify>);
+    fn abort(&self);
+}
+
+enum PushError {
+    Full(Frame),
+    Closed,
+    Invalid(String),
+}
+
+impl<R: Record> InboundPort for InboundHandle<R> {
+    fn push(&self, frame: Frame) -> Result<(), PushError> {
+        let batch =
+            SealedBatch::<R>::from_bytes(frame).map_err(|e| PushError::Invalid(e.to_string()))?;
+        match InboundHandle::push(self, batch) {
+            Ok(()) => Ok(()),
+            Err(InboundRejected::Full(b)) => match b.seal() {
+                Ok(sealed) => Err(PushError::Full(sealed.into_bytes())),
+                Err(e) => Err(PushError::Invalid(e.to_string())),
+            },
+            Err(InboundRejected::Closed(_)) => Err(PushError::Closed),
+        }
+    }
+
+    fn set_space_notify(&self, notify: Arc<dyn Notify>) {
+        InboundHandle::set_space_notify(self, notify);
+    }
+
+    fn abort(&self) {
+        InboundHandle::abort(self);
+    }
+}
+
+type PortKey = (u64, u64, u32, u32);
+
+/// Inbound remote edges of every job attempt on this executor.
+#[derive(Default, Clone)]
+pub struct InboundRegistry {
+    inner: Arc<Mutex<RegistryInner>>,
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    ports: HashMap<PortKey, Arc<dyn InboundPort>>,
+    /// Newest epoch registered per job: streams of older epochs are refused.
+    epochs: HashMap<u64, u64>,
+}
+
+impl InboundRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
+        // The maps stay consistent even if a holder panicked.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, key: PortKey, port: Arc<dyn InboundPort>) -> Result<(), EngineError> {
+        let mut inner = self.lock();
+        let newest = inner.epochs.entry(key.0).or_insert(key.1);
+        if key.1 < *newest {
+            return Err(EngineError::operator(format!(
+                "job {} epoch {} is older than the registered epoch {}",
+                key.0, key.1, newest
+            )));
+        }
+        *newest = key.1;
+        inner.ports.insert(key, port);
+        Ok(())
+    }
+
+    /// Forgets every inbound edge of `job` at epochs up to `epoch` (aborting them).
+    pub fn retire(&self, job: u64, epoch: u64) {
+        let mut inner = self.lock();
+        let stale: Vec<PortKey> = inner
+            .ports
+            .keys()
+            .filter(|k| k.0 == job && k.1 <= epoch)
+            .copied()
+            .collect();
+        for k in stale {
+            if let Some(p) = inner.ports.remove(&k) {
+                p.abort();
+            }
+        }
+    }
+
+    /// Forgets a job entirely.
+    pub fn forget_job(&self, job: u64) {
+        self.retire(job, u64::MAX);
+        self.lock().epochs.remove(&job);
+    }
+
+    fn lookup(&self, key: PortKey) -> Lookup {
+        let inner = self.lock();
+        if let Some(p) = inner.ports.get(&key) {
+            return Lookup::Found(p.clone());
+        }
+        match inner.epochs.get(&key.0) {
+            Some(newest) if key.1 < *newest => Lookup::Stale(*newest),
+            _ => Lookup::NotYet,
+        }
+    }
+
+    /// Serves one incoming data stream until it ends.
+    pub async fn serve(&self, mut stream: DataStream) {
+        let header = match StreamHeader::decode(stream.header()) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(peer = %stream.peer().addr, error = %e, "bad data stream header");
+                stream.stop(STOP_REFUSED);
+                return;
+            }
+        };
+        let key = (header.job, header.epoch, header.edge, header.partition);
+        let deadline = tokio::time::Instant::now() + BIND_WAIT;
+        let port = loop {
+            match self.lookup(key) {
+                Lookup::Found(p) => break p,
+                Lookup::Stale(newest) => {
+                    warn!(
+                        job = header.job,
+                        epoch = header.epoch,
+                        newest,
+                        "refusing a data stream of a stale epoch"
+                    );
+                    stream.stop(STOP_REFUSED);
+                    return;
+                }
+                Lookup::NotYet if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Lookup::NotYet => {
+                    warn!(?header, "no consumer registered for data stream");
+                    stream.stop(STOP_REFUSED);
+                    return;
+                }
+            }
+        };
+        let space = Arc::new(TokioNotify(tokio::sync::Notify::new()));
+        port.set_space_notify(space.clone());
+        loop {
+            let frame = match stream.recv().await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(?header, error = %e, "data stream failed");
+                    port.abort();
+                    return;
+                }
+            };
+            let mut pending = frame;
+            loop {
+                match port.push(pending) {
+                    Ok(()) => break,
+                    Err(PushError::Full(f)) => {
+                        pending = f;
+                        // Wait for room, re-checking now and then in case a notify raced.
+                        let _ = tokio::time::timeout(Duration::from_millis(20), space.0.notified())
+                            .await;
+                    }
+                    Err(PushError::Closed) => {
+                        stream.stop(STOP_REFUSED);
+                        return;
+                    }
+                    Err(PushError::Invalid(e)) => {
+                        warn!(?header, error = %e, "invalid batch on data stream");
+                        port.abort();
+                        stream.stop(STOP_REFUSED);
+                        return;
+                    }
+                }
+            }
+        }
+        // The sender finished: end of this edge. Dropping our reference (and the registry's on
+        // retire) closes it; close now so the consumer sees the end without waiting.
+        let mut inner = self.lock();
+        inner.ports.remove(&key);
+    }
+}
+
+enum Lookup {
+    Found(Arc<dyn InboundPort>),
+    Stale(u64),
+    NotYet,
+}
+
+struct TokioNotify(tokio::sync::Notify);
+impl Notify for TokioNotify {
+    fn notify(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// The [`Exchange`] of one job attempt on one executor.
+pub struct QuicExchange {
+    job: u64,
+    epoch: u64,
+    endpoint: Endpoint,
+    runtime: tokio::runtime::Handle,
+    /// Edge id → address of the executor running the consuming task.
+    routes: HashMap<u32, SocketAddr>,
+    registry: InboundRegistry,
+}
+
+impl QuicExchange {
+    /// An exchange for attempt `epoch` of `job`; `routes` maps each remote edge to the
+    /// executor that consumes it.
+    pub fn new(
+        job: u64,
+        epoch: u64,
+        endpoint: Endpoint,
+        runtime: tokio::runtime::Handle,
+        routes: HashMap<u32, SocketAddr>,
+        registry: InboundRegistry,
+    ) -> Self {
+        Self {
+            job,
+            epoch,
+            endpoint,
+            runtime,
+            routes,
+            registry,
+        }
+    }
+}
+
+impl<R: Record> Exchange<R> for QuicExchange {
+    fn connect(&self, to: EdgeAddress) -> Result<Box<dyn ExchangeSender<R>>, EngineError> {
+        let addr = *self
+            .routes
+            .get(&to.edge)
+            .ok_or_else(|| EngineError::operator(format!("no route for {to}")))?;
+        let header = StreamHeader {
+            job: self.job,
+            epoch: self.epoch,
+            edge: to.edge,
+            partition: to.partition,
+        };
+        let (tx, rx) = mpsc::channel::<Bytes>(OUTBOUND_QUEUE);
+        let shared = Arc::new(SenderShared::default());
+        self.runtime.spawn(run_sender(
+            self.endpoint.clone(),
+            addr,
+            header,
+            rx,
+            shared.clone(),
+        ));
+        Ok(Box::new(QuicSender {
+            tx: Some(tx),
+            shared,
+            _record: std::marker::PhantomData,
+        }))
+    }
+
+    fn bind(&self, at: EdgeAddress, inbound: InboundHandle<R>) -> Result<(), EngineError> {
+        self.registry.register(
+            (self.job, self.epoch, at.edge, at.partition),
+            Arc::new(inbound),
+        )
+    }
+}
+
+#[derive(Default)]
+struct SenderShared {
+    notify: Mutex<Option<Arc<dyn Notify>>>,
+    wants_notify: AtomicBool,
+    in_flight: AtomicUsize,
+    failed: AtomicBool,
+}
+
+impl SenderShared {
+    fn notify(&self) {
+        if self.wants_notify.swap(false, Ordering::AcqRel) {
+            // A poisoned lock still holds a valid Option.
+            let n = self
+                .notify
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(n) = n {
+                n.notify();
+            }
+        }
+    }
+}
+
+struct QuicSender<R> {
+    tx: Option<mpsc::Sender<Bytes>>,
+    shared: Arc<SenderShared>,
+    _record: std::marker::PhantomData<fn() -> R>,
+}
+
+impl<R: Record> ExchangeSender<R> for QuicSender<R> {
+    fn offer(&mut self, batch: SealedBatch<R>) -> Result<(), Rejected<R>> {
+        let Some(tx) = &self.tx else {
+            return Err(Rejected::Closed(batch));
+        };
+        if self.shared.failed.load(Ordering::Acquire) {
+            return Err(Rejected::Closed(batch));
+        }
+        // Announce interest before trying, so a slot freed in between still notifies.
+        self.shared.wants_notify.store(true, Ordering::Release);
+        match tx.try_reserve() {
+            Ok(permit) => {
+                self.shared.wants_notify.store(false, Ordering::Release);
+                self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+                permit.send(Bytes::from(batch.into_bytes().into_vec()));
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(())) => Err(Rejected::Full(batch)),
+            Err(mpsc::error::TrySendError::Closed(())) => Err(Rejected::Closed(batch)),
+        }
+    }
+
+    fn set_notify(&mut self, notify: Arc<dyn Notify>) {
+        *self.shared.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(notify);
+    }
+
+    fn is_idle(&self) -> bool {
+        self.shared.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    fn close(&mut self) {
+        self.tx = None;
+    }
+}
+
+async fn run_sender(
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    header: StreamHeader,
+    mut rx: mpsc::Receiver<Bytes>,
+    shared: Arc<SenderShared>,
+) {
+    let fail = |shared: &SenderShared, why: String| {
+        warn!(%addr, ?header, error = %why, "outbound edge failed");
+        shared.failed.store(true, Ordering::Release);
+        shared.in_flight.store(0, Ordering::Release);
+        shared.wants_notify.store(true, Ordering::Release);
+        shared.notify();
+    };
+    let head = match header.encode() {
+        Ok(h) => Bytes::from(h.into_vec()),
+        Err(e) => return fail(&shared, e.to_string()),
+    };
+    let mut sender = match endpoint
+        .open_data_stream(addr, head, Duration::from_secs(10))
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return fail(&shared, e.to_string()),
+    };
+    while let Some(bytes) = rx.recv().await {
+        shared.notify();
+        if let Err(e) = sender.send(bytes).await {
+            return fail(&shared, e.to_string());
+        }
+        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        shared.notify();
+    }
+    if let Err(e) = sender.finish() {
+        debug!(%addr, error = %e, "finishing data stream");
+    }
+}

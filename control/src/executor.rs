@@ -1,0 +1,594 @@
+//! The executor process: registers with the masters, heartbeats, and runs its share of every
+//! job attempt the leader assigns to it on the engine.
+//!
+//! Work arrives in heartbeat replies (a pull model): each reply lists the job attempts with
+//! tasks here, and the executor reconciles what it runs against that list — launching new
+//! attempts, cancelling attempts that disappeared or were replaced by a newer epoch, pausing
+//! and resuming. A leader change therefore restarts nothing: the new leader hands out the same
+//! assignments. An executor told it is unknown or lost (for example after a long pause)
+//! stops every task at once and registers again as a new incarnation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use microcosm_engine::{Engine, EngineConfig, JobGraph, TaskHandle, TaskId, TaskState};
+use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use crate::client::MasterClient;
+use crate::exchange::{InboundRegistry, QuicExchange};
+use crate::proto::{
+    Assignment, Heartbeat, HeartbeatRequest, RegisterExecutor, RegisterRequest, TaskReport,
+    TaskRunState,
+};
+
+/// Errors starting an executor.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    /// The configuration file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    ReadConfig {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration is invalid; the message names the key.
+    #[error("invalid executor config: {0}")]
+    Config(String),
+    /// Certificates could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] microcosm_transport::TlsError),
+    /// The endpoint could not be created.
+    #[error(transparent)]
+    Endpoint(#[from] microcosm_transport::EndpointError),
+    /// The engine could not start.
+    #[error("engine: {0}")]
+    Engine(String),
+    /// No master accepted the registration.
+    #[error("cannot register with the masters at {addrs}: {reason}")]
+    Register {
+        /// Addresses tried.
+        addrs: String,
+        /// The last error.
+        reason: String,
+    },
+}
+
+/// An executor's configuration (TOML, kebab-case keys; unknown keys are rejected).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ExecutorConfig {
+    /// UDP address for the data plane (peer executors connect here).
+    pub listen_addr: SocketAddr,
+    /// Master addresses (any subset; the others are learned).
+    pub masters: Vec<String>,
+    /// Directory with the cluster CA and the executor certificate.
+    pub certs_dir: PathBuf,
+    /// Human-readable name (default `executor@<listen-addr>`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Task slots offered.
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+    /// Engine worker threads (default: available cores).
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Heartbeat interval (ms).
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// Time without a successful heartbeat after which the executor warns that it is probably
+    /// considered lost (ms); at least two heartbeats.
+    #[serde(default = "default_ttl")]
+    pub ttl_ms: u64,
+}
+
+fn default_slots() -> u32 {
+    64
+}
+fn default_heartbeat() -> u64 {
+    250
+}
+fn default_ttl() -> u64 {
+    1500
+}
+
+impl ExecutorConfig {
+    /// Reads and parses a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self, ExecutorError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ExecutorError::ReadConfig {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Parses a TOML config.
+    pub fn from_toml(text: &str) -> Result<Self, ExecutorError> {
+        toml::from_str(text).map_err(|e| ExecutorError::Config(e.to_string().trim().to_string()))
+    }
+
+    /// Checks values that parsing cannot.
+    pub fn validate(&self) -> Result<(), ExecutorError> {
+        let bad = |m: String| Err(ExecutorError::Config(m));
+        if self.slots == 0 {
+            return bad("slots must be at least 1".into());
+        }
+        if self.workers == Some(0) {
+            return bad("workers must be at least 1".into());
+        }
+        if self.heartbeat_ms == 0 {
+            return bad("heartbeat-ms must be > 0".into());
+        }
+        if self.ttl_ms < 2 * self.heartbeat_ms {
+            return bad(format!(
+                "ttl-ms ({}) must be at least two heartbeats (2 × heartbeat-ms = {})",
+                self.ttl_ms,
+                2 * self.heartbeat_ms
+            ));
+        }
+        if self.masters.is_empty() {
+            return bad("masters must list at least one master address".into());
+        }
+        for m in &self.masters {
+            m.parse::<SocketAddr>()
+                .map_err(|e| ExecutorError::Config(format!("masters entry {m:?}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// What an executor needs to know about job types: their plans, and how to start tasks.
+pub trait JobLauncher: Send + Sync + 'static {
+    /// The task graph of a job (the same function the masters plan with).
+    fn plan(&self, job_type: &str, spec: &str) -> Result<JobGraph, String>;
+    /// Starts the tasks `local` of one attempt on `engine`, wiring remote edges through
+    /// `exchange`. Returns each started task with its index.
+    fn launch(&self, launch: Launch<'_>) -> Result<Vec<(u32, TaskHandle)>, String>;
+}
+
+/// One attempt to start on this executor.
+pub struct Launch<'a> {
+    /// The job.
+    pub job: u64,
+    /// The attempt's epoch.
+    pub epoch: u64,
+    /// Job type.
+    pub job_type: &'a str,
+    /// Job spec.
+    pub spec: &'a str,
+    /// The job's graph.
+    pub graph: &'a JobGraph,
+    /// Indices of the tasks to run here.
+    pub local: &'a [u32],
+    /// The engine to spawn them on.
+    pub engine: &'a Engine,
+    /// The exchange for remote edges of this attempt.
+    pub exchange: &'a QuicExchange,
+}
+
+struct Attempt {
+    epoch: u64,
+    tasks: Vec<(u32, TaskHandle)>,
+    /// Set when the attempt could not be launched: reported as failed tasks.
+    launch_error: Option<(Vec<u32>, String)>,
+    paused: bool,
+}
+
+/// A running executor.
+pub struct ExecutorServer {
+    endpoint: Endpoint,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct State {
+    config: ExecutorConfig,
+    endpoint: Endpoint,
+    engine: Engine,
+    registry: InboundRegistry,
+    launcher: Arc<dyn JobLauncher>,
+    attempts: BTreeMap<u64, Attempt>,
+    failures: Arc<Mutex<HashMap<TaskId, String>>>,
+}
+
+impl ExecutorServer {
+    /// Starts an executor: serves the data plane, registers, and heartbeats until stopped.
+    pub async fn start(
+        config: ExecutorConfig,
+        launcher: Arc<dyn JobLauncher>,
+    ) -> Result<Self, ExecutorError> {
+        config.validate()?;
+        let identity = Identity::load(&config.certs_dir, Role::Executor)?;
+        let registry = InboundRegistry::default();
+        let serving = registry.clone();
+        let router = Router::new().data_streams(&[Role::Executor], move |_peer, stream| {
+            let registry = serving.clone();
+            async move { registry.serve(stream).await }
+        });
+        let endpoint = Endpoint::bind(
+            config.listen_addr,
+            &identity,
+            TransportConfig::default(),
+            router,
+        )?;
+        let mut engine_config = EngineConfig::default();
+        if let Some(w) = config.workers {
+            engine_config.workers = w;
+        }
+        let engine =
+            Engine::start(engine_config).map_err(|e| ExecutorError::Engine(e.to_string()))?;
+        let failures = Arc::new(Mutex::new(HashMap::new()));
+        {
+            let events = engine.events();
+            let failures = failures.clone();
+            std::thread::Builder::new()
+                .name("microcosm-task-events".into())
+                .spawn(move || {
+                    while let Ok(event) = events.recv() {
+                        if let microcosm_engine::TaskEvent::Failed { task, error } = event {
+                            warn!(task = ?task, error = %error, "task failed");
+                            lock(&failures).insert(task, error.to_string());
+                        }
+                    }
+                })
+                .map_err(|e| ExecutorError::Engine(e.to_string()))?;
+        }
+        let masters: Vec<SocketAddr> = config
+            .masters
+            .iter()
+            .filter_map(|m| m.parse().ok())
+            .collect();
+        let client = MasterClient::new(endpoint.clone(), masters);
+        let mut state = State {
+            config,
+            endpoint: endpoint.clone(),
+            engine,
+            registry,
+            launcher,
+            attempts: BTreeMap::new(),
+            failures,
+        };
+        let (id, incarnation) = register(&client, &state).await?;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move { state.run(client, id, incarnation, stop_rx).await });
+        Ok(Self {
+            endpoint,
+            stop,
+            task,
+        })
+    }
+
+    /// The data-plane address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr()
+    }
+
+    /// Stops heartbeating and every task.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        self.endpoint.close();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A map of messages: still consistent if a holder panicked.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn register(client: &MasterClient, state: &State) -> Result<(u64, u64), ExecutorError> {
+    let req = RegisterRequest {
+        addr: state.endpoint.local_addr().to_string(),
+        name: state
+            .config
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("executor@{}", state.endpoint.local_addr())),
+        slots: state.config.slots,
+    };
+    let mut last = String::new();
+    for _ in 0..20 {
+        match client.call::<RegisterExecutor>(&req).await {
+            Ok(r) => {
+                info!(
+                    id = r.executor_id,
+                    incarnation = r.incarnation,
+                    "registered with the masters"
+                );
+                for m in &r.masters {
+                    if let Ok(a) = m.parse() {
+                        client.add(a);
+                    }
+                }
+                return Ok((r.executor_id, r.incarnation));
+            }
+            Err(e) if e.is_retryable() => {
+                warn!(error = %e, "registration failed; retrying");
+                last = e.to_string();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                last = e.to_string();
+                break;
+            }
+        }
+    }
+    Err(ExecutorError::Register {
+        addrs: state.config.masters.join(","),
+        reason: last,
+    })
+}
+
+impl State {
+    async fn run(
+        &mut self,
+        client: MasterClient,
+        mut id: u64,
+        mut incarnation: u64,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let interval = Duration::from_millis(self.config.heartbeat_ms);
+        let ttl = Duration::from_millis(self.config.ttl_ms);
+        let client = client.with_timeouts(
+            interval.max(Duration::from_millis(200)),
+            interval.max(Duration::from_millis(200)),
+        );
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => break,
+            }
+            let req = HeartbeatRequest {
+                executor_id: id,
+                incarnation,
+                tasks: self.reports(),
+            };
+            match client.call::<Heartbeat>(&req).await {
+                Ok(reply) => {
+                    last_ok = tokio::time::Instant::now();
+                    for m in &reply.masters {
+                        if let Ok(a) = m.parse() {
+                            client.add(a);
+                        }
+                    }
+                    if let Some(reason) = reply.reregister {
+                        warn!(executor = id, %reason, "masters do not know this executor; stopping every task and registering again");
+                        self.stop_all();
+                        match register(&client, self).await {
+                            Ok((new_id, new_incarnation)) => {
+                                id = new_id;
+                                incarnation = new_incarnation;
+                            }
+                            Err(e) => warn!(error = %e, "re-registration failed; will retry"),
+                        }
+                        continue;
+                    }
+                    self.reconcile(&reply.assignments);
+                }
+                Err(e) => {
+                    if last_ok.elapsed() > ttl {
+                        warn!(error = %e, "no heartbeat accepted for longer than the TTL; tasks keep running until a master answers");
+                    }
+                }
+            }
+        }
+        self.stop_all();
+    }
+
+    fn reports(&self) -> Vec<TaskReport> {
+        let failures = lock(&self.failures);
+        let mut out = Vec::new();
+        for (job, attempt) in &self.attempts {
+            if let Some((indices, message)) = &attempt.launch_error {
+                out.extend(indices.iter().map(|&index| TaskReport {
+                    job: *job,
+                    epoch: attempt.epoch,
+                    index,
+                    state: TaskRunState::Failed,
+                    message: message.clone(),
+                }));
+                continue;
+            }
+            for (index, handle) in &attempt.tasks {
+                let state = match handle.state() {
+                    TaskState::Starting | TaskState::Running | TaskState::Finishing => {
+                        TaskRunState::Running
+                    }
+                    TaskState::Paused => TaskRunState::Paused,
+                    TaskState::Finished => TaskRunState::Finished,
+                    TaskState::Failed => TaskRunState::Failed,
+                    TaskState::Cancelled => continue,
+                };
+                let message = if state == TaskRunState::Failed {
+                    failures
+                        .get(&handle.id())
+                        .cloned()
+                        .unwrap_or_else(|| "task failed".into())
+                } else {
+                    String::new()
+                };
+                out.push(TaskReport {
+                    job: *job,
+                    epoch: attempt.epoch,
+                    index: *index,
+                    state,
+                    message: format!("{}: {message}", handle.name())
+                        .trim_end_matches(": ")
+                        .to_string(),
+                });
+            }
+        }
+        out
+    }
+
+    fn stop_attempt(&mut self, job: u64) {
+        if let Some(attempt) = self.attempts.remove(&job) {
+            for (_, handle) in &attempt.tasks {
+                handle.cancel();
+            }
+            self.registry.retire(job, attempt.epoch);
+            info!(job, epoch = attempt.epoch, "stopped job attempt");
+        }
+    }
+
+    fn stop_all(&mut self) {
+        let jobs: Vec<u64> = self.attempts.keys().copied().collect();
+        for job in jobs {
+            self.stop_attempt(job);
+            self.registry.forget_job(job);
+        }
+    }
+
+    fn reconcile(&mut self, assignments: &[Assignment]) {
+        let wanted: HashMap<u64, &Assignment> = assignments.iter().map(|a| (a.job, a)).collect();
+        let running: Vec<u64> = self.attempts.keys().copied().collect();
+        for job in running {
+            match wanted.get(&job) {
+                Some(a) if a.epoch == self.attempts[&job].epoch => {}
+                Some(_) => self.stop_attempt(job),
+                None => {
+                    self.stop_attempt(job);
+                    self.registry.forget_job(job);
+                }
+            }
+        }
+        for a in assignments {
+            if !self.attempts.contains_key(&a.job) {
+                self.launch(a);
+            }
+            if let Some(attempt) = self.attempts.get_mut(&a.job)
+                && attempt.paused != a.paused
+            {
+                for (_, h) in &attempt.tasks {
+                    if a.paused {
+                        h.pause();
+                    } else {
+                        h.resume();
+                    }
+                }
+                attempt.paused = a.paused;
+            }
+        }
+    }
+
+    fn launch(&mut self, a: &Assignment) {
+        let me = self.endpoint.local_addr().to_string();
+        let local: Vec<u32> = a
+            .locations
+            .iter()
+            .filter(|l| l.addr == me)
+            .map(|l| l.index)
+            .collect();
+        let result = self.launcher.plan(&a.job_type, &a.spec).and_then(|graph| {
+            let by_index: HashMap<u32, &str> = a
+                .locations
+                .iter()
+                .map(|l| (l.index, l.addr.as_str()))
+                .collect();
+            let mut routes = HashMap::new();
+            for e in &graph.edges {
+                let (Some(from), Some(to)) = (by_index.get(&e.from), by_index.get(&e.to)) else {
+                    return Err(format!("edge {} has an unplaced end", e.id));
+                };
+                if *from == me && *to != me {
+                    let addr: SocketAddr = to
+                        .parse()
+                        .map_err(|err| format!("bad executor address {to:?}: {err}"))?;
+                    routes.insert(e.id, addr);
+                }
+            }
+            let exchange = QuicExchange::new(
+                a.job,
+                a.epoch,
+                self.endpoint.clone(),
+                tokio::runtime::Handle::current(),
+                routes,
+                self.registry.clone(),
+            );
+            self.launcher.launch(Launch {
+                job: a.job,
+                epoch: a.epoch,
+                job_type: &a.job_type,
+                spec: &a.spec,
+                graph: &graph,
+                local: &local,
+                engine: &self.engine,
+                exchange: &exchange,
+            })
+        });
+        let attempt = match result {
+            Ok(tasks) => {
+                info!(
+                    job = a.job,
+                    epoch = a.epoch,
+                    tasks = tasks.len(),
+                    "started job attempt"
+                );
+                Attempt {
+                    epoch: a.epoch,
+                    tasks,
+                    launch_error: None,
+                    paused: false,
+                }
+            }
+            Err(e) => {
+                warn!(job = a.job, epoch = a.epoch, error = %e, "cannot start job attempt");
+                Attempt {
+                    epoch: a.epoch,
+                    tasks: Vec::new(),
+                    launch_error: Some((local, e)),
+                    paused: false,
+                }
+            }
+        };
+        self.attempts.insert(a.job, attempt);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+listen-addr = "127.0.0.1:7201"
+masters = ["127.0.0.1:7101"]
+certs-dir = "certs"
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = ExecutorConfig::from_toml(BASE).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.slots, 64);
+        assert_eq!((c.heartbeat_ms, c.ttl_ms), (250, 1500));
+    }
+
+    #[test]
+    fn ttl_below_two_heartbeats_is_refused() {
+        let c = ExecutorConfig::from_toml(&format!("{BASE}ttl-ms = 400\n")).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("ttl-ms") && err.contains("heartbeat-ms"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_masters_are_named() {
+        let err = ExecutorConfig::from_toml(&format!("{BASE}slot = 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("slot"), "{err}");
+        let c = ExecutorConfig::from_toml(&BASE.replace("127.0.0.1:7101", "nowhere")).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("masters"));
+    }
+}

@@ -1,0 +1,577 @@
+//! The leader's decisions, as a pure function of the replicated state and what executors
+//! report.
+//!
+//! Every tick the leader calls [`next_commands`] with the applied [`MetaState`], the latest
+//! task reports of each executor, and the executors whose heartbeats expired. It returns the
+//! metadata commands that move each job one step along its lifecycle (allocate tasks, place
+//! them, mark them running, recover, finish, cancel); the async shell proposes them through
+//! raft and calls again on the next tick. Each step is idempotent against the state it reads,
+//! so a leader change in the middle loses nothing: the new leader simply continues.
+//!
+//! Recovery restarts the whole job attempt: when a task's executor is lost or a task fails,
+//! every task of the job is placed again under a new epoch (tasks on surviving executors
+//! included), so an attempt is always one consistent set of tasks, and data from an older
+//! epoch is refused everywhere.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use microcosm_engine::JobGraph;
+
+use crate::job::{self, JobEvent, JobState};
+use crate::meta::state::JobRecord;
+use crate::meta::{Command, ExecutorId, ExecutorState, JobId, MetaState, TaskId};
+use crate::proto::{TaskReport, TaskRunState};
+use crate::scheduler::{self, ExecutorOffer, GroupId, TaskDemand};
+
+/// How many times a job is restarted after task failures before it is declared Failed.
+pub const MAX_RESTARTS: usize = 5;
+
+/// Turns job specs into task graphs.
+pub trait JobCatalog: Send + Sync + 'static {
+    /// Checks a spec; `Err` names the problem (field, value).
+    fn validate(&self, job_type: &str, spec: &str) -> Result<(), String>;
+    /// Builds the task graph of a (valid) spec. Must be deterministic.
+    fn plan(&self, job_type: &str, spec: &str) -> Result<JobGraph, String>;
+}
+
+/// What the leader knows from heartbeats: each live executor's latest task reports.
+pub type Reports = HashMap<u64, Vec<TaskReport>>;
+
+/// Computes the next metadata commands. `expired` are executors whose heartbeats stopped.
+pub fn next_commands(
+    state: &MetaState,
+    reports: &Reports,
+    expired: &[u64],
+    catalog: &dyn JobCatalog,
+    now_ms: u64,
+) -> Vec<Command> {
+    let mut out = Vec::new();
+    for &id in expired {
+        if state
+            .executor(ExecutorId(id))
+            .is_some_and(|e| e.state == ExecutorState::Alive)
+        {
+            out.push(Command::ExecutorLost {
+                id: ExecutorId(id),
+                reason: "heartbeats stopped for longer than the TTL".into(),
+                at_ms: now_ms,
+            });
+        }
+    }
+    if !out.is_empty() {
+        // Let the losses apply first: placements computed now would use the lost executors.
+        return out;
+    }
+    // At most one placement per tick: placements computed from the same state would not see
+    // each other's reservations.
+    let mut may_place = true;
+    for job in state.jobs.values().filter(|j| !j.state.is_terminal()) {
+        if let Some(cmd) = step_job(state, job, reports, catalog, now_ms, may_place) {
+            if matches!(cmd, Command::SetPlacements { .. }) {
+                may_place = false;
+            }
+            out.push(cmd);
+        }
+    }
+    out
+}
+
+fn transition(job: &JobRecord, event: JobEvent, now_ms: u64) -> Option<Command> {
+    match job::next(job.state, &event) {
+        Ok(t) => {
+            let same =
+                job.state == t.to && job.history.last().is_some_and(|h| h.reason == t.reason);
+            (!same).then(|| Command::SetJobState {
+                job: job.id,
+                state: t.to,
+                reason: t.reason,
+                at_ms: now_ms,
+            })
+        }
+        Err(e) => {
+            tracing::debug!(job = job.id.0, error = %e, "transition not taken");
+            None
+        }
+    }
+}
+
+/// The state of each task of `job` at its current epoch, as reported by the executor it is
+/// placed on.
+fn task_states(
+    state: &MetaState,
+    job: &JobRecord,
+    reports: &Reports,
+) -> Vec<Option<(TaskRunState, String)>> {
+    let mut by_index: HashMap<u32, (TaskRunState, String)> = HashMap::new();
+    for (index, task) in job.tasks.iter().enumerate() {
+        let Some(rec) = state.task(*task) else {
+            continue;
+        };
+        let Some(exec) = rec.executor else { continue };
+        let Some(list) = reports.get(&exec.0) else {
+            continue;
+        };
+        if let Some(r) = list
+            .iter()
+            .find(|r| r.job == job.id.0 && r.epoch == job.epoch && r.index as usize == index)
+        {
+            by_index.insert(index as u32, (r.state, r.message.clone()));
+        }
+    }
+    (0..job.tasks.len() as u32)
+        .map(|i| by_index.remove(&i))
+        .collect()
+}
+
+fn all_placed_on_alive(state: &MetaState, job: &JobRecord) -> bool {
+    !job.tasks.is_empty()
+        && job.tasks.iter().all(|t| {
+            state
+                .task(*t)
+                .and_then(|r| r.executor)
+                .and_then(|e| state.executor(e))
+                .is_some_and(|e| e.state == ExecutorState::Alive)
+        })
+}
+
+/// Whether the latest history entry records a restart for the job's current epoch (so the
+/// next step is to place the job again under a new epoch).
+fn restart_recorded_for(job: &JobRecord) -> bool {
+    let marker = format!("task failed in epoch {}:", job.epoch);
+    job.history
+        .last()
+        .is_some_and(|h| h.state == JobState::Recovering && h.reason.starts_with(&marker))
+}
+
+fn restarts(job: &JobRecord) -> usize {
+    job.history
+        .iter()
+        .filter(|h| h.state == JobState::Recovering && h.reason.starts_with("task failed"))
+        .count()
+}
+
+fn step_job(
+    state: &MetaState,
+    job: &JobRecord,
+    reports: &Reports,
+    catalog: &dyn JobCatalog,
+    now_ms: u64,
+    may_place: bool,
+) -> Option<Command> {
+    let graph = match catalog.plan(&job.job_type, &job.spec) {
+        Ok(g) => g,
+        Err(e) => {
+            return transition(
+                job,
+                JobEvent::Fatal {
+                    reason: format!("cannot plan: {e}"),
+                },
+                now_ms,
+            );
+        }
+    };
+    if job.tasks.is_empty() {
+        if job.state == JobState::Cancelling {
+            return transition(job, JobEvent::AllTasksStopped, now_ms);
+        }
+        if job.state == JobState::Paused {
+            return None;
+        }
+        return Some(Command::AllocateTaskIds {
+            job: job.id,
+            count: graph.tasks.len() as u32,
+        });
+    }
+    let states = task_states(state, job, reports);
+    let placed = all_placed_on_alive(state, job);
+    let failed = states
+        .iter()
+        .flatten()
+        .find(|(s, _)| *s == TaskRunState::Failed)
+        .map(|(_, m)| m.clone());
+    match job.state {
+        JobState::Pending | JobState::Recovering | JobState::Scheduling => {
+            let restart_pending = job.state == JobState::Recovering && restart_recorded_for(job);
+            let needs_placement = !placed || job.epoch == 0 || restart_pending;
+            if needs_placement {
+                if !may_place {
+                    return None;
+                }
+                return match place(state, job, &graph) {
+                    Ok(placements) => Some(Command::SetPlacements {
+                        job: job.id,
+                        epoch: job.epoch,
+                        placements,
+                    }),
+                    Err(reason) => transition(job, JobEvent::NoCapacity { reason }, now_ms),
+                };
+            }
+            if job.state == JobState::Pending {
+                return transition(job, JobEvent::Scheduled, now_ms);
+            }
+            if let Some(msg) = failed {
+                return on_failure(job, msg, now_ms);
+            }
+            let all_up = states.iter().all(|s| {
+                matches!(
+                    s,
+                    Some((
+                        TaskRunState::Running | TaskRunState::Finished | TaskRunState::Paused,
+                        _
+                    ))
+                )
+            });
+            all_up
+                .then(|| transition(job, JobEvent::AllTasksRunning, now_ms))
+                .flatten()
+        }
+        JobState::Running | JobState::Paused => {
+            if !placed {
+                let lost = job
+                    .tasks
+                    .iter()
+                    .filter_map(|t| state.task(*t))
+                    .find_map(|t| match t.executor {
+                        None => Some(0),
+                        Some(e)
+                            if state
+                                .executor(e)
+                                .is_none_or(|r| r.state != ExecutorState::Alive) =>
+                        {
+                            Some(e.0)
+                        }
+                        Some(_) => None,
+                    })
+                    .unwrap_or(0);
+                return transition(job, JobEvent::ExecutorLost { executor: lost }, now_ms);
+            }
+            if let Some(msg) = failed {
+                return on_failure(job, msg, now_ms);
+            }
+            let all_done = states
+                .iter()
+                .all(|s| matches!(s, Some((TaskRunState::Finished, _))));
+            (job.state == JobState::Running && all_done)
+                .then(|| transition(job, JobEvent::AllTasksFinished, now_ms))
+                .flatten()
+        }
+        JobState::Cancelling => {
+            let still_running = reports.values().flatten().any(|r| {
+                r.job == job.id.0 && matches!(r.state, TaskRunState::Running | TaskRunState::Paused)
+            });
+            (!still_running)
+                .then(|| transition(job, JobEvent::AllTasksStopped, now_ms))
+                .flatten()
+        }
+        JobState::Cancelled | JobState::Finished | JobState::Failed => None,
+    }
+}
+
+fn on_failure(job: &JobRecord, msg: String, now_ms: u64) -> Option<Command> {
+    if restarts(job) >= MAX_RESTARTS {
+        return transition(
+            job,
+            JobEvent::TaskFailed {
+                reason: format!("{msg} (after {MAX_RESTARTS} restarts)"),
+            },
+            now_ms,
+        );
+    }
+    // A failed task restarts the whole attempt under a new epoch.
+    Some(Command::SetJobState {
+        job: job.id,
+        state: JobState::Recovering,
+        reason: format!(
+            "task failed in epoch {}: {msg}; restarting the job (restart {})",
+            job.epoch,
+            restarts(job) + 1
+        ),
+        at_ms: now_ms,
+    })
+}
+
+/// Slots used on each executor by tasks of live jobs other than `except`.
+fn used_slots(state: &MetaState, except: JobId) -> HashMap<ExecutorId, u64> {
+    let mut used = HashMap::new();
+    for job in state.jobs.values() {
+        if job.id == except || job.state.is_terminal() {
+            continue;
+        }
+        for t in &job.tasks {
+            if let Some(e) = state.task(*t).and_then(|r| r.executor) {
+                *used.entry(e).or_insert(0) += 1;
+            }
+        }
+    }
+    used
+}
+
+/// Places every task of `job` (whole-attempt placement).
+fn place(
+    state: &MetaState,
+    job: &JobRecord,
+    graph: &JobGraph,
+) -> Result<Vec<(TaskId, ExecutorId)>, String> {
+    if graph.tasks.len() != job.tasks.len() {
+        return Err(format!(
+            "job has {} tasks but its plan has {}",
+            job.tasks.len(),
+            graph.tasks.len()
+        ));
+    }
+    let used = used_slots(state, job.id);
+    let offers: Vec<ExecutorOffer> = state
+        .executors
+        .values()
+        .filter(|e| e.state == ExecutorState::Alive)
+        .map(|e| {
+            let u = used.get(&e.id).copied().unwrap_or(0);
+            ExecutorOffer {
+                executor: e.id.0,
+                free_slots: u64::from(e.slots).saturating_sub(u) as u32,
+                total_slots: e.slots,
+            }
+        })
+        .collect();
+    let demands: Vec<TaskDemand> = job
+        .tasks
+        .iter()
+        .zip(&graph.tasks)
+        .map(|(id, node)| TaskDemand {
+            task: id.0,
+            cost: node.cost,
+            group: node.group.map(GroupId),
+            avoid_group: node.avoid_group.map(GroupId),
+        })
+        .collect();
+    let placements = scheduler::schedule(&demands, &offers).map_err(|e| e.to_string())?;
+    Ok(placements
+        .into_iter()
+        .map(|p| (TaskId(p.task), ExecutorId(p.executor)))
+        .collect())
+}
+
+/// Which task indices of `job` each executor runs, for jobs whose every task is placed.
+pub fn assignments_for(state: &MetaState, executor: u64) -> Vec<(&JobRecord, BTreeMap<u32, u64>)> {
+    let mut out = Vec::new();
+    for job in state.jobs.values() {
+        if job.state.is_terminal() || job.state == JobState::Cancelling || job.tasks.is_empty() {
+            continue;
+        }
+        let mut locations = BTreeMap::new();
+        let mut complete = true;
+        for (index, t) in job.tasks.iter().enumerate() {
+            match state.task(*t) {
+                Some(r) if r.epoch == job.epoch && r.executor.is_some() => {
+                    // Checked just above.
+                    locations.insert(index as u32, r.executor.map(|e| e.0).unwrap_or_default());
+                }
+                _ => complete = false,
+            }
+        }
+        let here: HashSet<u64> = locations.values().copied().collect();
+        if complete && here.contains(&executor) {
+            out.push((job, locations));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::{CommandResponse, MetaRequest, RequestId};
+
+    struct Catalog;
+    impl JobCatalog for Catalog {
+        fn validate(&self, _: &str, _: &str) -> Result<(), String> {
+            Ok(())
+        }
+        fn plan(&self, _: &str, spec: &str) -> Result<JobGraph, String> {
+            let n: u32 = spec.trim().parse().map_err(|_| "bad spec".to_string())?;
+            let mut g = JobGraph::default();
+            for i in 0..n {
+                g.add_task(format!("t{i}"), 1, None, None);
+            }
+            Ok(g)
+        }
+    }
+
+    struct Sim {
+        state: MetaState,
+        seq: u64,
+        reports: Reports,
+    }
+
+    impl Sim {
+        fn new() -> Self {
+            Self {
+                state: MetaState::default(),
+                seq: 0,
+                reports: Reports::new(),
+            }
+        }
+        fn apply(&mut self, command: Command) -> CommandResponse {
+            self.seq += 1;
+            self.state.apply(&MetaRequest {
+                id: RequestId {
+                    client: 1,
+                    seq: self.seq,
+                },
+                command,
+            })
+        }
+        fn register(&mut self, slots: u32) -> u64 {
+            match self.apply(Command::RegisterExecutor {
+                addr: format!("127.0.0.1:{}", 9000 + self.seq),
+                name: "e".into(),
+                slots,
+                at_ms: 0,
+            }) {
+                CommandResponse::ExecutorRegistered { id, .. } => id.0,
+                other => panic!("{other:?}"),
+            }
+        }
+        /// Runs leader ticks until nothing changes.
+        fn settle(&mut self, expired: &[u64]) {
+            let mut expired = expired.to_vec();
+            for _ in 0..50 {
+                let cmds = next_commands(&self.state, &self.reports, &expired, &Catalog, 1);
+                expired.clear();
+                if cmds.is_empty() {
+                    return;
+                }
+                for c in cmds {
+                    self.apply(c);
+                }
+            }
+            panic!("leader never settled");
+        }
+        fn job(&self, id: u64) -> &JobRecord {
+            self.state.job(JobId(id)).unwrap()
+        }
+        /// Every executor reports its assigned tasks in `st`.
+        fn report_all(&mut self, st: TaskRunState) {
+            self.reports.clear();
+            let execs: Vec<u64> = self.state.executors.keys().map(|e| e.0).collect();
+            for e in execs {
+                let list = assignments_for(&self.state, e)
+                    .into_iter()
+                    .flat_map(|(job, loc)| {
+                        loc.into_iter()
+                            .filter(move |(_, ex)| *ex == e)
+                            .map(move |(index, _)| TaskReport {
+                                job: job.id.0,
+                                epoch: job.epoch,
+                                index,
+                                state: st,
+                                message: String::new(),
+                            })
+                    })
+                    .collect();
+                self.reports.insert(e, list);
+            }
+        }
+        fn submit(&mut self, tasks: u32) -> u64 {
+            match self.apply(Command::SubmitJob {
+                job_type: "t".into(),
+                spec: tasks.to_string(),
+                at_ms: 0,
+            }) {
+                CommandResponse::JobSubmitted { id } => id.0,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn job_waits_pending_without_executors_then_runs_and_finishes() {
+        let mut sim = Sim::new();
+        let job = sim.submit(4);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Pending);
+        assert!(
+            sim.job(job)
+                .history
+                .last()
+                .unwrap()
+                .reason
+                .contains("no executors"),
+            "{:?}",
+            sim.job(job).history
+        );
+        sim.register(2);
+        sim.register(2);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Scheduling);
+        sim.report_all(TaskRunState::Running);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Running);
+        sim.report_all(TaskRunState::Finished);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Finished);
+    }
+
+    #[test]
+    fn lost_executor_moves_every_task_under_a_new_epoch() {
+        let mut sim = Sim::new();
+        let a = sim.register(4);
+        let b = sim.register(4);
+        let job = sim.submit(4);
+        sim.settle(&[]);
+        sim.report_all(TaskRunState::Running);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Running);
+        let epoch = sim.job(job).epoch;
+        sim.reports.remove(&a);
+        sim.settle(&[a]);
+        let j = sim.job(job);
+        assert_eq!(j.state, JobState::Recovering);
+        assert!(j.epoch > epoch);
+        for t in &j.tasks {
+            assert_eq!(sim.state.task(*t).unwrap().executor, Some(ExecutorId(b)));
+        }
+        sim.report_all(TaskRunState::Running);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Running);
+    }
+
+    #[test]
+    fn failed_task_restarts_the_job_then_gives_up() {
+        let mut sim = Sim::new();
+        sim.register(4);
+        let job = sim.submit(2);
+        sim.settle(&[]);
+        for _ in 0..MAX_RESTARTS {
+            let epoch = sim.job(job).epoch;
+            sim.report_all(TaskRunState::Failed);
+            sim.settle(&[]);
+            assert_eq!(sim.job(job).state, JobState::Recovering);
+            assert!(sim.job(job).epoch > epoch, "a restart needs a new epoch");
+        }
+        sim.report_all(TaskRunState::Failed);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Failed);
+    }
+
+    #[test]
+    fn capacity_is_shared_between_jobs_and_freed_by_cancel() {
+        let mut sim = Sim::new();
+        sim.register(3);
+        let first = sim.submit(3);
+        let second = sim.submit(2);
+        sim.settle(&[]);
+        assert_eq!(sim.job(first).state, JobState::Scheduling);
+        assert_eq!(sim.job(second).state, JobState::Pending);
+        sim.apply(Command::SetJobState {
+            job: JobId(first),
+            state: JobState::Cancelling,
+            reason: "user".into(),
+            at_ms: 0,
+        });
+        sim.reports.clear();
+        sim.settle(&[]);
+        assert_eq!(sim.job(first).state, JobState::Cancelled);
+        assert_eq!(sim.job(second).state, JobState::Scheduling);
+    }
+}
