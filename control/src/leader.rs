@@ -232,7 +232,13 @@ fn step_job(
                     .iter()
                     .filter_map(|t| state.task(*t))
                     .find_map(|t| match t.executor {
-                        None => Some(0),
+                        // The loss already unplaced the task: name the latest lost executor.
+                        None => state
+                            .executors
+                            .values()
+                            .filter(|e| e.state != ExecutorState::Alive)
+                            .max_by_key(|e| e.lost.as_ref().map(|l| l.1))
+                            .map(|e| e.id.0),
                         Some(e)
                             if state
                                 .executor(e)
@@ -242,7 +248,7 @@ fn step_job(
                         }
                         Some(_) => None,
                     })
-                    .unwrap_or(0);
+                    .unwrap_or_default();
                 return transition(job, JobEvent::ExecutorLost { executor: lost }, now_ms);
             }
             if let Some(msg) = failed {

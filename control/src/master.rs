@@ -405,7 +405,10 @@ impl Shared {
                     used: st
                         .tasks
                         .values()
-                        .filter(|t| t.executor == Some(e.id))
+                        .filter(|t| {
+                            t.executor == Some(e.id)
+                                && st.job(t.job).is_some_and(|j| !j.state.is_terminal())
+                        })
                         .count() as u32,
                     incarnation: e.incarnation,
                 })

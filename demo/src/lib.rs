@@ -20,6 +20,8 @@
 //! - **The barrier**: a syncer holds DDL `(t, v)` until every stream's syncer has reached
 //!   DDL `(t, v)`, then passes it. So no row of table `t` with version `≥ v` is synced on any
 //!   stream before every row of table `t` with version `< v` has been synced on all of them.
+//!   While it waits, the syncer holds only table `t`'s later records; other tables pass
+//!   (holding the whole stream can deadlock, see [`operators::Syncer`]).
 //! - Each sink appends one line per record to `<sink-dir>/<flow-id>/sink_<i>.csv`:
 //!   `kind,table_id,schema_ver,pk,produced_ns,synced_ns,sink_ns` (see [`sinkfile`]).
 //!
@@ -31,6 +33,15 @@
 //! - [`verify`](mod@verify): [`verify()`] reads the sink files after a run and checks
 //!   exactly-once delivery, per-stream DDL order and the barrier, and measures latency and
 //!   throughput into a [`Report`].
+//! - [`record`]: [`DemoRecord`], the fixed-size rkyv record with its per-stage tracer
+//!   stamps, and [`UnixClock`], the shared Instant → Unix-ns mapping.
+//! - [`plan`](mod@plan): [`plan()`] turns a spec into the job's `JobGraph` (task names,
+//!   co-location groups, edges); [`task_kind`] reads a task back as a [`TaskKind`].
+//! - [`operators`]: the engine operators (producer with open-loop pacing, binlog, receive,
+//!   syncer, sink).
+//! - [`barrier`]: [`BarrierCoordinator`], the in-memory DDL barrier of a job's syncers.
+//! - [`runtime`]: [`start_tasks`] instantiates the tasks placed on one executor, wires their
+//!   edges (in-process or through an `Exchange`) and spawns them on its `Engine`.
 //!
 //! ```
 //! use microcosm_demo::{DemoSpec, SpecError};
@@ -42,9 +53,19 @@
 //! # Ok::<(), SpecError>(())
 //! ```
 
+pub mod barrier;
+pub mod operators;
+pub mod plan;
+pub mod record;
+pub mod runtime;
 pub mod sinkfile;
 pub mod spec;
 pub mod verify;
+
+pub use barrier::{Arrival, BarrierCoordinator, BarrierError};
+pub use plan::{TaskKind, plan, task_kind};
+pub use record::{DemoRecord, RecordKind, UnixClock};
+pub use runtime::{DemoError, StartContext, StartedTasks, start_tasks};
 
 pub use sinkfile::{RowError, RowKind, SinkRow};
 pub use spec::{DemoSpec, DemoSpecOverrides, ExpectedDdl, SpecError};

@@ -9,6 +9,7 @@ use microcosm_control::proto::JobAction;
 
 mod certs;
 mod client;
+mod demo;
 mod executor;
 mod jobs;
 mod master;
@@ -35,6 +36,17 @@ enum Command {
     Master(master::MasterArgs),
     /// Run an executor.
     Executor(executor::ExecutorArgs),
+    /// Run the demo pipeline on a local cluster (child processes), verify it, and print a summary.
+    Demo(demo::DemoArgs),
+    /// Verify the output of a demo job.
+    Verify {
+        /// The job's output directory (<sink-dir>/<flow-id>).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The job spec the output was produced with.
+        #[arg(long)]
+        job: PathBuf,
+    },
     /// Inspect the cluster.
     Cluster {
         #[command(subcommand)]
@@ -135,6 +147,16 @@ fn main() -> ExitCode {
         } => certs::init(&dir, &cluster_name, &sans),
         Command::Master(args) => runtime().and_then(|rt| rt.block_on(master::run(args))),
         Command::Executor(args) => runtime().and_then(|rt| rt.block_on(executor::run(args))),
+        Command::Demo(args) => match runtime().and_then(|rt| rt.block_on(demo::run(args))) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(2),
+            Err(e) => Err(e),
+        },
+        Command::Verify { dir, job } => match verify(&dir, &job) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(2),
+            Err(e) => Err(e),
+        },
         Command::Cluster {
             command: ClusterCommand::Status { cluster },
         } => runtime().and_then(|rt| rt.block_on(client::cluster_status(&cluster))),
@@ -168,6 +190,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn verify(dir: &std::path::Path, job: &std::path::Path) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    let text =
+        std::fs::read_to_string(job).with_context(|| format!("cannot read {}", job.display()))?;
+    let spec = microcosm_demo::DemoSpec::from_toml_str(&text)?;
+    let report = microcosm_demo::verify(dir, &spec)?;
+    println!("{report}");
+    if !report.passed() {
+        eprintln!("verification FAILED");
+    }
+    Ok(report.passed())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

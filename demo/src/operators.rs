@@ -1,0 +1,934 @@
+//! The demo pipeline's operators on `microcosm-engine`: [`Producer`], [`Binlog`],
+//! [`Receive`], [`Syncer`] and [`Sink`].
+//!
+//! All of them follow the engine's rules: `run` never blocks or sleeps, does a bounded
+//! amount of work ([`RECORD_BUDGET`] records, then `Status::Ready`), and never loses a record
+//! when an output is full — a record leaves an operator's pending buffer only after
+//! `Output::push` accepted it, and the operator returns `Status::BlockedOnOutput` to be run
+//! again when room frees.
+//!
+//! Batches are copied into owned [`DemoRecord`]s on arrival (a sealed batch from the network
+//! is read in place field by field, [`DemoRecord::from_archived`]) so every stage can stamp
+//! its tracer slot. That costs a ~120-byte copy per record and stage; the simplicity (one
+//! pending queue per operator, uniform stamping) is worth it at the demo's rates.
+//!
+//! An operator whose upstream failed or was cancelled (`Input::upstream_aborted`) fails
+//! too, so a broken job ends with failed tasks rather than with sink files that look
+//! complete.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use microcosm_engine::{Batch, Context, EngineError, Input, Operator, Output, Status};
+
+use crate::barrier::{Arrival, BarrierCoordinator};
+use crate::record::{
+    DemoRecord, TRACE_BINLOG, TRACE_PRODUCED, TRACE_RECEIVE, TRACE_SINK, TRACE_SYNCED, UnixClock,
+};
+use crate::sinkfile::{RowKind, SinkRow};
+use crate::spec::DemoSpec;
+
+/// Most records one invocation of an operator handles before yielding to other tasks.
+pub const RECORD_BUDGET: usize = 4096;
+
+/// Records a binlog keeps in memory for replay until checkpointing truncates the log.
+pub const DEFAULT_LOG_RETENTION: usize = 65_536;
+
+/// Largest latency the histograms track exactly (one hour, in ns); larger values are
+/// clamped to it.
+pub const MAX_TRACKED_LATENCY_NS: u64 = 3_600_000_000_000;
+
+/// Fails if any input's producer failed or was cancelled.
+fn check_upstream<R>(inputs: &[Input<R>]) -> Result<(), EngineError> {
+    match inputs.iter().position(Input::upstream_aborted) {
+        Some(i) => Err(EngineError::operator(format!(
+            "the upstream task of input {i} failed or was cancelled"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Appends a batch's records to `pending`, reading a sealed batch in place.
+fn extend_from(batch: &Batch<DemoRecord>, pending: &mut VecDeque<DemoRecord>) {
+    match batch {
+        Batch::Owned(records) => pending.extend(records.iter().copied()),
+        Batch::Sealed(sealed) => {
+            pending.extend(sealed.records().iter().map(DemoRecord::from_archived))
+        }
+    }
+}
+
+/// Pushes pending records to `out` while it accepts them; false if it blocked.
+fn drain_to(
+    pending: &mut VecDeque<DemoRecord>,
+    out: &mut Output<DemoRecord>,
+    moved: &mut usize,
+) -> bool {
+    while let Some(&record) = pending.front() {
+        if out.push(record).is_err() {
+            return false;
+        }
+        pending.pop_front();
+        *moved += 1;
+    }
+    true
+}
+
+/// The one output of a single-output operator, or an error naming the operator.
+fn single_output<'a>(
+    outputs: &'a mut [Output<DemoRecord>],
+    what: &str,
+) -> Result<&'a mut Output<DemoRecord>, EngineError> {
+    match outputs {
+        [out] => Ok(out),
+        _ => Err(EngineError::operator(format!(
+            "{what} needs exactly one output, has {}",
+            outputs.len()
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Producer
+// ---------------------------------------------------------------------------------------
+
+/// Source of table `table`: emits data records with pk `1..=rcd-cnt`, preceded at every
+/// `pk % ddl-freq == 0` by a DDL to every stream.
+///
+/// Output port `s` must lead to stream `s`'s binlog. Data record `pk` goes to stream
+/// `(pk + table) % S`. Pacing is open loop: with a total rate `r` over `T` producers, data
+/// record `pk` is *intended* at `start + (pk − 1) · T / r` seconds; each run emits every
+/// record whose intended time has passed and otherwise returns `Status::WaitUntil` the next
+/// one. The record's produced stamp is its intended time, so time spent waiting behind a
+/// slow pipeline counts as latency (no coordinated omission). With rate 0 records are emitted
+/// as fast as the outputs take them, stamped with the invocation's time.
+#[derive(Debug)]
+pub struct Producer {
+    table: u32,
+    streams: u32,
+    rcd_cnt: u64,
+    ddl_freq: u64,
+    /// Nanoseconds between intended emissions, as the fraction `num / den`; `None` = unpaced.
+    pace: Option<(u128, u128)>,
+    clock: UnixClock,
+    start: Option<Instant>,
+    next_pk: u64,
+    /// The current pk's records are being emitted (its stamp is fixed).
+    in_progress: bool,
+    /// DDL records of the current pk already emitted (streams `0..ddl_sent`).
+    ddl_sent: u32,
+    stamp: u64,
+}
+
+impl Producer {
+    /// The producer of table `table` for `spec`, stamping with `clock`.
+    pub fn new(spec: &DemoSpec, table: u32, clock: UnixClock) -> Producer {
+        let pace = (spec.rate > 0).then(|| {
+            (
+                u128::from(spec.table_num) * 1_000_000_000,
+                u128::from(spec.rate),
+            )
+        });
+        Producer {
+            table,
+            streams: spec.binlog_num,
+            rcd_cnt: spec.rcd_cnt,
+            ddl_freq: spec.ddl_freq,
+            pace,
+            clock,
+            start: None,
+            next_pk: 1,
+            in_progress: false,
+            ddl_sent: 0,
+            stamp: 0,
+        }
+    }
+
+    /// Data records emitted so far.
+    pub fn emitted(&self) -> u64 {
+        self.next_pk - 1
+    }
+
+    /// When data record `pk` is intended, relative to the start.
+    fn offset(&self, pk: u64) -> Option<Duration> {
+        self.pace.map(|(num, den)| {
+            let ns = u128::from(pk.saturating_sub(1)) * num / den;
+            Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+        })
+    }
+
+    fn version(&self, pk: u64) -> Result<u32, EngineError> {
+        let version = pk.checked_div(self.ddl_freq).unwrap_or(0);
+        u32::try_from(version).map_err(|_| {
+            EngineError::operator(format!(
+                "table {} pk {pk}: schema version {version} does not fit in 32 bits",
+                self.table
+            ))
+        })
+    }
+
+    fn is_ddl_pk(&self, pk: u64) -> bool {
+        self.ddl_freq > 0 && pk.is_multiple_of(self.ddl_freq)
+    }
+}
+
+impl Operator for Producer {
+    type In = ();
+    type Out = DemoRecord;
+
+    fn run(
+        &mut self,
+        _inputs: &mut [Input<()>],
+        outputs: &mut [Output<DemoRecord>],
+        cx: &mut Context<'_>,
+    ) -> Result<Status, EngineError> {
+        if self.streams == 0 || outputs.len() != self.streams as usize {
+            return Err(EngineError::operator(format!(
+                "producer {} needs {} outputs (one per stream), has {}",
+                self.table,
+                self.streams,
+                outputs.len()
+            )));
+        }
+        let now = cx.now();
+        let start = *self.start.get_or_insert(now);
+        let mut emitted = 0usize;
+        while self.next_pk <= self.rcd_cnt {
+            let pk = self.next_pk;
+            if !self.in_progress {
+                // Stop between records only, so a DDL reaches either all streams or none.
+                if cx.is_draining() {
+                    return Ok(Status::Finished);
+                }
+                if emitted >= RECORD_BUDGET {
+                    return Ok(Status::Ready);
+                }
+                self.stamp = match self.offset(pk) {
+                    Some(offset) => {
+                        let intended = start + offset;
+                        if intended > now {
+                            return Ok(Status::WaitUntil(intended));
+                        }
+                        self.clock.unix_ns(intended)
+                    }
+                    None => self.clock.unix_ns(now),
+                };
+                self.in_progress = true;
+                self.ddl_sent = 0;
+            }
+            let version = self.version(pk)?;
+            if self.is_ddl_pk(pk) {
+                while let Some(out) = outputs.get_mut(self.ddl_sent as usize) {
+                    let ddl = DemoRecord::ddl(self.table, version, pk, self.stamp);
+                    if out.push(ddl).is_err() {
+                        return Ok(Status::BlockedOnOutput);
+                    }
+                    self.ddl_sent += 1;
+                }
+            }
+            let stream = pk.saturating_add(u64::from(self.table)) % u64::from(self.streams);
+            // `stream < streams == outputs.len()`.
+            let Some(out) = outputs.get_mut(stream as usize) else {
+                return Err(EngineError::operator("stream index out of range"));
+            };
+            if out
+                .push(DemoRecord::data(self.table, version, pk, self.stamp))
+                .is_err()
+            {
+                return Ok(Status::BlockedOnOutput);
+            }
+            self.in_progress = false;
+            self.next_pk += 1;
+            emitted += 1;
+        }
+        Ok(Status::Finished)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Binlog
+// ---------------------------------------------------------------------------------------
+
+/// The position of a binlog, readable from any thread: the number of records appended.
+#[derive(Debug, Clone, Default)]
+pub struct LogPosition(Arc<AtomicU64>);
+
+impl LogPosition {
+    /// Records appended so far (the position the next record gets).
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self, position: u64) {
+        self.0.store(position, Ordering::Release);
+    }
+}
+
+/// An ordered in-memory record log with positions, keeping the latest records for replay.
+///
+/// Memory is bounded: at most `retention` records are kept; older ones are dropped (as a
+/// checkpoint would truncate them, see [`BinlogLog::truncate_before`]).
+#[derive(Debug)]
+pub struct BinlogLog {
+    records: VecDeque<DemoRecord>,
+    /// Position of `records[0]`.
+    first: u64,
+    retention: usize,
+}
+
+impl BinlogLog {
+    /// An empty log keeping at most `retention` records (at least 1).
+    pub fn new(retention: usize) -> BinlogLog {
+        BinlogLog {
+            records: VecDeque::new(),
+            first: 0,
+            retention: retention.max(1),
+        }
+    }
+
+    /// Appends a record and returns its position.
+    pub fn append(&mut self, record: DemoRecord) -> u64 {
+        let position = self.end();
+        if self.records.len() >= self.retention {
+            self.records.pop_front();
+            self.first += 1;
+        }
+        self.records.push_back(record);
+        position
+    }
+
+    /// The position the next record gets (= records appended so far).
+    pub fn end(&self) -> u64 {
+        self.first + self.records.len() as u64
+    }
+
+    /// The oldest position still held.
+    pub fn start(&self) -> u64 {
+        self.first
+    }
+
+    /// The records from `position` on, if still held.
+    pub fn read_from(&self, position: u64) -> Option<impl Iterator<Item = &DemoRecord>> {
+        let skip = usize::try_from(position.checked_sub(self.first)?).ok()?;
+        (skip <= self.records.len()).then(|| self.records.iter().skip(skip))
+    }
+
+    /// Drops the records before `position` (e.g. once a checkpoint covers them).
+    pub fn truncate_before(&mut self, position: u64) {
+        while self.first < position && self.records.pop_front().is_some() {
+            self.first += 1;
+        }
+    }
+}
+
+/// Binlog `stream`: merges the producers' records (per-producer order kept by the edges),
+/// appends each to its [`BinlogLog`], stamps `tracer[TRACE_BINLOG]` and forwards it to its one
+/// output. Finishes when every input has ended and everything is forwarded.
+#[derive(Debug)]
+pub struct Binlog {
+    stream: u32,
+    clock: UnixClock,
+    log: BinlogLog,
+    position: LogPosition,
+    pending: VecDeque<DemoRecord>,
+    next_input: usize,
+}
+
+impl Binlog {
+    /// Binlog `stream`, keeping [`DEFAULT_LOG_RETENTION`] records.
+    pub fn new(stream: u32, clock: UnixClock) -> Binlog {
+        Binlog {
+            stream,
+            clock,
+            log: BinlogLog::new(DEFAULT_LOG_RETENTION),
+            position: LogPosition::default(),
+            pending: VecDeque::new(),
+            next_input: 0,
+        }
+    }
+
+    /// The log position: records appended so far.
+    pub fn log_position(&self) -> u64 {
+        self.log.end()
+    }
+
+    /// A handle reading the log position from another thread.
+    pub fn position_handle(&self) -> LogPosition {
+        self.position.clone()
+    }
+
+    /// The log.
+    pub fn log(&self) -> &BinlogLog {
+        &self.log
+    }
+
+    /// Takes the next batch from the inputs, round-robin; false if none had one.
+    fn take_batch(&mut self, inputs: &mut [Input<DemoRecord>]) -> bool {
+        let n = inputs.len();
+        for k in 0..n {
+            let i = (self.next_input + k) % n;
+            let Some(batch) = inputs.get_mut(i).and_then(Input::pop) else {
+                continue;
+            };
+            self.next_input = (i + 1) % n;
+            let stamp = self.clock.now_ns();
+            let from = self.pending.len();
+            extend_from(&batch, &mut self.pending);
+            for record in self.pending.range_mut(from..) {
+                record.tracer[TRACE_BINLOG] = stamp;
+                self.log.append(*record);
+            }
+            self.position.set(self.log.end());
+            return true;
+        }
+        false
+    }
+}
+
+impl Operator for Binlog {
+    type In = DemoRecord;
+    type Out = DemoRecord;
+
+    fn run(
+        &mut self,
+        inputs: &mut [Input<DemoRecord>],
+        outputs: &mut [Output<DemoRecord>],
+        _cx: &mut Context<'_>,
+    ) -> Result<Status, EngineError> {
+        check_upstream(inputs)?;
+        let out = single_output(outputs, &format!("binlog {}", self.stream))?;
+        let mut moved = 0;
+        loop {
+            if !drain_to(&mut self.pending, out, &mut moved) {
+                return Ok(Status::BlockedOnOutput);
+            }
+            if moved >= RECORD_BUDGET {
+                return Ok(Status::Ready);
+            }
+            if !self.take_batch(inputs) {
+                break;
+            }
+        }
+        Ok(if inputs.iter().all(Input::is_finished) {
+            Status::Finished
+        } else {
+            Status::BlockedOnInput
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Receive
+// ---------------------------------------------------------------------------------------
+
+/// Receiver `stream`: reads its binlog's records (sealed batches when they crossed the
+/// network), stamps `tracer[TRACE_RECEIVE]` and forwards them.
+#[derive(Debug)]
+pub struct Receive {
+    stream: u32,
+    clock: UnixClock,
+    pending: VecDeque<DemoRecord>,
+}
+
+impl Receive {
+    /// Receiver `stream`.
+    pub fn new(stream: u32, clock: UnixClock) -> Receive {
+        Receive {
+            stream,
+            clock,
+            pending: VecDeque::new(),
+        }
+    }
+}
+
+impl Operator for Receive {
+    type In = DemoRecord;
+    type Out = DemoRecord;
+
+    fn run(
+        &mut self,
+        inputs: &mut [Input<DemoRecord>],
+        outputs: &mut [Output<DemoRecord>],
+        _cx: &mut Context<'_>,
+    ) -> Result<Status, EngineError> {
+        check_upstream(inputs)?;
+        let out = single_output(outputs, &format!("receive {}", self.stream))?;
+        let [input] = inputs else {
+            return Err(EngineError::operator(format!(
+                "receive {} needs exactly one input",
+                self.stream
+            )));
+        };
+        let mut moved = 0;
+        loop {
+            if !drain_to(&mut self.pending, out, &mut moved) {
+                return Ok(Status::BlockedOnOutput);
+            }
+            if moved >= RECORD_BUDGET {
+                return Ok(Status::Ready);
+            }
+            let Some(batch) = input.pop() else { break };
+            let stamp = self.clock.now_ns();
+            let from = self.pending.len();
+            extend_from(&batch, &mut self.pending);
+            for record in self.pending.range_mut(from..) {
+                record.tracer[TRACE_RECEIVE] = stamp;
+            }
+        }
+        Ok(if input.is_finished() {
+            Status::Finished
+        } else {
+            Status::BlockedOnInput
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Syncer
+// ---------------------------------------------------------------------------------------
+
+/// Syncer `stream`: passes records to its sink, stamping `tracer[TRACE_SYNCED]`, and holds
+/// each DDL at the [`BarrierCoordinator`] until every stream has reached it.
+///
+/// **Per-table holding.** While DDL `(t, v)` waits, the syncer holds it and every later
+/// record of table `t` (in order), but keeps passing the other tables' records. Holding the
+/// whole stream would deadlock: each binlog merges its producers in its own order, so stream
+/// 0 may meet DDL `(a, 1)` before DDL `(b, 1)` while stream 1 meets them the other way round,
+/// and each would wait for the other. The guarantee the verifier checks is per table, and
+/// per-table holding gives it. Held records are bounded by what the producers can emit while
+/// the slowest stream catches up, because every producer also feeds that stream and blocks
+/// on it.
+///
+/// **Stamps** are fresh clock readings: one at the start of each run, and a new one after
+/// each barrier release. A stream passes (stamps) its records of table `t` older than DDL
+/// `(t, v)` before it arrives at the barrier, and every record of `t` from `(t, v)` on is
+/// stamped after the release, so `max synced(t, < v) <= min synced(t, >= v)` over all
+/// streams.
+#[derive(Debug)]
+pub struct Syncer {
+    stream: u32,
+    barrier: Arc<BarrierCoordinator>,
+    clock: UnixClock,
+    /// Per held table: the waiting DDL first, then the table's later records.
+    held: HashMap<u32, VecDeque<DemoRecord>>,
+    /// Passed and stamped records not yet accepted by the output.
+    outbox: VecDeque<DemoRecord>,
+    /// Records of the batch being classified.
+    incoming: VecDeque<DemoRecord>,
+    /// The coordinator generation at the last re-poll of the held tables.
+    seen_generation: u64,
+    /// The syncer finished normally (otherwise dropping it abandons the barrier).
+    done: bool,
+}
+
+impl Syncer {
+    /// Syncer `stream` of the job whose syncers share `barrier`.
+    pub fn new(stream: u32, barrier: Arc<BarrierCoordinator>, clock: UnixClock) -> Syncer {
+        Syncer {
+            stream,
+            barrier,
+            clock,
+            held: HashMap::new(),
+            outbox: VecDeque::new(),
+            incoming: VecDeque::new(),
+            seen_generation: u64::MAX,
+            done: false,
+        }
+    }
+
+    /// Tables currently held at a barrier.
+    pub fn held_tables(&self) -> usize {
+        self.held.len()
+    }
+
+    fn pass(&mut self, mut record: DemoRecord, stamp: u64) {
+        record.tracer[TRACE_SYNCED] = stamp;
+        self.outbox.push_back(record);
+    }
+
+    fn poll(&self, ddl: &DemoRecord, cx: &Context<'_>) -> Result<Arrival, EngineError> {
+        self.barrier
+            .poll(ddl.table, ddl.version, self.stream, cx.waker())
+            .map_err(|e| EngineError::operator(format!("syncer {}: {e}", self.stream)))
+    }
+
+    /// Routes one incoming record: held behind its table's DDL, held as a new DDL, or passed.
+    fn classify(
+        &mut self,
+        record: DemoRecord,
+        stamp: &mut u64,
+        cx: &Context<'_>,
+    ) -> Result<(), EngineError> {
+        if let Some(queue) = self.held.get_mut(&record.table) {
+            queue.push_back(record);
+            return Ok(());
+        }
+        if record.is_ddl() {
+            match self.poll(&record, cx)? {
+                Arrival::Passed => {
+                    *stamp = self.clock.now_ns();
+                    self.pass(record, *stamp);
+                }
+                Arrival::Waiting => {
+                    self.held.insert(record.table, VecDeque::from([record]));
+                }
+            }
+        } else {
+            self.pass(record, *stamp);
+        }
+        Ok(())
+    }
+
+    /// Re-polls every held table's DDL; passes the released ones and what follows them up
+    /// to the table's next DDL (which is polled in turn).
+    fn release_ready(&mut self, stamp: &mut u64, cx: &Context<'_>) -> Result<(), EngineError> {
+        let tables: Vec<u32> = self.held.keys().copied().collect();
+        for table in tables {
+            let Some(mut queue) = self.held.remove(&table) else {
+                continue;
+            };
+            while let Some(&ddl) = queue.front() {
+                if self.poll(&ddl, cx)? == Arrival::Waiting {
+                    break;
+                }
+                *stamp = self.clock.now_ns();
+                queue.pop_front();
+                self.pass(ddl, *stamp);
+                while let Some(&record) = queue.front().filter(|r| !r.is_ddl()) {
+                    queue.pop_front();
+                    self.pass(record, *stamp);
+                }
+            }
+            if !queue.is_empty() {
+                self.held.insert(table, queue);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Operator for Syncer {
+    type In = DemoRecord;
+    type Out = DemoRecord;
+
+    fn run(
+        &mut self,
+        inputs: &mut [Input<DemoRecord>],
+        outputs: &mut [Output<DemoRecord>],
+        cx: &mut Context<'_>,
+    ) -> Result<Status, EngineError> {
+        check_upstream(inputs)?;
+        let out = single_output(outputs, &format!("syncer {}", self.stream))?;
+        let [input] = inputs else {
+            return Err(EngineError::operator(format!(
+                "syncer {} needs exactly one input",
+                self.stream
+            )));
+        };
+        let mut stamp = self.clock.now_ns();
+        let generation = self.barrier.generation();
+        if generation != self.seen_generation && !self.held.is_empty() {
+            self.release_ready(&mut stamp, cx)?;
+        }
+        self.seen_generation = generation;
+        let mut moved = 0;
+        loop {
+            if !drain_to(&mut self.outbox, out, &mut moved) {
+                return Ok(Status::BlockedOnOutput);
+            }
+            if moved >= RECORD_BUDGET {
+                return Ok(Status::Ready);
+            }
+            if self.incoming.is_empty() {
+                match input.pop() {
+                    Some(batch) => extend_from(&batch, &mut self.incoming),
+                    None => break,
+                }
+            }
+            while let Some(record) = self.incoming.pop_front() {
+                self.classify(record, &mut stamp, cx)?;
+            }
+        }
+        if !input.is_finished() {
+            return Ok(Status::BlockedOnInput);
+        }
+        if self.held.is_empty() {
+            self.done = true;
+            self.barrier.leave(self.stream);
+            return Ok(Status::Finished);
+        }
+        // Input ended with DDLs still held: the release wakes us.
+        Ok(Status::Idle)
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        if !self.done {
+            // Failed, cancelled or never run: the other syncers must not wait for us.
+            self.barrier.abandon(self.stream);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Sink
+// ---------------------------------------------------------------------------------------
+
+/// A latency histogram (ns, `sink − produced` of data rows) shared between a sink and
+/// whoever reports on it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct LatencyHandle(Arc<Mutex<Histogram<u64>>>);
+
+impl LatencyHandle {
+    /// An empty histogram (3 significant digits, growing as needed).
+    pub fn new() -> LatencyHandle {
+        LatencyHandle(Arc::new(Mutex::new(new_histogram())))
+    }
+
+    /// A copy of the histogram as it is now.
+    pub fn snapshot(&self) -> Histogram<u64> {
+        self.lock().clone()
+    }
+
+    /// Records counted so far.
+    pub fn len(&self) -> u64 {
+        self.lock().len()
+    }
+
+    /// Whether nothing was recorded yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn merge(&self, local: &Histogram<u64>) -> Result<(), EngineError> {
+        self.lock()
+            .add(local)
+            .map_err(|e| EngineError::operator(format!("merging latency histograms: {e:?}")))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Histogram<u64>> {
+        // A histogram is valid after any completed call; a poisoned lock is still usable.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Default for LatencyHandle {
+    fn default() -> Self {
+        LatencyHandle::new()
+    }
+}
+
+/// An auto-resizing ns histogram with 3 significant digits.
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    let mut histogram = Histogram::new_with_bounds(1, MAX_TRACKED_LATENCY_NS, 3)
+        // Invariant: the bounds are constants satisfying 1 <= low, high >= 2·low, sigfig <= 5.
+        .expect("constant histogram bounds are valid");
+    histogram.auto(true);
+    histogram
+}
+
+/// Sink `stream`: writes one CSV line per record ([`SinkRow::write_to`]) to its file,
+/// measures `sink − produced` latency of data rows into a [`LatencyHandle`], and on the end
+/// of its input flushes and fsyncs the file before finishing.
+///
+/// The file is created (truncated) on the first run, its directory too. I/O errors fail the
+/// task.
+#[derive(Debug)]
+pub struct Sink {
+    stream: u32,
+    path: PathBuf,
+    clock: UnixClock,
+    writer: Option<BufWriter<File>>,
+    line: Vec<u8>,
+    scratch: VecDeque<DemoRecord>,
+    local: Histogram<u64>,
+    latency: LatencyHandle,
+    rows: u64,
+}
+
+impl Sink {
+    /// Sink `stream` writing to `path`, reporting latency into `latency`.
+    pub fn new(stream: u32, path: PathBuf, clock: UnixClock, latency: LatencyHandle) -> Sink {
+        Sink {
+            stream,
+            path,
+            clock,
+            writer: None,
+            line: Vec::with_capacity(160),
+            scratch: VecDeque::new(),
+            local: new_histogram(),
+            latency,
+            rows: 0,
+        }
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    fn io_error(&self, what: &str, error: &std::io::Error) -> EngineError {
+        EngineError::operator(format!(
+            "sink {}: {what} {}: {error}",
+            self.stream,
+            self.path.display()
+        ))
+    }
+
+    fn open(&mut self) -> Result<(), EngineError> {
+        if self.writer.is_some() {
+            return Ok(());
+        }
+        if let Some(dir) = self.path.parent() {
+            fs::create_dir_all(dir).map_err(|e| self.io_error("creating the directory of", &e))?;
+        }
+        let file = File::create(&self.path).map_err(|e| self.io_error("creating", &e))?;
+        self.writer = Some(BufWriter::with_capacity(1 << 16, file));
+        Ok(())
+    }
+
+    fn write_batch(&mut self, batch: &Batch<DemoRecord>) -> Result<(), EngineError> {
+        self.scratch.clear();
+        extend_from(batch, &mut self.scratch);
+        let now_ns = self.clock.now_ns();
+        while let Some(mut record) = self.scratch.pop_front() {
+            record.tracer[TRACE_SINK] = now_ns;
+            let kind = if record.is_ddl() {
+                RowKind::Ddl
+            } else {
+                self.local
+                    .saturating_record(now_ns.saturating_sub(record.tracer[TRACE_PRODUCED]));
+                RowKind::Data
+            };
+            let row = SinkRow {
+                kind,
+                table_id: record.table,
+                schema_ver: u64::from(record.version),
+                pk: record.pk,
+                produced_ns: record.tracer[TRACE_PRODUCED],
+                synced_ns: record.tracer[TRACE_SYNCED],
+                sink_ns: now_ns,
+            };
+            self.line.clear();
+            row.write_to(&mut self.line);
+            let Some(writer) = self.writer.as_mut() else {
+                return Err(EngineError::operator("sink writer is not open"));
+            };
+            if let Err(e) = writer.write_all(&self.line) {
+                return Err(self.io_error("writing", &e));
+            }
+            self.rows += 1;
+        }
+        Ok(())
+    }
+
+    fn publish_latency(&mut self) -> Result<(), EngineError> {
+        if !self.local.is_empty() {
+            self.latency.merge(&self.local)?;
+            self.local.reset();
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), EngineError> {
+        let Some(writer) = self.writer.as_mut() else {
+            return Err(EngineError::operator("sink writer is not open"));
+        };
+        let result = writer.flush().and_then(|()| writer.get_ref().sync_all());
+        result.map_err(|e| self.io_error("flushing", &e))
+    }
+}
+
+impl Operator for Sink {
+    type In = DemoRecord;
+    type Out = ();
+
+    fn run(
+        &mut self,
+        inputs: &mut [Input<DemoRecord>],
+        _outputs: &mut [Output<()>],
+        _cx: &mut Context<'_>,
+    ) -> Result<Status, EngineError> {
+        check_upstream(inputs)?;
+        self.open()?;
+        let [input] = inputs else {
+            return Err(EngineError::operator(format!(
+                "sink {} needs exactly one input",
+                self.stream
+            )));
+        };
+        let mut handled = 0;
+        let status = loop {
+            if handled >= RECORD_BUDGET {
+                break Status::Ready;
+            }
+            let Some(batch) = input.pop() else {
+                break if input.is_finished() {
+                    Status::Finished
+                } else {
+                    Status::BlockedOnInput
+                };
+            };
+            handled += batch.len();
+            self.write_batch(&batch)?;
+        };
+        self.publish_latency()?;
+        if status == Status::Finished {
+            self.finish()?;
+        }
+        Ok(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_keeps_positions_and_bounded_history() {
+        let mut log = BinlogLog::new(3);
+        for pk in 0..5 {
+            assert_eq!(log.append(DemoRecord::data(0, 0, pk, 0)), pk);
+        }
+        assert_eq!((log.start(), log.end()), (2, 5));
+        let pks: Vec<u64> = log.read_from(3).unwrap().map(|r| r.pk).collect();
+        assert_eq!(pks, vec![3, 4]);
+        assert!(log.read_from(1).is_none(), "dropped");
+        assert!(log.read_from(6).is_none(), "beyond the end");
+        assert_eq!(log.read_from(5).unwrap().count(), 0);
+        log.truncate_before(4);
+        assert_eq!((log.start(), log.end()), (4, 5));
+        log.truncate_before(100);
+        assert_eq!((log.start(), log.end()), (5, 5));
+    }
+
+    #[test]
+    fn producer_paces_records_by_their_intended_times() {
+        let spec = DemoSpec {
+            table_num: 4,
+            rate: 1_000,
+            ..DemoSpec::default()
+        };
+        let p = Producer::new(&spec, 0, UnixClock::system());
+        // 4 producers sharing 1000 records/s: 4 ms apart each.
+        assert_eq!(p.offset(1), Some(Duration::ZERO));
+        assert_eq!(p.offset(2), Some(Duration::from_millis(4)));
+        assert_eq!(p.offset(251), Some(Duration::from_secs(1)));
+        let unpaced = Producer::new(
+            &DemoSpec {
+                rate: 0,
+                ..DemoSpec::default()
+            },
+            0,
+            UnixClock::system(),
+        );
+        assert_eq!(unpaced.offset(2), None);
+    }
+}

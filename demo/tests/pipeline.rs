@@ -1,0 +1,390 @@
+//! The demo pipeline on real engines: planned with `plan`, started with `start_tasks`, run
+//! to completion, and judged by the verifier reading the real sink files.
+//!
+//! - `one_engine_*`: every task in one engine (the exchange is unused);
+//! - `two_engines_*`: group 1 on engine A, group 2 on engine B, the binlog → receive edges
+//!   crossing a `MemoryExchange` as sealed batches;
+//! - `barrier_*`: three syncers driven record by record: nobody passes a DDL until the last
+//!   stream reaches it;
+//! - `paced_*`: open-loop pacing takes the intended time and loses nothing;
+//! - `sink_io_error_*`: an unwritable sink fails its task, not the process.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use microcosm_demo::operators::Syncer;
+use microcosm_demo::plan::{GROUP_SOURCES, GROUP_SYNC};
+use microcosm_demo::record::TRACE_SYNCED;
+use microcosm_demo::{
+    BarrierCoordinator, DemoRecord, DemoSpec, Report, StartContext, StartedTasks, UnixClock, plan,
+    start_tasks, verify,
+};
+use microcosm_engine::graph::JobGraph;
+use microcosm_engine::{
+    EdgeConfig, Engine, EngineConfig, EngineError, Input, MemoryExchange, Output, TaskEvent,
+    TaskId, TaskSpec, edge,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn spec_in(dir: &Path, tables: u32, streams: u32, rcd_cnt: u64, rate: u64) -> DemoSpec {
+    let spec = DemoSpec {
+        flow_id: "it".to_owned(),
+        table_num: tables,
+        binlog_num: streams,
+        rcd_cnt,
+        ddl_freq: 100,
+        rate,
+        sink_dir: dir.to_owned(),
+        batch_size: 64,
+        linger_us: 50,
+        ..DemoSpec::default()
+    };
+    spec.validate().unwrap();
+    spec
+}
+
+/// Tasks of `graph` in co-location group `group`.
+fn group(graph: &JobGraph, group: u64) -> Vec<u32> {
+    (0u32..)
+        .zip(&graph.tasks)
+        .filter(|(_, t)| t.group == Some(group))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Waits until every task of `started` has finished; panics on a failure or the timeout.
+fn wait_all_finished(engines: &[&Engine], started: &[&StartedTasks]) {
+    let mut waiting: BTreeSet<TaskId> = started
+        .iter()
+        .flat_map(|s| s.tasks().values().map(|h| h.id()))
+        .collect();
+    let events: Vec<_> = engines.iter().map(|e| e.events()).collect();
+    let deadline = Instant::now() + TIMEOUT;
+    while !waiting.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "tasks still running: {waiting:?}"
+        );
+        for rx in &events {
+            if let Ok(event) = rx.recv_timeout(Duration::from_millis(5)) {
+                match event {
+                    TaskEvent::Finished { task } => {
+                        waiting.remove(&task);
+                    }
+                    TaskEvent::Failed { task, error } => panic!("{task} failed: {error}"),
+                    TaskEvent::Cancelled { task } => panic!("{task} was cancelled"),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn assert_passes(spec: &DemoSpec) -> Report {
+    let report = verify(&spec.output_dir(), spec).unwrap();
+    assert!(report.passed(), "{report:?}");
+    assert_eq!(report.data_rows, spec.total_data_records());
+    assert_eq!(
+        report.ddl_rows,
+        spec.ddl_rows_per_stream() * u64::from(spec.binlog_num)
+    );
+    assert_eq!(report.missing_data + report.duplicate_data, 0);
+    report
+}
+
+fn run_on_one_engine(spec: &DemoSpec, workers: usize) -> StartedTasks {
+    let engine = Engine::start(EngineConfig::with_workers(workers)).unwrap();
+    let graph = plan(spec);
+    let local: Vec<u32> = (0..graph.tasks.len() as u32).collect();
+    let exchange = MemoryExchange::<DemoRecord>::new();
+    let started = start_tasks(StartContext {
+        job: 7,
+        spec,
+        graph: &graph,
+        local: &local,
+        engine: &engine,
+        exchange: &exchange,
+    })
+    .unwrap();
+    assert_eq!(started.tasks().len(), graph.tasks.len());
+    wait_all_finished(&[&engine], &[&started]);
+    assert!(engine.shutdown(Duration::from_secs(5)).drained);
+    started
+}
+
+#[test]
+fn one_engine_runs_the_whole_pipeline_and_the_verifier_passes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec_in(tmp.path(), 3, 2, 2000, 0);
+    let started = run_on_one_engine(&spec, 2);
+    let report = assert_passes(&spec);
+    assert_eq!(report.data_rows, 3 * 2000);
+    // The sinks measured every data row.
+    let measured: u64 = started.latency_handles().values().map(|h| h.len()).sum();
+    assert_eq!(measured, 3 * 2000);
+    let summary = started.latency_summary().unwrap();
+    assert!(summary.p50_us <= summary.p99_us && summary.p99_us <= summary.max_us);
+    // Every record went through a binlog once: data + one DDL per (table, version, stream).
+    let logged: u64 = started.binlog_positions().values().map(|p| p.get()).sum();
+    assert_eq!(logged, 3 * 2000 + 3 * 20 * 2);
+}
+
+#[test]
+fn one_engine_runs_the_prototype_case() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec_in(tmp.path(), 10, 3, 10_000, 0);
+    run_on_one_engine(&spec, 2);
+    assert_passes(&spec);
+}
+
+/// Batches of 3 records with no linger on one worker: outputs fill constantly, so every
+/// operator keeps its place through many `BlockedOnOutput` rounds.
+#[test]
+fn one_engine_with_tiny_batches_loses_nothing_under_backpressure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = spec_in(tmp.path(), 4, 3, 1500, 0);
+    spec.batch_size = 3;
+    spec.linger_us = 0;
+    run_on_one_engine(&spec, 1);
+    assert_passes(&spec);
+}
+
+#[test]
+fn two_engines_split_by_group_pass_sealed_batches_through_the_exchange() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec_in(tmp.path(), 3, 2, 2000, 0);
+    let graph = plan(&spec);
+    let exchange = MemoryExchange::<DemoRecord>::new();
+    let sources = Engine::start(EngineConfig::with_workers(1)).unwrap();
+    let syncing = Engine::start(EngineConfig::with_workers(1)).unwrap();
+    let (group1, group2) = (group(&graph, GROUP_SOURCES), group(&graph, GROUP_SYNC));
+    assert_eq!(group1.len() + group2.len(), graph.tasks.len());
+    // The consuming side binds its inbound edges first; the memory exchange resolves
+    // addresses when the producing side connects.
+    let b = start_tasks(StartContext {
+        job: 9,
+        spec: &spec,
+        graph: &graph,
+        local: &group2,
+        engine: &syncing,
+        exchange: &exchange,
+    })
+    .unwrap();
+    let a = start_tasks(StartContext {
+        job: 9,
+        spec: &spec,
+        graph: &graph,
+        local: &group1,
+        engine: &sources,
+        exchange: &exchange,
+    })
+    .unwrap();
+    assert!(a.barrier().is_none() && b.barrier().is_some());
+    wait_all_finished(&[&sources, &syncing], &[&a, &b]);
+    assert_passes(&spec);
+    // What the binlogs sent on engine A is what the receivers read on engine B.
+    let names: BTreeMap<u32, &str> = (0u32..)
+        .zip(&graph.tasks)
+        .map(|(i, t)| (i, t.name.as_str()))
+        .collect();
+    let sum = |started: &StartedTasks, prefix: &str, out: bool| -> u64 {
+        started
+            .tasks()
+            .iter()
+            .filter(|(i, _)| names[*i].starts_with(prefix))
+            .map(|(_, h)| {
+                if out {
+                    h.metrics().records_out()
+                } else {
+                    h.metrics().records_in()
+                }
+            })
+            .sum()
+    };
+    let crossed = 3 * 2000 + 3 * 20 * 2;
+    assert_eq!(sum(&a, "binlog-", true), crossed);
+    assert_eq!(sum(&b, "receive-", false), crossed);
+}
+
+#[test]
+fn paced_run_takes_the_intended_time_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec_in(tmp.path(), 2, 2, 2000, 20_000);
+    let started_at = Instant::now();
+    run_on_one_engine(&spec, 2);
+    // Each producer emits 10 000 records/s; its last record is intended 199.9 ms in.
+    let took = started_at.elapsed();
+    assert!(took >= Duration::from_millis(195), "finished in {took:?}");
+    let report = assert_passes(&spec);
+    // Produced stamps are intended times: the data span is about 0.2 s.
+    let span_s = report.data_rows as f64 / report.throughput_rows_per_s.unwrap();
+    assert!(span_s >= 0.19, "rows spread over {span_s} s");
+}
+
+#[test]
+fn sink_io_error_fails_only_the_sink_task() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blocker = tmp.path().join("not-a-dir");
+    std::fs::write(&blocker, b"x").unwrap();
+    // `<file>/it/sink_0.csv` cannot be created.
+    let spec = spec_in(&blocker, 1, 1, 200, 0);
+    let engine = Engine::start(EngineConfig::with_workers(1)).unwrap();
+    let events = engine.events();
+    let graph = plan(&spec);
+    let local: Vec<u32> = (0..graph.tasks.len() as u32).collect();
+    let exchange = MemoryExchange::<DemoRecord>::new();
+    let started = start_tasks(StartContext {
+        job: 1,
+        spec: &spec,
+        graph: &graph,
+        local: &local,
+        engine: &engine,
+        exchange: &exchange,
+    })
+    .unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    let failed = loop {
+        assert!(Instant::now() < deadline, "no failure reported");
+        if let Ok(TaskEvent::Failed { task, error }) =
+            events.recv_timeout(Duration::from_millis(50))
+        {
+            break (task, error);
+        }
+    };
+    let index = started.task_index(failed.0).unwrap();
+    assert_eq!(graph.tasks[index as usize].name, "sink-0");
+    assert!(
+        matches!(&failed.1, EngineError::Operator(m) if m.contains("sink 0")),
+        "{:?}",
+        failed.1
+    );
+    // The process carries on: shutting down works.
+    engine.shutdown(Duration::from_secs(5));
+}
+
+/// Three syncers fed by hand. Streams 0 and 1 reach DDL (table 0, version 1); stream 2 has
+/// not: 0 and 1 pass their earlier record but not the DDL nor table 0's next record (table
+/// 1's record passes). When stream 2 reaches it, all three pass the DDL and what follows,
+/// stamped no earlier than anything of table 0 before it.
+#[test]
+fn barrier_holds_every_stream_until_the_last_arrives() {
+    let engine = Engine::start(EngineConfig::with_workers(2)).unwrap();
+    let events = engine.events();
+    let barrier = Arc::new(BarrierCoordinator::new(3));
+    let clock = UnixClock::system();
+    let config = EdgeConfig {
+        capacity: 8,
+        batch_size: 16,
+        linger: Duration::ZERO,
+    };
+    let mut feeds: Vec<Output<DemoRecord>> = Vec::new();
+    let mut taps: Vec<Input<DemoRecord>> = Vec::new();
+    let mut ids = Vec::new();
+    for stream in 0..3 {
+        let (feed, syncer_in) = edge::<DemoRecord>(&config).unwrap();
+        let (syncer_out, tap) = edge::<DemoRecord>(&config).unwrap();
+        let op = Syncer::new(stream, barrier.clone(), clock.clone());
+        let handle = engine
+            .spawn(
+                TaskSpec::new(format!("syncer-{stream}"), op)
+                    .input(syncer_in)
+                    .output(syncer_out),
+            )
+            .unwrap();
+        ids.push(handle.id());
+        feeds.push(feed);
+        taps.push(tap);
+    }
+    let send = |feed: &mut Output<DemoRecord>, records: &[DemoRecord]| {
+        for &r in records {
+            feed.push(r).unwrap();
+        }
+        assert!(feed.flush());
+    };
+    let mut seen: Vec<Vec<DemoRecord>> = vec![Vec::new(); 3];
+    let collect = |taps: &mut [Input<DemoRecord>], seen: &mut [Vec<DemoRecord>]| {
+        for (tap, got) in taps.iter_mut().zip(seen.iter_mut()) {
+            while let Some(batch) = tap.pop() {
+                got.extend(batch.into_owned().unwrap().iter().copied());
+            }
+        }
+    };
+    let wait_for =
+        |taps: &mut [Input<DemoRecord>], seen: &mut [Vec<DemoRecord>], want: [usize; 3]| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                collect(taps, seen);
+                let have: Vec<usize> = seen.iter().map(Vec::len).collect();
+                if have == want {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "have {have:?}, want {want:?}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+    let ddl = DemoRecord::ddl(0, 1, 100, 1);
+    for (stream, feed) in feeds.iter_mut().enumerate().take(2) {
+        let pk = stream as u64 + 1;
+        send(
+            feed,
+            &[
+                DemoRecord::data(0, 0, pk, 1),
+                ddl,
+                DemoRecord::data(0, 1, 100 + pk, 1),
+            ],
+        );
+    }
+    // Stream 0 also carries a record of table 1, which no barrier holds.
+    send(&mut feeds[0], &[DemoRecord::data(1, 0, 5, 1)]);
+    send(&mut feeds[2], &[DemoRecord::data(0, 0, 3, 1)]);
+    wait_for(&mut taps, &mut seen, [2, 1, 1]);
+    // Give the held syncers every chance to (wrongly) pass the DDL.
+    std::thread::sleep(Duration::from_millis(200));
+    collect(&mut taps, &mut seen);
+    assert_eq!(seen.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1, 1]);
+    assert_eq!(barrier.waiting_barriers(), 1);
+    assert!(seen.iter().flatten().all(|r| !r.is_ddl()));
+    assert_eq!((seen[0][1].table, seen[0][1].pk), (1, 5));
+
+    send(&mut feeds[2], &[ddl, DemoRecord::data(0, 1, 103, 1)]);
+    wait_for(&mut taps, &mut seen, [4, 3, 3]);
+    assert_eq!(barrier.waiting_barriers(), 0);
+    let table0: Vec<Vec<DemoRecord>> = seen
+        .iter()
+        .map(|s| s.iter().filter(|r| r.table == 0).copied().collect())
+        .collect();
+    let before_max = table0
+        .iter()
+        .map(|s| s[0].tracer[TRACE_SYNCED])
+        .max()
+        .unwrap();
+    for (stream, got) in table0.iter().enumerate() {
+        assert_eq!(got.len(), 3);
+        assert!(
+            got[1].is_ddl() && got[1].version == 1,
+            "stream {stream}: {got:?}"
+        );
+        assert_eq!(got[2].pk, 101 + stream as u64);
+        assert!(got[1].tracer[TRACE_SYNCED] >= before_max);
+        assert!(got[2].tracer[TRACE_SYNCED] >= got[1].tracer[TRACE_SYNCED]);
+    }
+    // Ending the inputs finishes the syncers.
+    drop(feeds);
+    let mut waiting: BTreeSet<TaskId> = ids.into_iter().collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !waiting.is_empty() {
+        assert!(Instant::now() < deadline);
+        match events.recv_timeout(Duration::from_millis(50)) {
+            Ok(TaskEvent::Finished { task }) => {
+                waiting.remove(&task);
+            }
+            Ok(TaskEvent::Failed { error, .. }) => panic!("{error}"),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The HA masters run as real `microcosm master` processes on loopback (issue 4).
+//!
+//! Each test starts its own masters on free UDP ports in a temporary directory and talks to
+//! them only through the `microcosm` CLI (`cluster status`, `submit-job`, `job list`):
+//! bootstrap and leader election, writes through a follower, leader failover after SIGKILL,
+//! loss of quorum, a master joining a running cluster, a full restart from the data dirs,
+//! refused bad configurations, and the example configs in `config/`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{
+    Cluster, ClusterOptions, Node, cli_with_timeout, free_udp_addr, init_certs, wait_until,
+};
+use microcosm_control::master::MasterConfig;
+
+/// Deadline for a new cluster to elect a leader everybody agrees on.
+const ELECTION: Duration = Duration::from_secs(15);
+/// Deadline for a committed write to show up on every master.
+const REPLICATION: Duration = Duration::from_secs(10);
+/// A leader killed with SIGKILL must be replaced within this long.
+const FAILOVER_BOUND: Duration = Duration::from_secs(2);
+
+fn config_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config")
+}
+
+/// A master other than `leader` among `ids`.
+fn follower_of(leader: u64, ids: &[u64]) -> u64 {
+    *ids.iter().find(|id| **id != leader).expect("a follower")
+}
+
+#[test]
+fn t01_three_masters_elect_one_leader_and_accept_writes_through_a_follower() {
+    let mut c = Cluster::bootstrap(3);
+    let leader = c.wait_for_leader(&[1, 2, 3], ELECTION);
+
+    // Every master, asked on its own, shows the same three voters and the same leader.
+    for id in [1, 2, 3] {
+        let s = c.unwrap_or_dump(c.status(&[c.addr(id)]));
+        assert_eq!(s.leader, Some(leader), "master {id}: {s}");
+        let mut ids: Vec<u64> = s.masters.iter().map(|m| m.id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [1, 2, 3], "master {id}: {s}");
+        for m in &s.masters {
+            assert!(m.voter && m.reachable, "master {id} reports {m:?}: {s}");
+            let want = if m.id == leader { "leader" } else { "follower" };
+            assert_eq!(m.role.as_deref(), Some(want), "master {id}: {s}");
+        }
+    }
+
+    // A write sent only to a follower is forwarded to the leader and committed.
+    let follower = follower_of(leader, &[1, 2, 3]);
+    let job = c.submit_job_ok(&[c.addr(follower)]);
+
+    // Every master lists it (followers apply it shortly after the commit).
+    for id in [1, 2, 3] {
+        let listed = c.wait_for_jobs_on(id, &[job], REPLICATION);
+        assert_eq!(listed, [job], "master {id} lists {listed:?}");
+    }
+}
+
+#[test]
+fn t02_a_killed_leader_is_replaced_within_two_seconds_without_losing_writes() {
+    let mut c = Cluster::bootstrap(3);
+    let old = c.wait_for_leader(&[1, 2, 3], ELECTION);
+    let before = c.submit_job_ok(&[c.addr(old)]);
+    for id in [1, 2, 3] {
+        c.wait_for_jobs_on(id, &[before], REPLICATION);
+    }
+    let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != old).collect();
+    let via: Vec<_> = survivors.iter().map(|id| c.addr(*id)).collect();
+
+    let killed_at = Instant::now();
+    c.kill(old);
+    let new = {
+        let result = wait_until("a survivor leads", Duration::from_secs(15), || {
+            let s = c.status(&via)?;
+            match s.leader {
+                Some(l) if l != old && survivors.contains(&l) => Ok(l),
+                _ => Err(format!("{s}")),
+            }
+        });
+        c.unwrap_or_dump(result)
+    };
+    let failover = killed_at.elapsed();
+    eprintln!("failover: master {old} killed, master {new} leads after {failover:?}");
+    assert!(
+        failover < FAILOVER_BOUND,
+        "new leader {new} seen {failover:?} after the leader {old} was killed (bound {FAILOVER_BOUND:?}){}",
+        c.logs(30)
+    );
+
+    // Both survivors agree; the dead master shows as unreachable.
+    let agreed = c.wait_for_leader(&survivors, ELECTION);
+    assert_eq!(agreed, new);
+    let s = c.unwrap_or_dump(c.status(&via));
+    assert!(!s.master(old).expect("old leader listed").reachable, "{s}");
+
+    // The write committed before the crash survived it, on both survivors.
+    for id in &survivors {
+        c.wait_for_jobs_on(*id, &[before], REPLICATION);
+    }
+    // A new write through a survivor succeeds and is replicated to the other survivor.
+    let after = c.submit_job_ok(&via);
+    assert!(after > before, "job id {after} not above {before}");
+    for id in &survivors {
+        c.wait_for_jobs_on(*id, &[before, after], REPLICATION);
+    }
+}
+
+#[test]
+fn t03_without_quorum_writes_fail_promptly_and_resume_when_a_master_returns() {
+    let mut c = Cluster::bootstrap(3);
+    let leader = c.wait_for_leader(&[1, 2, 3], ELECTION);
+    let before = c.submit_job_ok(&[c.addr(leader)]);
+
+    // Keep one master (a follower, so that the leader is among the lost ones) and kill two.
+    let survivor = follower_of(leader, &[1, 2, 3]);
+    let lost: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != survivor).collect();
+    for id in &lost {
+        c.kill(*id);
+    }
+
+    // A write through the survivor is refused as "no quorum" within a bounded time.
+    let out = c.submit_job_with_timeout(&[c.addr(survivor)], Duration::from_secs(30));
+    assert!(
+        !out.timed_out(),
+        "submit-job hung without quorum: {out}{}",
+        c.logs(20)
+    );
+    assert!(!out.success(), "submit-job succeeded without quorum: {out}");
+    assert!(
+        out.elapsed < Duration::from_secs(15),
+        "submit-job took {:?} to fail: {out}",
+        out.elapsed
+    );
+    assert!(
+        out.stderr.to_lowercase().contains("no quorum"),
+        "submit-job without quorum should say \"no quorum\": {out}"
+    );
+    eprintln!("no-quorum submit failed after {:?}", out.elapsed);
+
+    // Reads of the local state still work on the survivor.
+    let listed = c.unwrap_or_dump(c.job_ids(&[c.addr(survivor)]));
+    assert!(listed.contains(&before), "survivor lists {listed:?}");
+
+    // One lost master comes back from its data dir (same flags: it must not re-bootstrap).
+    let back = lost[0];
+    c.restart(back);
+    let pair = [survivor, back];
+    c.wait_for_leader(&pair, ELECTION);
+    let via: Vec<_> = pair.iter().map(|id| c.addr(*id)).collect();
+    let after = c.submit_job_ok(&via);
+    assert!(after > before, "job id {after} not above {before}");
+    for id in pair {
+        c.wait_for_jobs_on(id, &[before, after], REPLICATION);
+    }
+}
+
+#[test]
+fn t04_a_fourth_master_joins_a_running_cluster_as_a_voter() {
+    let mut c = Cluster::bootstrap(3);
+    c.wait_for_leader(&[1, 2, 3], ELECTION);
+    let job = c.submit_job_ok(&[c.addr(1)]);
+
+    c.join(4);
+    let all = [1, 2, 3, 4];
+    let result = wait_until("master 4 is a reachable voter", ELECTION, || {
+        c.assert_running(&all);
+        let s = c.status(&[c.addr(1)])?;
+        let ids: Vec<u64> = s.masters.iter().map(|m| m.id).collect();
+        let four = s
+            .master(4)
+            .ok_or_else(|| format!("master 4 not listed: {s}"))?;
+        if ids.len() == 4 && four.voter && four.reachable && s.masters.iter().all(|m| m.voter) {
+            Ok(s)
+        } else {
+            Err(format!("{s}"))
+        }
+    });
+    c.unwrap_or_dump(result);
+    let leader = c.wait_for_leader(&all, ELECTION);
+    // The new master asked on its own sees the same four voters.
+    let s = c.unwrap_or_dump(c.status(&[c.addr(4)]));
+    assert_eq!(s.leader, Some(leader), "{s}");
+    assert_eq!(s.masters.len(), 4, "{s}");
+    assert!(s.masters.iter().all(|m| m.voter), "{s}");
+
+    // It caught up with the state written before it joined, and receives new writes.
+    c.wait_for_jobs_on(4, &[job], REPLICATION);
+    let after = c.submit_job_ok(&[c.addr(4)]);
+    for id in all {
+        c.wait_for_jobs_on(id, &[job, after], REPLICATION);
+    }
+}
+
+#[test]
+fn t05_all_masters_restart_from_their_data_dirs_with_state_and_id_counters() {
+    let mut c = Cluster::bootstrap(3);
+    let leader = c.wait_for_leader(&[1, 2, 3], ELECTION);
+    let via = [c.addr(leader)];
+    let jobs = vec![c.submit_job_ok(&via), c.submit_job_ok(&via)];
+    for id in [1, 2, 3] {
+        c.wait_for_jobs_on(id, &jobs, REPLICATION);
+    }
+
+    for id in [1, 2, 3] {
+        c.kill(id);
+    }
+    for id in [1, 2, 3] {
+        c.restart(id);
+    }
+    c.wait_for_leader(&[1, 2, 3], ELECTION);
+
+    // Same jobs, same ids, on every master.
+    for id in [1, 2, 3] {
+        let listed = c.wait_for_jobs_on(id, &jobs, REPLICATION);
+        assert_eq!(listed, jobs, "master {id} after restart");
+    }
+    // The id counter was recovered: a new job gets an id above every earlier one.
+    let all: Vec<_> = [1, 2, 3].iter().map(|id| c.addr(*id)).collect();
+    let next = c.submit_job_ok(&all);
+    let max = jobs.iter().copied().max().unwrap();
+    assert!(next > max, "job id {next} after restart is not above {max}");
+    for id in [1, 2, 3] {
+        c.wait_for_jobs_on(id, &[jobs[0], jobs[1], next], REPLICATION);
+    }
+    // Nobody re-bootstrapped: the logs say every master restarted from its data dir.
+    for id in [1, 2, 3] {
+        let log = c.node(id).log_text();
+        assert!(
+            log.contains("restarted from data dir"),
+            "master {id} did not report a restart from its data dir:\n{}",
+            common::tail(&log, 30)
+        );
+    }
+}
+
+/// Runs `microcosm master <args>` that must refuse to start: returns its stderr.
+fn refused(args: &[std::ffi::OsString]) -> String {
+    let mut all = vec![std::ffi::OsString::from("master")];
+    all.extend(args.iter().cloned());
+    let out = cli_with_timeout(all, Duration::from_secs(15));
+    assert!(
+        !out.timed_out(),
+        "master with a bad config kept running: {out}"
+    );
+    assert!(!out.success(), "master with a bad config exited 0: {out}");
+    out.stderr
+}
+
+#[test]
+fn t06_bad_configs_are_refused_at_start_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    init_certs(&certs);
+    let addr = free_udp_addr();
+    let good = format!(
+        "node-id = 1\nlisten-addr = \"{addr}\"\ndata-dir = \"{}\"\ncerts-dir = \"{}\"\n\
+         initial-members = [\"1={addr}\"]\n",
+        dir.path().join("data").display(),
+        certs.display()
+    );
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+
+    // Unknown key in the file.
+    let bogus = write("bogus.toml", &format!("{good}bogus = 1\n"));
+    let err = refused(&["--config".into(), bogus.into()]);
+    assert!(
+        err.contains("bogus"),
+        "stderr does not name the unknown key: {err}"
+    );
+
+    // Election timeout not above the heartbeat (default min 150 ms, heartbeat 200 ms).
+    let base = write("good.toml", &good);
+    let err = refused(&[
+        "--config".into(),
+        base.clone().into(),
+        "--heartbeat-ms".into(),
+        "200".into(),
+    ]);
+    assert!(
+        err.contains("election-timeout-min-ms"),
+        "stderr does not name election-timeout-min-ms: {err}"
+    );
+
+    // A data dir that cannot be created (its parent is a regular file; root or not).
+    let file = write("not-a-dir", "x");
+    let err = refused(&[
+        "--config".into(),
+        base.into(),
+        "--data-dir".into(),
+        file.join("data").into(),
+    ]);
+    assert!(
+        err.contains("data-dir"),
+        "stderr does not name data-dir: {err}"
+    );
+
+    // Control: the base config itself is valid, so each refusal above was about its one bad
+    // value.
+    let control = MasterConfig::from_toml(&good).unwrap();
+    control.validate().unwrap();
+}
+
+#[test]
+fn t07_example_configs_parse_and_validate() {
+    let mut seen = Vec::new();
+    for name in [
+        "master-single.toml",
+        "master-1.toml",
+        "master-2.toml",
+        "master-3.toml",
+        "master-4-join.toml",
+    ] {
+        let path = config_dir().join(name);
+        let c = MasterConfig::from_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        seen.push((name, c));
+    }
+    let trio = [
+        "127.0.0.1:7101".to_string(),
+        "127.0.0.1:7102".into(),
+        "127.0.0.1:7103".into(),
+    ];
+    for (name, c) in &seen {
+        match *name {
+            "master-single.toml" => {
+                assert_eq!(c.node_id, 1);
+                assert_eq!(c.listen_addr.to_string(), "127.0.0.1:7101");
+                assert_eq!(c.data_dir, Path::new("./data/master-1"));
+                assert_eq!(c.certs_dir, Path::new("./certs"));
+                assert_eq!(c.initial_members, ["1=127.0.0.1:7101"]);
+            }
+            "master-4-join.toml" => {
+                assert_eq!(c.node_id, 4);
+                assert_eq!(c.listen_addr.to_string(), "127.0.0.1:7104");
+                assert!(c.initial_members.is_empty());
+                assert_eq!(c.join, trio);
+            }
+            _ => {
+                let members: Vec<String> = (1..=3)
+                    .zip(&trio)
+                    .map(|(id, a)| format!("{id}={a}"))
+                    .collect();
+                assert_eq!(c.initial_members, members, "{name}");
+                assert_eq!(
+                    c.listen_addr.to_string(),
+                    trio[c.node_id as usize - 1],
+                    "{name}"
+                );
+                assert_eq!(name.to_string(), format!("master-{}.toml", c.node_id));
+                assert!(c.join.is_empty(), "{name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn t08_the_single_master_example_starts_and_leads_with_flag_overrides() {
+    let mut c = Cluster::empty(ClusterOptions::default());
+    let addr = free_udp_addr();
+    let data = c.data_dir(1);
+    let args = vec![
+        "--config".into(),
+        config_dir().join("master-single.toml").into(),
+        "--listen-addr".into(),
+        addr.to_string().into(),
+        "--initial-members".into(),
+        format!("1={addr}").into(),
+        "--data-dir".into(),
+        data.clone().into(),
+        "--certs-dir".into(),
+        c.certs.clone().into(),
+    ];
+    let log = c.dir.path().join("master-1.log");
+    c.nodes
+        .insert(1, Node::spawn(1, addr, data.clone(), args, log));
+    let leader = c.wait_for_leader(&[1], ELECTION);
+    assert_eq!(leader, 1);
+    let s = c.unwrap_or_dump(c.status(&[addr]));
+    // The name comes from the file, the address from the flag.
+    assert_eq!(s.raw["masters"][0]["name"], "master-1", "{s}");
+    assert_eq!(s.master(1).unwrap().addr, addr.to_string(), "{s}");
+    let job = c.submit_job_ok(&[addr]);
+    c.wait_for_jobs_on(1, &[job], REPLICATION);
+    assert!(data.is_dir(), "the data dir from the flag was not used");
+}

@@ -1,0 +1,531 @@
+//! `microcosm demo`: a local cluster as child processes, the demo job, live progress, the
+//! verifier and a summary — the first thing a newcomer runs.
+
+use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use microcosm_control::client::MasterClient;
+use microcosm_control::proto::{GetJob, JobRef, SubmitJob, SubmitJobRequest};
+use microcosm_demo::{DemoSpec, DemoSpecOverrides};
+use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
+
+/// Flags of `microcosm demo`. Every job-spec key can be overridden by the flag of the same name.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Number of masters (1, or 3 for HA).
+    #[arg(long, default_value_t = 1)]
+    masters: u32,
+    /// Number of executors.
+    #[arg(long, default_value_t = 2)]
+    executors: u32,
+    /// Job spec file to start from (defaults are used otherwise).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Job name; also the output sub-directory.
+    #[arg(long)]
+    flow_id: Option<String>,
+    /// Producers (tables).
+    #[arg(long)]
+    table_num: Option<i64>,
+    /// Binlog streams.
+    #[arg(long)]
+    binlog_num: Option<i64>,
+    /// Data records per table.
+    #[arg(long)]
+    rcd_cnt: Option<i64>,
+    /// A DDL every this many pks (0 = none).
+    #[arg(long)]
+    ddl_freq: Option<i64>,
+    /// Offered records per second in total (0 = as fast as possible).
+    #[arg(long)]
+    rate: Option<i64>,
+    /// Where sinks write (default: inside the cluster's temporary directory).
+    #[arg(long)]
+    sink_dir: Option<PathBuf>,
+    /// Records per batch.
+    #[arg(long)]
+    batch_size: Option<i64>,
+    /// Linger bound of partial batches (µs).
+    #[arg(long)]
+    linger_us: Option<i64>,
+    /// Kill one executor (SIGKILL) this long after the job starts, e.g. `3s`.
+    #[arg(long, value_parser = parse_duration)]
+    kill_executor_after: Option<Duration>,
+    /// Kill the leader master (SIGKILL) this long after the job starts (needs --masters 3).
+    #[arg(long, value_parser = parse_duration)]
+    kill_leader_after: Option<Duration>,
+    /// Keep the cluster's temporary directory (logs, data, certificates) afterwards.
+    #[arg(long)]
+    keep: bool,
+    /// Give up if the job has not finished after this long, e.g. `10m`.
+    #[arg(long, value_parser = parse_duration, default_value = "10m")]
+    timeout: Duration,
+}
+
+/// Parses `250ms`, `3s`, `2m` or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (try 500ms, 3s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A child process killed (and reaped) when dropped.
+struct Proc {
+    name: String,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn terminate(&mut self) {
+        if let Some(c) = &self.child {
+            // SIGTERM lets the node shut down cleanly; fall back to SIGKILL.
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        if let Some(c) = &mut self.child {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    self.child = None;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn(exe: &Path, dir: &Path, name: &str, args: &[String]) -> anyhow::Result<Proc> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    Ok(Proc {
+        name: name.to_string(),
+        child: Some(child),
+    })
+}
+
+/// Counts the rows sinks have written by reading only what was appended since last time.
+struct Progress {
+    files: Vec<(PathBuf, u64, u64)>,
+}
+
+impl Progress {
+    fn new(spec: &DemoSpec) -> Self {
+        Self {
+            files: (0..spec.binlog_num)
+                .map(|i| (spec.sink_path(i), 0, 0))
+                .collect(),
+        }
+    }
+
+    /// Total rows now (a restarted attempt truncates the files; counting restarts with it).
+    fn rows(&mut self) -> u64 {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0;
+        for (path, offset, rows) in &mut self.files {
+            let Ok(mut f) = std::fs::File::open(&*path) else {
+                continue;
+            };
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < *offset {
+                *offset = 0;
+                *rows = 0;
+            }
+            if f.seek(SeekFrom::Start(*offset)).is_ok() {
+                while let Ok(n) = f.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    *rows += buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
+                    *offset += n as u64;
+                }
+            }
+            total += *rows;
+        }
+        total
+    }
+
+    fn sizes(&self) -> Vec<u64> {
+        self.files
+            .iter()
+            .map(|(p, _, _)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .collect()
+    }
+}
+
+/// Runs the demo. Returns whether verification passed.
+pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
+    if args.masters == 0 || args.executors == 0 {
+        bail!("--masters and --executors must be at least 1");
+    }
+    if args.kill_leader_after.is_some() && args.masters < 3 {
+        bail!("--kill-leader-after needs --masters 3 (a single master is not highly available)");
+    }
+    let exe = std::env::current_exe().context("cannot find the microcosm executable")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("microcosm-demo-")
+        .tempdir()?;
+    let dir = tmp.path().to_path_buf();
+    let certs = dir.join("certs");
+    microcosm_transport::tls::init_cluster_certs(&certs, "demo", &[])?;
+
+    // The job spec: defaults or a file, then flags.
+    let mut spec = match &args.config {
+        Some(p) => DemoSpec::from_toml_str(
+            &std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        )?,
+        None => DemoSpec::default(),
+    };
+    spec.sink_dir = dir.join("sink");
+    DemoSpecOverrides {
+        flow_id: args.flow_id.clone(),
+        table_num: args.table_num,
+        binlog_num: args.binlog_num,
+        servers: None,
+        rcd_cnt: args.rcd_cnt,
+        ddl_freq: args.ddl_freq,
+        rate: args.rate,
+        sink_dir: args.sink_dir.clone(),
+        batch_size: args.batch_size,
+        linger_us: args.linger_us,
+        checkpoint_interval_ms: None,
+    }
+    .apply(&mut spec)?;
+
+    println!(
+        "microcosm demo: {} master(s), {} executor(s), cluster dir {}",
+        args.masters,
+        args.executors,
+        dir.display()
+    );
+    println!(
+        "job: {} tables x {} records, {} binlog streams, DDL every {}, rate {}",
+        spec.table_num,
+        spec.rcd_cnt,
+        spec.binlog_num,
+        if spec.ddl_freq == 0 {
+            "never".to_string()
+        } else {
+            spec.ddl_freq.to_string()
+        },
+        if spec.rate == 0 {
+            "unlimited".to_string()
+        } else {
+            format!("{}/s", spec.rate)
+        }
+    );
+
+    let mut master_addrs = Vec::new();
+    for _ in 0..args.masters {
+        master_addrs.push(SocketAddr::from(([127, 0, 0, 1], free_port()?)));
+    }
+    let members: Vec<String> = master_addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect();
+    let certs_arg = certs.display().to_string();
+    let mut masters = Vec::new();
+    for (i, addr) in master_addrs.iter().enumerate() {
+        let id = i + 1;
+        masters.push(spawn(
+            &exe,
+            &dir,
+            &format!("master-{id}"),
+            &[
+                "master".into(),
+                "--node-id".into(),
+                id.to_string(),
+                "--listen-addr".into(),
+                addr.to_string(),
+                "--data-dir".into(),
+                dir.join(format!("master-{id}")).display().to_string(),
+                "--certs-dir".into(),
+                certs_arg.clone(),
+                "--initial-members".into(),
+                members.join(","),
+            ],
+        )?);
+    }
+    let masters_arg = master_addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut executors = Vec::new();
+    for i in 0..args.executors {
+        let port = free_port()?;
+        executors.push(spawn(
+            &exe,
+            &dir,
+            &format!("executor-{}", i + 1),
+            &[
+                "executor".into(),
+                "--listen-addr".into(),
+                format!("127.0.0.1:{port}"),
+                "--masters".into(),
+                masters_arg.clone(),
+                "--certs-dir".into(),
+                certs_arg.clone(),
+                "--name".into(),
+                format!("executor-{}", i + 1),
+            ],
+        )?);
+    }
+
+    let identity = Identity::load(&certs, Role::Client)?;
+    let endpoint = Endpoint::bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &identity,
+        TransportConfig::default(),
+        Router::new(),
+    )?;
+    let client = MasterClient::new(endpoint, master_addrs.clone())
+        .with_timeouts(Duration::from_secs(15), Duration::from_secs(3));
+    let job = client
+        .call::<SubmitJob>(&SubmitJobRequest {
+            job_type: "demo".into(),
+            spec: spec.to_toml_string()?,
+            client_id: std::process::id().into(),
+            seq: 1,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot submit the demo job: {e}"))?
+        .id;
+    println!(
+        "submitted job {job}; output in {}",
+        spec.output_dir().display()
+    );
+
+    let outcome = tokio::select! {
+        r = watch(&client, job, &spec, &args, &mut executors, &mut masters, &master_addrs) => r,
+        _ = tokio::signal::ctrl_c() => {
+            println!("\ninterrupted; shutting the cluster down");
+            Err(anyhow::anyhow!("interrupted"))
+        }
+    };
+    for p in executors.iter_mut().chain(masters.iter_mut()) {
+        p.terminate();
+    }
+    let state = outcome?;
+    if state != "Finished" {
+        println!(
+            "job {job} ended {state}; cluster logs kept in {}",
+            dir.display()
+        );
+        let _ = tmp.keep();
+        return Ok(false);
+    }
+    println!("\nverifying {} ...", spec.output_dir().display());
+    let report = microcosm_demo::verify(&spec.output_dir(), &spec)?;
+    println!("{report}");
+    let passed = report.passed();
+    println!(
+        "{}",
+        if passed {
+            "verification PASSED"
+        } else {
+            "verification FAILED"
+        }
+    );
+    if args.keep || !passed {
+        let kept = tmp.keep();
+        println!("cluster dir kept: {}", kept.display());
+    }
+    Ok(passed)
+}
+
+/// Follows the job to its end, printing progress and injecting the requested failures.
+async fn watch(
+    client: &MasterClient,
+    job: u64,
+    spec: &DemoSpec,
+    args: &DemoArgs,
+    executors: &mut [Proc],
+    masters: &mut [Proc],
+    master_addrs: &[SocketAddr],
+) -> anyhow::Result<String> {
+    let tty = std::io::stdout().is_terminal();
+    let expected =
+        spec.total_data_records() + spec.ddl_rows_per_stream() * u64::from(spec.binlog_num);
+    let mut progress = Progress::new(spec);
+    let start = Instant::now();
+    let mut running_since: Option<Instant> = None;
+    let mut last_print = Instant::now() - Duration::from_secs(10);
+    let mut last_rows = 0u64;
+    let mut last_rate_at = Instant::now();
+    let mut rate = 0.0;
+    let mut killed_executor: Option<(Instant, u64, Vec<u64>)> = None;
+    let mut recovery_reported = false;
+    let mut killed_leader = false;
+    loop {
+        if start.elapsed() > args.timeout {
+            bail!("the job did not finish within {:?}", args.timeout);
+        }
+        let info = client.call::<GetJob>(&JobRef { id: job }).await;
+        let (state, epoch) = match &info {
+            Ok(j) => (j.state.clone(), j.epoch),
+            Err(_) => ("unknown".to_string(), 0),
+        };
+        if matches!(state.as_str(), "Finished" | "Failed" | "Cancelled") {
+            let rows = progress.rows();
+            if tty {
+                println!();
+            }
+            println!(
+                "job {job} {state} after {:.1}s ({rows} rows written)",
+                start.elapsed().as_secs_f64()
+            );
+            if let Ok(j) = &info
+                && state != "Finished"
+            {
+                println!("reason: {}", j.reason);
+            }
+            return Ok(state);
+        }
+        if state == "Running" && running_since.is_none() {
+            running_since = Some(Instant::now());
+        }
+        if let Some(since) = running_since {
+            if let Some(after) = args.kill_executor_after
+                && killed_executor.is_none()
+                && since.elapsed() >= after
+                && let Some(victim) = busy_executor(client, master_addrs, executors).await
+            {
+                println!("\n>>> killing {} (SIGKILL)", victim.name);
+                victim.kill();
+                killed_executor = Some((Instant::now(), epoch, Vec::new()));
+            }
+            if let Some(after) = args.kill_leader_after
+                && !killed_leader
+                && since.elapsed() >= after
+            {
+                for (i, addr) in master_addrs.iter().enumerate() {
+                    if let Ok(s) = client.status_of(*addr).await
+                        && s.role == "leader"
+                    {
+                        println!("\n>>> killing leader master-{} (SIGKILL)", i + 1);
+                        masters[i].kill();
+                        killed_leader = true;
+                        break;
+                    }
+                }
+            }
+        }
+        // Recovery: from the kill until every sink writes again under the new attempt.
+        if let Some((at, old_epoch, baseline)) = &mut killed_executor
+            && !recovery_reported
+            && epoch > *old_epoch
+            && state == "Running"
+        {
+            let sizes = progress.sizes();
+            if baseline.is_empty() {
+                *baseline = sizes;
+            } else if sizes
+                .iter()
+                .zip(baseline.iter())
+                .all(|(now, base)| now > base)
+            {
+                println!(
+                    "\n>>> recovered: every sink makes progress again {:.2}s after the kill",
+                    at.elapsed().as_secs_f64()
+                );
+                recovery_reported = true;
+            }
+        }
+        if last_print.elapsed() >= Duration::from_millis(if tty { 200 } else { 2000 }) {
+            let rows = progress.rows();
+            let dt = last_rate_at.elapsed().as_secs_f64();
+            if dt > 0.5 {
+                rate = rows.saturating_sub(last_rows) as f64 / dt;
+                last_rows = rows;
+                last_rate_at = Instant::now();
+            }
+            let line = format!(
+                "[{:>6.1}s] {state:<10} rows {rows}/{expected} ({:.0}%)  {rate:.0} rows/s",
+                start.elapsed().as_secs_f64(),
+                100.0 * rows as f64 / expected.max(1) as f64
+            );
+            if tty {
+                print!("\r{line}   ");
+                let _ = std::io::stdout().flush();
+            } else {
+                println!("{line}");
+            }
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An executor process that runs tasks right now (the victim of `--kill-executor-after`).
+async fn busy_executor<'a>(
+    client: &MasterClient,
+    master_addrs: &[SocketAddr],
+    executors: &'a mut [Proc],
+) -> Option<&'a mut Proc> {
+    for addr in master_addrs {
+        let Ok(status) = client.status_of(*addr).await else {
+            continue;
+        };
+        if status.role != "leader" {
+            continue;
+        }
+        let busy: Vec<String> = status
+            .executors
+            .iter()
+            .filter(|e| e.state == "alive" && e.used > 0)
+            .map(|e| e.name.clone())
+            .collect();
+        return executors
+            .iter_mut()
+            .find(|p| p.child.is_some() && busy.contains(&p.name));
+    }
+    None
+}
