@@ -110,7 +110,7 @@ impl ExecutorConfig {
 
     /// Parses a TOML config.
     pub fn from_toml(text: &str) -> Result<Self, ExecutorError> {
-        toml::from_str(text).map_err(|e| ExecutorError::Config(e.to_string().trim().to_string()))
+        toml::from_str(text).map_err(|e| ExecutorError::Config(crate::toml_error_line(&e, text)))
     }
 
     /// Checks values that parsing cannot.
@@ -335,10 +335,9 @@ impl State {
     ) {
         let interval = Duration::from_millis(self.config.heartbeat_ms);
         let ttl = Duration::from_millis(self.config.ttl_ms);
-        let client = client.with_timeouts(
-            interval.max(Duration::from_millis(200)),
-            interval.max(Duration::from_millis(200)),
-        );
+        // A heartbeat may try every master (a dead leader first) but must not outlast half a TTL;
+        // each attempt is short so that a dead master costs little.
+        let client = client.with_timeouts(ttl / 2, (interval / 2).max(Duration::from_millis(100)));
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_ok = tokio::time::Instant::now();

@@ -17,3 +17,38 @@ pub mod master;
 pub mod meta;
 pub mod proto;
 pub mod scheduler;
+
+/// Describes a TOML parse error on one line, naming the key of the offending line when the
+/// error points into a `key = value` line (toml's own message spans several lines).
+pub fn toml_error_line(error: &toml::de::Error, text: &str) -> String {
+    let message = error.message().trim();
+    let Some(span) = error.span() else {
+        return message.to_string();
+    };
+    let start = text[..span.start.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text[start..].lines().next().unwrap_or_default();
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() && !key.contains('[') => {
+            format!("key {:?} (line {line_no}): {message}", key.trim())
+        }
+        _ => format!("line {line_no}: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn toml_errors_name_the_key_on_one_line() {
+        let text = "a = 1\nrcd-cnt = \"many\"\n";
+        let err = toml::from_str::<std::collections::BTreeMap<String, i64>>(text).unwrap_err();
+        let line = super::toml_error_line(&err, text);
+        assert!(
+            line.contains("\"rcd-cnt\"") && line.contains("line 2"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
+    }
+}

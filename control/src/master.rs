@@ -173,7 +173,7 @@ impl MasterConfig {
 
     /// Parses a TOML config.
     pub fn from_toml(text: &str) -> Result<Self, MasterError> {
-        toml::from_str(text).map_err(|e| MasterError::Config(e.to_string().trim().to_string()))
+        toml::from_str(text).map_err(|e| MasterError::Config(crate::toml_error_line(&e, text)))
     }
 
     /// Checks values that parsing cannot.

@@ -28,8 +28,12 @@ struct SleepSpec {
 
 impl SleepSpec {
     fn parse(spec: &str) -> Result<Self, String> {
-        let s: SleepSpec = toml::from_str(spec)
-            .map_err(|e| format!("invalid sleep job spec: {}", e.to_string().trim()))?;
+        let s: SleepSpec = toml::from_str(spec).map_err(|e| {
+            format!(
+                "invalid sleep job spec: {}",
+                microcosm_control::toml_error_line(&e, spec)
+            )
+        })?;
         if s.tasks == 0 || s.tasks > 10_000 {
             return Err(format!(
                 "invalid sleep job spec: tasks must be between 1 and 10000, got {}",
@@ -74,7 +78,15 @@ impl Operator for Sleep {
 }
 
 fn demo_spec(spec: &str) -> Result<microcosm_demo::DemoSpec, String> {
-    microcosm_demo::DemoSpec::from_toml_str(spec).map_err(|e| format!("invalid demo job spec: {e}"))
+    microcosm_demo::DemoSpec::from_toml_str(spec).map_err(|e| match e {
+        microcosm_demo::SpecError::Toml(t) => {
+            format!(
+                "invalid demo job spec: {}",
+                microcosm_control::toml_error_line(&t, spec)
+            )
+        }
+        other => format!("invalid demo job spec: {other}"),
+    })
 }
 
 impl JobCatalog for JobTypes {

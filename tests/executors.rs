@@ -1,0 +1,379 @@
+//! Executors, scheduling, failover and the job lifecycle, with real `microcosm` processes.
+//!
+//! Each test starts masters (via the shared harness) and executors on free loopback ports,
+//! runs the `sleep` job type (N tasks that wait and finish) and asserts what `job status` and
+//! `cluster status` report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Cluster, free_udp_addr, wait_until};
+use serde_json::Value;
+
+/// A `microcosm executor` child, killed when dropped.
+struct Executor {
+    addr: SocketAddr,
+    child: Option<Child>,
+    log: std::path::PathBuf,
+}
+
+impl Executor {
+    fn start(cluster: &Cluster, name: &str, slots: u32) -> Self {
+        let addr = free_udp_addr();
+        let masters = cluster
+            .nodes
+            .values()
+            .map(|n| n.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let log = cluster.dir.path().join(format!("{name}.log"));
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let args: Vec<OsString> = vec![
+            "executor".into(),
+            "--listen-addr".into(),
+            addr.to_string().into(),
+            "--masters".into(),
+            masters.into(),
+            "--certs-dir".into(),
+            cluster.certs.clone().into(),
+            "--name".into(),
+            name.into(),
+            "--slots".into(),
+            slots.to_string().into(),
+            "--workers".into(),
+            "1".into(),
+        ];
+        let child = Command::new(common::bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Self {
+            addr,
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{sig} failed");
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // A stopped process must be continued before it can die.
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(self.pid().to_string())
+                .status();
+        }
+        self.kill();
+    }
+}
+
+fn write_spec(cluster: &Cluster, name: &str, text: &str) -> String {
+    let p = cluster.dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+fn submit_sleep(cluster: &Cluster, via: &[SocketAddr], tasks: u32, ms: u64) -> u64 {
+    let spec = write_spec(
+        cluster,
+        &format!("sleep-{tasks}-{ms}.toml"),
+        &format!("tasks = {tasks}\nduration-ms = {ms}\n"),
+    );
+    let out = cluster.client(&["submit-job", "--type", "sleep", "--config", &spec], via);
+    let id = out
+        .ok_stdout()
+        .and_then(|s| s.parse::<u64>().map_err(|e| format!("{s:?}: {e}")));
+    cluster.unwrap_or_dump(id)
+}
+
+fn job(cluster: &Cluster, via: &[SocketAddr], id: u64) -> Result<Value, String> {
+    cluster
+        .client(&["job", "status", &id.to_string(), "--output", "json"], via)
+        .json()
+}
+
+fn wait_state(
+    cluster: &Cluster,
+    via: &[SocketAddr],
+    id: u64,
+    state: &str,
+    timeout: Duration,
+) -> Value {
+    let r = wait_until(&format!("job {id} is {state}"), timeout, || {
+        let j = job(cluster, via, id)?;
+        if j["state"] == state {
+            Ok(j)
+        } else {
+            Err(j.to_string())
+        }
+    });
+    cluster.unwrap_or_dump(r)
+}
+
+fn executors(cluster: &Cluster, via: &[SocketAddr]) -> Result<Vec<Value>, String> {
+    let v = cluster
+        .client(&["cluster", "status", "--output", "json"], via)
+        .json()?;
+    Ok(v["executors"].as_array().cloned().unwrap_or_default())
+}
+
+#[test]
+fn t01_job_waits_pending_until_executors_register() {
+    let mut cluster = Cluster::bootstrap(1);
+    cluster.wait_for_leader(&[1], Duration::from_secs(10));
+    let via = [cluster.addr(1)];
+    let id = submit_sleep(&cluster, &via, 4, 60_000);
+    let j = wait_state(&cluster, &via, id, "Pending", Duration::from_secs(5));
+    let reason = j["reason"].as_str().unwrap_or_default().to_string();
+    let r = wait_until(
+        "a Pending reason naming the missing executors",
+        Duration::from_secs(5),
+        || {
+            let j = job(&cluster, &via, id)?;
+            let reason = j["reason"].as_str().unwrap_or_default();
+            if reason.contains("no executors") {
+                Ok(())
+            } else {
+                Err(j.to_string())
+            }
+        },
+    );
+    cluster.unwrap_or_dump(r);
+    let _a = Executor::start(&cluster, "exec-a", 2);
+    let _b = Executor::start(&cluster, "exec-b", 2);
+    let j = wait_state(&cluster, &via, id, "Running", Duration::from_secs(10));
+    assert_eq!(j["tasks"], 4, "{j} (reason before: {reason})");
+    let execs = executors(&cluster, &via).unwrap();
+    let used: u64 = execs.iter().map(|e| e["used"].as_u64().unwrap()).sum();
+    assert_eq!(used, 4, "{execs:?}");
+}
+
+#[test]
+fn t02_killed_executor_tasks_move_within_ttl_plus_one_second() {
+    let mut cluster = Cluster::bootstrap(1);
+    cluster.wait_for_leader(&[1], Duration::from_secs(10));
+    let via = [cluster.addr(1)];
+    let mut a = Executor::start(&cluster, "exec-a", 8);
+    let b = Executor::start(&cluster, "exec-b", 8);
+    let id = submit_sleep(&cluster, &via, 4, 120_000);
+    let before = wait_state(&cluster, &via, id, "Running", Duration::from_secs(10));
+    let epoch = before["epoch"].as_u64().unwrap();
+    // Kill whichever executor runs tasks (the scheduler spreads, so both do).
+    let killed_at = Instant::now();
+    a.kill();
+    let r = wait_until(
+        "the job runs again on the survivor under a new epoch",
+        Duration::from_secs(10),
+        || {
+            let j = job(&cluster, &via, id)?;
+            if j["state"] == "Running" && j["epoch"].as_u64().unwrap_or(0) > epoch {
+                Ok(())
+            } else {
+                Err(j.to_string())
+            }
+        },
+    );
+    cluster.unwrap_or_dump(r);
+    let took = killed_at.elapsed();
+    // TTL 1.5 s + 1 s.
+    assert!(took < Duration::from_millis(2500), "recovery took {took:?}");
+    let execs = executors(&cluster, &via).unwrap();
+    let survivor = execs
+        .iter()
+        .find(|e| e["addr"] == b.addr.to_string())
+        .unwrap();
+    assert_eq!(survivor["used"], 4, "{execs:?}");
+    let lost = execs
+        .iter()
+        .find(|e| e["addr"] == a.addr.to_string())
+        .unwrap();
+    assert_eq!(lost["state"], "lost", "{execs:?}");
+    let history = job(&cluster, &via, id).unwrap()["history"].to_string();
+    assert!(history.contains("Recovering"), "{history}");
+}
+
+#[test]
+fn t03_leader_loss_restarts_no_task() {
+    let mut cluster = Cluster::bootstrap(3);
+    let leader = cluster.wait_for_leader(&[1, 2, 3], Duration::from_secs(10));
+    let all: Vec<SocketAddr> = (1..=3).map(|i| cluster.addr(i)).collect();
+    let _a = Executor::start(&cluster, "exec-a", 8);
+    let _b = Executor::start(&cluster, "exec-b", 8);
+    let id = submit_sleep(&cluster, &all, 4, 120_000);
+    let before = wait_state(&cluster, &all, id, "Running", Duration::from_secs(10));
+    cluster.kill(leader);
+    let survivors: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
+    cluster.wait_for_leader(&survivors, Duration::from_secs(10));
+    let via: Vec<SocketAddr> = survivors.iter().map(|i| cluster.addr(*i)).collect();
+    // Give the new leader more than a TTL to (wrongly) declare anything lost.
+    std::thread::sleep(Duration::from_millis(2500));
+    let after = wait_state(&cluster, &via, id, "Running", Duration::from_secs(5));
+    assert_eq!(
+        after["epoch"], before["epoch"],
+        "tasks were restarted: {after}"
+    );
+    let execs = executors(&cluster, &via).unwrap();
+    assert!(execs.iter().all(|e| e["state"] == "alive"), "{execs:?}");
+}
+
+#[test]
+fn t04_paused_executor_is_fenced_and_reregisters() {
+    let mut cluster = Cluster::bootstrap(1);
+    cluster.wait_for_leader(&[1], Duration::from_secs(10));
+    let via = [cluster.addr(1)];
+    let a = Executor::start(&cluster, "exec-a", 8);
+    let _b = Executor::start(&cluster, "exec-b", 8);
+    let id = submit_sleep(&cluster, &via, 4, 120_000);
+    let before = wait_state(&cluster, &via, id, "Running", Duration::from_secs(10));
+    let epoch = before["epoch"].as_u64().unwrap();
+    a.signal("STOP");
+    let r = wait_until(
+        "the stopped executor is lost and its tasks moved",
+        Duration::from_secs(10),
+        || {
+            let j = job(&cluster, &via, id)?;
+            let execs = executors(&cluster, &via)?;
+            let stopped_lost = execs
+                .iter()
+                .any(|e| e["addr"] == a.addr.to_string() && e["state"] == "lost");
+            if stopped_lost && j["state"] == "Running" && j["epoch"].as_u64().unwrap_or(0) > epoch {
+                Ok(())
+            } else {
+                Err(format!("{j} {execs:?}"))
+            }
+        },
+    );
+    cluster.unwrap_or_dump(r);
+    a.signal("CONT");
+    let r = wait_until(
+        "the woken executor registers as a new incarnation",
+        Duration::from_secs(10),
+        || {
+            let execs = executors(&cluster, &via)?;
+            execs
+                .iter()
+                .find(|e| {
+                    e["addr"] == a.addr.to_string()
+                        && e["state"] == "alive"
+                        && e["incarnation"] == 2
+                })
+                .map(|_| ())
+                .ok_or_else(|| format!("{execs:?}"))
+        },
+    );
+    cluster.unwrap_or_dump(r);
+    let log = a.log_text();
+    assert!(
+        log.contains("registering again"),
+        "the stale executor was not told to re-register:\n{log}"
+    );
+    // The job was not disturbed by the zombie.
+    let j = wait_state(&cluster, &via, id, "Running", Duration::from_secs(5));
+    assert!(j["epoch"].as_u64().unwrap() > epoch);
+}
+
+#[test]
+fn t05_pause_resume_cancel_and_capacity_is_released() {
+    let mut cluster = Cluster::bootstrap(1);
+    cluster.wait_for_leader(&[1], Duration::from_secs(10));
+    let via = [cluster.addr(1)];
+    let _a = Executor::start(&cluster, "exec-a", 4);
+    let id = submit_sleep(&cluster, &via, 4, 120_000);
+    wait_state(&cluster, &via, id, "Running", Duration::from_secs(10));
+    let second = submit_sleep(&cluster, &via, 2, 1_000);
+    wait_state(&cluster, &via, second, "Pending", Duration::from_secs(5));
+    for (cmd, state) in [("pause", "Paused"), ("resume", "Running")] {
+        let out = cluster.client(&["job", cmd, &id.to_string()], &via);
+        assert!(out.success(), "{out}");
+        wait_state(&cluster, &via, id, state, Duration::from_secs(5));
+    }
+    let out = cluster.client(&["job", "resume", &id.to_string()], &via);
+    assert!(
+        out.success(),
+        "resuming a running job is not an error: {out}"
+    );
+    let out = cluster.client(&["job", "cancel", &id.to_string()], &via);
+    assert!(out.success(), "{out}");
+    wait_state(&cluster, &via, id, "Cancelled", Duration::from_secs(5));
+    // The freed slots let the waiting job run to its end.
+    wait_state(&cluster, &via, second, "Finished", Duration::from_secs(15));
+    let execs = executors(&cluster, &via).unwrap();
+    assert_eq!(execs[0]["used"], 0, "{execs:?}");
+    let out = cluster.client(&["job", "pause", &id.to_string()], &via);
+    assert!(!out.success());
+    assert!(out.stderr.contains("Cancelled"), "{out}");
+}
+
+#[test]
+fn t06_bad_job_specs_are_refused_and_change_nothing() {
+    let mut cluster = Cluster::bootstrap(1);
+    cluster.wait_for_leader(&[1], Duration::from_secs(10));
+    let via = [cluster.addr(1)];
+    let cases = [
+        ("demo", "table-num = 0\n", "table-num"),
+        ("demo", "binlog-num = -2\n", "binlog-num"),
+        ("demo", "rcd-cnt = \"many\"\n", "rcd-cnt"),
+        ("demo", "tables = 3\n", "tables"),
+        ("sleep", "tasks = 0\nduration-ms = 5\n", "tasks"),
+        ("nosuch", "", "unknown job type"),
+    ];
+    for (i, (ty, text, expect)) in cases.iter().enumerate() {
+        let spec = write_spec(&cluster, &format!("bad-{i}.toml"), text);
+        let out = cluster.client(&["submit-job", "--type", ty, "--config", &spec], &via);
+        assert!(!out.success(), "{ty} spec {text:?} was accepted: {out}");
+        assert!(
+            out.stderr.contains(expect),
+            "{ty} spec {text:?}: expected {expect:?} in {out}"
+        );
+        assert_eq!(
+            out.stderr.trim().lines().count(),
+            1,
+            "not a one-line error: {out}"
+        );
+    }
+    let out = cluster.client(&["job", "status", "999"], &via);
+    assert!(
+        !out.success() && out.stderr.contains("unknown job id 999"),
+        "{out}"
+    );
+    assert_eq!(cluster.job_ids(&via).unwrap(), Vec::<u64>::new());
+}
