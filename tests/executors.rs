@@ -7,104 +7,12 @@
 
 mod common;
 
-use std::ffi::OsString;
-use std::fs::OpenOptions;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, free_udp_addr, wait_until};
+use common::exec::Executor;
+use common::{Cluster, wait_until};
 use serde_json::Value;
-
-/// A `microcosm executor` child, killed when dropped.
-struct Executor {
-    addr: SocketAddr,
-    child: Option<Child>,
-    log: std::path::PathBuf,
-}
-
-impl Executor {
-    fn start(cluster: &Cluster, name: &str, slots: u32) -> Self {
-        let addr = free_udp_addr();
-        let masters = cluster
-            .nodes
-            .values()
-            .map(|n| n.addr.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        let log = cluster.dir.path().join(format!("{name}.log"));
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let args: Vec<OsString> = vec![
-            "executor".into(),
-            "--listen-addr".into(),
-            addr.to_string().into(),
-            "--masters".into(),
-            masters.into(),
-            "--certs-dir".into(),
-            cluster.certs.clone().into(),
-            "--name".into(),
-            name.into(),
-            "--slots".into(),
-            slots.to_string().into(),
-            "--workers".into(),
-            "1".into(),
-        ];
-        let child = Command::new(common::bin())
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        Self {
-            addr,
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "kill -{sig} failed");
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Executor {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            // A stopped process must be continued before it can die.
-            let _ = Command::new("kill")
-                .arg("-CONT")
-                .arg(self.pid().to_string())
-                .status();
-        }
-        self.kill();
-    }
-}
 
 fn write_spec(cluster: &Cluster, name: &str, text: &str) -> String {
     let p = cluster.dir.path().join(name);

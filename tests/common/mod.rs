@@ -12,6 +12,8 @@
 //! Each test file includes it with `mod common;` and uses what it needs.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod exec;
+
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
 use std::fmt;
