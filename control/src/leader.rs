@@ -81,7 +81,7 @@ fn transition(job: &JobRecord, event: JobEvent, now_ms: u64) -> Option<Command> 
         Ok(t) => {
             let same =
                 job.state == t.to && job.history.last().is_some_and(|h| h.reason == t.reason);
-            (!same).then(|| Command::SetJobState {
+            (!same).then_some(Command::SetJobState {
                 job: job.id,
                 state: t.to,
                 reason: t.reason,

@@ -702,7 +702,7 @@ impl MasterServer {
         check_data_dir(&config.data_dir)?;
         let identity = Identity::load(&config.certs_dir, Role::Master)?;
         let liveness_config = config.liveness();
-        let liveness = LivenessTracker::new(liveness_config.clone())
+        let liveness = LivenessTracker::new(liveness_config)
             .map_err(|e| MasterError::Config(e.to_string()))?;
         let shared = Arc::new(Shared {
             node: OnceLock::new(),
@@ -836,59 +836,6 @@ async fn join(endpoint: &Endpoint, config: &MasterConfig, addr: &str) -> Result<
         addrs: config.join.join(","),
         reason: last,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const BASE: &str = r#"
-node-id = 1
-listen-addr = "127.0.0.1:7101"
-data-dir = "data/m1"
-certs-dir = "certs"
-initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
-"#;
-
-    #[test]
-    fn parses_with_defaults() {
-        let c = MasterConfig::from_toml(BASE).unwrap();
-        c.validate().unwrap();
-        assert_eq!(c.heartbeat_ms, 50);
-        assert_eq!(c.name(), "master-1");
-    }
-
-    #[test]
-    fn unknown_key_is_named() {
-        let err = MasterConfig::from_toml(&format!("{BASE}\nbogus-key = 3\n")).unwrap_err();
-        assert!(err.to_string().contains("bogus-key"), "{err}");
-    }
-
-    #[test]
-    fn election_timeout_below_heartbeat_is_refused() {
-        let c = MasterConfig::from_toml(&format!("{BASE}\nheartbeat-ms = 200\n")).unwrap();
-        let err = c.validate().unwrap_err().to_string();
-        assert!(
-            err.contains("election-timeout-min-ms") && err.contains("heartbeat-ms"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn members_must_include_self_and_exclude_join() {
-        let c =
-            MasterConfig::from_toml(&BASE.replace("1=127.0.0.1:7101", "3=127.0.0.1:7103")).unwrap();
-        assert!(
-            c.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("does not include")
-        );
-        let c = MasterConfig::from_toml(&format!("{BASE}\njoin = [\"127.0.0.1:7000\"]\n")).unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("not both"));
-        assert!(parse_member("x").is_err());
-        assert!(parse_member("1=nope").is_err());
-    }
 }
 
 impl Shared {
@@ -1083,5 +1030,58 @@ async fn leader_loop(shared: Arc<Shared>) {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+node-id = 1
+listen-addr = "127.0.0.1:7101"
+data-dir = "data/m1"
+certs-dir = "certs"
+initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = MasterConfig::from_toml(BASE).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.heartbeat_ms, 50);
+        assert_eq!(c.name(), "master-1");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = MasterConfig::from_toml(&format!("{BASE}\nbogus-key = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("bogus-key"), "{err}");
+    }
+
+    #[test]
+    fn election_timeout_below_heartbeat_is_refused() {
+        let c = MasterConfig::from_toml(&format!("{BASE}\nheartbeat-ms = 200\n")).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("election-timeout-min-ms") && err.contains("heartbeat-ms"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn members_must_include_self_and_exclude_join() {
+        let c =
+            MasterConfig::from_toml(&BASE.replace("1=127.0.0.1:7101", "3=127.0.0.1:7103")).unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("does not include")
+        );
+        let c = MasterConfig::from_toml(&format!("{BASE}\njoin = [\"127.0.0.1:7000\"]\n")).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("not both"));
+        assert!(parse_member("x").is_err());
+        assert!(parse_member("1=nope").is_err());
     }
 }

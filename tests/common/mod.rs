@@ -7,6 +7,10 @@
 //!   with the same flags and data dir.
 //! - [`Cluster`]: a temporary directory with certificates and masters on free loopback UDP
 //!   ports, plus helpers for `cluster status`, `submit-job` and `job list`.
+//! - [`Probe`]: asks one master for its raft status in-process (the RPC `cluster status` uses)
+//!   with a short deadline. `cluster status` asks every member in turn and waits up to the
+//!   connect timeout (3 s) for each dead one; the probe is for precise timing and fast polling
+//!   while masters are down.
 //! - [`wait_until`]: poll a condition with a deadline; the failure names the last observation.
 //!
 //! Each test file includes it with `mod common;` and uses what it needs.
@@ -25,6 +29,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use microcosm_control::proto::{GetNodeStatus, NodeStatus, Nothing};
+use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
 use serde_json::Value;
 
 /// Path of the `microcosm` binary under test.
@@ -238,6 +244,74 @@ pub fn init_certs(dir: &Path) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// In-process status probe
+
+/// Deadline of one [`Probe::status`] call.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A client endpoint (client certificate) that asks single masters for their status.
+pub struct Probe {
+    endpoint: Endpoint,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Probe {
+    /// A probe authenticated with the client certificate in `certs`.
+    pub fn new(certs: &Path) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let identity = Identity::load(certs, Role::Client).expect("load the client certificate");
+        let endpoint = {
+            let _guard = rt.enter();
+            Endpoint::bind(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                &identity,
+                TransportConfig::default(),
+                Router::new(),
+            )
+            .expect("bind the probe endpoint")
+        };
+        Self { endpoint, rt }
+    }
+
+    /// The status of the master at `addr` (that master only), within [`PROBE_TIMEOUT`].
+    pub fn status(&self, addr: SocketAddr) -> Result<NodeStatus, String> {
+        self.rt
+            .block_on(self.endpoint.call_timeout::<GetNodeStatus>(
+                addr,
+                &Nothing::default(),
+                PROBE_TIMEOUT,
+            ))
+            .map_err(|e| format!("status of {addr}: {e}"))
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.endpoint.close();
+    }
+}
+
+/// One line describing a master's own status, for messages.
+pub fn describe(s: &NodeStatus) -> String {
+    format!(
+        "master {} role={} term={} leader={:?} applied={:?} members={:?}",
+        s.id,
+        s.role,
+        s.term,
+        s.leader_id,
+        s.last_applied,
+        s.members
+            .iter()
+            .map(|m| (m.id, m.voter))
+            .collect::<Vec<_>>()
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
 // Long-running master processes
 
 /// A running (or stopped) `microcosm master` process. Dropping it kills and reaps the child.
@@ -381,6 +455,8 @@ pub struct Cluster {
     pub certs: PathBuf,
     /// Timing flags given to every master.
     pub options: ClusterOptions,
+    /// In-process status probe.
+    pub probe: Probe,
 }
 
 impl Cluster {
@@ -392,11 +468,13 @@ impl Cluster {
             .expect("tempdir");
         let certs = dir.path().join("certs");
         init_certs(&certs);
+        let probe = Probe::new(&certs);
         Self {
             nodes: BTreeMap::new(),
             dir,
             certs,
             options,
+            probe,
         }
     }
 
@@ -534,12 +612,45 @@ impl Cluster {
         Status::parse(out.json()?)
     }
 
+    /// Waits until every master in `ids` is running, knows the same leader (one of `ids`),
+    /// and that leader reports the leader role while no other master of `ids` does; asks each
+    /// master directly with the [`Probe`]. Returns the leader's id.
+    pub fn wait_for_leader(&mut self, ids: &[u64], timeout: Duration) -> u64 {
+        let ids = ids.to_vec();
+        let result = wait_until("every master agrees on one leader", timeout, || {
+            self.assert_running(&ids);
+            self.agreed_leader(&ids)
+        });
+        self.unwrap_or_dump(result)
+    }
+
+    /// The leader all of `ids` agree on right now (asked directly with the [`Probe`]), or a
+    /// description of what they said.
+    pub fn agreed_leader(&self, ids: &[u64]) -> Result<u64, String> {
+        let views: Vec<NodeStatus> = ids
+            .iter()
+            .map(|id| self.probe.status(self.addr(*id)))
+            .collect::<Result<_, _>>()?;
+        let seen = || views.iter().map(describe).collect::<Vec<_>>().join("; ");
+        let leader = views[0].leader_id.ok_or_else(|| format!("no leader known: {}", seen()))?;
+        let leaders: Vec<u64> = views
+            .iter()
+            .filter(|v| v.role == "leader")
+            .map(|v| v.id)
+            .collect();
+        if views.iter().all(|v| v.leader_id == Some(leader)) && leaders == [leader] {
+            Ok(leader)
+        } else {
+            Err(format!("no agreed single leader: {}", seen()))
+        }
+    }
+
     /// Waits until every master in `ids` is running and `cluster status` asked of each of them
     /// shows the same single leader among `ids`, with all of `ids` reachable and no other
     /// master claiming leadership. Returns the leader's id.
-    pub fn wait_for_leader(&mut self, ids: &[u64], timeout: Duration) -> u64 {
+    pub fn wait_for_leader_cli(&mut self, ids: &[u64], timeout: Duration) -> u64 {
         let ids = ids.to_vec();
-        let result = wait_until("one leader agreed by every master", timeout, || {
+        let result = wait_until("`cluster status` on every master shows the same single leader", timeout, || {
             self.assert_running(&ids);
             let mut agreed: Option<u64> = None;
             for id in &ids {
