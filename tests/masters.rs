@@ -42,24 +42,30 @@ fn t01_three_masters_elect_one_leader_and_accept_writes_through_a_follower() {
 
     // `cluster status`, asked of each master on its own, shows the same three reachable voters:
     // one leader and two followers.
-    let result = wait_until("every master shows 1 leader + 2 followers", ELECTION, || {
-        let mut agreed = None;
-        for id in [1, 2, 3] {
-            let s = c.status(&[c.addr(id)])?;
-            let leader = s.single_leader()?;
-            let mut ids: Vec<u64> = s.masters.iter().map(|m| m.id).collect();
-            ids.sort_unstable();
-            let roles_ok = s.masters.iter().all(|m| {
-                let want = if m.id == leader { "leader" } else { "follower" };
-                m.voter && m.reachable && m.role.as_deref() == Some(want)
-            });
-            if ids != [1, 2, 3] || !roles_ok || agreed.is_some_and(|l| l != leader) {
-                return Err(format!("master {id} shows {s} (others saw leader {agreed:?})"));
+    let result = wait_until(
+        "every master shows 1 leader + 2 followers",
+        ELECTION,
+        || {
+            let mut agreed = None;
+            for id in [1, 2, 3] {
+                let s = c.status(&[c.addr(id)])?;
+                let leader = s.single_leader()?;
+                let mut ids: Vec<u64> = s.masters.iter().map(|m| m.id).collect();
+                ids.sort_unstable();
+                let roles_ok = s.masters.iter().all(|m| {
+                    let want = if m.id == leader { "leader" } else { "follower" };
+                    m.voter && m.reachable && m.role.as_deref() == Some(want)
+                });
+                if ids != [1, 2, 3] || !roles_ok || agreed.is_some_and(|l| l != leader) {
+                    return Err(format!(
+                        "master {id} shows {s} (others saw leader {agreed:?})"
+                    ));
+                }
+                agreed = Some(leader);
             }
-            agreed = Some(leader);
-        }
-        Ok(agreed.unwrap())
-    });
+            Ok(agreed.unwrap())
+        },
+    );
     let leader = c.unwrap_or_dump(result);
 
     // A write sent only to a follower is forwarded to the leader and committed.
@@ -89,12 +95,12 @@ fn t02_a_killed_leader_is_replaced_within_two_seconds_without_losing_writes() {
     // timeout for the dead master before it prints anything.)
     let killed_at = Instant::now();
     c.kill(old);
-    let result = wait_until("the survivors agree on a new leader", ELECTION, || {
-        match c.agreed_leader(&survivors) {
-            Ok(l) if l != old => Ok(l),
-            Ok(l) => Err(format!("survivors still follow the dead master {l}")),
-            Err(e) => Err(e),
-        }
+    let result = wait_until("the survivors agree on a new leader", ELECTION, || match c
+        .agreed_leader(&survivors)
+    {
+        Ok(l) if l != old => Ok(l),
+        Ok(l) => Err(format!("survivors still follow the dead master {l}")),
+        Err(e) => Err(e),
     });
     let failover = killed_at.elapsed();
     let new = c.unwrap_or_dump(result);
@@ -134,7 +140,11 @@ fn t02_a_killed_leader_is_replaced_within_two_seconds_without_losing_writes() {
 /// within a bounded time. Returns its stderr.
 fn submit_without_quorum(c: &Cluster, via: &[std::net::SocketAddr]) -> String {
     let out = c.submit_job_with_timeout(via, Duration::from_secs(30));
-    assert!(!out.timed_out(), "submit-job hung without quorum: {out}{}", c.logs(20));
+    assert!(
+        !out.timed_out(),
+        "submit-job hung without quorum: {out}{}",
+        c.logs(20)
+    );
     assert!(!out.success(), "submit-job succeeded without quorum: {out}");
     assert!(
         out.elapsed < NO_QUORUM_BOUND,

@@ -632,7 +632,9 @@ impl Cluster {
             .map(|id| self.probe.status(self.addr(*id)))
             .collect::<Result<_, _>>()?;
         let seen = || views.iter().map(describe).collect::<Vec<_>>().join("; ");
-        let leader = views[0].leader_id.ok_or_else(|| format!("no leader known: {}", seen()))?;
+        let leader = views[0]
+            .leader_id
+            .ok_or_else(|| format!("no leader known: {}", seen()))?;
         let leaders: Vec<u64> = views
             .iter()
             .filter(|v| v.role == "leader")
@@ -650,30 +652,36 @@ impl Cluster {
     /// master claiming leadership. Returns the leader's id.
     pub fn wait_for_leader_cli(&mut self, ids: &[u64], timeout: Duration) -> u64 {
         let ids = ids.to_vec();
-        let result = wait_until("`cluster status` on every master shows the same single leader", timeout, || {
-            self.assert_running(&ids);
-            let mut agreed: Option<u64> = None;
-            for id in &ids {
-                let s = self.status(&[self.addr(*id)])?;
-                let leader = s.single_leader()?;
-                if !ids.contains(&leader) {
-                    return Err(format!("leader {leader} is not one of {ids:?}: {s}"));
-                }
-                for m in &ids {
-                    if !s.master(*m).is_some_and(|x| x.reachable) {
-                        return Err(format!("master {m} not reachable: {s}"));
+        let result = wait_until(
+            "`cluster status` on every master shows the same single leader",
+            timeout,
+            || {
+                self.assert_running(&ids);
+                let mut agreed: Option<u64> = None;
+                for id in &ids {
+                    let s = self.status(&[self.addr(*id)])?;
+                    let leader = s.single_leader()?;
+                    if !ids.contains(&leader) {
+                        return Err(format!("leader {leader} is not one of {ids:?}: {s}"));
+                    }
+                    for m in &ids {
+                        if !s.master(*m).is_some_and(|x| x.reachable) {
+                            return Err(format!("master {m} not reachable: {s}"));
+                        }
+                    }
+                    match agreed {
+                        None => agreed = Some(leader),
+                        Some(l) if l == leader => {}
+                        Some(l) => {
+                            return Err(format!(
+                                "master {id} sees leader {leader}, another saw {l}"
+                            ));
+                        }
                     }
                 }
-                match agreed {
-                    None => agreed = Some(leader),
-                    Some(l) if l == leader => {}
-                    Some(l) => {
-                        return Err(format!("master {id} sees leader {leader}, another saw {l}"));
-                    }
-                }
-            }
-            agreed.ok_or_else(|| "no masters given".to_string())
-        });
+                agreed.ok_or_else(|| "no masters given".to_string())
+            },
+        );
         self.unwrap_or_dump(result)
     }
 
