@@ -54,6 +54,7 @@
 //! ```
 
 pub mod barrier;
+pub mod fence;
 pub mod operators;
 pub mod plan;
 pub mod record;

@@ -17,7 +17,7 @@
 //! complete.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +28,7 @@ use hdrhistogram::Histogram;
 use microcosm_engine::{Batch, Context, EngineError, Input, Operator, Output, Status};
 
 use crate::barrier::{Arrival, BarrierCoordinator};
+use crate::fence::FencedFile;
 use crate::record::{
     DemoRecord, TRACE_BINLOG, TRACE_PRODUCED, TRACE_RECEIVE, TRACE_SINK, TRACE_SYNCED, UnixClock,
 };
@@ -745,7 +746,8 @@ pub struct Sink {
     stream: u32,
     path: PathBuf,
     clock: UnixClock,
-    writer: Option<BufWriter<File>>,
+    epoch: u64,
+    writer: Option<BufWriter<FencedFile>>,
     line: Vec<u8>,
     scratch: VecDeque<DemoRecord>,
     local: Histogram<u64>,
@@ -754,11 +756,18 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// Sink `stream` writing to `path`, reporting latency into `latency`.
-    pub fn new(stream: u32, path: PathBuf, clock: UnixClock, latency: LatencyHandle) -> Sink {
+    /// Sink `stream` of attempt `epoch` writing to `path`, reporting latency into `latency`.
+    pub fn new(
+        stream: u32,
+        path: PathBuf,
+        epoch: u64,
+        clock: UnixClock,
+        latency: LatencyHandle,
+    ) -> Sink {
         Sink {
             stream,
             path,
+            epoch,
             clock,
             writer: None,
             line: Vec::with_capacity(160),
@@ -789,7 +798,8 @@ impl Sink {
         if let Some(dir) = self.path.parent() {
             fs::create_dir_all(dir).map_err(|e| self.io_error("creating the directory of", &e))?;
         }
-        let file = File::create(&self.path).map_err(|e| self.io_error("creating", &e))?;
+        let file =
+            FencedFile::claim(&self.path, self.epoch).map_err(|e| self.io_error("claiming", &e))?;
         self.writer = Some(BufWriter::with_capacity(1 << 16, file));
         Ok(())
     }
@@ -841,7 +851,7 @@ impl Sink {
         let Some(writer) = self.writer.as_mut() else {
             return Err(EngineError::operator("sink writer is not open"));
         };
-        let result = writer.flush().and_then(|()| writer.get_ref().sync_all());
+        let result = writer.flush().and_then(|()| writer.get_ref().sync());
         result.map_err(|e| self.io_error("flushing", &e))
     }
 }

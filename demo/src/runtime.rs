@@ -87,6 +87,8 @@ pub enum DemoError {
 pub struct StartContext<'a> {
     /// The job id (names the job's remote edges).
     pub job: u64,
+    /// The attempt's epoch: sinks refuse to write once a newer attempt claimed their files.
+    pub epoch: u64,
     /// The job's spec.
     pub spec: &'a DemoSpec,
     /// The job's graph, as [`plan`](crate::plan::plan) computed it from `spec`.
@@ -204,6 +206,7 @@ pub fn edge_config(spec: &DemoSpec) -> EdgeConfig {
 pub fn start_tasks(ctx: StartContext<'_>) -> Result<StartedTasks, DemoError> {
     let StartContext {
         job,
+        epoch,
         spec,
         graph,
         local,
@@ -276,7 +279,13 @@ pub fn start_tasks(ctx: StartContext<'_>) -> Result<StartedTasks, DemoError> {
             TaskKind::Sink(stream) => {
                 let latency = LatencyHandle::new();
                 started.latency.insert(stream, latency.clone());
-                let op = Sink::new(stream, spec.sink_path(stream), clock.clone(), latency);
+                let op = Sink::new(
+                    stream,
+                    spec.sink_path(stream),
+                    epoch,
+                    clock.clone(),
+                    latency,
+                );
                 spawn(engine, TaskSpec::new(name, op), inputs, Vec::new())
             }
         };
@@ -502,6 +511,7 @@ mod tests {
                 .unwrap()
         };
         let ctx = |local| StartContext {
+            epoch: 1,
             job: 1,
             spec: &spec,
             graph: &graph,

@@ -103,6 +103,7 @@ fn run_on_one_engine(spec: &DemoSpec, workers: usize) -> StartedTasks {
     let local: Vec<u32> = (0..graph.tasks.len() as u32).collect();
     let exchange = MemoryExchange::<DemoRecord>::new();
     let started = start_tasks(StartContext {
+        epoch: 1,
         job: 7,
         spec,
         graph: &graph,
@@ -167,6 +168,7 @@ fn two_engines_split_by_group_pass_sealed_batches_through_the_exchange() {
     // The consuming side binds its inbound edges first; the memory exchange resolves
     // addresses when the producing side connects.
     let b = start_tasks(StartContext {
+        epoch: 1,
         job: 9,
         spec: &spec,
         graph: &graph,
@@ -176,6 +178,7 @@ fn two_engines_split_by_group_pass_sealed_batches_through_the_exchange() {
     })
     .unwrap();
     let a = start_tasks(StartContext {
+        epoch: 1,
         job: 9,
         spec: &spec,
         graph: &graph,
@@ -239,6 +242,7 @@ fn sink_io_error_fails_only_the_sink_task() {
     let local: Vec<u32> = (0..graph.tasks.len() as u32).collect();
     let exchange = MemoryExchange::<DemoRecord>::new();
     let started = start_tasks(StartContext {
+        epoch: 1,
         job: 1,
         spec: &spec,
         graph: &graph,

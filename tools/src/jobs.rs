@@ -131,6 +131,7 @@ impl JobLauncher for JobTypes {
                 let started =
                     microcosm_demo::runtime::start_tasks(microcosm_demo::runtime::StartContext {
                         job: l.job,
+                        epoch: l.epoch,
                         spec: &spec,
                         graph: l.graph,
                         local: l.local,

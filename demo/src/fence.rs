@@ -1,0 +1,154 @@
+//! Epoch fencing of sink files: output of a replaced attempt never lands.
+//!
+//! Every sink file `sink_<i>.csv` has a fence file `sink_<i>.csv.fence` holding the epoch of the
+//! attempt that owns the output. A new attempt *claims* the output: under an exclusive lock on
+//! the fence it records its epoch and truncates the data file. Every later write of any
+//! attempt takes the same lock, re-reads the fence and refuses to write if a newer epoch has
+//! claimed it. So an old attempt that wakes up after being replaced (a paused or partitioned
+//! executor) fails its sink instead of appending stale rows.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// The fence file of a data file.
+pub fn fence_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".fence");
+    PathBuf::from(p)
+}
+
+/// Holds an exclusive `flock` until dropped.
+struct Locked<'a>(&'a File);
+
+impl<'a> Locked<'a> {
+    fn new(file: &'a File) -> io::Result<Self> {
+        // SAFETY: flock on a valid, open file descriptor owned by `file`.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            Ok(Self(file))
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        // SAFETY: unlocking the descriptor locked in `new`, still open (borrowed).
+        unsafe {
+            libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
+        }
+    }
+}
+
+fn read_epoch(mut fence: &File) -> io::Result<u64> {
+    let mut text = String::new();
+    fence.seek(SeekFrom::Start(0))?;
+    fence.read_to_string(&mut text)?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(0);
+    }
+    text.parse().map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad fence {text:?}: {e}"),
+        )
+    })
+}
+
+/// A data file owned by one attempt; writes fail once a newer attempt claims the file.
+#[derive(Debug)]
+pub struct FencedFile {
+    data: File,
+    fence: File,
+    epoch: u64,
+}
+
+impl FencedFile {
+    /// Claims `path` for attempt `epoch`: fails if a newer attempt already owns it, otherwise
+    /// records the epoch and starts the file empty.
+    pub fn claim(path: &Path, epoch: u64) -> io::Result<Self> {
+        let fence = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(fence_path(path))?;
+        let data = {
+            let _lock = Locked::new(&fence)?;
+            let owner = read_epoch(&fence)?;
+            if owner > epoch {
+                return Err(superseded(epoch, owner));
+            }
+            fence.set_len(0)?;
+            (&fence).seek(SeekFrom::Start(0))?;
+            (&fence).write_all(epoch.to_string().as_bytes())?;
+            fence.sync_all()?;
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)?
+        };
+        Ok(Self { data, fence, epoch })
+    }
+
+    /// Flushes written data to disk.
+    pub fn sync(&self) -> io::Result<()> {
+        self.data.sync_all()
+    }
+}
+
+fn superseded(epoch: u64, owner: u64) -> io::Error {
+    io::Error::other(format!(
+        "attempt of epoch {epoch} was superseded by epoch {owner}; refusing to write"
+    ))
+}
+
+impl Write for FencedFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _lock = Locked::new(&self.fence)?;
+        let owner = read_epoch(&self.fence)?;
+        if owner != self.epoch {
+            return Err(superseded(self.epoch, owner));
+        }
+        self.data.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.data.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_attempt_fences_the_older_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sink_0.csv");
+        let mut old = FencedFile::claim(&path, 1).unwrap();
+        old.write_all(b"old row\n").unwrap();
+        let mut new = FencedFile::claim(&path, 2).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"",
+            "a claim starts the file empty"
+        );
+        let err = old.write_all(b"stale row\n").unwrap_err();
+        assert!(err.to_string().contains("superseded by epoch 2"), "{err}");
+        new.write_all(b"new row\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new row\n");
+        let err = FencedFile::claim(&path, 1)
+            .err()
+            .expect("an old attempt cannot claim");
+        assert!(err.to_string().contains("superseded"), "{err}");
+        // The same epoch may claim again (a task restarted within its attempt).
+        FencedFile::claim(&path, 2).unwrap();
+    }
+}

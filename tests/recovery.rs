@@ -1,0 +1,229 @@
+//! Faults during a running demo job: the output must still hold every record exactly once
+//! with the barrier intact (the verifier passes), whatever dies and whenever.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::exec::Executor;
+use common::{Cluster, cli_with_timeout, wait_until};
+use serde_json::Value;
+
+/// 4 tables x 20,000 records at 20,000 records/s: about four seconds of work.
+fn spec(cluster: &Cluster) -> (String, String) {
+    let sink = cluster.dir.path().join("sink");
+    let text = format!(
+        "flow-id = \"rec\"\ntable-num = 4\nbinlog-num = 2\nrcd-cnt = 20000\nddl-freq = 500\nrate = 20000\nsink-dir = \"{}\"\n",
+        sink.display()
+    );
+    let path = cluster.dir.path().join("rec.toml");
+    std::fs::write(&path, text).unwrap();
+    (
+        path.to_string_lossy().into_owned(),
+        sink.join("rec").to_string_lossy().into_owned(),
+    )
+}
+
+fn job(cluster: &Cluster, via: &[SocketAddr], id: u64) -> Result<Value, String> {
+    cluster
+        .client(&["job", "status", &id.to_string(), "--output", "json"], via)
+        .json()
+}
+
+fn wait_state(
+    cluster: &Cluster,
+    via: &[SocketAddr],
+    id: u64,
+    state: &str,
+    timeout: Duration,
+) -> Value {
+    let r = wait_until(&format!("job {id} is {state}"), timeout, || {
+        let j = job(cluster, via, id)?;
+        if j["state"] == state {
+            Ok(j)
+        } else {
+            Err(j.to_string())
+        }
+    });
+    cluster.unwrap_or_dump(r)
+}
+
+fn submit(cluster: &Cluster, via: &[SocketAddr], spec: &str) -> u64 {
+    let out = cluster.client(&["submit-job", "--config", spec], via);
+    let id = out
+        .ok_stdout()
+        .and_then(|s| s.parse::<u64>().map_err(|e| format!("{s:?}: {e}")));
+    cluster.unwrap_or_dump(id)
+}
+
+fn verify(spec: &str, dir: &str) {
+    let out = cli_with_timeout(
+        ["verify", "--dir", dir, "--job", spec],
+        Duration::from_secs(60),
+    );
+    assert!(out.success(), "verification failed: {out}");
+    assert!(
+        out.stdout
+            .contains("data rows         80000 (expected 80000)"),
+        "{out}"
+    );
+}
+
+/// Executors that run tasks now, by data-plane address.
+fn busy(cluster: &Cluster, via: &[SocketAddr]) -> Vec<String> {
+    let s = cluster
+        .client(&["cluster", "status", "--output", "json"], via)
+        .json()
+        .unwrap_or_default();
+    s["executors"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["state"] == "alive" && e["used"].as_u64().unwrap_or(0) > 0)
+                .map(|e| e["addr"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A small deterministic generator for the fault schedule.
+fn lcg(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    move || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x >> 33
+    }
+}
+
+fn kill_random_executor(seed: u64) {
+    let mut rand = lcg(seed);
+    let mut cluster = Cluster::bootstrap(1);
+    cluster.wait_for_leader(&[1], Duration::from_secs(10));
+    let via = [cluster.addr(1)];
+    let mut executors: Vec<Executor> = (0..3)
+        .map(|i| Executor::start(&cluster, &format!("exec-{i}"), 64))
+        .collect();
+    let (spec, out) = spec(&cluster);
+    let id = submit(&cluster, &via, &spec);
+    wait_state(&cluster, &via, id, "Running", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(100 + rand() % 2500));
+    let busy = busy(&cluster, &via);
+    let candidates: Vec<usize> = (0..executors.len())
+        .filter(|i| busy.contains(&executors[*i].addr.to_string()))
+        .collect();
+    if !candidates.is_empty() {
+        let victim = candidates[(rand() as usize) % candidates.len()];
+        executors[victim].kill();
+    }
+    let j = wait_state(&cluster, &via, id, "Finished", Duration::from_secs(60));
+    if !candidates.is_empty() {
+        assert!(
+            j["epoch"].as_u64().unwrap() > 1 || j["history"].to_string().contains("Finished"),
+            "{j}"
+        );
+    }
+    verify(&spec, &out);
+}
+
+#[test]
+fn kill_random_executor_seed_1() {
+    kill_random_executor(1);
+}
+
+#[test]
+fn kill_random_executor_seed_2() {
+    kill_random_executor(2);
+}
+
+#[test]
+fn kill_random_executor_seed_3() {
+    kill_random_executor(3);
+}
+
+#[test]
+fn kill_leader_master_mid_job() {
+    let mut cluster = Cluster::bootstrap(3);
+    let leader = cluster.wait_for_leader(&[1, 2, 3], Duration::from_secs(10));
+    let all: Vec<SocketAddr> = (1..=3).map(|i| cluster.addr(i)).collect();
+    let _a = Executor::start(&cluster, "exec-a", 64);
+    let _b = Executor::start(&cluster, "exec-b", 64);
+    let (spec, out) = spec(&cluster);
+    let id = submit(&cluster, &all, &spec);
+    let before = wait_state(&cluster, &all, id, "Running", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(800));
+    cluster.kill(leader);
+    let via: Vec<SocketAddr> = (1..=3)
+        .filter(|i| *i != leader)
+        .map(|i| cluster.addr(i))
+        .collect();
+    let j = wait_state(&cluster, &via, id, "Finished", Duration::from_secs(60));
+    assert_eq!(
+        j["epoch"], before["epoch"],
+        "the leader change restarted the job: {j}"
+    );
+    verify(&spec, &out);
+}
+
+#[test]
+fn paused_executor_is_replaced_and_its_stale_output_is_fenced() {
+    let mut cluster = Cluster::bootstrap(1);
+    cluster.wait_for_leader(&[1], Duration::from_secs(10));
+    let via = [cluster.addr(1)];
+    let executors: Vec<Executor> = (0..3)
+        .map(|i| Executor::start(&cluster, &format!("exec-{i}"), 64))
+        .collect();
+    let (spec, out) = spec(&cluster);
+    let id = submit(&cluster, &via, &spec);
+    let before = wait_state(&cluster, &via, id, "Running", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(700));
+    let busy = busy(&cluster, &via);
+    // Pause the executor that runs the sinks' group if we can tell; any busy one otherwise.
+    let victim = executors
+        .iter()
+        .find(|e| busy.contains(&e.addr.to_string()))
+        .expect("a busy executor");
+    victim.signal("STOP");
+    let r = wait_until(
+        "the job recovers without the paused executor",
+        Duration::from_secs(20),
+        || {
+            let j = job(&cluster, &via, id)?;
+            if j["epoch"].as_u64().unwrap_or(0) > before["epoch"].as_u64().unwrap_or(0) {
+                Ok(())
+            } else {
+                Err(j.to_string())
+            }
+        },
+    );
+    cluster.unwrap_or_dump(r);
+    std::thread::sleep(Duration::from_millis(500));
+    victim.signal("CONT");
+    wait_state(&cluster, &via, id, "Finished", Duration::from_secs(60));
+    // Let the woken executor act on whatever it still had before checking the files.
+    std::thread::sleep(Duration::from_millis(1000));
+    verify(&spec, &out);
+}
+
+#[test]
+fn rolling_restart_of_every_master_mid_job() {
+    let mut cluster = Cluster::bootstrap(3);
+    cluster.wait_for_leader(&[1, 2, 3], Duration::from_secs(10));
+    let all: Vec<SocketAddr> = (1..=3).map(|i| cluster.addr(i)).collect();
+    let _a = Executor::start(&cluster, "exec-a", 64);
+    let _b = Executor::start(&cluster, "exec-b", 64);
+    let (spec, out) = spec(&cluster);
+    let id = submit(&cluster, &all, &spec);
+    wait_state(&cluster, &all, id, "Running", Duration::from_secs(20));
+    for m in 1..=3 {
+        cluster.restart(m);
+        cluster.wait_for_leader(&[1, 2, 3], Duration::from_secs(15));
+    }
+    wait_state(&cluster, &all, id, "Finished", Duration::from_secs(60));
+    verify(&spec, &out);
+}
