@@ -144,9 +144,7 @@ mod tests {
         assert!(err.to_string().contains("superseded by epoch 2"), "{err}");
         new.write_all(b"new row\n").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new row\n");
-        let err = FencedFile::claim(&path, 1)
-            .err()
-            .expect("an old attempt cannot claim");
+        let err = FencedFile::claim(&path, 1).expect_err("an old attempt cannot claim");
         assert!(err.to_string().contains("superseded"), "{err}");
         // The same epoch may claim again (a task restarted within its attempt).
         FencedFile::claim(&path, 2).unwrap();
