@@ -1,10 +1,14 @@
 //! The HA masters run as real `microcosm master` processes on loopback (issue 4).
 //!
-//! Each test starts its own masters on free UDP ports in a temporary directory and talks to
-//! them only through the `microcosm` CLI (`cluster status`, `submit-job`, `job list`):
-//! bootstrap and leader election, writes through a follower, leader failover after SIGKILL,
-//! loss of quorum, a master joining a running cluster, a full restart from the data dirs,
-//! refused bad configurations, and the example configs in `config/`.
+//! Each test starts its own masters on free UDP ports in a temporary directory and drives
+//! them through the `microcosm` CLI (`cluster status`, `submit-job`, `job list`): bootstrap
+//! and leader election, writes through a follower, leader failover after SIGKILL, loss of
+//! quorum, a master joining a running cluster, a full restart from the data dirs, refused bad
+//! configurations, and the example configs in `config/`. Timings (failover, rejoin) and polls
+//! while masters are down use the harness's in-process status probe, which asks one master
+//! only; `cluster status` waits up to 3 s for every unreachable member.
+//!
+//! Tests marked `#[ignore]` pin down known bugs (the reason says which); they pass once fixed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -23,6 +27,8 @@ const ELECTION: Duration = Duration::from_secs(15);
 const REPLICATION: Duration = Duration::from_secs(10);
 /// A leader killed with SIGKILL must be replaced within this long.
 const FAILOVER_BOUND: Duration = Duration::from_secs(2);
+/// A master restarted at once must be back in an agreed cluster within this long.
+const REJOIN_BOUND: Duration = Duration::from_secs(3);
 /// A write without quorum must fail within this long (the CLI's patience is 6 s).
 const NO_QUORUM_BOUND: Duration = Duration::from_secs(15);
 
@@ -164,12 +170,12 @@ fn submit_without_quorum(c: &Cluster, via: &[std::net::SocketAddr]) -> String {
 }
 
 #[test]
-fn t03_without_quorum_writes_fail_promptly_and_resume_when_a_master_returns() {
+fn t03_without_quorum_a_follower_refuses_writes_until_a_master_returns() {
     let mut c = Cluster::bootstrap(3);
     let leader = c.wait_for_leader(&[1, 2, 3], ELECTION);
-    let mut jobs = vec![c.submit_job_ok(&[c.addr(leader)])];
+    let before = c.submit_job_ok(&[c.addr(leader)]);
 
-    // Phase 1: the leader and one follower die; the remaining follower finds no leader.
+    // The leader and one follower die; the remaining follower finds no leader.
     let survivor = follower_of(leader, &[1, 2, 3]);
     let third = 6 - leader - survivor;
     c.kill(leader);
@@ -177,35 +183,43 @@ fn t03_without_quorum_writes_fail_promptly_and_resume_when_a_master_returns() {
     submit_without_quorum(&c, &[c.addr(survivor)]);
     // Reads of the applied state still work on the survivor.
     let listed = c.unwrap_or_dump(c.job_ids(&[c.addr(survivor)]));
-    assert!(listed.contains(&jobs[0]), "survivor lists {listed:?}");
+    assert!(listed.contains(&before), "survivor lists {listed:?}");
 
-    // One of them comes back from its data dir (same flags, so it must not re-bootstrap):
+    // The old leader comes back from its data dir (same flags, so it must not re-bootstrap):
     // quorum again, writes work.
     c.restart(leader);
     let pair = [survivor, leader];
-    let now_leading = c.wait_for_leader(&pair, ELECTION);
-    let via: Vec<_> = pair.iter().map(|id| c.addr(*id)).collect();
-    jobs.push(c.submit_job_ok(&via));
-    assert!(jobs[1] > jobs[0], "job ids {jobs:?}");
-    for id in pair {
-        c.wait_for_jobs_on(id, &jobs, REPLICATION);
-    }
-
-    // Phase 2: now the follower dies, leaving the leader alone: it cannot commit either.
-    let follower = follower_of(now_leading, &pair);
-    c.kill(follower);
-    submit_without_quorum(&c, &[c.addr(now_leading)]);
-
-    // The third master, down since phase 1, returns: quorum again.
-    c.restart(third);
-    let pair = [now_leading, third];
     c.wait_for_leader(&pair, ELECTION);
     let via: Vec<_> = pair.iter().map(|id| c.addr(*id)).collect();
-    let last = c.submit_job_ok(&via);
-    assert!(last > jobs[1], "job id {last} not above {jobs:?}");
-    jobs.push(last);
+    let after = c.submit_job_ok(&via);
+    assert!(after > before, "job id {after} not above {before}");
     for id in pair {
-        c.wait_for_jobs_on(id, &jobs, REPLICATION);
+        c.wait_for_jobs_on(id, &[before, after], REPLICATION);
+    }
+}
+
+#[test]
+fn t03c_without_quorum_a_lone_leader_refuses_writes_until_a_master_returns() {
+    let mut c = Cluster::bootstrap(3);
+    let leader = c.wait_for_leader(&[1, 2, 3], ELECTION);
+    let before = c.submit_job_ok(&[c.addr(leader)]);
+
+    // Both followers die; the leader is alone and cannot commit.
+    let followers: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
+    for id in &followers {
+        c.kill(*id);
+    }
+    submit_without_quorum(&c, &[c.addr(leader)]);
+
+    // One follower returns from its data dir: quorum again, writes work on both.
+    c.restart(followers[0]);
+    let pair = [leader, followers[0]];
+    c.wait_for_leader(&pair, ELECTION);
+    let via: Vec<_> = pair.iter().map(|id| c.addr(*id)).collect();
+    let after = c.submit_job_ok(&via);
+    assert!(after > before, "job id {after} not above {before}");
+    for id in pair {
+        c.wait_for_jobs_on(id, &[before, after], REPLICATION);
     }
 }
 
@@ -522,7 +536,7 @@ fn t09_overriding_listen_addr_alone_is_refused_or_advertised() {
     // it actually listens on (so that `cluster status` finds a reachable leader).
     let result = wait_until(
         "refused, or a reachable leader at the listen address",
-        ELECTION,
+        Duration::from_secs(8),
         || {
             let node = c.nodes.get_mut(&1).unwrap();
             if let Some(status) = node.exit_status() {
@@ -545,4 +559,81 @@ fn t09_overriding_listen_addr_alone_is_refused_or_advertised() {
         },
     );
     c.unwrap_or_dump(result);
+}
+
+#[test]
+#[ignore = "transport bug: a cached QUIC connection to a killed master is kept (calls on it time out) until the 10 s idle timeout, so a master restarted on the same address is unreachable from its peers that long"]
+fn t10_a_leader_restarted_at_once_is_back_promptly_and_writes_work_everywhere() {
+    let mut c = Cluster::bootstrap(3);
+    let old = c.wait_for_leader(&[1, 2, 3], ELECTION);
+    let before = c.submit_job_ok(&[c.addr(old)]);
+    for id in [1, 2, 3] {
+        c.wait_for_jobs_on(id, &[before], REPLICATION);
+    }
+
+    // SIGKILL the leader and start it again right away from its data dir, on the same address.
+    let restarted_at = Instant::now();
+    c.restart(old);
+    let result = wait_until("all three masters agree on a leader", ELECTION, || {
+        c.assert_running(&[1, 2, 3]);
+        c.agreed_leader(&[1, 2, 3])
+    });
+    let agreed = restarted_at.elapsed();
+    let leader = c.unwrap_or_dump(result);
+    eprintln!("restart: master {old} restarted, all agree on {leader} after {agreed:?}");
+
+    // Writes through every master, one at a time, are accepted promptly.
+    let mut jobs = vec![before];
+    for id in [1, 2, 3] {
+        let start = Instant::now();
+        jobs.push(c.submit_job_ok(&[c.addr(id)]));
+        let took = start.elapsed();
+        eprintln!("restart: write through master {id} took {took:?}");
+        assert!(
+            took < Duration::from_secs(2),
+            "a write through master {id} took {took:?} after master {old} restarted (leader {leader}){}",
+            c.logs(30)
+        );
+    }
+    assert!(
+        agreed < REJOIN_BOUND,
+        "masters agreed on leader {leader} only {agreed:?} after master {old} restarted (bound {REJOIN_BOUND:?})"
+    );
+    for id in [1, 2, 3] {
+        c.wait_for_jobs_on(id, &jobs, REPLICATION);
+    }
+}
+
+#[test]
+#[ignore = "transport bug: the leader keeps replicating over its dead cached QUIC connection to the follower's previous process until the 10 s idle timeout"]
+fn t11_a_follower_restarted_at_once_catches_up_promptly() {
+    let mut c = Cluster::bootstrap(3);
+    let leader = c.wait_for_leader(&[1, 2, 3], ELECTION);
+    let follower = follower_of(leader, &[1, 2, 3]);
+    let before = c.submit_job_ok(&[c.addr(leader)]);
+    c.wait_for_jobs_on(follower, &[before], REPLICATION);
+
+    // SIGKILL a follower and start it again right away; then write through the leader.
+    let restarted_at = Instant::now();
+    c.restart(follower);
+    let after = c.submit_job_ok(&[c.addr(leader)]);
+    // The restarted follower receives the new write (the leader replicates to it again) and
+    // knows the leader.
+    let result = wait_until("the restarted follower has the new job", ELECTION, || {
+        c.assert_running(&[1, 2, 3]);
+        let listed = c.job_ids(&[c.addr(follower)])?;
+        let leader_now = c.agreed_leader(&[1, 2, 3])?;
+        if listed.contains(&after) {
+            Ok(leader_now)
+        } else {
+            Err(format!("master {follower} lists {listed:?}"))
+        }
+    });
+    let took = restarted_at.elapsed();
+    let leader_now = c.unwrap_or_dump(result);
+    eprintln!("restart: follower {follower} caught up after {took:?} (leader {leader_now})");
+    assert!(
+        took < REJOIN_BOUND,
+        "the restarted follower {follower} caught up only {took:?} after its restart (bound {REJOIN_BOUND:?})"
+    );
 }

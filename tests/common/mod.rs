@@ -278,6 +278,10 @@ impl Probe {
     }
 
     /// The status of the master at `addr` (that master only), within [`PROBE_TIMEOUT`].
+    ///
+    /// A failed call drops the cached connection, so that the next call dials afresh: a master
+    /// restarted on the same address is seen at once, not after the QUIC idle timeout of the
+    /// connection to its previous incarnation.
     pub fn status(&self, addr: SocketAddr) -> Result<NodeStatus, String> {
         self.rt
             .block_on(self.endpoint.call_timeout::<GetNodeStatus>(
@@ -285,7 +289,10 @@ impl Probe {
                 &Nothing::default(),
                 PROBE_TIMEOUT,
             ))
-            .map_err(|e| format!("status of {addr}: {e}"))
+            .map_err(|e| {
+                self.endpoint.forget(addr, Role::Master);
+                format!("status of {addr}: {e}")
+            })
     }
 }
 
