@@ -8,7 +8,6 @@
 //! while masters are down use the harness's in-process status probe, which asks one master
 //! only; `cluster status` waits up to 3 s for every unreachable member.
 //!
-//! Tests marked `#[ignore]` pin down known bugs (the reason says which); they pass once fixed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -224,7 +223,6 @@ fn t03c_without_quorum_a_lone_leader_refuses_writes_until_a_master_returns() {
 }
 
 #[test]
-#[ignore = "CLI bug: a \"no quorum\" answer is reported as \"cluster unreachable ...: call timed out\" (MasterClient::call keeps the last error, a timeout of its final capped attempt)"]
 fn t03b_a_write_without_quorum_is_reported_as_no_quorum() {
     let mut c = Cluster::bootstrap(3);
     let leader = c.wait_for_leader(&[1, 2, 3], ELECTION);
@@ -487,7 +485,6 @@ fn t08_the_single_master_example_starts_and_leads_with_flag_overrides() {
 }
 
 #[test]
-#[ignore = "CLI bug: TOML errors in a master config report the line of an internal re-serialized document (`bogus` on line 6 is reported as line 1) and do not name the file"]
 fn t06b_a_config_error_points_into_the_users_file() {
     let dir = tempfile::tempdir().unwrap();
     let addr = free_udp_addr();
@@ -514,7 +511,6 @@ fn t06b_a_config_error_points_into_the_users_file() {
 }
 
 #[test]
-#[ignore = "master bug: a listen-addr that differs from this master's own initial-members entry is accepted; the cluster then advertises the stale address (cluster status: leader null, master unreachable)"]
 fn t09_overriding_listen_addr_alone_is_refused_or_advertised() {
     let mut c = Cluster::empty(ClusterOptions::default());
     let addr = free_udp_addr();
@@ -562,7 +558,6 @@ fn t09_overriding_listen_addr_alone_is_refused_or_advertised() {
 }
 
 #[test]
-#[ignore = "transport bug: a cached QUIC connection to a killed master is kept (calls on it time out) until the 10 s idle timeout, so a master restarted on the same address is unreachable from its peers that long"]
 fn t10_a_leader_restarted_at_once_is_back_promptly_and_writes_work_everywhere() {
     let mut c = Cluster::bootstrap(3);
     let old = c.wait_for_leader(&[1, 2, 3], ELECTION);
@@ -605,7 +600,6 @@ fn t10_a_leader_restarted_at_once_is_back_promptly_and_writes_work_everywhere() 
 }
 
 #[test]
-#[ignore = "transport bug: the leader keeps replicating over its dead cached QUIC connection to the follower's previous process until the 10 s idle timeout"]
 fn t11_a_follower_restarted_at_once_catches_up_promptly() {
     let mut c = Cluster::bootstrap(3);
     let leader = c.wait_for_leader(&[1, 2, 3], ELECTION);

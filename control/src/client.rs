@@ -12,6 +12,20 @@ use microcosm_transport::{Endpoint, Method, RpcError};
 
 use crate::proto::{GetNodeStatus, MasterApi, NodeStatus, Nothing};
 
+/// Shortest attempt worth starting.
+const MIN_ATTEMPT: Duration = Duration::from_millis(100);
+
+/// How much an error tells the user: a master's own answer beats a lost connection, which
+/// beats an unreachable address, which beats a bare timeout.
+fn informativeness(e: &RpcError) -> u8 {
+    match e {
+        RpcError::Remote(_) => 3,
+        RpcError::ConnectionLost { .. } => 2,
+        RpcError::Unreachable { .. } => 1,
+        _ => 0,
+    }
+}
+
 /// A failover-aware client of the masters.
 pub struct MasterClient {
     endpoint: Endpoint,
@@ -81,7 +95,8 @@ impl MasterClient {
         loop {
             for addr in self.addrs() {
                 let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-                if remaining.is_zero() {
+                // An attempt cut too short would only time out and hide a real answer.
+                if remaining < MIN_ATTEMPT {
                     break;
                 }
                 match self
@@ -95,12 +110,17 @@ impl MasterClient {
                     }
                     Err(e) if e.is_retryable() => {
                         tracing::debug!(%addr, error = %e, "master call failed; trying the next");
-                        last = Some(e);
+                        if last
+                            .as_ref()
+                            .is_none_or(|l| informativeness(&e) >= informativeness(l))
+                        {
+                            last = Some(e);
+                        }
                     }
                     Err(e) => return Err(e),
                 }
             }
-            if tokio::time::Instant::now() >= deadline {
+            if deadline.saturating_duration_since(tokio::time::Instant::now()) < MIN_ATTEMPT {
                 break;
             }
             round += 1;
@@ -122,8 +142,10 @@ impl MasterClient {
 
     /// Asks the master at `addr` (only) for its status.
     pub async fn status_of(&self, addr: SocketAddr) -> Result<NodeStatus, RpcError> {
+        // A status probe of a dead master should not hold a caller up for long.
+        let timeout = self.call_timeout.min(Duration::from_secs(1));
         self.endpoint
-            .call_timeout::<GetNodeStatus>(addr, &Nothing::default(), self.call_timeout)
+            .call_timeout::<GetNodeStatus>(addr, &Nothing::default(), timeout)
             .await
     }
 }

@@ -201,11 +201,22 @@ impl MasterConfig {
             );
         }
         let members = self.members().map_err(MasterError::Config)?;
-        if !members.is_empty() && !members.contains_key(&self.node_id) {
-            return bad(format!(
-                "initial-members does not include this master (node-id {})",
-                self.node_id
-            ));
+        if !members.is_empty() {
+            match members.get(&self.node_id) {
+                None => {
+                    return bad(format!(
+                        "initial-members does not include this master (node-id {})",
+                        self.node_id
+                    ));
+                }
+                Some(own) if *own != self.listen_addr => {
+                    return bad(format!(
+                        "initial-members gives node {} the address {own}, but listen-addr is {}",
+                        self.node_id, self.listen_addr
+                    ));
+                }
+                Some(_) => {}
+            }
         }
         self.liveness().validate().map_err(|e| {
             MasterError::Config(format!("executor-ttl-ms / executor-heartbeat-ms: {e}"))
@@ -344,13 +355,17 @@ impl Shared {
                     }
                 },
                 Err(e @ MetaError::ForwardToLeader { .. }) => last = e.to_string(),
-                Err(e @ MetaError::NoQuorum(_)) => return Err(unavailable(e.to_string())),
+                Err(e @ MetaError::NoQuorum(_)) => {
+                    return Err(unavailable(format!(
+                        "{e} (the write may still be applied once a quorum returns)"
+                    )));
+                }
                 Err(e) if e.is_retryable() => last = e.to_string(),
                 Err(e) => return Err(RemoteError::new(ErrorCode::Internal, e.to_string())),
             }
             if tokio::time::Instant::now() + Duration::from_millis(50) >= deadline {
                 return Err(unavailable(format!(
-                    "no quorum: write not accepted in time ({last})"
+                    "no quorum: write not accepted in time ({last}); it may still be applied once a quorum returns"
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -371,7 +386,12 @@ impl Shared {
             .parse()
             .map_err(|e| RpcError::Encode(format!("bad leader address {addr:?}: {e}")))?;
         let bytes = postcard::to_stdvec(request).map_err(|e| RpcError::Encode(e.to_string()))?;
-        let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+        // Short attempts: a connection to a leader that just restarted looks alive until a call
+        // on it times out (which drops it); the retry then dials the new process. Retries are
+        // safe because the request id deduplicates.
+        let timeout = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(FORWARD_ATTEMPT);
         let blob = endpoint
             .call_timeout::<ForwardWrite>(addr, &Blob { bytes }, timeout)
             .await?;
@@ -482,6 +502,9 @@ fn response_error(resp: CommandResponse) -> RemoteError {
         ),
     }
 }
+
+/// Longest single attempt to forward a write to the leader.
+const FORWARD_ATTEMPT: Duration = Duration::from_millis(600);
 
 /// How long a client-facing write may wait for a leader.
 const WRITE_PATIENCE: Duration = Duration::from_millis(2500);

@@ -70,9 +70,10 @@ fn explain(e: RpcError, addrs: &[SocketAddr]) -> anyhow::Error {
         .join(",");
     match e {
         RpcError::Remote(r) => anyhow::anyhow!("{}", r.message),
-        RpcError::Unreachable { .. } | RpcError::Timeout(_) | RpcError::ConnectionLost { .. } => {
+        RpcError::Unreachable { .. } | RpcError::ConnectionLost { .. } => {
             anyhow::anyhow!("cluster unreachable at {list}: {e}")
         }
+        RpcError::Timeout(t) => anyhow::anyhow!("no master at {list} answered within {t:?}"),
         other => anyhow::anyhow!(other),
     }
 }
@@ -108,14 +109,22 @@ pub async fn cluster_status(args: &ClusterArgs) -> anyhow::Result<()> {
                 .join(",")
         );
     };
-    let mut rows = Vec::new();
+    // Ask every member at once, so that dead ones cost one timeout in total, not one each.
+    let client = std::sync::Arc::new(client);
+    let mut pending = Vec::new();
     for m in &first.members {
-        let addr = m.addr.parse::<SocketAddr>();
-        let status = match addr {
-            Ok(a) => client.status_of(a).await.ok(),
-            Err(_) => None,
-        };
-        rows.push((m.clone(), status));
+        let client = client.clone();
+        let addr = m.addr.parse::<SocketAddr>().ok();
+        pending.push(tokio::spawn(async move {
+            match addr {
+                Some(a) => client.status_of(a).await.ok(),
+                None => None,
+            }
+        }));
+    }
+    let mut rows = Vec::new();
+    for (m, task) in first.members.iter().zip(pending) {
+        rows.push((m.clone(), task.await.ok().flatten()));
     }
     let leader = rows
         .iter()

@@ -43,13 +43,22 @@ pub struct ExecutorArgs {
 
 impl ExecutorArgs {
     fn config(self) -> anyhow::Result<ExecutorConfig> {
-        let mut doc: toml::Table = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read config {}", path.display()))?;
-                text.parse()
-                    .with_context(|| format!("config {}", path.display()))?
-            }
+        let file = match &self.config {
+            Some(path) => Some((
+                path.clone(),
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config {}", path.display()))?,
+            )),
+            None => None,
+        };
+        let mut doc: toml::Table = match &file {
+            Some((path, text)) => text.parse().map_err(|e: toml::de::Error| {
+                anyhow::anyhow!(
+                    "config {}: {}",
+                    path.display(),
+                    microcosm_control::toml_error_line(&e, text)
+                )
+            })?,
             None => toml::Table::new(),
         };
         let mut set = |k: &str, v: Option<toml::Value>| {
@@ -77,7 +86,20 @@ impl ExecutorArgs {
         set("workers", self.workers.map(|v| int(v as u64)));
         set("heartbeat-ms", self.heartbeat_ms.map(int));
         set("ttl-ms", self.ttl_ms.map(int));
-        Ok(ExecutorConfig::from_toml(&toml::to_string(&doc)?)?)
+        match ExecutorConfig::from_toml(&toml::to_string(&doc)?) {
+            Ok(c) => Ok(c),
+            Err(merged) => {
+                // Point into the user's file when the file itself is at fault (an unknown key,
+                // a wrong type), rather than into the merged document.
+                if let Some((path, text)) = &file
+                    && let Err(own) = ExecutorConfig::from_toml(text)
+                    && !own.to_string().contains("missing field")
+                {
+                    anyhow::bail!("config {}: {own}", path.display());
+                }
+                Err(merged.into())
+            }
+        }
     }
 }
 

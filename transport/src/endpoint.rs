@@ -211,7 +211,10 @@ impl Endpoint {
             .connection(addr, <M::Service as Service>::SERVED_BY, deadline)
             .await?;
         let result = conn.raw_call(M::ID, req, deadline).await;
-        if let Err(RpcError::ConnectionLost { .. }) = &result {
+        // A lost connection, or one on which a call timed out (the peer may have died; QUIC
+        // would only notice at the idle timeout), is dropped: the next call dials afresh, which
+        // costs one handshake if the peer is fine and reaches a restarted peer at once.
+        if let Err(RpcError::ConnectionLost { .. } | RpcError::Timeout(_)) = &result {
             self.forget(addr, <M::Service as Service>::SERVED_BY);
         }
         result
