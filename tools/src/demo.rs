@@ -2,17 +2,17 @@
 //! verifier and a summary — the first thing a newcomer runs.
 
 use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
-use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
 use microcosm_control::client::MasterClient;
-use microcosm_control::proto::{GetJob, JobRef, SubmitJob, SubmitJobRequest};
+use microcosm_control::proto::{GetJob, JobRef};
 use microcosm_demo::{DemoSpec, DemoSpecOverrides};
-use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
+
+use crate::local::{LocalCluster, LocalClusterDir, Proc};
 
 /// Flags of `microcosm demo`. Every job-spec key can be overridden by the flag of the same name.
 #[derive(Args, Debug)]
@@ -89,67 +89,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// A child process killed (and reaped) when dropped.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn terminate(&mut self) {
-        if let Some(c) = &self.child {
-            // SIGTERM lets the node shut down cleanly; fall back to SIGKILL.
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        if let Some(c) = &mut self.child {
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    self.child = None;
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        self.kill();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn spawn(exe: &Path, dir: &Path, name: &str, args: &[String]) -> anyhow::Result<Proc> {
-    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-    let child = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("cannot start {name}"))?;
-    Ok(Proc {
-        name: name.to_string(),
-        child: Some(child),
-    })
-}
-
 /// Counts the rows sinks have written by reading only what was appended since last time.
 struct Progress {
     files: Vec<(PathBuf, u64, u64)>,
@@ -207,13 +146,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     if args.kill_leader_after.is_some() && args.masters < 3 {
         bail!("--kill-leader-after needs --masters 3 (a single master is not highly available)");
     }
-    let exe = std::env::current_exe().context("cannot find the microcosm executable")?;
-    let tmp = tempfile::Builder::new()
-        .prefix("microcosm-demo-")
-        .tempdir()?;
-    let dir = tmp.path().to_path_buf();
-    let certs = dir.join("certs");
-    microcosm_transport::tls::init_cluster_certs(&certs, "demo", &[])?;
+    let cluster_dir = LocalClusterDir::create("microcosm-demo-")?;
+    let dir = cluster_dir.path().to_path_buf();
 
     // The job spec: defaults or a file, then flags.
     let mut spec = match &args.config {
@@ -261,105 +195,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         }
     );
 
-    let mut master_addrs = Vec::new();
-    for _ in 0..args.masters {
-        master_addrs.push(SocketAddr::from(([127, 0, 0, 1], free_port()?)));
-    }
-    let members: Vec<String> = master_addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect();
-    let certs_arg = certs.display().to_string();
-    let mut masters = Vec::new();
-    for (i, addr) in master_addrs.iter().enumerate() {
-        let id = i + 1;
-        masters.push(spawn(
-            &exe,
-            &dir,
-            &format!("master-{id}"),
-            &[
-                "master".into(),
-                "--node-id".into(),
-                id.to_string(),
-                "--listen-addr".into(),
-                addr.to_string(),
-                "--data-dir".into(),
-                dir.join(format!("master-{id}")).display().to_string(),
-                "--certs-dir".into(),
-                certs_arg.clone(),
-                "--initial-members".into(),
-                members.join(","),
-            ],
-        )?);
-    }
-    let masters_arg = master_addrs
-        .iter()
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut executors = Vec::new();
-    for i in 0..args.executors {
-        let port = free_port()?;
-        executors.push(spawn(
-            &exe,
-            &dir,
-            &format!("executor-{}", i + 1),
-            &[
-                "executor".into(),
-                "--listen-addr".into(),
-                format!("127.0.0.1:{port}"),
-                "--masters".into(),
-                masters_arg.clone(),
-                "--certs-dir".into(),
-                certs_arg.clone(),
-                "--name".into(),
-                format!("executor-{}", i + 1),
-            ],
-        )?);
-    }
-
-    let identity = Identity::load(&certs, Role::Client)?;
-    let endpoint = Endpoint::bind(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        &identity,
-        TransportConfig::default(),
-        Router::new(),
-    )?;
-    let client = MasterClient::new(endpoint, master_addrs.clone())
-        .with_timeouts(Duration::from_secs(15), Duration::from_secs(3));
-    let job = client
-        .call::<SubmitJob>(&SubmitJobRequest {
-            job_type: "demo".into(),
-            spec: spec.to_toml_string()?,
-            client_id: std::process::id().into(),
-            seq: 1,
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot submit the demo job: {e}"))?
-        .id;
+    let mut cluster = cluster_dir.launch(args.masters, args.executors)?;
+    let job = cluster.submit_demo(&spec).await?;
     println!(
         "submitted job {job}; output in {}",
         spec.output_dir().display()
     );
 
     let outcome = tokio::select! {
-        r = watch(&client, job, &spec, &args, &mut executors, &mut masters, &master_addrs) => r,
+        r = watch(&mut cluster, job, &spec, &args) => r,
         _ = tokio::signal::ctrl_c() => {
             println!("\ninterrupted; shutting the cluster down");
             Err(anyhow::anyhow!("interrupted"))
         }
     };
-    for p in executors.iter_mut().chain(masters.iter_mut()) {
-        p.terminate();
-    }
+    cluster.shutdown();
     let state = outcome?;
     if state != "Finished" {
         println!(
             "job {job} ended {state}; cluster logs kept in {}",
             dir.display()
         );
-        let _ = tmp.keep();
+        let _ = cluster.keep();
         return Ok(false);
     }
     println!("\nverifying {} ...", spec.output_dir().display());
@@ -375,7 +232,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         }
     );
     if args.keep || !passed {
-        let kept = tmp.keep();
+        let kept = cluster.keep();
         println!("cluster dir kept: {}", kept.display());
     }
     Ok(passed)
@@ -383,14 +240,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
 
 /// Follows the job to its end, printing progress and injecting the requested failures.
 async fn watch(
-    client: &MasterClient,
+    cluster: &mut LocalCluster,
     job: u64,
     spec: &DemoSpec,
     args: &DemoArgs,
-    executors: &mut [Proc],
-    masters: &mut [Proc],
-    master_addrs: &[SocketAddr],
 ) -> anyhow::Result<String> {
+    let LocalCluster {
+        masters,
+        executors,
+        master_addrs,
+        client,
+        ..
+    } = cluster;
+    let client = &*client;
+    let master_addrs = master_addrs.as_slice();
     let tty = std::io::stdout().is_terminal();
     let expected =
         spec.total_data_records() + spec.ddl_rows_per_stream() * u64::from(spec.binlog_num);

@@ -7,11 +7,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use microcosm_control::proto::JobAction;
 
+mod bench;
 mod certs;
 mod client;
 mod demo;
 mod executor;
 mod jobs;
+mod local;
 mod master;
 
 #[global_allocator]
@@ -38,6 +40,9 @@ enum Command {
     Executor(executor::ExecutorArgs),
     /// Run the demo pipeline on a local cluster (child processes), verify it, and print a summary.
     Demo(demo::DemoArgs),
+    /// Sweep offered rate × DDL frequency on a local cluster; write latency, throughput, CPU
+    /// and memory per run to results.json, latency.svg and a table.
+    Bench(bench::BenchArgs),
     /// Verify the output of a demo job.
     Verify {
         /// The job's output directory (<sink-dir>/<flow-id>).
@@ -148,6 +153,11 @@ fn main() -> ExitCode {
         Command::Master(args) => runtime().and_then(|rt| rt.block_on(master::run(args))),
         Command::Executor(args) => runtime().and_then(|rt| rt.block_on(executor::run(args))),
         Command::Demo(args) => match runtime().and_then(|rt| rt.block_on(demo::run(args))) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(2),
+            Err(e) => Err(e),
+        },
+        Command::Bench(args) => match runtime().and_then(|rt| rt.block_on(bench::run(args))) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(2),
             Err(e) => Err(e),

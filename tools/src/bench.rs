@@ -1,0 +1,1269 @@
+//! `microcosm bench`: the latency/throughput sweep of the demo pipeline.
+//!
+//! One local cluster (1 master, N executors) serves the whole sweep; every (rate, ddl-freq)
+//! pair is one demo job with its own flow-id, run to completion one after the other. For
+//! each run the sink CSVs are read back: data rows produced within the first
+//! `--warmup-secs` of the run are discarded, the rest give end-to-end latency
+//! (`sink_ns − produced_ns`) and the two stages the CSV records (`produced → synced`,
+//! `synced → sink`) as HDR histograms, and the achieved throughput. Each process's CPU
+//! time (`/proc/<pid>/stat`) is taken as a delta over the run and its peak RSS (`VmHWM`,
+//! reset through `/proc/<pid>/clear_refs` before the run where the kernel allows it).
+//! The verifier checks every run. Results go to `results.json`, `latency.svg` and stdout.
+
+use std::fmt::Write as _;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use hdrhistogram::Histogram;
+use microcosm_control::proto::{ControlJob, GetJob, JobAction, JobControlRequest, JobRef};
+use microcosm_demo::{DemoSpec, RowKind, SinkRow};
+use serde::Serialize;
+
+use crate::demo::parse_duration;
+use crate::local::{LocalCluster, LocalClusterDir};
+
+/// Flags of `microcosm bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Offered total rates (records/s) to sweep; 0 = as fast as possible ("max").
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10000,100000,500000,1000000,0"
+    )]
+    rates: Vec<u64>,
+    /// DDL frequencies to sweep (a DDL every this many pks; 0 = none).
+    #[arg(long, value_delimiter = ',', default_value = "1000,0")]
+    ddl_freqs: Vec<u64>,
+    /// Data records per table for every run (default: rate × (warm-up + duration) / tables,
+    /// or --max-rate-rcd-cnt for rate 0).
+    #[arg(long)]
+    rcd_cnt: Option<u64>,
+    /// Data records per table of a rate-0 (maximum rate) run when --rcd-cnt is not given.
+    #[arg(long, default_value_t = 200_000)]
+    max_rate_rcd_cnt: u64,
+    /// Seconds at the start of each run whose rows (by produced time) are not measured.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_secs: f64,
+    /// Seconds each run is measured for at its offered rate (sizes rcd-cnt).
+    #[arg(long, default_value_t = 5.0)]
+    duration_secs: f64,
+    /// Output directory for results.json and latency.svg (created if missing).
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Number of executors.
+    #[arg(long, default_value_t = 2)]
+    executors: u32,
+    /// Producers (tables), T.
+    #[arg(long, default_value_t = 10)]
+    table_num: u32,
+    /// Binlog streams, S.
+    #[arg(long, default_value_t = 4)]
+    binlog_num: u32,
+    /// Records per batch (default: the job spec's default).
+    #[arg(long)]
+    batch_size: Option<i64>,
+    /// Linger bound of partial batches in µs (default: the job spec's default).
+    #[arg(long)]
+    linger_us: Option<i64>,
+    /// Seconds of idle-cluster CPU measurement before the sweep (0 = skip).
+    #[arg(long, default_value_t = 5.0)]
+    idle_secs: f64,
+    /// Measure only the idle cluster; run no job.
+    #[arg(long)]
+    idle_only: bool,
+    /// Give a run up (and cancel its job) after this long, e.g. `90s`.
+    #[arg(long, value_parser = parse_duration, default_value = "120s")]
+    run_timeout: Duration,
+    /// Keep the cluster directory (logs and every run's sink files) afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// The machine the sweep ran on.
+#[derive(Debug, Clone, Serialize)]
+struct Machine {
+    nproc: usize,
+    cpu_model: String,
+    kernel: String,
+    /// 1-, 5- and 15-minute load averages when the sweep started.
+    loadavg_at_start: String,
+}
+
+/// Fixed parameters of every run.
+#[derive(Debug, Clone, Serialize)]
+struct Conditions {
+    masters: u32,
+    executors: u32,
+    table_num: u32,
+    binlog_num: u32,
+    batch_size: u32,
+    linger_us: u64,
+    warmup_secs: f64,
+    duration_secs: f64,
+    cluster: &'static str,
+}
+
+/// Percentiles of one distribution, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+struct Percentiles {
+    count: u64,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    max_us: f64,
+}
+
+/// One process over one run (or over the idle window).
+#[derive(Debug, Clone, Serialize)]
+struct ProcessUsage {
+    name: String,
+    /// utime + stime consumed during the window.
+    cpu_s: f64,
+    /// `cpu_s` over the window's wall time, in % of one core.
+    cpu_pct_of_core: f64,
+    /// VmHWM at the end of the window, in MiB.
+    peak_rss_mb: Option<f64>,
+    /// Whether the peak was reset at the start of the window (otherwise it is the peak
+    /// since the process started).
+    peak_rss_reset: bool,
+}
+
+/// The idle cluster.
+#[derive(Debug, Clone, Serialize)]
+struct Idle {
+    secs: f64,
+    processes: Vec<ProcessUsage>,
+    total_cpu_pct_of_core: f64,
+}
+
+/// One (rate, ddl-freq) run.
+#[derive(Debug, Clone, Serialize)]
+struct Run {
+    /// Offered total records/s (0 = maximum).
+    rate: u64,
+    ddl_freq: u64,
+    rcd_cnt: u64,
+    flow_id: String,
+    job_id: Option<u64>,
+    /// The job's final state ("Finished", "Failed", "Cancelled", "TimedOut", ...).
+    state: String,
+    /// Submit → final state, in seconds.
+    wall_s: f64,
+    verified: bool,
+    violations: u64,
+    data_rows: u64,
+    /// Data rows after the warm-up cut.
+    measured_rows: u64,
+    /// Whether rows were discarded for warm-up (false when the run was shorter).
+    warmup_applied: bool,
+    /// Measured rows / (last sink time − first produced time of the measured rows).
+    achieved_rows_per_s: Option<f64>,
+    /// `sink_ns − produced_ns` of measured data rows.
+    latency: Option<Percentiles>,
+    /// `synced_ns − produced_ns`: producer pacing, binlog, QUIC, receive, syncer, barrier.
+    produced_to_synced: Option<Percentiles>,
+    /// `sink_ns − synced_ns`: syncer → sink hop and the CSV write.
+    synced_to_sink: Option<Percentiles>,
+    /// Measured rows whose sink time precedes their produced time (clock skew).
+    negative_latency_rows: u64,
+    processes: Vec<ProcessUsage>,
+    error: Option<String>,
+}
+
+/// Everything `results.json` holds.
+#[derive(Debug, Serialize)]
+struct Results {
+    machine: Machine,
+    conditions: Conditions,
+    idle: Option<Idle>,
+    runs: Vec<Run>,
+}
+
+/// Runs the sweep. Returns whether every run passed verification.
+pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
+    if args.executors == 0 {
+        bail!("--executors must be at least 1");
+    }
+    let non_negative = |v: f64| v >= 0.0 && v.is_finite();
+    let valid = non_negative(args.warmup_secs)
+        && non_negative(args.idle_secs)
+        && non_negative(args.duration_secs)
+        && args.duration_secs > 0.0;
+    if !valid {
+        bail!("--warmup-secs and --idle-secs must be >= 0 and --duration-secs > 0");
+    }
+    if !args.idle_only && (args.rates.is_empty() || args.ddl_freqs.is_empty()) {
+        bail!("--rates and --ddl-freqs must not be empty");
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+
+    let mut base = DemoSpec {
+        table_num: args.table_num,
+        binlog_num: args.binlog_num,
+        ..DemoSpec::default()
+    };
+    microcosm_demo::DemoSpecOverrides {
+        batch_size: args.batch_size,
+        linger_us: args.linger_us,
+        ..Default::default()
+    }
+    .apply(&mut base)?;
+
+    let machine = machine();
+    let conditions = Conditions {
+        masters: 1,
+        executors: args.executors,
+        table_num: base.table_num,
+        binlog_num: base.binlog_num,
+        batch_size: base.batch_size,
+        linger_us: base.linger_us,
+        warmup_secs: args.warmup_secs,
+        duration_secs: args.duration_secs,
+        cluster: "one cluster for the whole sweep, one job per run",
+    };
+    println!(
+        "microcosm bench: {} CPU(s), {}; load {}",
+        machine.nproc, machine.cpu_model, machine.loadavg_at_start
+    );
+
+    let cluster_dir = LocalClusterDir::create("microcosm-bench-")?;
+    let sink_root = cluster_dir.path().join("sink");
+    let mut cluster = cluster_dir.launch(1, args.executors)?;
+    println!(
+        "cluster: 1 master, {} executor(s), dir {}",
+        args.executors,
+        cluster.dir().display()
+    );
+    let outcome = tokio::select! {
+        r = sweep(&mut cluster, &args, &base, &sink_root) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    cluster.shutdown();
+    if args.keep {
+        println!("cluster dir kept: {}", cluster.keep().display());
+    }
+    let (idle, runs) = outcome?;
+
+    let results = Results {
+        machine,
+        conditions,
+        idle,
+        runs,
+    };
+    let json_path = args.out.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)
+        .with_context(|| format!("cannot write {}", json_path.display()))?;
+    println!();
+    if let Some(idle) = &results.idle {
+        print_idle(idle);
+    }
+    if !results.runs.is_empty() {
+        print!("{}", table(&results.runs));
+        println!();
+        print!("{}", stage_table(&results.runs));
+        let svg_path = args.out.join("latency.svg");
+        std::fs::write(&svg_path, latency_svg(&results.runs))
+            .with_context(|| format!("cannot write {}", svg_path.display()))?;
+        println!("\nwrote {} and {}", json_path.display(), svg_path.display());
+    } else {
+        println!("wrote {}", json_path.display());
+    }
+    let failed: Vec<String> = results
+        .runs
+        .iter()
+        .filter(|r| !r.verified)
+        .map(|r| format!("rate {} ddl {}", rate_label(r.rate), r.ddl_freq))
+        .collect();
+    if failed.is_empty() {
+        Ok(true)
+    } else {
+        println!("verification FAILED for: {}", failed.join(", "));
+        Ok(false)
+    }
+}
+
+/// The idle measurement and every run, on a started cluster.
+async fn sweep(
+    cluster: &mut LocalCluster,
+    args: &BenchArgs,
+    base: &DemoSpec,
+    sink_root: &Path,
+) -> anyhow::Result<(Option<Idle>, Vec<Run>)> {
+    cluster
+        .wait_for_executors(args.executors as usize, Duration::from_secs(30))
+        .await?;
+    let mut idle = None;
+    if args.idle_secs > 0.0 || args.idle_only {
+        // Let start-up work (elections, registration) settle first.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let secs = if args.idle_secs > 0.0 {
+            args.idle_secs
+        } else {
+            5.0
+        };
+        println!("measuring the idle cluster for {secs:.1} s ...");
+        let pids = cluster.pids();
+        let before = Snapshot::take(&pids);
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        let processes = before.usage(&pids);
+        let total = processes.iter().map(|p| p.cpu_s).sum::<f64>();
+        idle = Some(Idle {
+            secs: before.at.elapsed().as_secs_f64(),
+            total_cpu_pct_of_core: 100.0 * total / before.at.elapsed().as_secs_f64(),
+            processes,
+        });
+    }
+    let mut runs = Vec::new();
+    if args.idle_only {
+        return Ok((idle, runs));
+    }
+    let total = args.rates.len() * args.ddl_freqs.len();
+    for &ddl_freq in &args.ddl_freqs {
+        for &rate in &args.rates {
+            let mut spec = base.clone();
+            spec.flow_id = format!("bench-{}-ddl{ddl_freq}", rate_label(rate));
+            spec.rate = rate;
+            spec.ddl_freq = ddl_freq;
+            spec.sink_dir = sink_root.to_path_buf();
+            spec.rcd_cnt = args.rcd_cnt.unwrap_or_else(|| {
+                rcd_cnt_for(
+                    rate,
+                    args.warmup_secs + args.duration_secs,
+                    spec.table_num,
+                    args.max_rate_rcd_cnt,
+                )
+            });
+            spec.validate()?;
+            println!(
+                "[{}/{total}] rate {} ddl-freq {ddl_freq}: {} x {} records ...",
+                runs.len() + 1,
+                rate_label(rate),
+                spec.table_num,
+                spec.rcd_cnt
+            );
+            let run = one_run(cluster, &spec, args).await;
+            println!(
+                "        {} in {:.1}s, {} rows/s, p50 {} p99 {} p99.9 {} µs, {}",
+                run.state,
+                run.wall_s,
+                run.achieved_rows_per_s
+                    .map_or("-".into(), |v| format!("{v:.0}")),
+                us(run.latency.map(|l| l.p50_us)),
+                us(run.latency.map(|l| l.p99_us)),
+                us(run.latency.map(|l| l.p999_us)),
+                if run.verified {
+                    "verified".to_string()
+                } else {
+                    format!(
+                        "NOT verified{}",
+                        run.error
+                            .as_ref()
+                            .map_or(String::new(), |e| format!(": {e}"))
+                    )
+                }
+            );
+            if !args.keep {
+                let _ = std::fs::remove_dir_all(spec.output_dir());
+            }
+            runs.push(run);
+        }
+    }
+    Ok((idle, runs))
+}
+
+/// Records per table so that a run lasts about `secs` at `rate` (0 = `max_rate_cnt`).
+fn rcd_cnt_for(rate: u64, secs: f64, tables: u32, max_rate_cnt: u64) -> u64 {
+    if rate == 0 {
+        return max_rate_cnt.max(1);
+    }
+    let n = (rate as f64 * secs / f64::from(tables.max(1))).round();
+    // `as` saturates for out-of-range floats; validate() bounds the result afterwards.
+    (n as u64).max(1)
+}
+
+/// Submits one job, follows it to its end, then verifies and measures its output.
+async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) -> Run {
+    let mut run = Run {
+        rate: spec.rate,
+        ddl_freq: spec.ddl_freq,
+        rcd_cnt: spec.rcd_cnt,
+        flow_id: spec.flow_id.clone(),
+        job_id: None,
+        state: "NotSubmitted".into(),
+        wall_s: 0.0,
+        verified: false,
+        violations: 0,
+        data_rows: 0,
+        measured_rows: 0,
+        warmup_applied: false,
+        achieved_rows_per_s: None,
+        latency: None,
+        produced_to_synced: None,
+        synced_to_sink: None,
+        negative_latency_rows: 0,
+        processes: Vec::new(),
+        error: None,
+    };
+    let pids = cluster.pids();
+    let resets: Vec<bool> = pids.iter().map(|(_, pid)| reset_peak_rss(*pid)).collect();
+    let before = Snapshot::take(&pids);
+    let job = match cluster.submit_demo(spec).await {
+        Ok(id) => id,
+        Err(e) => {
+            run.error = Some(format!("{e:#}"));
+            return run;
+        }
+    };
+    run.job_id = Some(job);
+    run.state = wait_job(cluster, job, args.run_timeout).await;
+    run.wall_s = before.at.elapsed().as_secs_f64();
+    run.processes = before.usage(&pids);
+    for (p, reset) in run.processes.iter_mut().zip(resets) {
+        p.peak_rss_reset = reset;
+    }
+    if run.state != "Finished" {
+        run.error = Some(format!("job ended {}", run.state));
+        return run;
+    }
+    let dir = spec.output_dir();
+    let verdict = {
+        let (dir, spec) = (dir.clone(), spec.clone());
+        tokio::task::spawn_blocking(move || microcosm_demo::verify(&dir, &spec)).await
+    };
+    match verdict {
+        Ok(Ok(report)) => {
+            run.verified = report.passed();
+            run.violations = report.violation_count;
+            run.data_rows = report.data_rows;
+        }
+        Ok(Err(e)) => run.error = Some(format!("verifier: {e}")),
+        Err(e) => run.error = Some(format!("verifier task: {e}")),
+    }
+    let warmup_ns = (args.warmup_secs * 1e9) as u64;
+    let streams = spec.binlog_num;
+    let measured = tokio::task::spawn_blocking(move || measure(&dir, streams, warmup_ns)).await;
+    match measured {
+        Ok(Ok(m)) => {
+            run.measured_rows = m.rows;
+            run.warmup_applied = m.warmup_applied;
+            run.achieved_rows_per_s = m.throughput;
+            run.latency = percentiles(&m.total);
+            run.produced_to_synced = percentiles(&m.to_synced);
+            run.synced_to_sink = percentiles(&m.to_sink);
+            run.negative_latency_rows = m.negative;
+        }
+        Ok(Err(e)) => run.error = Some(format!("{e:#}")),
+        Err(e) => run.error = Some(format!("measurement task: {e}")),
+    }
+    run
+}
+
+/// Polls the job until it ends; cancels it after `timeout` and says "TimedOut".
+async fn wait_job(cluster: &LocalCluster, job: u64, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(j) = cluster.client.call::<GetJob>(&JobRef { id: job }).await
+            && matches!(j.state.as_str(), "Finished" | "Failed" | "Cancelled")
+        {
+            return j.state;
+        }
+        if start.elapsed() > timeout {
+            let _ = cluster
+                .client
+                .call::<ControlJob>(&JobControlRequest {
+                    id: job,
+                    action: JobAction::Cancel,
+                    client_id: std::process::id().into(),
+                    seq: 1_000_000 + job,
+                })
+                .await;
+            return "TimedOut".into();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The three histograms of one run's measured rows.
+struct Measured {
+    total: Histogram<u64>,
+    to_synced: Histogram<u64>,
+    to_sink: Histogram<u64>,
+    rows: u64,
+    negative: u64,
+    warmup_applied: bool,
+    throughput: Option<f64>,
+}
+
+/// A histogram of nanoseconds from 1 ns to one hour at 3 significant digits.
+fn ns_histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).context("histogram bounds")
+}
+
+/// Visits every data row of the sink files of `streams` streams in `dir`.
+fn for_each_data_row(dir: &Path, streams: u32, mut f: impl FnMut(&SinkRow)) -> anyhow::Result<()> {
+    for s in 0..streams {
+        let path = microcosm_demo::spec::sink_file_in(dir, s);
+        let file = std::fs::File::open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                break;
+            }
+            // Malformed lines are the verifier's business; they are not measured.
+            if let Ok(row) = SinkRow::parse(line.trim_end_matches('\n'))
+                && row.kind == RowKind::Data
+            {
+                f(&row);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the sink files twice: once for the first produced time, once to measure the rows
+/// produced at least `warmup_ns` after it (all rows if none is).
+fn measure(dir: &Path, streams: u32, warmup_ns: u64) -> anyhow::Result<Measured> {
+    let (mut first, mut last) = (u64::MAX, 0u64);
+    for_each_data_row(dir, streams, |r| {
+        first = first.min(r.produced_ns);
+        last = last.max(r.produced_ns);
+    })?;
+    let mut cutoff = first.saturating_add(warmup_ns);
+    let warmup_applied = warmup_ns > 0 && cutoff <= last;
+    if !warmup_applied {
+        cutoff = first;
+    }
+    let mut m = Measured {
+        total: ns_histogram()?,
+        to_synced: ns_histogram()?,
+        to_sink: ns_histogram()?,
+        rows: 0,
+        negative: 0,
+        warmup_applied,
+        throughput: None,
+    };
+    let (mut min_produced, mut max_sink) = (u64::MAX, 0u64);
+    for_each_data_row(dir, streams, |r| {
+        if r.produced_ns < cutoff {
+            return;
+        }
+        m.rows += 1;
+        min_produced = min_produced.min(r.produced_ns);
+        max_sink = max_sink.max(r.sink_ns);
+        match r.sink_ns.checked_sub(r.produced_ns) {
+            Some(d) => m.total.saturating_record(d.max(1)),
+            None => m.negative += 1,
+        }
+        if let Some(d) = r.synced_ns.checked_sub(r.produced_ns) {
+            m.to_synced.saturating_record(d.max(1));
+        }
+        if let Some(d) = r.sink_ns.checked_sub(r.synced_ns) {
+            m.to_sink.saturating_record(d.max(1));
+        }
+    })?;
+    if max_sink > min_produced {
+        m.throughput = Some(m.rows as f64 / ((max_sink - min_produced) as f64 / 1e9));
+    }
+    Ok(m)
+}
+
+/// p50/p90/p99/p99.9/max of a nanosecond histogram, in µs; `None` when empty.
+fn percentiles(h: &Histogram<u64>) -> Option<Percentiles> {
+    if h.is_empty() {
+        return None;
+    }
+    let us = |ns: u64| ns as f64 / 1000.0;
+    Some(Percentiles {
+        count: h.len(),
+        p50_us: us(h.value_at_quantile(0.50)),
+        p90_us: us(h.value_at_quantile(0.90)),
+        p99_us: us(h.value_at_quantile(0.99)),
+        p999_us: us(h.value_at_quantile(0.999)),
+        max_us: us(h.max()),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// /proc
+
+/// CPU ticks of every process at one instant.
+struct Snapshot {
+    at: Instant,
+    ticks: Vec<Option<u64>>,
+}
+
+impl Snapshot {
+    fn take(pids: &[(String, u32)]) -> Self {
+        Self {
+            at: Instant::now(),
+            ticks: pids.iter().map(|(_, pid)| cpu_ticks(*pid)).collect(),
+        }
+    }
+
+    /// CPU used since this snapshot and the current peak RSS, per process.
+    fn usage(&self, pids: &[(String, u32)]) -> Vec<ProcessUsage> {
+        let wall = self.at.elapsed().as_secs_f64();
+        let tck = clock_ticks_per_sec();
+        pids.iter()
+            .zip(&self.ticks)
+            .map(|((name, pid), before)| {
+                let cpu_s = match (before, cpu_ticks(*pid)) {
+                    (Some(b), Some(a)) => a.saturating_sub(*b) as f64 / tck,
+                    _ => 0.0,
+                };
+                ProcessUsage {
+                    name: name.clone(),
+                    cpu_s,
+                    cpu_pct_of_core: if wall > 0.0 {
+                        100.0 * cpu_s / wall
+                    } else {
+                        0.0
+                    },
+                    peak_rss_mb: peak_rss_kb(*pid).map(|kb| kb as f64 / 1024.0),
+                    peak_rss_reset: false,
+                }
+            })
+            .collect()
+    }
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_ticks(&stat)
+}
+
+/// utime + stime from the text of `/proc/<pid>/stat` (fields 14 and 15; the command name
+/// in field 2 may contain spaces and parentheses, so count from the last `)`).
+fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// VmHWM of a process, in KiB.
+fn peak_rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Resets a process's VmHWM to its current RSS (`5` to clear_refs, Linux ≥ 4.0).
+fn reset_peak_rss(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), b"5").is_ok()
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == "model name").then(|| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    Machine {
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model,
+        kernel: std::fs::read_to_string("/proc/version")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into()),
+        loadavg_at_start: std::fs::read_to_string("/proc/loadavg")
+            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Text output
+
+fn rate_label(rate: u64) -> String {
+    if rate == 0 {
+        "max".into()
+    } else {
+        rate.to_string()
+    }
+}
+
+fn us(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) => format!("{v:.1}"),
+        None => "-".into(),
+    }
+}
+
+fn print_idle(idle: &Idle) {
+    let per: Vec<String> = idle
+        .processes
+        .iter()
+        .map(|p| format!("{} {:.3}s", p.name, p.cpu_s))
+        .collect();
+    println!(
+        "idle cluster over {:.1}s: {:.2}% of one core in total ({})\n",
+        idle.secs,
+        idle.total_cpu_pct_of_core,
+        per.join(", ")
+    );
+}
+
+/// The main results table.
+fn table(runs: &[Run]) -> String {
+    let names: Vec<String> = runs
+        .first()
+        .map(|r| r.processes.iter().map(|p| short_name(&p.name)).collect())
+        .unwrap_or_default();
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:>8} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<22} {:<22} verified",
+        "rate",
+        "ddl",
+        "rows/s",
+        "p50µs",
+        "p90µs",
+        "p99µs",
+        "p99.9µs",
+        "maxµs",
+        format!("cpu s ({})", names.join("/")),
+        format!("rss MB ({})", names.join("/")),
+    );
+    for r in runs {
+        let l = r.latency;
+        let cpu: Vec<String> = r
+            .processes
+            .iter()
+            .map(|p| format!("{:.2}", p.cpu_s))
+            .collect();
+        let rss: Vec<String> = r
+            .processes
+            .iter()
+            .map(|p| p.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0}")))
+            .collect();
+        let _ = writeln!(
+            s,
+            "{:>8} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<22} {:<22} {}",
+            rate_label(r.rate),
+            r.ddl_freq,
+            r.achieved_rows_per_s
+                .map_or("-".into(), |v| format!("{v:.0}")),
+            us(l.map(|l| l.p50_us)),
+            us(l.map(|l| l.p90_us)),
+            us(l.map(|l| l.p99_us)),
+            us(l.map(|l| l.p999_us)),
+            us(l.map(|l| l.max_us)),
+            cpu.join("/"),
+            rss.join("/"),
+            if r.verified {
+                "yes".to_string()
+            } else {
+                format!("NO ({})", r.state)
+            }
+        );
+    }
+    s
+}
+
+/// `master-1` → `m1`, `executor-2` → `e2`.
+fn short_name(name: &str) -> String {
+    if let Some(n) = name.strip_prefix("master-") {
+        format!("m{n}")
+    } else if let Some(n) = name.strip_prefix("executor-") {
+        format!("e{n}")
+    } else {
+        name.to_string()
+    }
+}
+
+/// The per-stage table: produced → synced and synced → sink.
+fn stage_table(runs: &[Run]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<14}   {:<38}   synced -> sink (p50/p99/p99.9/max)",
+        "per stage (µs)", "produced -> synced (p50/p99/p99.9/max)"
+    );
+    for r in runs {
+        let fmt = |p: Option<Percentiles>| match p {
+            Some(p) => format!(
+                "{}/{}/{}/{}",
+                us(Some(p.p50_us)),
+                us(Some(p.p99_us)),
+                us(Some(p.p999_us)),
+                us(Some(p.max_us))
+            ),
+            None => "-".into(),
+        };
+        let _ = writeln!(
+            s,
+            "{:>8} {:>5}   {:<38}   {}",
+            rate_label(r.rate),
+            r.ddl_freq,
+            fmt(r.produced_to_synced),
+            fmt(r.synced_to_sink)
+        );
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------
+// The SVG chart
+
+/// One line of the chart: points (offered rate, 0 = max; latency µs).
+struct Series {
+    percentile: usize,
+    ddl_index: usize,
+    points: Vec<(u64, f64)>,
+}
+
+const PERCENTILES: [(&str, &str); 3] =
+    [("p50", "#1f77b4"), ("p99", "#ff7f0e"), ("p99.9", "#d62728")];
+const DASHES: [&str; 4] = ["", "7,4", "2,3", "10,3,2,3"];
+
+/// A log10 axis from `10^lo` to `10^hi` mapped onto `[a, b]` pixels.
+#[derive(Debug, Clone, Copy)]
+struct LogAxis {
+    lo: i32,
+    hi: i32,
+    a: f64,
+    b: f64,
+}
+
+impl LogAxis {
+    /// The decades covering every positive value (at least one decade).
+    fn covering(values: impl Iterator<Item = f64>, a: f64, b: f64) -> Self {
+        let (mut min, mut max) = (f64::INFINITY, 0.0f64);
+        for v in values.filter(|v| *v > 0.0 && v.is_finite()) {
+            min = min.min(v);
+            max = max.max(v);
+        }
+        if !min.is_finite() {
+            (min, max) = (1.0, 10.0);
+        }
+        let lo = min.log10().floor() as i32;
+        let mut hi = max.log10().ceil() as i32;
+        if hi <= lo {
+            hi = lo + 1;
+        }
+        Self { lo, hi, a, b }
+    }
+
+    fn pos(&self, v: f64) -> f64 {
+        let t = (v.log10() - f64::from(self.lo)) / f64::from(self.hi - self.lo);
+        self.a + t * (self.b - self.a)
+    }
+}
+
+/// `1000` → `1k`, `1e6` → `1M`.
+fn si(v: f64) -> String {
+    let (n, suffix) = if v >= 1e9 {
+        (v / 1e9, "G")
+    } else if v >= 1e6 {
+        (v / 1e6, "M")
+    } else if v >= 1e3 {
+        (v / 1e3, "k")
+    } else {
+        (v, "")
+    };
+    if n >= 1.0 || n == 0.0 {
+        format!("{n:.0}{suffix}")
+    } else {
+        format!("{n}{suffix}")
+    }
+}
+
+/// A latency in µs as a short label: `1 µs`, `100 µs`, `1 ms`, `10 s`.
+fn time_label(us_value: f64) -> String {
+    if us_value >= 1e6 {
+        format!("{} s", si(us_value / 1e6))
+    } else if us_value >= 1e3 {
+        format!("{} ms", si(us_value / 1e3))
+    } else {
+        format!("{} µs", si(us_value))
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The chart of p50, p99 and p99.9 latency against offered rate, one line style per
+/// ddl-freq.
+fn latency_svg(runs: &[Run]) -> String {
+    let mut ddls: Vec<u64> = Vec::new();
+    for r in runs {
+        if !ddls.contains(&r.ddl_freq) {
+            ddls.push(r.ddl_freq);
+        }
+    }
+    let mut series = Vec::new();
+    for (di, ddl) in ddls.iter().enumerate() {
+        for pi in 0..PERCENTILES.len() {
+            let mut points: Vec<(u64, f64)> = runs
+                .iter()
+                .filter(|r| r.ddl_freq == *ddl)
+                .filter_map(|r| {
+                    let l = r.latency?;
+                    let v = [l.p50_us, l.p99_us, l.p999_us][pi];
+                    (v > 0.0).then_some((r.rate, v))
+                })
+                .collect();
+            // Finite rates ascending, "max" (0) last.
+            points.sort_by_key(|(rate, _)| if *rate == 0 { u64::MAX } else { *rate });
+            series.push(Series {
+                percentile: pi,
+                ddl_index: di,
+                points,
+            });
+        }
+    }
+    render_svg(&series, &ddls)
+}
+
+fn render_svg(series: &[Series], ddls: &[u64]) -> String {
+    let (w, h) = (860.0, 520.0);
+    let (left, right, top, bottom) = (80.0, 660.0, 50.0, 450.0);
+    let rates: Vec<u64> = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .collect();
+    let has_max = rates.contains(&0);
+    let finite = rates.iter().filter(|r| **r > 0).map(|r| *r as f64);
+    // "max" gets its own slot right of the log axis.
+    let x_axis_end = if has_max { right - 70.0 } else { right };
+    let x = LogAxis::covering(finite.clone(), left + 10.0, x_axis_end);
+    let has_finite = finite.clone().next().is_some();
+    let x_max = if has_finite {
+        right - 10.0
+    } else {
+        (left + right) / 2.0
+    };
+    let xpos = |rate: u64| {
+        if rate == 0 { x_max } else { x.pos(rate as f64) }
+    };
+    let y = LogAxis::covering(
+        series.iter().flat_map(|s| s.points.iter().map(|p| p.1)),
+        bottom,
+        top,
+    );
+
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">microcosm demo pipeline: end-to-end latency vs offered rate</text>"#,
+        (left + right) / 2.0
+    );
+    // Grid and y ticks (decades).
+    for d in y.lo..=y.hi {
+        let v = 10f64.powi(d);
+        let py = y.pos(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" y1="{py:.1}" x2="{right}" y2="{py:.1}" stroke="#e0e0e0"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            left - 6.0,
+            py + 4.0,
+            esc(&time_label(v))
+        );
+    }
+    // x ticks: decades of the finite rates, and "max".
+    if has_finite {
+        for d in x.lo..=x.hi {
+            let v = 10f64.powi(d);
+            let px = x.pos(v);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{px:.1}" y1="{top}" x2="{px:.1}" y2="{bottom}" stroke="#e0e0e0"/><text x="{px:.1}" y="{}" text-anchor="middle">{}</text>"##,
+                bottom + 18.0,
+                si(v)
+            );
+        }
+    }
+    if has_max {
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x_max:.1}" y1="{top}" x2="{x_max:.1}" y2="{bottom}" stroke="#e0e0e0" stroke-dasharray="3,3"/><text x="{x_max:.1}" y="{}" text-anchor="middle">max</text>"##,
+            bottom + 18.0
+        );
+    }
+    // Axes and their titles.
+    let _ = writeln!(
+        s,
+        r#"<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/><line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">offered rate (records/s, log scale; max = unthrottled)</text>"#,
+        (left + right) / 2.0,
+        bottom + 42.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text transform="translate(22 {}) rotate(-90)" text-anchor="middle">latency, produced → sink (log scale)</text>"#,
+        (top + bottom) / 2.0
+    );
+    // The lines.
+    for ser in series {
+        let (name, color) = PERCENTILES[ser.percentile % PERCENTILES.len()];
+        let dash = DASHES[ser.ddl_index % DASHES.len()];
+        let pts: Vec<String> = ser
+            .points
+            .iter()
+            .map(|(r, v)| format!("{:.1},{:.1}", xpos(*r), y.pos(*v)))
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let ddl = ddls.get(ser.ddl_index).copied().unwrap_or(0);
+        let _ = writeln!(
+            s,
+            r#"<polyline class="series" data-percentile="{name}" data-ddl-freq="{ddl}" points="{}" fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>"#,
+            pts.join(" ")
+        );
+        for (r, v) in &ser.points {
+            let (px, py) = (xpos(*r), y.pos(*v));
+            if ser.ddl_index == 0 {
+                let _ = writeln!(
+                    s,
+                    r#"<circle cx="{px:.1}" cy="{py:.1}" r="3.5" fill="{color}"/>"#
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{:.1}" y="{:.1}" width="7" height="7" fill="white" stroke="{color}" stroke-width="1.5"/>"#,
+                    px - 3.5,
+                    py - 3.5
+                );
+            }
+        }
+    }
+    // Legend.
+    let lx = right + 20.0;
+    let mut ly = top + 10.0;
+    let _ = writeln!(
+        s,
+        r#"<text x="{lx}" y="{ly}" font-weight="bold">percentile</text>"#
+    );
+    for (name, color) in PERCENTILES {
+        ly += 20.0;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx}" y1="{:.1}" x2="{}" y2="{:.1}" stroke="{color}" stroke-width="3"/><text x="{}" y="{ly}">{name}</text>"#,
+            ly - 4.0,
+            lx + 30.0,
+            ly - 4.0,
+            lx + 38.0
+        );
+    }
+    ly += 34.0;
+    let _ = writeln!(
+        s,
+        r#"<text x="{lx}" y="{ly}" font-weight="bold">DDL</text>"#
+    );
+    for (i, ddl) in ddls.iter().enumerate() {
+        ly += 20.0;
+        let label = if *ddl == 0 {
+            "none".to_string()
+        } else {
+            format!("every {ddl}")
+        };
+        let _ = writeln!(
+            s,
+            r#"<line x1="{lx}" y1="{:.1}" x2="{}" y2="{:.1}" stroke="black" stroke-width="2" stroke-dasharray="{}"/><text x="{}" y="{ly}">{}</text>"#,
+            ly - 4.0,
+            lx + 30.0,
+            ly - 4.0,
+            DASHES[i % DASHES.len()],
+            lx + 38.0,
+            esc(&label)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn run_with(rate: u64, ddl: u64, p50: f64) -> Run {
+        Run {
+            rate,
+            ddl_freq: ddl,
+            rcd_cnt: 1,
+            flow_id: "f".into(),
+            job_id: Some(1),
+            state: "Finished".into(),
+            wall_s: 1.0,
+            verified: true,
+            violations: 0,
+            data_rows: 1,
+            measured_rows: 1,
+            warmup_applied: true,
+            achieved_rows_per_s: Some(1.0),
+            latency: Some(Percentiles {
+                count: 1,
+                p50_us: p50,
+                p90_us: p50 * 2.0,
+                p99_us: p50 * 4.0,
+                p999_us: p50 * 8.0,
+                max_us: p50 * 16.0,
+            }),
+            produced_to_synced: None,
+            synced_to_sink: None,
+            negative_latency_rows: 0,
+            processes: Vec::new(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn log_axis_covers_decades_and_maps_them_linearly() {
+        let a = LogAxis::covering([30.0, 2_000.0].into_iter(), 0.0, 300.0);
+        assert_eq!((a.lo, a.hi), (1, 4));
+        assert!((a.pos(10.0) - 0.0).abs() < 1e-9);
+        assert!((a.pos(100.0) - 100.0).abs() < 1e-9);
+        assert!((a.pos(10_000.0) - 300.0).abs() < 1e-9);
+        let one = LogAxis::covering([100.0].into_iter(), 0.0, 1.0);
+        assert_eq!((one.lo, one.hi), (2, 3));
+        let none = LogAxis::covering(std::iter::empty(), 0.0, 1.0);
+        assert_eq!((none.lo, none.hi), (0, 1));
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(si(1_000.0), "1k");
+        assert_eq!(si(1_000_000.0), "1M");
+        assert_eq!(si(10.0), "10");
+        assert_eq!(time_label(1.0), "1 µs");
+        assert_eq!(time_label(1_000.0), "1 ms");
+        assert_eq!(time_label(10_000_000.0), "10 s");
+        assert_eq!(rate_label(0), "max");
+        assert_eq!(short_name("executor-2"), "e2");
+    }
+
+    #[test]
+    fn svg_has_one_line_per_percentile_and_ddl_and_puts_max_last() {
+        let runs = vec![
+            run_with(10_000, 1000, 30.0),
+            run_with(0, 1000, 500.0),
+            run_with(100_000, 1000, 40.0),
+            run_with(10_000, 0, 20.0),
+            run_with(100_000, 0, 25.0),
+        ];
+        let svg = latency_svg(&runs);
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 6);
+        assert!(svg.contains(">max</text>"));
+        assert!(svg.contains(">every 1000</text>"));
+        assert!(svg.contains(">none</text>"));
+        assert!(svg.contains("stroke-dasharray=\"7,4\""));
+        // The ddl-1000 p50 line ends at the "max" slot, right of the 100k point.
+        let line = svg
+            .lines()
+            .find(|l| l.contains(r#"data-percentile="p50" data-ddl-freq="1000""#))
+            .unwrap();
+        let pts = line.split("points=\"").nth(1).unwrap();
+        let xs: Vec<f64> = pts
+            .split('"')
+            .next()
+            .unwrap()
+            .split(' ')
+            .map(|p| p.split(',').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(xs.len(), 3);
+        assert!(xs[0] < xs[1] && xs[1] < xs[2], "{xs:?}");
+    }
+
+    #[test]
+    fn svg_of_nothing_is_still_valid() {
+        let svg = latency_svg(&[]);
+        assert!(svg.contains("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 0);
+    }
+
+    #[test]
+    fn percentiles_of_a_histogram() {
+        let mut h = ns_histogram().unwrap();
+        assert!(percentiles(&h).is_none());
+        for v in 1..=1000u64 {
+            h.record(v * 1000).unwrap();
+        }
+        let p = percentiles(&h).unwrap();
+        assert_eq!(p.count, 1000);
+        assert!((p.p50_us - 500.0).abs() < 1.0, "{p:?}");
+        assert!((p.p99_us - 990.0).abs() < 1.0, "{p:?}");
+        assert!((p.max_us - 1000.0).abs() < 1.0, "{p:?}");
+    }
+
+    #[test]
+    fn stat_parsing_handles_odd_command_names() {
+        let stat = "123 (a b) c) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0";
+        assert_eq!(parse_stat_ticks(stat), Some(300));
+        assert_eq!(parse_stat_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn rcd_cnt_sizes_runs_by_rate() {
+        assert_eq!(rcd_cnt_for(100_000, 6.0, 10, 7), 60_000);
+        assert_eq!(rcd_cnt_for(0, 6.0, 10, 7), 7);
+        assert_eq!(rcd_cnt_for(1, 0.1, 10, 7), 1);
+    }
+
+    #[test]
+    fn measure_cuts_the_warmup() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buf = Vec::new();
+        for pk in 1..=10u64 {
+            SinkRow {
+                kind: RowKind::Data,
+                table_id: 0,
+                schema_ver: 0,
+                pk,
+                produced_ns: pk * 1_000_000_000,
+                synced_ns: pk * 1_000_000_000 + 10_000,
+                sink_ns: pk * 1_000_000_000 + 30_000,
+            }
+            .write_to(&mut buf);
+        }
+        std::fs::write(microcosm_demo::spec::sink_file_in(dir.path(), 0), &buf).unwrap();
+        let m = measure(dir.path(), 1, 3_000_000_000).unwrap();
+        assert!(m.warmup_applied);
+        assert_eq!(m.rows, 7);
+        let l = percentiles(&m.total).unwrap();
+        assert!((l.p50_us - 30.0).abs() < 0.1, "{l:?}");
+        let s = percentiles(&m.to_synced).unwrap();
+        assert!((s.p50_us - 10.0).abs() < 0.1, "{s:?}");
+        // A warm-up longer than the run measures everything.
+        let all = measure(dir.path(), 1, 60_000_000_000).unwrap();
+        assert!(!all.warmup_applied);
+        assert_eq!(all.rows, 10);
+    }
+}

@@ -1,0 +1,295 @@
+//! A local cluster of child processes (masters and executors of this same binary) in a
+//! temporary directory with its own certificates: what `microcosm demo` and
+//! `microcosm bench` run their jobs on.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use microcosm_control::client::MasterClient;
+use microcosm_control::proto::{SubmitJob, SubmitJobRequest};
+use microcosm_demo::DemoSpec;
+use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
+
+/// A child process killed (and reaped) when dropped.
+pub struct Proc {
+    /// The node name, also the name of its log file (`<name>.log`).
+    pub name: String,
+    /// The process, `None` once it was killed or has exited.
+    pub child: Option<Child>,
+}
+
+impl Proc {
+    /// The process id while the process runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, wait up to 3 s for a clean exit, then SIGKILL.
+    pub fn terminate(&mut self) {
+        if let Some(c) = &self.child {
+            // SIGTERM lets the node shut down cleanly; fall back to SIGKILL.
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        if let Some(c) = &mut self.child {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    self.child = None;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn(exe: &Path, dir: &Path, name: &str, args: &[String]) -> anyhow::Result<Proc> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let mut command = Command::new(exe);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // If this process dies without cleaning up (SIGKILL), its nodes die with it instead of
+    // lingering as orphans.
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+        // which is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let child = command
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    Ok(Proc {
+        name: name.to_string(),
+        child: Some(child),
+    })
+}
+
+/// The temporary directory and certificates of a cluster not started yet.
+pub struct LocalClusterDir {
+    tmp: tempfile::TempDir,
+}
+
+impl LocalClusterDir {
+    /// Creates `<tmp>/<prefix>XXXXXX` with a CA and node certificates in `certs/`.
+    pub fn create(prefix: &str) -> anyhow::Result<Self> {
+        let tmp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        microcosm_transport::tls::init_cluster_certs(&tmp.path().join("certs"), "demo", &[])?;
+        Ok(Self { tmp })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Starts `masters` masters and `executors` executors (named `master-<i>` and
+    /// `executor-<i>`, from 1) with their logs in the directory, and a client to them.
+    pub fn launch(self, masters: u32, executors: u32) -> anyhow::Result<LocalCluster> {
+        let exe = std::env::current_exe().context("cannot find the microcosm executable")?;
+        let dir = self.tmp.path().to_path_buf();
+        let certs = dir.join("certs");
+        let mut master_addrs = Vec::new();
+        for _ in 0..masters {
+            master_addrs.push(SocketAddr::from(([127, 0, 0, 1], free_port()?)));
+        }
+        let members: Vec<String> = master_addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect();
+        let certs_arg = certs.display().to_string();
+        let mut master_procs = Vec::new();
+        for (i, addr) in master_addrs.iter().enumerate() {
+            let id = i + 1;
+            master_procs.push(spawn(
+                &exe,
+                &dir,
+                &format!("master-{id}"),
+                &[
+                    "master".into(),
+                    "--node-id".into(),
+                    id.to_string(),
+                    "--listen-addr".into(),
+                    addr.to_string(),
+                    "--data-dir".into(),
+                    dir.join(format!("master-{id}")).display().to_string(),
+                    "--certs-dir".into(),
+                    certs_arg.clone(),
+                    "--initial-members".into(),
+                    members.join(","),
+                ],
+            )?);
+        }
+        let masters_arg = master_addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut executor_procs = Vec::new();
+        for i in 0..executors {
+            let port = free_port()?;
+            executor_procs.push(spawn(
+                &exe,
+                &dir,
+                &format!("executor-{}", i + 1),
+                &[
+                    "executor".into(),
+                    "--listen-addr".into(),
+                    format!("127.0.0.1:{port}"),
+                    "--masters".into(),
+                    masters_arg.clone(),
+                    "--certs-dir".into(),
+                    certs_arg.clone(),
+                    "--name".into(),
+                    format!("executor-{}", i + 1),
+                ],
+            )?);
+        }
+        let identity = Identity::load(&certs, Role::Client)?;
+        let endpoint = Endpoint::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &identity,
+            TransportConfig::default(),
+            Router::new(),
+        )?;
+        let client = MasterClient::new(endpoint, master_addrs.clone())
+            .with_timeouts(Duration::from_secs(15), Duration::from_secs(3));
+        Ok(LocalCluster {
+            masters: master_procs,
+            executors: executor_procs,
+            master_addrs,
+            client,
+            seq: 0,
+            tmp: self.tmp,
+        })
+    }
+}
+
+/// A running local cluster. Dropping it kills every process and removes the directory
+/// (unless [`LocalCluster::keep`] was called).
+pub struct LocalCluster {
+    /// The masters, `master-1` first.
+    pub masters: Vec<Proc>,
+    /// The executors, `executor-1` first.
+    pub executors: Vec<Proc>,
+    /// The masters' RPC addresses, in the order of `masters`.
+    pub master_addrs: Vec<SocketAddr>,
+    /// A client of the masters.
+    pub client: MasterClient,
+    seq: u64,
+    // Last, so that the processes are killed before the directory is removed.
+    tmp: tempfile::TempDir,
+}
+
+impl LocalCluster {
+    /// The cluster directory (logs, data, certificates).
+    pub fn dir(&self) -> PathBuf {
+        self.tmp.path().to_path_buf()
+    }
+
+    /// Submits a demo job; returns its id. Each call uses a new request sequence number, so
+    /// the master does not take a second job for a retry of the first.
+    pub async fn submit_demo(&mut self, spec: &DemoSpec) -> anyhow::Result<u64> {
+        self.seq += 1;
+        Ok(self
+            .client
+            .call::<SubmitJob>(&SubmitJobRequest {
+                job_type: "demo".into(),
+                spec: spec.to_toml_string()?,
+                client_id: std::process::id().into(),
+                seq: self.seq,
+            })
+            .await
+            .map_err(|e| anyhow!("cannot submit the demo job: {e}"))?
+            .id)
+    }
+
+    /// Waits until a master reports `count` alive executors.
+    pub async fn wait_for_executors(&self, count: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for addr in &self.master_addrs {
+                if let Ok(s) = self.client.status_of(*addr).await
+                    && s.role == "leader"
+                    && s.executors.iter().filter(|e| e.state == "alive").count() >= count
+                {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "{count} executor(s) did not register within {timeout:?} (logs in {})",
+                    self.tmp.path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every running process as `(name, pid)`, masters first.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.masters
+            .iter()
+            .chain(self.executors.iter())
+            .filter_map(|p| p.pid().map(|pid| (p.name.clone(), pid)))
+            .collect()
+    }
+
+    /// Terminates every process (executors first), waiting for each to exit.
+    pub fn shutdown(&mut self) {
+        for p in self.executors.iter_mut().chain(self.masters.iter_mut()) {
+            p.terminate();
+        }
+    }
+
+    /// Keeps the directory after the cluster is dropped; returns its path.
+    pub fn keep(self) -> PathBuf {
+        let Self {
+            tmp,
+            mut masters,
+            mut executors,
+            ..
+        } = self;
+        for p in executors.iter_mut().chain(masters.iter_mut()) {
+            p.kill();
+        }
+        tmp.keep()
+    }
+}
