@@ -753,6 +753,24 @@ pub struct Sink {
     local: Histogram<u64>,
     latency: LatencyHandle,
     rows: u64,
+    /// Per-stage latency of data rows: produced→binlog, binlog→receive, receive→synced,
+    /// synced→sink (ns), from the records' time tracer.
+    stages: [Histogram<u64>; 4],
+}
+
+/// Names of the stages a sink breaks latency into, in tracer order.
+pub const STAGES: [&str; 4] = [
+    "producer->binlog",
+    "binlog->receive",
+    "receive->syncer",
+    "syncer->sink",
+];
+
+/// Where a sink writes its per-stage breakdown: next to its data file, `<file>.stages`.
+pub fn stages_path(sink_path: &std::path::Path) -> PathBuf {
+    let mut p = sink_path.as_os_str().to_owned();
+    p.push(".stages");
+    PathBuf::from(p)
 }
 
 impl Sink {
@@ -775,6 +793,12 @@ impl Sink {
             local: new_histogram(),
             latency,
             rows: 0,
+            stages: [
+                new_histogram(),
+                new_histogram(),
+                new_histogram(),
+                new_histogram(),
+            ],
         }
     }
 
@@ -815,6 +839,16 @@ impl Sink {
             } else {
                 self.local
                     .saturating_record(now_ns.saturating_sub(record.tracer[TRACE_PRODUCED]));
+                let t = &record.tracer;
+                let steps = [
+                    (TRACE_PRODUCED, TRACE_BINLOG),
+                    (TRACE_BINLOG, TRACE_RECEIVE),
+                    (TRACE_RECEIVE, TRACE_SYNCED),
+                    (TRACE_SYNCED, TRACE_SINK),
+                ];
+                for (h, (from, to)) in self.stages.iter_mut().zip(steps) {
+                    h.saturating_record(t[to].saturating_sub(t[from]).max(1));
+                }
                 RowKind::Data
             };
             let row = SinkRow {
@@ -852,7 +886,28 @@ impl Sink {
             return Err(EngineError::operator("sink writer is not open"));
         };
         let result = writer.flush().and_then(|()| writer.get_ref().sync());
-        result.map_err(|e| self.io_error("flushing", &e))
+        result.map_err(|e| self.io_error("flushing", &e))?;
+        self.write_stages()
+    }
+
+    /// Writes the per-stage breakdown: one line per stage with count and p50, p90, p99,
+    /// p99.9 and max in µs.
+    fn write_stages(&self) -> Result<(), EngineError> {
+        let mut text = String::from("stage count p50_us p90_us p99_us p999_us max_us\n");
+        for (name, h) in STAGES.iter().zip(&self.stages) {
+            let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+            text.push_str(&format!(
+                "{name} {} {:.1} {:.1} {:.1} {:.1} {:.1}\n",
+                h.len(),
+                us(0.5),
+                us(0.9),
+                us(0.99),
+                us(0.999),
+                h.max() as f64 / 1000.0
+            ));
+        }
+        let path = stages_path(&self.path);
+        fs::write(&path, text).map_err(|e| self.io_error("writing the stage breakdown next to", &e))
     }
 }
 

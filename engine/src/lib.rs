@@ -131,7 +131,7 @@ pub use edge::{
     DEFAULT_LINGER, EdgeConfig, InboundHandle, InboundRejected, Input, Notify, Output, edge,
     inbound_edge,
 };
-pub use engine::{Engine, EngineConfig, ShutdownReport};
+pub use engine::{Engine, EngineConfig, ShutdownReport, precise_timers};
 pub use error::EngineError;
 pub use exchange::{EdgeAddress, Exchange, ExchangeSender, MemoryExchange, Rejected};
 pub use graph::{EdgeNode, JobGraph, TaskNode};

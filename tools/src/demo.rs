@@ -222,6 +222,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     println!("\nverifying {} ...", spec.output_dir().display());
     let report = microcosm_demo::verify(&spec.output_dir(), &spec)?;
     println!("{report}");
+    print_stages(&spec);
     let passed = report.passed();
     println!(
         "{}",
@@ -391,4 +392,23 @@ async fn busy_executor<'a>(
             .find(|p| p.child.is_some() && busy.contains(&p.name));
     }
     None
+}
+
+/// Prints each sink's per-stage latency breakdown (from the records' time tracer).
+fn print_stages(spec: &DemoSpec) {
+    println!("per-stage latency (µs, data rows), by sink:");
+    for i in 0..spec.binlog_num {
+        let path = microcosm_demo::operators::stages_path(&spec.sink_path(i));
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if let [stage, _count, p50, p90, p99, p999, max] = f.as_slice() {
+                println!(
+                    "  sink {i}  {stage:<17} p50 {p50:>9}  p90 {p90:>9}  p99 {p99:>9}  p99.9 {p999:>9}  max {max:>9}"
+                );
+            }
+        }
+    }
 }

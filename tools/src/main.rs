@@ -216,8 +216,10 @@ fn verify(dir: &std::path::Path, job: &std::path::Path) -> anyhow::Result<bool> 
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    microcosm_engine::precise_timers();
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start(microcosm_engine::precise_timers)
         .enable_all()
         .build()?)
 }
