@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::exec::Executor;
+use common::jobs::wait_state;
 use common::{Cluster, cli_with_timeout, wait_until};
-use serde_json::Value;
 
 fn demo_spec(cluster: &Cluster, flow: &str, extra: &str) -> (String, String) {
     let sink = cluster.dir.path().join("sink");
@@ -25,45 +24,6 @@ fn demo_spec(cluster: &Cluster, flow: &str, extra: &str) -> (String, String) {
     )
 }
 
-fn submit(cluster: &Cluster, via: &[SocketAddr], spec: &str) -> u64 {
-    let out = cluster.client(&["submit-job", "--config", spec], via);
-    let id = out
-        .ok_stdout()
-        .and_then(|s| s.parse::<u64>().map_err(|e| format!("{s:?}: {e}")));
-    cluster.unwrap_or_dump(id)
-}
-
-fn job(cluster: &Cluster, via: &[SocketAddr], id: u64) -> Result<Value, String> {
-    cluster
-        .client(&["job", "status", &id.to_string(), "--output", "json"], via)
-        .json()
-}
-
-fn wait_state(cluster: &Cluster, via: &[SocketAddr], id: u64, state: &str, timeout: Duration) {
-    let r = wait_until(&format!("job {id} is {state}"), timeout, || {
-        let j = job(cluster, via, id)?;
-        if j["state"] == state {
-            Ok(())
-        } else {
-            Err(j.to_string())
-        }
-    });
-    cluster.unwrap_or_dump(r);
-}
-
-fn verify(spec: &str, dir: &str) {
-    let out = cli_with_timeout(
-        ["verify", "--dir", dir, "--job", spec],
-        Duration::from_secs(60),
-    );
-    assert!(out.success(), "verification failed: {out}");
-    assert!(
-        out.stdout
-            .contains("data rows         100000 (expected 100000)"),
-        "{out}"
-    );
-}
-
 /// The prototype's own test: 1 master, 1 executor, T=10, S=3, 10,000 records per table, a DDL
 /// every 100; then a second job is cancelled while running.
 #[test]
@@ -73,9 +33,9 @@ fn prototype_job_on_one_executor_then_cancel() {
     let via = [cluster.addr(1)];
     let _e = Executor::start(&cluster, "exec-1", 64);
     let (spec, out_dir) = demo_spec(&cluster, "proto", "");
-    let id = submit(&cluster, &via, &spec);
+    let id = common::jobs::submit(&cluster, &via, &spec, &[]);
     wait_state(&cluster, &via, id, "Finished", Duration::from_secs(90));
-    verify(&spec, &out_dir);
+    common::jobs::verify_demo(&spec, &out_dir, 100000);
 
     // A paced job that runs long enough to be cancelled mid-way.
     let (slow, _) = demo_spec(&cluster, "slow", "").clone();
@@ -83,7 +43,7 @@ fn prototype_job_on_one_executor_then_cancel() {
         .unwrap()
         .replace("rate = 0", "rate = 2000");
     std::fs::write(&slow, text).unwrap();
-    let second = submit(&cluster, &via, &slow);
+    let second = common::jobs::submit(&cluster, &via, &slow, &[]);
     wait_state(&cluster, &via, second, "Running", Duration::from_secs(20));
     let out = cluster.client(&["job", "cancel", &second.to_string()], &via);
     assert!(out.success(), "{out}");
@@ -123,7 +83,7 @@ fn records_cross_quic_between_two_executors() {
         .unwrap()
         .replacen("rate = 0\n", "", 1);
     std::fs::write(&spec, text).unwrap();
-    let id = submit(&cluster, &via, &spec);
+    let id = common::jobs::submit(&cluster, &via, &spec, &[]);
     let r = wait_until("tasks on both executors", Duration::from_secs(20), || {
         let s = cluster
             .client(&["cluster", "status", "--output", "json"], &via)
@@ -145,7 +105,7 @@ fn records_cross_quic_between_two_executors() {
     });
     cluster.unwrap_or_dump(r);
     wait_state(&cluster, &via, id, "Finished", Duration::from_secs(90));
-    verify(&spec, &out_dir);
+    common::jobs::verify_demo(&spec, &out_dir, 100000);
 }
 
 /// `microcosm demo` as a newcomer runs it (small job so it stays fast).

@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::exec::Executor;
+use common::jobs::{executors, job, wait_state};
 use common::{Cluster, wait_until};
-use serde_json::Value;
 
 fn write_spec(cluster: &Cluster, name: &str, text: &str) -> String {
     let p = cluster.dir.path().join(name);
@@ -31,37 +31,6 @@ fn submit_sleep(cluster: &Cluster, via: &[SocketAddr], tasks: u32, ms: u64) -> u
         .ok_stdout()
         .and_then(|s| s.parse::<u64>().map_err(|e| format!("{s:?}: {e}")));
     cluster.unwrap_or_dump(id)
-}
-
-fn job(cluster: &Cluster, via: &[SocketAddr], id: u64) -> Result<Value, String> {
-    cluster
-        .client(&["job", "status", &id.to_string(), "--output", "json"], via)
-        .json()
-}
-
-fn wait_state(
-    cluster: &Cluster,
-    via: &[SocketAddr],
-    id: u64,
-    state: &str,
-    timeout: Duration,
-) -> Value {
-    let r = wait_until(&format!("job {id} is {state}"), timeout, || {
-        let j = job(cluster, via, id)?;
-        if j["state"] == state {
-            Ok(j)
-        } else {
-            Err(j.to_string())
-        }
-    });
-    cluster.unwrap_or_dump(r)
-}
-
-fn executors(cluster: &Cluster, via: &[SocketAddr]) -> Result<Vec<Value>, String> {
-    let v = cluster
-        .client(&["cluster", "status", "--output", "json"], via)
-        .json()?;
-    Ok(v["executors"].as_array().cloned().unwrap_or_default())
 }
 
 #[test]

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::exec::Executor;
-use common::{Cluster, cli_with_timeout, wait_until};
-use serde_json::Value;
+use common::jobs::{job, wait_state};
+use common::{Cluster, wait_until};
 
 /// 4 tables x 20,000 records at 20,000 records/s: about four seconds of work.
 fn spec(cluster: &Cluster) -> (String, String) {
@@ -24,51 +24,6 @@ fn spec(cluster: &Cluster) -> (String, String) {
         path.to_string_lossy().into_owned(),
         sink.join("rec").to_string_lossy().into_owned(),
     )
-}
-
-fn job(cluster: &Cluster, via: &[SocketAddr], id: u64) -> Result<Value, String> {
-    cluster
-        .client(&["job", "status", &id.to_string(), "--output", "json"], via)
-        .json()
-}
-
-fn wait_state(
-    cluster: &Cluster,
-    via: &[SocketAddr],
-    id: u64,
-    state: &str,
-    timeout: Duration,
-) -> Value {
-    let r = wait_until(&format!("job {id} is {state}"), timeout, || {
-        let j = job(cluster, via, id)?;
-        if j["state"] == state {
-            Ok(j)
-        } else {
-            Err(j.to_string())
-        }
-    });
-    cluster.unwrap_or_dump(r)
-}
-
-fn submit(cluster: &Cluster, via: &[SocketAddr], spec: &str) -> u64 {
-    let out = cluster.client(&["submit-job", "--config", spec], via);
-    let id = out
-        .ok_stdout()
-        .and_then(|s| s.parse::<u64>().map_err(|e| format!("{s:?}: {e}")));
-    cluster.unwrap_or_dump(id)
-}
-
-fn verify(spec: &str, dir: &str) {
-    let out = cli_with_timeout(
-        ["verify", "--dir", dir, "--job", spec],
-        Duration::from_secs(60),
-    );
-    assert!(out.success(), "verification failed: {out}");
-    assert!(
-        out.stdout
-            .contains("data rows         80000 (expected 80000)"),
-        "{out}"
-    );
 }
 
 /// Executors that run tasks now, by data-plane address.
@@ -110,7 +65,7 @@ fn kill_random_executor(seed: u64) {
         .map(|i| Executor::start(&cluster, &format!("exec-{i}"), 64))
         .collect();
     let (spec, out) = spec(&cluster);
-    let id = submit(&cluster, &via, &spec);
+    let id = common::jobs::submit(&cluster, &via, &spec, &[]);
     wait_state(&cluster, &via, id, "Running", Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(100 + rand() % 2500));
     let busy = busy(&cluster, &via);
@@ -128,7 +83,7 @@ fn kill_random_executor(seed: u64) {
             "{j}"
         );
     }
-    verify(&spec, &out);
+    common::jobs::verify_demo(&spec, &out, 80000);
 }
 
 #[test]
@@ -154,7 +109,7 @@ fn kill_leader_master_mid_job() {
     let _a = Executor::start(&cluster, "exec-a", 64);
     let _b = Executor::start(&cluster, "exec-b", 64);
     let (spec, out) = spec(&cluster);
-    let id = submit(&cluster, &all, &spec);
+    let id = common::jobs::submit(&cluster, &all, &spec, &[]);
     let before = wait_state(&cluster, &all, id, "Running", Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(800));
     cluster.kill(leader);
@@ -167,7 +122,7 @@ fn kill_leader_master_mid_job() {
         j["epoch"], before["epoch"],
         "the leader change restarted the job: {j}"
     );
-    verify(&spec, &out);
+    common::jobs::verify_demo(&spec, &out, 80000);
 }
 
 #[test]
@@ -179,7 +134,7 @@ fn paused_executor_is_replaced_and_its_stale_output_is_fenced() {
         .map(|i| Executor::start(&cluster, &format!("exec-{i}"), 64))
         .collect();
     let (spec, out) = spec(&cluster);
-    let id = submit(&cluster, &via, &spec);
+    let id = common::jobs::submit(&cluster, &via, &spec, &[]);
     let before = wait_state(&cluster, &via, id, "Running", Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(700));
     let busy = busy(&cluster, &via);
@@ -207,7 +162,7 @@ fn paused_executor_is_replaced_and_its_stale_output_is_fenced() {
     wait_state(&cluster, &via, id, "Finished", Duration::from_secs(60));
     // Let the woken executor act on whatever it still had before checking the files.
     std::thread::sleep(Duration::from_millis(1000));
-    verify(&spec, &out);
+    common::jobs::verify_demo(&spec, &out, 80000);
 }
 
 #[test]
@@ -218,12 +173,12 @@ fn rolling_restart_of_every_master_mid_job() {
     let _a = Executor::start(&cluster, "exec-a", 64);
     let _b = Executor::start(&cluster, "exec-b", 64);
     let (spec, out) = spec(&cluster);
-    let id = submit(&cluster, &all, &spec);
+    let id = common::jobs::submit(&cluster, &all, &spec, &[]);
     wait_state(&cluster, &all, id, "Running", Duration::from_secs(20));
     for m in 1..=3 {
         cluster.restart(m);
         cluster.wait_for_leader(&[1, 2, 3], Duration::from_secs(15));
     }
     wait_state(&cluster, &all, id, "Finished", Duration::from_secs(60));
-    verify(&spec, &out);
+    common::jobs::verify_demo(&spec, &out, 80000);
 }

@@ -17,6 +17,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod exec;
+pub mod jobs;
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;

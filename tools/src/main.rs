@@ -10,6 +10,7 @@ use microcosm_control::proto::JobAction;
 mod bench;
 mod certs;
 mod client;
+mod config;
 mod demo;
 mod executor;
 mod jobs;

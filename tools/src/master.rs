@@ -4,9 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Args;
 use microcosm_control::master::{MasterConfig, MasterServer};
+
+use crate::config::Overrides;
 use tracing::info;
 
 /// Flags of `microcosm master`; each overrides the same key of the config file.
@@ -52,74 +53,19 @@ pub struct MasterArgs {
 
 impl MasterArgs {
     fn config(self) -> anyhow::Result<MasterConfig> {
-        let file = match &self.config {
-            Some(path) => Some((
-                path.clone(),
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read config {}", path.display()))?,
-            )),
-            None => None,
-        };
-        let mut doc: toml::Table = match &file {
-            Some((path, text)) => text.parse().map_err(|e: toml::de::Error| {
-                anyhow::anyhow!(
-                    "config {}: {}",
-                    path.display(),
-                    microcosm_control::toml_error_line(&e, text)
-                )
-            })?,
-            None => toml::Table::new(),
-        };
-        let mut set = |k: &str, v: Option<toml::Value>| {
-            if let Some(v) = v {
-                doc.insert(k.to_string(), v);
-            }
-        };
-        let path = |p: PathBuf| toml::Value::String(p.display().to_string());
-        let list =
-            |l: Vec<String>| toml::Value::Array(l.into_iter().map(toml::Value::String).collect());
-        set(
-            "node-id",
-            self.node_id.map(|v| toml::Value::Integer(v as i64)),
-        );
-        set("name", self.name.map(toml::Value::String));
-        set(
-            "listen-addr",
-            self.listen_addr.map(|a| toml::Value::String(a.to_string())),
-        );
-        set("data-dir", self.data_dir.map(path));
-        set("certs-dir", self.certs_dir.map(path));
-        set("cluster-id", self.cluster_id.map(toml::Value::String));
-        set("initial-members", self.initial_members.map(list));
-        set("join", self.join.map(list));
-        set(
-            "heartbeat-ms",
-            self.heartbeat_ms.map(|v| toml::Value::Integer(v as i64)),
-        );
-        set(
-            "election-timeout-min-ms",
-            self.election_timeout_min_ms
-                .map(|v| toml::Value::Integer(v as i64)),
-        );
-        set(
-            "election-timeout-max-ms",
-            self.election_timeout_max_ms
-                .map(|v| toml::Value::Integer(v as i64)),
-        );
-        match MasterConfig::from_toml(&toml::to_string(&doc)?) {
-            Ok(c) => Ok(c),
-            Err(merged) => {
-                // Point into the user's file when the file itself is at fault (an unknown key,
-                // a wrong type), rather than into the merged document.
-                if let Some((path, text)) = &file
-                    && let Err(own) = MasterConfig::from_toml(text)
-                    && !own.to_string().contains("missing field")
-                {
-                    anyhow::bail!("config {}: {own}", path.display());
-                }
-                Err(merged.into())
-            }
-        }
+        let mut o = Overrides::default();
+        o.int("node-id", self.node_id)
+            .set("name", self.name)
+            .display("listen-addr", self.listen_addr)
+            .path("data-dir", self.data_dir)
+            .path("certs-dir", self.certs_dir)
+            .set("cluster-id", self.cluster_id)
+            .list("initial-members", self.initial_members)
+            .list("join", self.join)
+            .int("heartbeat-ms", self.heartbeat_ms)
+            .int("election-timeout-min-ms", self.election_timeout_min_ms)
+            .int("election-timeout-max-ms", self.election_timeout_max_ms);
+        o.load(self.config.as_deref(), MasterConfig::from_toml)
     }
 }
 
