@@ -990,7 +990,7 @@ fn heartbeat(shared: &Shared, req: HeartbeatRequest) -> Result<HeartbeatReply, R
 }
 
 /// How often the leader steps jobs and checks executor liveness.
-const LEADER_TICK: Duration = Duration::from_millis(50);
+const LEADER_TICK: Duration = Duration::from_millis(100);
 
 /// On the leader: expire silent executors and step every job; idle on followers.
 async fn leader_loop(shared: Arc<Shared>) {
