@@ -180,9 +180,15 @@ fn t03_without_quorum_a_follower_refuses_writes_until_a_master_returns() {
     c.kill(leader);
     c.kill(third);
     submit_without_quorum(&c, &[c.addr(survivor)]);
-    // Reads of the applied state still work on the survivor.
+    // Reads of the applied state still work on the survivor, and say they may be stale.
     let listed = c.unwrap_or_dump(c.job_ids(&[c.addr(survivor)]));
     assert!(listed.contains(&before), "survivor lists {listed:?}");
+    let out = c.client(&["job", "list"], &[c.addr(survivor)]);
+    assert!(out.success(), "{out}");
+    assert!(
+        out.stderr.contains("warning: no leader"),
+        "a read without quorum does not say so: {out}"
+    );
 
     // The old leader comes back from its data dir (same flags, so it must not re-bootstrap):
     // quorum again, writes work.

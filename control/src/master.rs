@@ -448,11 +448,35 @@ impl Shared {
     }
 
     fn job_info(&self, id: u64) -> Result<JobInfo, RemoteError> {
-        self.node()?.read_local(|st| {
+        let mut info = self.node()?.read_local(|st| {
             st.jobs.get(&JobId(id)).map(job_info).ok_or_else(|| {
                 RemoteError::new(ErrorCode::NotFound, format!("unknown job id {id}"))
             })
-        })
+        })?;
+        info.stale = self.staleness();
+        Ok(info)
+    }
+
+    /// Why a read from this master may be stale, if it may be: reads are answered from the
+    /// local applied state, which is current only while a leader holds a quorum.
+    fn staleness(&self) -> Option<String> {
+        let node = self.node.get()?;
+        let m = node.raft().metrics().borrow().clone();
+        let patience = 3 * node.config().election_max_ms;
+        match (m.current_leader, m.state) {
+            (None, _) => Some(
+                "no leader: the masters have no quorum or are electing one; this answer may be stale"
+                    .into(),
+            ),
+            (Some(_), ServerState::Leader)
+                if m.millis_since_quorum_ack.is_none_or(|ms| ms > patience) =>
+            {
+                Some(format!(
+                    "this master leads but has not heard from a quorum for over {patience} ms; this answer may be stale"
+                ))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -478,6 +502,7 @@ fn job_info(j: &crate::meta::state::JobRecord) -> JobInfo {
             })
             .collect(),
         spec: j.spec.clone(),
+        stale: None,
     }
 }
 
@@ -588,7 +613,10 @@ fn router(shared: Arc<Shared>) -> Router {
                 let jobs = shared
                     .node()?
                     .read_local(|st| st.jobs.values().map(job_info).collect());
-                Ok(JobList { jobs })
+                Ok(JobList {
+                    jobs,
+                    stale: shared.staleness(),
+                })
             }
         })
         .route::<GetJob, _, _>(move |_peer, r: JobRef| {

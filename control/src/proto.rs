@@ -168,6 +168,8 @@ pub struct JobInfo {
     pub history: Vec<JobTransitionInfo>,
     /// The job specification.
     pub spec: String,
+    /// Set when the answering master cannot confirm it is up to date (no leader, no quorum).
+    pub stale: Option<String>,
 }
 
 /// A list of jobs.
@@ -175,6 +177,9 @@ pub struct JobInfo {
 pub struct JobList {
     /// Jobs by id.
     pub jobs: Vec<JobInfo>,
+    /// Set when the answering master cannot confirm it is up to date (no leader, no quorum):
+    /// the answer may be stale, and this says why.
+    pub stale: Option<String>,
 }
 
 const MASTERS: &[Role] = &[Role::Master];

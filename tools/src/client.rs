@@ -246,6 +246,9 @@ pub async fn job_list(args: &ClusterArgs) -> anyhow::Result<()> {
         .call::<ListJobs>(&Nothing::default())
         .await
         .map_err(|e| explain(e, &args.master_addr))?;
+    if let Some(why) = &list.stale {
+        eprintln!("warning: {why}");
+    }
     if args.output == Output::Json {
         println!(
             "{}",
@@ -267,6 +270,9 @@ pub async fn job_list(args: &ClusterArgs) -> anyhow::Result<()> {
 }
 
 fn print_job(args: &ClusterArgs, j: &JobInfo) {
+    if let Some(why) = &j.stale {
+        eprintln!("warning: {why}");
+    }
     if args.output == Output::Json {
         println!("{}", job_json(j));
         return;
