@@ -82,15 +82,32 @@ fn drain_to(
 }
 
 /// The one output of a single-output operator, or an error naming the operator.
+/// The one output of task `kind stream`; the error (formatted only on failure) names it.
 fn single_output<'a>(
     outputs: &'a mut [Output<DemoRecord>],
-    what: &str,
+    kind: &str,
+    stream: u32,
 ) -> Result<&'a mut Output<DemoRecord>, EngineError> {
     match outputs {
         [out] => Ok(out),
         _ => Err(EngineError::operator(format!(
-            "{what} needs exactly one output, has {}",
+            "{kind} {stream} needs exactly one output, has {}",
             outputs.len()
+        ))),
+    }
+}
+
+/// The one input of task `kind stream`; the error (formatted only on failure) names it.
+fn single_input<'a>(
+    inputs: &'a mut [Input<DemoRecord>],
+    kind: &str,
+    stream: u32,
+) -> Result<&'a mut Input<DemoRecord>, EngineError> {
+    match inputs {
+        [input] => Ok(input),
+        _ => Err(EngineError::operator(format!(
+            "{kind} {stream} needs exactly one input, has {}",
+            inputs.len()
         ))),
     }
 }
@@ -403,7 +420,7 @@ impl Operator for Binlog {
         _cx: &mut Context<'_>,
     ) -> Result<Status, EngineError> {
         check_upstream(inputs)?;
-        let out = single_output(outputs, &format!("binlog {}", self.stream))?;
+        let out = single_output(outputs, "binlog", self.stream)?;
         let mut moved = 0;
         loop {
             if !drain_to(&mut self.pending, out, &mut moved) {
@@ -459,13 +476,8 @@ impl Operator for Receive {
         _cx: &mut Context<'_>,
     ) -> Result<Status, EngineError> {
         check_upstream(inputs)?;
-        let out = single_output(outputs, &format!("receive {}", self.stream))?;
-        let [input] = inputs else {
-            return Err(EngineError::operator(format!(
-                "receive {} needs exactly one input",
-                self.stream
-            )));
-        };
+        let out = single_output(outputs, "receive", self.stream)?;
+        let input = single_input(inputs, "receive", self.stream)?;
         let mut moved = 0;
         loop {
             if !drain_to(&mut self.pending, out, &mut moved) {
@@ -625,13 +637,8 @@ impl Operator for Syncer {
         cx: &mut Context<'_>,
     ) -> Result<Status, EngineError> {
         check_upstream(inputs)?;
-        let out = single_output(outputs, &format!("syncer {}", self.stream))?;
-        let [input] = inputs else {
-            return Err(EngineError::operator(format!(
-                "syncer {} needs exactly one input",
-                self.stream
-            )));
-        };
+        let out = single_output(outputs, "syncer", self.stream)?;
+        let input = single_input(inputs, "syncer", self.stream)?;
         let mut stamp = self.clock.now_ns();
         let generation = self.barrier.generation();
         if generation != self.seen_generation && !self.held.is_empty() {
@@ -923,12 +930,7 @@ impl Operator for Sink {
     ) -> Result<Status, EngineError> {
         check_upstream(inputs)?;
         self.open()?;
-        let [input] = inputs else {
-            return Err(EngineError::operator(format!(
-                "sink {} needs exactly one input",
-                self.stream
-            )));
-        };
+        let input = single_input(inputs, "sink", self.stream)?;
         let mut handled = 0;
         let status = loop {
             if handled >= RECORD_BUDGET {
