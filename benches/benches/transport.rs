@@ -181,7 +181,7 @@ fn batch_stream_throughput(c: &mut Criterion) {
                 for _ in 0..iters {
                     // Serialize per batch, as a producer would.
                     let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&batch).unwrap();
-                    sender.send(Bytes::from(bytes.into_vec())).await.unwrap();
+                    sender.send(Bytes::from_owner(bytes)).await.unwrap();
                 }
                 while received.load(Ordering::Acquire) < target {
                     tokio::task::yield_now().await;

@@ -344,7 +344,8 @@ impl<R: Record> ExchangeSender<R> for QuicSender<R> {
             Ok(permit) => {
                 self.shared.wants_notify.store(false, Ordering::Release);
                 self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
-                permit.send(Bytes::from(batch.into_bytes().into_vec()));
+                // Hand the archived bytes over without copying them.
+                permit.send(Bytes::from_owner(batch.into_bytes()));
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Full(())) => Err(Rejected::Full(batch)),
@@ -380,7 +381,7 @@ async fn run_sender(
         shared.notify();
     };
     let head = match header.encode() {
-        Ok(h) => Bytes::from(h.into_vec()),
+        Ok(h) => Bytes::from_owner(h),
         Err(e) => return fail(&shared, e.to_string()),
     };
     let mut sender = match endpoint

@@ -294,10 +294,7 @@ impl Connection {
         let exchange = async {
             let (mut send, mut recv) =
                 self.conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
-            let mut chunks = [
-                Bytes::copy_from_slice(&header),
-                Bytes::from(payload.into_vec()),
-            ];
+            let mut chunks = [Bytes::copy_from_slice(&header), Bytes::from_owner(payload)];
             send.write_all_chunks(&mut chunks)
                 .await
                 .map_err(|e| lost(e.to_string()))?;
@@ -542,10 +539,7 @@ async fn serve_call(
     let mut header = [0u8; 8];
     header[..4].copy_from_slice(&len);
     header[4..].copy_from_slice(&status.to_le_bytes());
-    let mut chunks = [
-        Bytes::copy_from_slice(&header),
-        Bytes::from(body.into_vec()),
-    ];
+    let mut chunks = [Bytes::copy_from_slice(&header), Bytes::from_owner(body)];
     if send.write_all_chunks(&mut chunks).await.is_ok() {
         let _ = send.finish();
     }
