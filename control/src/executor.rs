@@ -7,6 +7,11 @@
 //! and resuming. A leader change therefore restarts nothing: the new leader hands out the same
 //! assignments. An executor told it is unknown or lost (for example after a long pause)
 //! stops every task at once and registers again as a new incarnation.
+//!
+//! Tasks that take part in checkpoints hand their snapshots to the attempt's
+//! [`SnapshotSink`]; a background task sends them, batched, to the leader
+//! ([`ReportCheckpoints`]), which commits a checkpoint once every task reported it. An attempt
+//! that resumes from a checkpoint gets every task's state in its assignment.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -14,7 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use microcosm_engine::{Engine, EngineConfig, JobGraph, TaskHandle, TaskId, TaskState};
+use microcosm_engine::{
+    Engine, EngineConfig, JobGraph, RestorePoint, SnapshotSink, TaskHandle, TaskId, TaskSnapshot,
+    TaskState,
+};
 use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -22,8 +30,8 @@ use tracing::{info, warn};
 use crate::client::MasterClient;
 use crate::exchange::{InboundRegistry, QuicExchange};
 use crate::proto::{
-    Assignment, Heartbeat, HeartbeatRequest, RegisterExecutor, RegisterRequest, TaskReport,
-    TaskRunState,
+    Assignment, CheckpointReport, CheckpointReports, Heartbeat, HeartbeatRequest, RegisterExecutor,
+    RegisterRequest, ReportCheckpoints, TaskReport, TaskRunState,
 };
 
 /// Errors starting an executor.
@@ -170,6 +178,60 @@ pub struct Launch<'a> {
     pub engine: &'a Engine,
     /// The exchange for remote edges of this attempt.
     pub exchange: &'a QuicExchange,
+    /// The checkpoint the attempt resumes from (`None`: from scratch).
+    pub restore: Option<&'a RestorePoint>,
+    /// Where the attempt's tasks hand their checkpoint snapshots (sent on to the leader).
+    pub snapshots: &'a Arc<dyn SnapshotSink>,
+}
+
+/// Snapshots of one attempt's tasks, queued for the reporting task.
+struct AttemptSnapshots {
+    job: u64,
+    epoch: u64,
+    queue: tokio::sync::mpsc::UnboundedSender<CheckpointReport>,
+}
+
+impl SnapshotSink for AttemptSnapshots {
+    fn snapshot(&self, s: TaskSnapshot) {
+        let report = CheckpointReport {
+            job: self.job,
+            epoch: self.epoch,
+            index: s.task,
+            checkpoint: s.checkpoint,
+            last: s.last,
+            state: s.state,
+        };
+        // Only fails once the executor is shutting down; the checkpoint then never completes.
+        let _ = self.queue.send(report);
+    }
+}
+
+/// Most reports sent in one call.
+const REPORT_BATCH: usize = 1024;
+
+/// Sends queued checkpoint reports to the leader, batched, until the queue closes. A batch
+/// that cannot be delivered is dropped: its checkpoint never completes and a later one does.
+async fn report_checkpoints(
+    client: Arc<MasterClient>,
+    executor: Arc<std::sync::atomic::AtomicU64>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<CheckpointReport>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut reports = vec![first];
+        while reports.len() < REPORT_BATCH {
+            match queue.try_recv() {
+                Ok(r) => reports.push(r),
+                Err(_) => break,
+            }
+        }
+        let req = CheckpointReports {
+            executor_id: executor.load(std::sync::atomic::Ordering::Relaxed),
+            reports,
+        };
+        if let Err(e) = client.call::<ReportCheckpoints>(&req).await {
+            warn!(error = %e, reports = req.reports.len(), "checkpoint reports not delivered; a later checkpoint will complete instead");
+        }
+    }
 }
 
 struct Attempt {
@@ -195,6 +257,8 @@ struct State {
     launcher: Arc<dyn JobLauncher>,
     attempts: BTreeMap<u64, Attempt>,
     failures: Arc<Mutex<HashMap<TaskId, String>>>,
+    reports: tokio::sync::mpsc::UnboundedSender<CheckpointReport>,
+    executor_id: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ExecutorServer {
@@ -245,6 +309,7 @@ impl ExecutorServer {
             .filter_map(|m| m.parse().ok())
             .collect();
         let client = MasterClient::new(endpoint.clone(), masters);
+        let (reports, report_queue) = tokio::sync::mpsc::unbounded_channel();
         let mut state = State {
             config,
             endpoint: endpoint.clone(),
@@ -253,10 +318,19 @@ impl ExecutorServer {
             launcher,
             attempts: BTreeMap::new(),
             failures,
+            reports,
+            executor_id: Arc::default(),
         };
         let (id, incarnation) = register(&client, &state).await?;
+        state
+            .executor_id
+            .store(id, std::sync::atomic::Ordering::Relaxed);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(async move { state.run(client, id, incarnation, stop_rx).await });
+        let task = tokio::spawn(async move {
+            state
+                .run(client, id, incarnation, report_queue, stop_rx)
+                .await
+        });
         Ok(Self {
             endpoint,
             stop,
@@ -331,13 +405,20 @@ impl State {
         client: MasterClient,
         mut id: u64,
         mut incarnation: u64,
+        report_queue: tokio::sync::mpsc::UnboundedReceiver<CheckpointReport>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let interval = Duration::from_millis(self.config.heartbeat_ms);
         let ttl = Duration::from_millis(self.config.ttl_ms);
         // A heartbeat may try every master (a dead leader first) but must not outlast half a TTL;
         // each attempt is short so that a dead master costs little.
-        let client = client.with_timeouts(ttl / 2, (interval / 2).max(Duration::from_millis(100)));
+        let client =
+            Arc::new(client.with_timeouts(ttl / 2, (interval / 2).max(Duration::from_millis(100))));
+        let reporter = tokio::spawn(report_checkpoints(
+            client.clone(),
+            self.executor_id.clone(),
+            report_queue,
+        ));
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_ok = tokio::time::Instant::now();
@@ -366,6 +447,8 @@ impl State {
                             Ok((new_id, new_incarnation)) => {
                                 id = new_id;
                                 incarnation = new_incarnation;
+                                self.executor_id
+                                    .store(id, std::sync::atomic::Ordering::Relaxed);
                             }
                             Err(e) => warn!(error = %e, "re-registration failed; will retry"),
                         }
@@ -381,6 +464,7 @@ impl State {
             }
         }
         self.stop_all();
+        reporter.abort();
     }
 
     fn reports(&self) -> Vec<TaskReport> {
@@ -487,7 +571,31 @@ impl State {
             .filter(|l| l.addr == me)
             .map(|l| l.index)
             .collect();
-        let result = self.launcher.plan(&a.job_type, &a.spec).and_then(|graph| {
+        let restore = match (a.restore_from, &a.restore) {
+            (None, _) => Ok(None),
+            (Some(id), Some(r)) if r.checkpoint == id => Ok(Some(RestorePoint {
+                checkpoint: id,
+                states: r.states.iter().cloned().collect(),
+            })),
+            (Some(id), _) => Err(format!(
+                "checkpoint {id} to resume from is no longer held by the masters"
+            )),
+        };
+        let snapshots: Arc<dyn SnapshotSink> = Arc::new(AttemptSnapshots {
+            job: a.job,
+            epoch: a.epoch,
+            queue: self.reports.clone(),
+        });
+        if let Ok(Some(point)) = &restore {
+            info!(
+                job = a.job,
+                epoch = a.epoch,
+                checkpoint = point.checkpoint,
+                "resuming from checkpoint"
+            );
+        }
+        let result = restore.and_then(|restore| {
+            let graph = self.launcher.plan(&a.job_type, &a.spec)?;
             let by_index: HashMap<u32, &str> = a
                 .locations
                 .iter()
@@ -522,6 +630,8 @@ impl State {
                 local: &local,
                 engine: &self.engine,
                 exchange: &exchange,
+                restore: restore.as_ref(),
+                snapshots: &snapshots,
             })
         });
         let attempt = match result {

@@ -3,10 +3,12 @@
 //! Masters keep the cluster's metadata in a replicated state machine ([`meta`]) driven by
 //! openraft and stored in redb. The leader places tasks with the pure [`scheduler`], tracks
 //! executor liveness with the pure [`liveness`] detector and drives every job through the
-//! explicit lifecycle state machine in [`job`]. The cores take inputs and time and return
+//! explicit lifecycle state machine in [`job`], and completes consistent checkpoints from the
+//! tasks' snapshots with the pure [`checkpoint`] tracker. The cores take inputs and time and return
 //! decisions, so they are unit-tested without sockets or sleeps; the async shells around them
 //! do the I/O over `microcosm-transport`.
 
+pub mod checkpoint;
 pub mod client;
 pub mod exchange;
 pub mod executor;

@@ -17,18 +17,20 @@ use microcosm_transport::{
 };
 use openraft::ServerState;
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use crate::checkpoint::{CheckpointTracker, JobView};
 use crate::job::JobState;
 use crate::leader::{JobCatalog, Reports, assignments_for, next_commands};
 use crate::liveness::{LivenessConfig, LivenessTracker};
 use crate::meta::{
     Command, CommandResponse, JobId, MasterNode, MetaConfig, MetaError, MetaNode, MetaRequest,
-    NodeId, RaftRpc, RaftRpcResponse, RaftTransport, RequestId, TransportFailure, handle_raft_rpc,
+    MetaState, NodeId, RaftRpc, RaftRpcResponse, RaftTransport, RequestId, TransportFailure,
+    handle_raft_rpc,
 };
 use crate::proto::{
-    Assignment, Heartbeat, HeartbeatReply, HeartbeatRequest, RegisterExecutor, RegisterRequest,
-    Registered, TaskLocation,
+    Assignment, CheckpointInfo, CheckpointReports, Heartbeat, HeartbeatReply, HeartbeatRequest,
+    RegisterExecutor, RegisterRequest, Registered, ReportCheckpoints, RestoreState, TaskLocation,
 };
 use crate::proto::{
     Blob, ControlJob, ExecutorInfo, ForwardWrite, GetJob, GetNodeStatus, JobAction, JobInfo,
@@ -315,6 +317,7 @@ struct Shared {
     reports: Mutex<Reports>,
     liveness: Mutex<LivenessTracker>,
     liveness_config: LivenessConfig,
+    checkpoints: Mutex<CheckpointTracker>,
 }
 
 fn unavailable(msg: impl Into<String>) -> RemoteError {
@@ -449,9 +452,12 @@ impl Shared {
 
     fn job_info(&self, id: u64) -> Result<JobInfo, RemoteError> {
         let mut info = self.node()?.read_local(|st| {
-            st.jobs.get(&JobId(id)).map(job_info).ok_or_else(|| {
-                RemoteError::new(ErrorCode::NotFound, format!("unknown job id {id}"))
-            })
+            st.jobs
+                .get(&JobId(id))
+                .map(|j| job_info(st, j))
+                .ok_or_else(|| {
+                    RemoteError::new(ErrorCode::NotFound, format!("unknown job id {id}"))
+                })
         })?;
         info.stale = self.staleness();
         Ok(info)
@@ -480,7 +486,7 @@ impl Shared {
     }
 }
 
-fn job_info(j: &crate::meta::state::JobRecord) -> JobInfo {
+fn job_info(st: &MetaState, j: &crate::meta::state::JobRecord) -> JobInfo {
     JobInfo {
         id: j.id.0,
         job_type: j.job_type.clone(),
@@ -503,6 +509,12 @@ fn job_info(j: &crate::meta::state::JobRecord) -> JobInfo {
             .collect(),
         spec: j.spec.clone(),
         stale: None,
+        checkpoint: st.checkpoint(j.id).map(|c| CheckpointInfo {
+            id: c.checkpoint_id,
+            epoch: c.epoch,
+            at_ms: c.at_ms,
+        }),
+        restored_from: j.restored_from,
     }
 }
 
@@ -544,6 +556,7 @@ fn router(shared: Arc<Shared>) -> Router {
     let s7 = shared.clone();
     let s8 = shared.clone();
     let s9 = shared.clone();
+    let s10 = shared.clone();
     Router::new()
         .route::<RaftMessage, _, _>(move |_peer: Peer, blob: Blob| {
             let shared = s1.clone();
@@ -612,7 +625,7 @@ fn router(shared: Arc<Shared>) -> Router {
             async move {
                 let jobs = shared
                     .node()?
-                    .read_local(|st| st.jobs.values().map(job_info).collect());
+                    .read_local(|st| st.jobs.values().map(|j| job_info(st, j)).collect());
                 Ok(JobList {
                     jobs,
                     stale: shared.staleness(),
@@ -632,9 +645,82 @@ fn router(shared: Arc<Shared>) -> Router {
             async move { register_executor(&shared, req).await }
         })
         .route::<Heartbeat, _, _>(move |_peer, req: HeartbeatRequest| {
-            let shared = shared.clone();
+            let shared = s10.clone();
             async move { heartbeat(&shared, req) }
         })
+        .route::<ReportCheckpoints, _, _>(move |_peer, req: CheckpointReports| {
+            let shared = shared.clone();
+            async move { report_checkpoints(&shared, req).await }
+        })
+}
+
+/// Feeds executors' checkpoint reports to the tracker and commits what completes.
+async fn report_checkpoints(
+    shared: &Shared,
+    req: CheckpointReports,
+) -> Result<Nothing, RemoteError> {
+    let node = shared.node()?;
+    if !shared.is_leader() {
+        return Err(unavailable(
+            "not the leader; checkpoint reports go to the leader",
+        ));
+    }
+    let mut complete = Vec::new();
+    for report in req.reports {
+        let view = node.read_local(|st| {
+            let job = st.jobs.get(&JobId(report.job))?;
+            (!job.state.is_terminal()).then(|| {
+                (
+                    JobView {
+                        epoch: job.epoch,
+                        tasks: job.tasks.len() as u32,
+                        committed: st.checkpoint(job.id).map(|c| c.checkpoint_id),
+                    },
+                    job.tasks.clone(),
+                )
+            })
+        });
+        let Some((view, tasks)) = view else {
+            lock(&shared.checkpoints).forget(report.job);
+            continue;
+        };
+        match lock(&shared.checkpoints).report(report, view) {
+            Ok(Some(done)) => complete.push((done, tasks)),
+            Ok(None) => {}
+            // Reports of a replaced attempt arrive while it is being stopped: expected.
+            Err(e) => debug!(executor = req.executor_id, error = %e, "checkpoint report ignored"),
+        }
+    }
+    for (done, tasks) in complete {
+        let states = done
+            .states
+            .into_iter()
+            .filter_map(|(index, state)| tasks.get(index as usize).map(|t| (*t, state)))
+            .collect();
+        let command = Command::CommitCheckpoint {
+            job: JobId(done.job),
+            epoch: done.epoch,
+            checkpoint_id: done.checkpoint,
+            states,
+            at_ms: unix_ms(),
+        };
+        match node.write(node.request(command)).await {
+            Ok(CommandResponse::CheckpointCommitted) => {
+                debug!(
+                    job = done.job,
+                    checkpoint = done.checkpoint,
+                    "checkpoint committed"
+                );
+            }
+            Ok(other) => {
+                debug!(job = done.job, checkpoint = done.checkpoint, response = ?other, "checkpoint not committed");
+            }
+            Err(e) => {
+                warn!(job = done.job, checkpoint = done.checkpoint, error = %e, "checkpoint not committed");
+            }
+        }
+    }
+    Ok(Nothing::default())
 }
 
 async fn control_job(
@@ -762,6 +848,7 @@ impl MasterServer {
             reports: Mutex::new(Reports::new()),
             liveness: Mutex::new(liveness),
             liveness_config,
+            checkpoints: Mutex::new(CheckpointTracker::new()),
         });
         let endpoint = Endpoint::bind(
             config.listen_addr,
@@ -1007,6 +1094,21 @@ fn heartbeat(shared: &Shared, req: HeartbeatRequest) -> Result<HeartbeatReply, R
                     })
                     .collect(),
                 paused: job.state == JobState::Paused,
+                restore_from: job.restored_from,
+                restore: st
+                    .checkpoint(job.id)
+                    .filter(|c| Some(c.checkpoint_id) == job.restored_from)
+                    .map(|c| RestoreState {
+                        checkpoint: c.checkpoint_id,
+                        states: c
+                            .states
+                            .iter()
+                            .filter_map(|(task, state)| {
+                                let index = job.tasks.iter().position(|t| t == task)?;
+                                Some((index as u32, state.clone()))
+                            })
+                            .collect(),
+                    }),
             })
             .collect()
     });
@@ -1034,6 +1136,7 @@ async fn leader_loop(shared: Arc<Shared>) {
         if !leader {
             if was_leader {
                 lock(&shared.reports).clear();
+                lock(&shared.checkpoints).clear();
             }
             was_leader = false;
             continue;

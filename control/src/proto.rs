@@ -170,6 +170,21 @@ pub struct JobInfo {
     pub spec: String,
     /// Set when the answering master cannot confirm it is up to date (no leader, no quorum).
     pub stale: Option<String>,
+    /// The latest committed checkpoint: id, epoch that took it, commit time (Unix ms).
+    pub checkpoint: Option<CheckpointInfo>,
+    /// The checkpoint the current epoch resumed from (`None`: it started from scratch).
+    pub restored_from: Option<u64>,
+}
+
+/// A committed checkpoint, as `job status` shows it.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    /// Checkpoint id.
+    pub id: u64,
+    /// Epoch of the attempt that took it.
+    pub epoch: u64,
+    /// When it was committed (Unix ms).
+    pub at_ms: u64,
 }
 
 /// A list of jobs.
@@ -331,6 +346,46 @@ pub struct Assignment {
     pub locations: Vec<TaskLocation>,
     /// Whether the job is paused.
     pub paused: bool,
+    /// The checkpoint this epoch resumes from (`None`: from scratch).
+    pub restore_from: Option<u64>,
+    /// That checkpoint's task states, when the masters still hold it. An executor refuses
+    /// to start an attempt whose `restore_from` is set without them.
+    pub restore: Option<RestoreState>,
+}
+
+/// Every task's state of one checkpoint.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RestoreState {
+    /// Checkpoint id.
+    pub checkpoint: u64,
+    /// State blobs by task index.
+    pub states: Vec<(u32, Vec<u8>)>,
+}
+
+/// One task's part of a checkpoint, reported by its executor.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointReport {
+    /// The job.
+    pub job: u64,
+    /// The attempt's epoch.
+    pub epoch: u64,
+    /// Task index in the job graph.
+    pub index: u32,
+    /// Checkpoint id.
+    pub checkpoint: u64,
+    /// The task finished: this state also stands for every later checkpoint.
+    pub last: bool,
+    /// The task's state (opaque).
+    pub state: Vec<u8>,
+}
+
+/// Checkpoint reports of one executor.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointReports {
+    /// The reporting executor.
+    pub executor_id: u64,
+    /// The reports, in the order the tasks took them.
+    pub reports: Vec<CheckpointReport>,
 }
 
 /// The leader's answer to a heartbeat.
@@ -354,6 +409,11 @@ method!(
 method!(
     /// An executor's heartbeat; answered by the leader only.
     Heartbeat, MasterApi, 31, EXECUTORS, HeartbeatRequest => HeartbeatReply
+);
+method!(
+    /// Tasks' checkpoint snapshots; the leader commits a checkpoint once every task of the
+    /// attempt reported it. Answered by the leader only.
+    ReportCheckpoints, MasterApi, 32, EXECUTORS, CheckpointReports => Nothing
 );
 
 /// Header of a data stream between executors.

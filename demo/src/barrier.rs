@@ -17,7 +17,7 @@
 //! makes every barrier impossible. Either way the waiting syncers are woken and their poll
 //! fails with a [`BarrierError`], so the job fails instead of hanging.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -100,6 +100,19 @@ impl BarrierCoordinator {
                 abandoned_by: None,
             }),
         }
+    }
+
+    /// A coordinator whose barriers up to `released` (table → version) already passed,
+    /// e.g. restored from a checkpoint.
+    pub fn with_released(streams: u32, released: BTreeMap<u32, u32>) -> BarrierCoordinator {
+        let coordinator = BarrierCoordinator::new(streams);
+        coordinator.lock().released = released.into_iter().collect();
+        coordinator
+    }
+
+    /// Per table, the highest version whose barrier was released.
+    pub fn released(&self) -> BTreeMap<u32, u32> {
+        self.lock().released.iter().map(|(&t, &v)| (t, v)).collect()
     }
 
     /// The number of streams.
@@ -297,6 +310,10 @@ mod tests {
         assert_eq!(barrier.waiting_barriers(), 1, "table 5 still waits");
         // The next version starts a new barrier.
         assert_eq!(barrier.poll(4, 2, 0, &wakers[0]), Ok(Arrival::Waiting));
+        assert_eq!(barrier.released(), BTreeMap::from([(4, 1)]));
+        let restored = BarrierCoordinator::with_released(3, barrier.released());
+        assert_eq!(restored.poll(4, 1, 2, &wakers[2]), Ok(Arrival::Passed));
+        assert_eq!(restored.poll(4, 2, 2, &wakers[2]), Ok(Arrival::Waiting));
     }
 
     #[test]

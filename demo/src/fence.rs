@@ -2,7 +2,8 @@
 //!
 //! Every sink file `sink_<i>.csv` has a fence file `sink_<i>.csv.fence` holding the epoch of the
 //! attempt that owns the output. A new attempt *claims* the output: under an exclusive lock on
-//! the fence it records its epoch and truncates the data file. Every later write of any
+//! the fence it records its epoch and truncates the data file to the length its checkpoint
+//! committed (0 for a fresh start), dropping whatever an older attempt wrote after it. Every later write of any
 //! attempt takes the same lock, re-reads the fence and refuses to write if a newer epoch has
 //! claimed it. So an old attempt that wakes up after being replaced (a paused or partitioned
 //! executor) fails its sink instead of appending stale rows.
@@ -69,8 +70,10 @@ pub struct FencedFile {
 
 impl FencedFile {
     /// Claims `path` for attempt `epoch`: fails if a newer attempt already owns it, otherwise
-    /// records the epoch and starts the file empty.
-    pub fn claim(path: &Path, epoch: u64) -> io::Result<Self> {
+    /// records the epoch and truncates the file to its first `keep` bytes (the length a
+    /// checkpoint committed; 0 starts it empty). Fails if the file is shorter than `keep`:
+    /// committed output is missing.
+    pub fn claim(path: &Path, epoch: u64, keep: u64) -> io::Result<Self> {
         let fence = OpenOptions::new()
             .read(true)
             .write(true)
@@ -87,11 +90,24 @@ impl FencedFile {
             (&fence).seek(SeekFrom::Start(0))?;
             (&fence).write_all(epoch.to_string().as_bytes())?;
             fence.sync_all()?;
-            OpenOptions::new()
+            let mut data = OpenOptions::new()
                 .write(true)
                 .create(true)
-                .truncate(true)
-                .open(path)?
+                .truncate(false)
+                .open(path)?;
+            let len = data.metadata()?.len();
+            if len < keep {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "holds {len} bytes, fewer than the {keep} its last checkpoint committed"
+                    ),
+                ));
+            }
+            data.set_len(keep)?;
+            data.seek(SeekFrom::Start(keep))?;
+            data.sync_all()?;
+            data
         };
         Ok(Self { data, fence, epoch })
     }
@@ -132,9 +148,9 @@ mod tests {
     fn newer_attempt_fences_the_older_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sink_0.csv");
-        let mut old = FencedFile::claim(&path, 1).unwrap();
+        let mut old = FencedFile::claim(&path, 1, 0).unwrap();
         old.write_all(b"old row\n").unwrap();
-        let mut new = FencedFile::claim(&path, 2).unwrap();
+        let mut new = FencedFile::claim(&path, 2, 0).unwrap();
         assert_eq!(
             std::fs::read(&path).unwrap(),
             b"",
@@ -144,9 +160,24 @@ mod tests {
         assert!(err.to_string().contains("superseded by epoch 2"), "{err}");
         new.write_all(b"new row\n").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new row\n");
-        let err = FencedFile::claim(&path, 1).expect_err("an old attempt cannot claim");
+        let err = FencedFile::claim(&path, 1, 0).expect_err("an old attempt cannot claim");
         assert!(err.to_string().contains("superseded"), "{err}");
         // The same epoch may claim again (a task restarted within its attempt).
-        FencedFile::claim(&path, 2).unwrap();
+        FencedFile::claim(&path, 2, 0).unwrap();
+    }
+
+    #[test]
+    fn a_claim_keeps_the_committed_prefix_and_appends_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sink_0.csv");
+        let mut first = FencedFile::claim(&path, 1, 0).unwrap();
+        first
+            .write_all(b"committed\nlost after the checkpoint\n")
+            .unwrap();
+        let mut second = FencedFile::claim(&path, 2, 10).unwrap();
+        second.write_all(b"replayed\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"committed\nreplayed\n");
+        let err = FencedFile::claim(&path, 3, 1000).unwrap_err();
+        assert!(err.to_string().contains("fewer than the 1000"), "{err}");
     }
 }

@@ -40,6 +40,8 @@
 //! - [`operators`]: the engine operators (producer with open-loop pacing, binlog, receive,
 //!   syncer, sink).
 //! - [`barrier`]: [`BarrierCoordinator`], the in-memory DDL barrier of a job's syncers.
+//! - [`checkpoint`]: consistent checkpoints (aligned barrier records) and recovery from
+//!   them: what each task saves ([`checkpoint::TaskState`]) and why the cut is consistent.
 //! - [`runtime`]: [`start_tasks`] instantiates the tasks placed on one executor, wires their
 //!   edges (in-process or through an `Exchange`) and spawns them on its `Engine`.
 //!
@@ -54,6 +56,7 @@
 //! ```
 
 pub mod barrier;
+pub mod checkpoint;
 pub mod fence;
 pub mod operators;
 pub mod plan;

@@ -28,9 +28,11 @@ use hdrhistogram::Histogram;
 use microcosm_engine::{Batch, Context, EngineError, Input, Operator, Output, Status};
 
 use crate::barrier::{Arrival, BarrierCoordinator};
+use crate::checkpoint::{Snapshots, StateError, TaskState};
 use crate::fence::FencedFile;
 use crate::record::{
-    DemoRecord, TRACE_BINLOG, TRACE_PRODUCED, TRACE_RECEIVE, TRACE_SINK, TRACE_SYNCED, UnixClock,
+    DemoRecord, RecordKind, TRACE_BINLOG, TRACE_PRODUCED, TRACE_RECEIVE, TRACE_SINK, TRACE_SYNCED,
+    UnixClock,
 };
 use crate::sinkfile::{RowKind, SinkRow};
 use crate::spec::DemoSpec;
@@ -117,7 +119,8 @@ fn single_input<'a>(
 // ---------------------------------------------------------------------------------------
 
 /// Source of table `table`: emits data records with pk `1..=rcd-cnt`, preceded at every
-/// `pk % ddl-freq == 0` by a DDL to every stream.
+/// `pk % ddl-freq == 0` by a DDL to every stream, and a checkpoint barrier to every stream
+/// every `checkpoint-interval-ms`.
 ///
 /// Output port `s` must lead to stream `s`'s binlog. Data record `pk` goes to stream
 /// `(pk + table) % S`. Pacing is open loop: with a total rate `r` over `T` producers, data
@@ -126,6 +129,10 @@ fn single_input<'a>(
 /// one. The record's produced stamp is its intended time, so time spent waiting behind a
 /// slow pipeline counts as latency (no coordinated omission). With rate 0 records are emitted
 /// as fast as the outputs take them, stamped with the invocation's time.
+///
+/// Checkpoint barriers and DDLs are sent between records only, so each reaches every stream
+/// at the same point of the producer's output (see [`crate::checkpoint`]). Restored from a
+/// checkpoint ([`Producer::restore`]) it resumes at the saved pk on the saved schedule.
 #[derive(Debug)]
 pub struct Producer {
     table: u32,
@@ -142,11 +149,20 @@ pub struct Producer {
     /// DDL records of the current pk already emitted (streams `0..ddl_sent`).
     ddl_sent: u32,
     stamp: u64,
+    snapshots: Snapshots,
+    interval: Duration,
+    /// Id of the next checkpoint barrier.
+    next_checkpoint: u64,
+    /// When it is due (set on the first run).
+    checkpoint_due: Option<Instant>,
+    /// Streams the barrier being sent has reached (`None`: no barrier in progress).
+    barrier_sent: Option<u32>,
 }
 
 impl Producer {
-    /// The producer of table `table` for `spec`, stamping with `clock`.
-    pub fn new(spec: &DemoSpec, table: u32, clock: UnixClock) -> Producer {
+    /// The producer of table `table` for `spec`, stamping with `clock` and handing its
+    /// checkpoint state to `snapshots`.
+    pub fn new(spec: &DemoSpec, table: u32, clock: UnixClock, snapshots: Snapshots) -> Producer {
         let pace = (spec.rate > 0).then(|| {
             (
                 u128::from(spec.table_num) * 1_000_000_000,
@@ -165,12 +181,47 @@ impl Producer {
             in_progress: false,
             ddl_sent: 0,
             stamp: 0,
+            snapshots,
+            interval: Duration::from_millis(spec.checkpoint_interval_ms.max(1)),
+            next_checkpoint: 1,
+            checkpoint_due: None,
+            barrier_sent: None,
         }
     }
 
-    /// Data records emitted so far.
+    /// Resumes from `state`, saved at checkpoint `checkpoint`: the next barrier is
+    /// `checkpoint + 1`.
+    pub fn restore(&mut self, checkpoint: u64, state: &TaskState) -> Result<(), StateError> {
+        let TaskState::Producer {
+            next_pk,
+            start_unix_ns,
+        } = *state
+        else {
+            return Err(StateError::WrongKind {
+                task: self.snapshots.task(),
+                kind: format!("producer-{}", self.table),
+                found: state.kind(),
+            });
+        };
+        self.next_pk = next_pk.max(1);
+        self.start = (start_unix_ns > 0).then(|| self.clock.instant_of(start_unix_ns));
+        self.next_checkpoint = checkpoint + 1;
+        Ok(())
+    }
+
+    /// Data records emitted so far (restored ones included).
     pub fn emitted(&self) -> u64 {
         self.next_pk - 1
+    }
+
+    fn state(&self) -> TaskState {
+        TaskState::Producer {
+            next_pk: self.next_pk,
+            start_unix_ns: match (self.pace, self.start) {
+                (Some(_), Some(start)) => self.clock.unix_ns(start),
+                _ => 0,
+            },
+        }
     }
 
     /// When data record `pk` is intended, relative to the start.
@@ -194,6 +245,27 @@ impl Producer {
     fn is_ddl_pk(&self, pk: u64) -> bool {
         self.ddl_freq > 0 && pk.is_multiple_of(self.ddl_freq)
     }
+
+    /// Sends the barrier in progress to the remaining streams; false if an output is full.
+    fn send_barrier(&mut self, outputs: &mut [Output<DemoRecord>], now: Instant) -> bool {
+        let Some(mut sent) = self.barrier_sent else {
+            return true;
+        };
+        let barrier =
+            DemoRecord::checkpoint(self.table, self.next_checkpoint, self.clock.unix_ns(now));
+        while let Some(out) = outputs.get_mut(sent as usize) {
+            if out.push(barrier).is_err() {
+                self.barrier_sent = Some(sent);
+                return false;
+            }
+            sent += 1;
+        }
+        self.barrier_sent = None;
+        self.snapshots
+            .report(self.next_checkpoint, false, &self.state());
+        self.next_checkpoint += 1;
+        true
+    }
 }
 
 impl Operator for Producer {
@@ -216,13 +288,29 @@ impl Operator for Producer {
         }
         let now = cx.now();
         let start = *self.start.get_or_insert(now);
+        let interval = self.interval;
+        if self.checkpoint_due.is_none() {
+            self.checkpoint_due = Some(now + interval);
+        }
         let mut emitted = 0usize;
         while self.next_pk <= self.rcd_cnt {
             let pk = self.next_pk;
             if !self.in_progress {
-                // Stop between records only, so a DDL reaches either all streams or none.
+                // Stop between records only, so a DDL or a barrier reaches either all
+                // streams or none.
+                if !self.send_barrier(outputs, now) {
+                    return Ok(Status::BlockedOnOutput);
+                }
                 if cx.is_draining() {
                     return Ok(Status::Finished);
+                }
+                if let Some(due) = self.checkpoint_due
+                    && now >= due
+                {
+                    // A producer that fell behind sends one barrier, not one per interval.
+                    self.checkpoint_due = Some((due + interval).max(now));
+                    self.barrier_sent = Some(0);
+                    continue;
                 }
                 if emitted >= RECORD_BUDGET {
                     return Ok(Status::Ready);
@@ -231,7 +319,8 @@ impl Operator for Producer {
                     Some(offset) => {
                         let intended = start + offset;
                         if intended > now {
-                            return Ok(Status::WaitUntil(intended));
+                            let wake = self.checkpoint_due.map_or(intended, |d| d.min(intended));
+                            return Ok(Status::WaitUntil(wake));
                         }
                         self.clock.unix_ns(intended)
                     }
@@ -265,6 +354,12 @@ impl Operator for Producer {
             self.next_pk += 1;
             emitted += 1;
         }
+        if !self.send_barrier(outputs, now) {
+            return Ok(Status::BlockedOnOutput);
+        }
+        // Done: this state stands for every later checkpoint.
+        self.snapshots
+            .report(self.next_checkpoint - 1, true, &self.state());
         Ok(Status::Finished)
     }
 }
@@ -303,9 +398,15 @@ pub struct BinlogLog {
 impl BinlogLog {
     /// An empty log keeping at most `retention` records (at least 1).
     pub fn new(retention: usize) -> BinlogLog {
+        BinlogLog::starting_at(0, retention)
+    }
+
+    /// An empty log whose next record gets position `position` (a log rebuilt after a
+    /// restore from a checkpoint taken at that position).
+    pub fn starting_at(position: u64, retention: usize) -> BinlogLog {
         BinlogLog {
             records: VecDeque::new(),
-            first: 0,
+            first: position,
             retention: retention.max(1),
         }
     }
@@ -347,7 +448,14 @@ impl BinlogLog {
 
 /// Binlog `stream`: merges the producers' records (per-producer order kept by the edges),
 /// appends each to its [`BinlogLog`], stamps `tracer[TRACE_BINLOG]` and forwards it to its one
-/// output. Finishes when every input has ended and everything is forwarded.
+/// output, after a [`RecordKind::StreamStart`](crate::RecordKind::StreamStart) header naming
+/// the position it serves from. Finishes when every input has ended and everything is
+/// forwarded.
+///
+/// **Alignment.** Once checkpoint barrier `n` arrived on an input, nothing more is taken from
+/// that input until barrier `n` arrived on every input that has not finished; then one
+/// barrier `n` is appended and forwarded and the log position is snapshotted. A barrier with
+/// another id while aligning is a protocol error and fails the task.
 #[derive(Debug)]
 pub struct Binlog {
     stream: u32,
@@ -356,11 +464,20 @@ pub struct Binlog {
     position: LogPosition,
     pending: VecDeque<DemoRecord>,
     next_input: usize,
+    snapshots: Snapshots,
+    /// Per input: records of a taken batch not yet appended (those after a barrier wait
+    /// for the alignment).
+    unread: Vec<VecDeque<DemoRecord>>,
+    /// The barrier being aligned, and which inputs delivered it.
+    aligning: Option<u64>,
+    arrived: Vec<bool>,
+    /// The stream-start header was queued.
+    started: bool,
 }
 
 impl Binlog {
     /// Binlog `stream`, keeping [`DEFAULT_LOG_RETENTION`] records.
-    pub fn new(stream: u32, clock: UnixClock) -> Binlog {
+    pub fn new(stream: u32, clock: UnixClock, snapshots: Snapshots) -> Binlog {
         Binlog {
             stream,
             clock,
@@ -368,7 +485,26 @@ impl Binlog {
             position: LogPosition::default(),
             pending: VecDeque::new(),
             next_input: 0,
+            snapshots,
+            unread: Vec::new(),
+            aligning: None,
+            arrived: Vec::new(),
+            started: false,
         }
+    }
+
+    /// Resumes from `state`: the log restarts empty at the saved position.
+    pub fn restore(&mut self, state: &TaskState) -> Result<(), StateError> {
+        let TaskState::Binlog { position } = *state else {
+            return Err(StateError::WrongKind {
+                task: self.snapshots.task(),
+                kind: format!("binlog-{}", self.stream),
+                found: state.kind(),
+            });
+        };
+        self.log = BinlogLog::starting_at(position, DEFAULT_LOG_RETENTION);
+        self.position.set(position);
+        Ok(())
     }
 
     /// The log position: records appended so far.
@@ -386,26 +522,97 @@ impl Binlog {
         &self.log
     }
 
-    /// Takes the next batch from the inputs, round-robin; false if none had one.
-    fn take_batch(&mut self, inputs: &mut [Input<DemoRecord>]) -> bool {
+    fn append(&mut self, mut record: DemoRecord, stamp: u64) {
+        record.tracer[TRACE_BINLOG] = stamp;
+        self.log.append(record);
+        self.pending.push_back(record);
+    }
+
+    /// Appends input `i`'s unread records up to and including a barrier; false if it had
+    /// none and no batch was waiting.
+    fn read_input(&mut self, i: usize, input: &mut Input<DemoRecord>) -> Result<bool, EngineError> {
+        let Some(unread) = self.unread.get_mut(i) else {
+            return Ok(false);
+        };
+        if unread.is_empty() {
+            match input.pop() {
+                Some(batch) => extend_from(&batch, unread),
+                None => return Ok(false),
+            }
+        }
+        let stamp = self.clock.now_ns();
+        while let Some(record) = self.unread.get_mut(i).and_then(VecDeque::pop_front) {
+            if let Some(id) = record.checkpoint_id() {
+                match self.aligning {
+                    None => self.aligning = Some(id),
+                    Some(aligning) if aligning == id => {}
+                    Some(aligning) => {
+                        return Err(EngineError::operator(format!(
+                            "binlog {}: input {i} sent checkpoint barrier {id} while barrier {aligning} is being aligned",
+                            self.stream
+                        )));
+                    }
+                }
+                if let Some(arrived) = self.arrived.get_mut(i) {
+                    *arrived = true;
+                }
+                break;
+            }
+            if !record.is_row() {
+                return Err(EngineError::operator(format!(
+                    "binlog {}: input {i} sent a record of kind {} (producers send rows and barriers only)",
+                    self.stream, record.kind
+                )));
+            }
+            self.append(record, stamp);
+        }
+        self.position.set(self.log.end());
+        Ok(true)
+    }
+
+    /// Completes the alignment once every input delivered the barrier or finished.
+    fn try_align(&mut self, inputs: &[Input<DemoRecord>]) {
+        let Some(id) = self.aligning else { return };
+        let aligned = inputs.iter().zip(&self.arrived).zip(&self.unread).all(
+            |((input, &arrived), unread)| arrived || (input.is_finished() && unread.is_empty()),
+        );
+        if !aligned {
+            return;
+        }
+        let stamp = self.clock.now_ns();
+        self.append(DemoRecord::checkpoint(self.stream, id, stamp), stamp);
+        self.position.set(self.log.end());
+        self.snapshots.report(
+            id,
+            false,
+            &TaskState::Binlog {
+                position: self.log.end(),
+            },
+        );
+        self.aligning = None;
+        self.arrived.iter_mut().for_each(|a| *a = false);
+    }
+
+    /// Reads the inputs round-robin, skipping those blocked by the alignment; false if
+    /// nothing was read.
+    fn read_inputs(&mut self, inputs: &mut [Input<DemoRecord>]) -> Result<bool, EngineError> {
         let n = inputs.len();
         for k in 0..n {
             let i = (self.next_input + k) % n;
-            let Some(batch) = inputs.get_mut(i).and_then(Input::pop) else {
+            if self.arrived.get(i).copied().unwrap_or(true) {
+                continue;
+            }
+            let Some(input) = inputs.get_mut(i) else {
                 continue;
             };
-            self.next_input = (i + 1) % n;
-            let stamp = self.clock.now_ns();
-            let from = self.pending.len();
-            extend_from(&batch, &mut self.pending);
-            for record in self.pending.range_mut(from..) {
-                record.tracer[TRACE_BINLOG] = stamp;
-                self.log.append(*record);
+            if self.read_input(i, input)? {
+                self.next_input = (i + 1) % n;
+                self.try_align(inputs);
+                return Ok(true);
             }
-            self.position.set(self.log.end());
-            return true;
         }
-        false
+        self.try_align(inputs);
+        Ok(false)
     }
 }
 
@@ -421,6 +628,13 @@ impl Operator for Binlog {
     ) -> Result<Status, EngineError> {
         check_upstream(inputs)?;
         let out = single_output(outputs, "binlog", self.stream)?;
+        if !self.started {
+            self.started = true;
+            self.unread = vec![VecDeque::new(); inputs.len()];
+            self.arrived = vec![false; inputs.len()];
+            let header = DemoRecord::stream_start(self.stream, self.log.end(), self.clock.now_ns());
+            self.pending.push_back(header);
+        }
         let mut moved = 0;
         loop {
             if !drain_to(&mut self.pending, out, &mut moved) {
@@ -429,11 +643,15 @@ impl Operator for Binlog {
             if moved >= RECORD_BUDGET {
                 return Ok(Status::Ready);
             }
-            if !self.take_batch(inputs) {
+            if !self.read_inputs(inputs)? && self.pending.is_empty() {
                 break;
             }
         }
-        Ok(if inputs.iter().all(Input::is_finished) {
+        let done = inputs
+            .iter()
+            .zip(&self.unread)
+            .all(|(input, unread)| input.is_finished() && unread.is_empty());
+        Ok(if done && self.aligning.is_none() {
             Status::Finished
         } else {
             Status::BlockedOnInput
@@ -447,21 +665,97 @@ impl Operator for Binlog {
 
 /// Receiver `stream`: reads its binlog's records (sealed batches when they crossed the
 /// network), stamps `tracer[TRACE_RECEIVE]` and forwards them.
+///
+/// It counts the log positions it has read. The binlog's stream must begin with a
+/// [`RecordKind::StreamStart`](crate::RecordKind::StreamStart) header at exactly that
+/// position (0, or the position restored from a checkpoint); anything else fails the task,
+/// as records would be lost or repeated. At each checkpoint barrier it snapshots the
+/// position.
 #[derive(Debug)]
 pub struct Receive {
     stream: u32,
     clock: UnixClock,
     pending: VecDeque<DemoRecord>,
+    snapshots: Snapshots,
+    position: u64,
+    started: bool,
 }
 
 impl Receive {
     /// Receiver `stream`.
-    pub fn new(stream: u32, clock: UnixClock) -> Receive {
+    pub fn new(stream: u32, clock: UnixClock, snapshots: Snapshots) -> Receive {
         Receive {
             stream,
             clock,
             pending: VecDeque::new(),
+            snapshots,
+            position: 0,
+            started: false,
         }
+    }
+
+    /// Resumes from `state`: the binlog must serve from the saved position.
+    pub fn restore(&mut self, state: &TaskState) -> Result<(), StateError> {
+        let TaskState::Receive { position } = *state else {
+            return Err(StateError::WrongKind {
+                task: self.snapshots.task(),
+                kind: format!("receive-{}", self.stream),
+                found: state.kind(),
+            });
+        };
+        self.position = position;
+        Ok(())
+    }
+
+    /// Log positions read so far.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    fn take(&mut self, batch: &Batch<DemoRecord>) -> Result<(), EngineError> {
+        let stamp = self.clock.now_ns();
+        let from = self.pending.len();
+        extend_from(batch, &mut self.pending);
+        let mut k = from;
+        while let Some(record) = self.pending.get_mut(k) {
+            if record.record_kind() == Some(RecordKind::StreamStart) {
+                if self.started || record.pk != self.position {
+                    return Err(EngineError::operator(format!(
+                        "receive {}: binlog serves from position {} but this receiver has read up to {}{}",
+                        self.stream,
+                        record.pk,
+                        self.position,
+                        if self.started {
+                            " (a second stream start)"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+                self.started = true;
+                self.pending.remove(k);
+                continue;
+            }
+            if !self.started {
+                return Err(EngineError::operator(format!(
+                    "receive {}: the binlog stream did not begin with its start position",
+                    self.stream
+                )));
+            }
+            record.tracer[TRACE_RECEIVE] = stamp;
+            self.position += 1;
+            if let Some(id) = record.checkpoint_id() {
+                self.snapshots.report(
+                    id,
+                    false,
+                    &TaskState::Receive {
+                        position: self.position,
+                    },
+                );
+            }
+            k += 1;
+        }
+        Ok(())
     }
 }
 
@@ -487,12 +781,7 @@ impl Operator for Receive {
                 return Ok(Status::Ready);
             }
             let Some(batch) = input.pop() else { break };
-            let stamp = self.clock.now_ns();
-            let from = self.pending.len();
-            extend_from(&batch, &mut self.pending);
-            for record in self.pending.range_mut(from..) {
-                record.tracer[TRACE_RECEIVE] = stamp;
-            }
+            self.take(&batch)?;
         }
         Ok(if input.is_finished() {
             Status::Finished
@@ -538,11 +827,20 @@ pub struct Syncer {
     seen_generation: u64,
     /// The syncer finished normally (otherwise dropping it abandons the barrier).
     done: bool,
+    snapshots: Snapshots,
+    /// A checkpoint barrier that arrived while DDLs before it were held: it passes, and
+    /// later records are taken, once nothing is held.
+    barrier_record: Option<DemoRecord>,
 }
 
 impl Syncer {
     /// Syncer `stream` of the job whose syncers share `barrier`.
-    pub fn new(stream: u32, barrier: Arc<BarrierCoordinator>, clock: UnixClock) -> Syncer {
+    pub fn new(
+        stream: u32,
+        barrier: Arc<BarrierCoordinator>,
+        clock: UnixClock,
+        snapshots: Snapshots,
+    ) -> Syncer {
         Syncer {
             stream,
             barrier,
@@ -552,6 +850,36 @@ impl Syncer {
             incoming: VecDeque::new(),
             seen_generation: u64::MAX,
             done: false,
+            snapshots,
+            barrier_record: None,
+        }
+    }
+
+    /// Checks `state` is a syncer's; its watermark seeds the shared coordinator (see
+    /// [`BarrierCoordinator::with_released`]), so there is nothing else to restore.
+    pub fn check_state(stream: u32, task: u32, state: &TaskState) -> Result<(), StateError> {
+        match state {
+            TaskState::Syncer { .. } => Ok(()),
+            other => Err(StateError::WrongKind {
+                task,
+                kind: format!("syncer-{stream}"),
+                found: other.kind(),
+            }),
+        }
+    }
+
+    /// Passes the checkpoint barrier and snapshots, once nothing before it is held.
+    fn pass_barrier(&mut self, stamp: u64) {
+        if !self.held.is_empty() {
+            return;
+        }
+        if let Some(record) = self.barrier_record.take() {
+            if let Some(id) = record.checkpoint_id() {
+                let released = self.barrier.released();
+                self.snapshots
+                    .report(id, false, &TaskState::Syncer { released });
+            }
+            self.pass(record, stamp);
         }
     }
 
@@ -578,6 +906,17 @@ impl Syncer {
         stamp: &mut u64,
         cx: &Context<'_>,
     ) -> Result<(), EngineError> {
+        if record.checkpoint_id().is_some() {
+            self.barrier_record = Some(record);
+            self.pass_barrier(*stamp);
+            return Ok(());
+        }
+        if !record.is_row() {
+            return Err(EngineError::operator(format!(
+                "syncer {}: unexpected record of kind {}",
+                self.stream, record.kind
+            )));
+        }
         if let Some(queue) = self.held.get_mut(&record.table) {
             queue.push_back(record);
             return Ok(());
@@ -622,6 +961,7 @@ impl Syncer {
                 self.held.insert(table, queue);
             }
         }
+        self.pass_barrier(*stamp);
         Ok(())
     }
 }
@@ -653,13 +993,20 @@ impl Operator for Syncer {
             if moved >= RECORD_BUDGET {
                 return Ok(Status::Ready);
             }
+            if self.barrier_record.is_some() {
+                // Held DDLs before a checkpoint barrier: take nothing after it. Their release
+                // wakes us (see `crate::checkpoint` for why it always comes).
+                return Ok(Status::Idle);
+            }
             if self.incoming.is_empty() {
                 match input.pop() {
                     Some(batch) => extend_from(&batch, &mut self.incoming),
                     None => break,
                 }
             }
-            while let Some(record) = self.incoming.pop_front() {
+            while self.barrier_record.is_none()
+                && let Some(record) = self.incoming.pop_front()
+            {
                 self.classify(record, &mut stamp, cx)?;
             }
         }
@@ -763,6 +1110,11 @@ pub struct Sink {
     /// Per-stage latency of data rows: produced→binlog, binlog→receive, receive→synced,
     /// synced→sink (ns), from the records' time tracer.
     stages: [Histogram<u64>; 4],
+    snapshots: Snapshots,
+    /// Bytes in the file (the restored prefix included).
+    length: u64,
+    /// Length to keep when claiming the file (restored from a checkpoint).
+    keep: u64,
 }
 
 /// Names of the stages a sink breaks latency into, in tracer order.
@@ -788,6 +1140,7 @@ impl Sink {
         epoch: u64,
         clock: UnixClock,
         latency: LatencyHandle,
+        snapshots: Snapshots,
     ) -> Sink {
         Sink {
             stream,
@@ -806,7 +1159,43 @@ impl Sink {
                 new_histogram(),
                 new_histogram(),
             ],
+            snapshots,
+            length: 0,
+            keep: 0,
         }
+    }
+
+    /// Resumes from `state`: the file is cut back to the committed length when claimed.
+    pub fn restore(&mut self, state: &TaskState) -> Result<(), StateError> {
+        let TaskState::Sink { length, rows } = *state else {
+            return Err(StateError::WrongKind {
+                task: self.snapshots.task(),
+                kind: format!("sink-{}", self.stream),
+                found: state.kind(),
+            });
+        };
+        self.keep = length;
+        self.length = length;
+        self.rows = rows;
+        Ok(())
+    }
+
+    /// Makes everything written durable and snapshots the file's length for `checkpoint`.
+    fn checkpoint(&mut self, checkpoint: u64) -> Result<(), EngineError> {
+        let Some(writer) = self.writer.as_mut() else {
+            return Err(EngineError::operator("sink writer is not open"));
+        };
+        let result = writer.flush().and_then(|()| writer.get_ref().sync());
+        result.map_err(|e| self.io_error("flushing", &e))?;
+        self.snapshots.report(
+            checkpoint,
+            false,
+            &TaskState::Sink {
+                length: self.length,
+                rows: self.rows,
+            },
+        );
+        Ok(())
     }
 
     /// Rows written so far.
@@ -829,8 +1218,8 @@ impl Sink {
         if let Some(dir) = self.path.parent() {
             fs::create_dir_all(dir).map_err(|e| self.io_error("creating the directory of", &e))?;
         }
-        let file =
-            FencedFile::claim(&self.path, self.epoch).map_err(|e| self.io_error("claiming", &e))?;
+        let file = FencedFile::claim(&self.path, self.epoch, self.keep)
+            .map_err(|e| self.io_error("claiming", &e))?;
         self.writer = Some(BufWriter::with_capacity(1 << 16, file));
         Ok(())
     }
@@ -840,6 +1229,16 @@ impl Sink {
         extend_from(batch, &mut self.scratch);
         let now_ns = self.clock.now_ns();
         while let Some(mut record) = self.scratch.pop_front() {
+            if let Some(id) = record.checkpoint_id() {
+                self.checkpoint(id)?;
+                continue;
+            }
+            if !record.is_row() {
+                return Err(EngineError::operator(format!(
+                    "sink {}: unexpected record of kind {}",
+                    self.stream, record.kind
+                )));
+            }
             record.tracer[TRACE_SINK] = now_ns;
             let kind = if record.is_ddl() {
                 RowKind::Ddl
@@ -875,6 +1274,7 @@ impl Sink {
             if let Err(e) = writer.write_all(&self.line) {
                 return Err(self.io_error("writing", &e));
             }
+            self.length += self.line.len() as u64;
             self.rows += 1;
         }
         Ok(())
@@ -983,7 +1383,7 @@ mod tests {
             rate: 1_000,
             ..DemoSpec::default()
         };
-        let p = Producer::new(&spec, 0, UnixClock::system());
+        let p = Producer::new(&spec, 0, UnixClock::system(), Snapshots::in_memory(0).0);
         // 4 producers sharing 1000 records/s: 4 ms apart each.
         assert_eq!(p.offset(1), Some(Duration::ZERO));
         assert_eq!(p.offset(2), Some(Duration::from_millis(4)));
@@ -995,6 +1395,7 @@ mod tests {
             },
             0,
             UnixClock::system(),
+            Snapshots::in_memory(0).0,
         );
         assert_eq!(unpaced.offset(2), None);
     }

@@ -32,6 +32,12 @@ pub enum RecordKind {
     /// A schema change of a table: every stream carries it, and the syncers hold it at the
     /// barrier.
     Ddl,
+    /// A checkpoint barrier: `pk` is the checkpoint id, `table` the producer that sent it
+    /// (binlogs re-send it aligned, with their stream as `table`). Never written to a sink.
+    Checkpoint,
+    /// The first record of a binlog's output: `pk` is the log position it serves from, so
+    /// the receiver can check it resumes where its checkpoint says. Never written to a sink.
+    StreamStart,
 }
 
 impl RecordKind {
@@ -40,14 +46,18 @@ impl RecordKind {
         match self {
             RecordKind::Data => 0,
             RecordKind::Ddl => 1,
+            RecordKind::Checkpoint => 2,
+            RecordKind::StreamStart => 3,
         }
     }
 
-    /// Parses a stored kind byte; `None` for anything but 0 and 1.
+    /// Parses a stored kind byte; `None` for anything but 0 to 3.
     pub fn from_u8(byte: u8) -> Option<RecordKind> {
         match byte {
             0 => Some(RecordKind::Data),
             1 => Some(RecordKind::Ddl),
+            2 => Some(RecordKind::Checkpoint),
+            3 => Some(RecordKind::StreamStart),
             _ => None,
         }
     }
@@ -62,7 +72,8 @@ pub struct DemoRecord {
     pub table: u32,
     /// The table's schema version the record carries; for a DDL the new version.
     pub version: u32,
-    /// [`RecordKind`] as a byte (0 data, 1 DDL); see [`DemoRecord::record_kind`].
+    /// [`RecordKind`] as a byte (0 data, 1 DDL, 2 checkpoint barrier, 3 stream start); see
+    /// [`DemoRecord::record_kind`].
     pub kind: u8,
     /// The data row's pk; for a DDL the pk of the data record that follows it.
     pub pk: u64,
@@ -82,6 +93,17 @@ impl DemoRecord {
     /// A DDL moving `table` to `version` just before data record `pk`.
     pub fn ddl(table: u32, version: u32, pk: u64, produced_ns: u64) -> DemoRecord {
         DemoRecord::new(RecordKind::Ddl, table, version, pk, produced_ns)
+    }
+
+    /// Checkpoint barrier `checkpoint` sent by `origin` (a producer's table, or a binlog's
+    /// stream once aligned).
+    pub fn checkpoint(origin: u32, checkpoint: u64, stamp_ns: u64) -> DemoRecord {
+        DemoRecord::new(RecordKind::Checkpoint, origin, 0, checkpoint, stamp_ns)
+    }
+
+    /// The header of binlog `stream`'s output: it serves from log position `position`.
+    pub fn stream_start(stream: u32, position: u64, stamp_ns: u64) -> DemoRecord {
+        DemoRecord::new(RecordKind::StreamStart, stream, 0, position, stamp_ns)
     }
 
     fn new(kind: RecordKind, table: u32, version: u32, pk: u64, produced_ns: u64) -> DemoRecord {
@@ -108,6 +130,16 @@ impl DemoRecord {
     /// Whether this is a DDL record.
     pub fn is_ddl(&self) -> bool {
         self.kind == RecordKind::Ddl.as_u8()
+    }
+
+    /// The checkpoint id if this is a checkpoint barrier.
+    pub fn checkpoint_id(&self) -> Option<u64> {
+        (self.kind == RecordKind::Checkpoint.as_u8()).then_some(self.pk)
+    }
+
+    /// Whether this is a table row or DDL (what sinks write), not a control record.
+    pub fn is_row(&self) -> bool {
+        self.kind <= RecordKind::Ddl.as_u8()
     }
 
     /// Copies a record out of a sealed (archived, already validated) batch, field by field.
@@ -175,6 +207,19 @@ impl UnixClock {
         self.clock.now()
     }
 
+    /// The instant whose Unix time is `unix_ns` under this mapping (saturating at the
+    /// clock's representable range).
+    pub fn instant_of(&self, unix_ns: u64) -> Instant {
+        let anchor = self.base_instant;
+        if unix_ns >= self.base_unix_ns {
+            let after = std::time::Duration::from_nanos(unix_ns - self.base_unix_ns);
+            anchor.checked_add(after).unwrap_or(anchor)
+        } else {
+            let before = std::time::Duration::from_nanos(self.base_unix_ns - unix_ns);
+            anchor.checked_sub(before).unwrap_or(anchor)
+        }
+    }
+
     /// The current time in Unix ns (a fresh clock reading).
     pub fn now_ns(&self) -> u64 {
         self.unix_ns(self.clock.now())
@@ -200,10 +245,18 @@ mod tests {
 
     #[test]
     fn kinds_round_trip_and_unknown_bytes_are_rejected() {
-        for kind in [RecordKind::Data, RecordKind::Ddl] {
+        for kind in [
+            RecordKind::Data,
+            RecordKind::Ddl,
+            RecordKind::Checkpoint,
+            RecordKind::StreamStart,
+        ] {
             assert_eq!(RecordKind::from_u8(kind.as_u8()), Some(kind));
         }
-        assert_eq!(RecordKind::from_u8(2), None);
+        assert_eq!(RecordKind::from_u8(4), None);
+        assert_eq!(DemoRecord::checkpoint(3, 9, 0).checkpoint_id(), Some(9));
+        assert!(!DemoRecord::checkpoint(3, 9, 0).is_row());
+        assert!(DemoRecord::ddl(1, 2, 3, 4).is_row() && DemoRecord::data(1, 2, 3, 4).is_row());
         assert!(DemoRecord::ddl(1, 2, 3, 4).is_ddl());
         assert!(!DemoRecord::data(1, 2, 3, 4).is_ddl());
     }
@@ -240,6 +293,11 @@ mod tests {
         assert_eq!(clock.now_ns() - t0, 5_000);
         let earlier = manual.start();
         assert_eq!(clock.unix_ns(earlier), t0);
+        assert_eq!(
+            clock.instant_of(t0 + 5_000),
+            manual.start() + Duration::from_micros(5)
+        );
+        assert_eq!(clock.unix_ns(clock.instant_of(t0 - 1_000)), t0 - 1_000);
         assert!(t0 > 1_600_000_000_000_000_000, "anchored at the real time");
     }
 }

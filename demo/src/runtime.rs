@@ -27,11 +27,12 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use microcosm_engine::graph::JobGraph;
 use microcosm_engine::{
-    EdgeAddress, EdgeConfig, Engine, EngineError, Exchange, Input, Operator, Output, TaskHandle,
-    TaskId, TaskSpec, edge, inbound_edge,
+    EdgeAddress, EdgeConfig, Engine, EngineError, Exchange, Input, Operator, Output, RestorePoint,
+    SnapshotSink, TaskHandle, TaskId, TaskSpec, edge, inbound_edge,
 };
 
 use crate::barrier::BarrierCoordinator;
+use crate::checkpoint::{Snapshots, StateError, TaskState};
 use crate::operators::{
     Binlog, LatencyHandle, LogPosition, Producer, Receive, Sink, Syncer, new_histogram,
 };
@@ -77,6 +78,9 @@ pub enum DemoError {
         /// Syncers in the job.
         streams: u32,
     },
+    /// The checkpoint to restore from is unusable.
+    #[error("cannot restore: {0}")]
+    State(#[from] StateError),
     /// Creating an edge, binding or connecting through the exchange, or spawning failed.
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
@@ -99,6 +103,10 @@ pub struct StartContext<'a> {
     pub engine: &'a Engine,
     /// How edges to and from tasks elsewhere are connected.
     pub exchange: &'a dyn Exchange<DemoRecord>,
+    /// The checkpoint this attempt resumes from (`None`: start from scratch).
+    pub restore: Option<&'a RestorePoint>,
+    /// Where the tasks hand their checkpoint snapshots.
+    pub snapshots: &'a Arc<dyn SnapshotSink>,
 }
 
 impl std::fmt::Debug for StartContext<'_> {
@@ -108,6 +116,7 @@ impl std::fmt::Debug for StartContext<'_> {
             .field("flow_id", &self.spec.flow_id)
             .field("tasks", &self.graph.tasks.len())
             .field("local", &self.local)
+            .field("restore", &self.restore.map(|r| r.checkpoint))
             .finish()
     }
 }
@@ -212,6 +221,8 @@ pub fn start_tasks(ctx: StartContext<'_>) -> Result<StartedTasks, DemoError> {
         local,
         engine,
         exchange,
+        restore,
+        snapshots,
     } = ctx;
     spec.validate()?;
     let versions = spec.ddls_per_table();
@@ -242,9 +253,50 @@ pub fn start_tasks(ctx: StartContext<'_>) -> Result<StartedTasks, DemoError> {
         });
     }
 
+    // Decode every local task's saved state before anything is wired.
+    let mut states = BTreeMap::new();
+    if let Some(point) = restore {
+        for (&index, kind) in &kinds {
+            let bytes = point
+                .states
+                .get(&index)
+                .ok_or_else(|| StateError::Missing {
+                    checkpoint: point.checkpoint,
+                    task: index,
+                    kind: kind.to_string(),
+                })?;
+            let state = TaskState::decode(index, bytes)?;
+            let name = kind.to_string();
+            if !name.starts_with(state.kind()) {
+                return Err(StateError::WrongKind {
+                    task: index,
+                    kind: name,
+                    found: state.kind(),
+                }
+                .into());
+            }
+            states.insert(index, state);
+        }
+    }
+    // Kinds were checked above, so restoring below cannot fail; should it, the tasks already
+    // spawned are cancelled like on any other spawn error.
+    let restore_error = |e: StateError| EngineError::operator(e.to_string());
+    let mut released = BTreeMap::new();
+    for state in states.values() {
+        if let TaskState::Syncer { released: r } = state {
+            for (&table, &version) in r {
+                let v = released.entry(table).or_insert(version);
+                *v = (*v).max(version);
+            }
+        }
+    }
+    let restored = restore.map_or(0, |p| p.checkpoint);
+    let snapshots_of = |index: u32| Snapshots::new(index, snapshots.clone());
+
     let mut ports = Ports::wire(job, graph, &kinds, spec, exchange)?;
     let clock = UnixClock::system();
-    let barrier = (syncers > 0).then(|| Arc::new(BarrierCoordinator::new(spec.binlog_num)));
+    let barrier = (syncers > 0)
+        .then(|| Arc::new(BarrierCoordinator::with_released(spec.binlog_num, released)));
     let mut started = StartedTasks {
         tasks: BTreeMap::new(),
         latency: BTreeMap::new(),
@@ -255,40 +307,62 @@ pub fn start_tasks(ctx: StartContext<'_>) -> Result<StartedTasks, DemoError> {
         let name = kind.to_string();
         let inputs = ports.take_inputs(index);
         let outputs = ports.take_outputs(index);
-        let spawned = match kind {
-            TaskKind::Producer(table) => {
-                let op = Producer::new(spec, table, clock.clone());
-                spawn(engine, TaskSpec::new(name, op), Vec::new(), outputs)
-            }
-            TaskKind::Binlog(stream) => {
-                let op = Binlog::new(stream, clock.clone());
-                started.binlogs.insert(stream, op.position_handle());
-                spawn(engine, TaskSpec::new(name, op), inputs, outputs)
-            }
-            TaskKind::Receive(stream) => {
-                let op = Receive::new(stream, clock.clone());
-                spawn(engine, TaskSpec::new(name, op), inputs, outputs)
-            }
-            TaskKind::Syncer(stream) => match &barrier {
-                Some(barrier) => {
-                    let op = Syncer::new(stream, barrier.clone(), clock.clone());
+        let state = states.get(&index);
+        let snaps = snapshots_of(index);
+        // A closure so that a failed restore takes the same path as a failed spawn.
+        let spawn_one = || -> Result<TaskHandle, EngineError> {
+            match kind {
+                TaskKind::Producer(table) => {
+                    let mut op = Producer::new(spec, table, clock.clone(), snaps);
+                    if let Some(state) = state {
+                        op.restore(restored, state).map_err(restore_error)?;
+                    }
+                    spawn(engine, TaskSpec::new(name, op), Vec::new(), outputs)
+                }
+                TaskKind::Binlog(stream) => {
+                    let mut op = Binlog::new(stream, clock.clone(), snaps);
+                    if let Some(state) = state {
+                        op.restore(state).map_err(restore_error)?;
+                    }
+                    started.binlogs.insert(stream, op.position_handle());
                     spawn(engine, TaskSpec::new(name, op), inputs, outputs)
                 }
-                None => Err(EngineError::operator("a syncer without a barrier")),
-            },
-            TaskKind::Sink(stream) => {
-                let latency = LatencyHandle::new();
-                started.latency.insert(stream, latency.clone());
-                let op = Sink::new(
-                    stream,
-                    spec.sink_path(stream),
-                    epoch,
-                    clock.clone(),
-                    latency,
-                );
-                spawn(engine, TaskSpec::new(name, op), inputs, Vec::new())
+                TaskKind::Receive(stream) => {
+                    let mut op = Receive::new(stream, clock.clone(), snaps);
+                    if let Some(state) = state {
+                        op.restore(state).map_err(restore_error)?;
+                    }
+                    spawn(engine, TaskSpec::new(name, op), inputs, outputs)
+                }
+                TaskKind::Syncer(stream) => match &barrier {
+                    Some(barrier) => {
+                        if let Some(state) = state {
+                            Syncer::check_state(stream, index, state).map_err(restore_error)?;
+                        }
+                        let op = Syncer::new(stream, barrier.clone(), clock.clone(), snaps);
+                        spawn(engine, TaskSpec::new(name, op), inputs, outputs)
+                    }
+                    None => Err(EngineError::operator("a syncer without a barrier")),
+                },
+                TaskKind::Sink(stream) => {
+                    let latency = LatencyHandle::new();
+                    started.latency.insert(stream, latency.clone());
+                    let mut op = Sink::new(
+                        stream,
+                        spec.sink_path(stream),
+                        epoch,
+                        clock.clone(),
+                        latency,
+                        snaps,
+                    );
+                    if let Some(state) = state {
+                        op.restore(state).map_err(restore_error)?;
+                    }
+                    spawn(engine, TaskSpec::new(name, op), inputs, Vec::new())
+                }
             }
         };
+        let spawned = spawn_one();
         match spawned {
             Ok(handle) => {
                 started.tasks.insert(index, handle);
@@ -510,6 +584,7 @@ mod tests {
                 .map(|(index, _)| index)
                 .unwrap()
         };
+        let snapshots: Arc<dyn SnapshotSink> = Arc::new(microcosm_engine::MemorySnapshots::new());
         let ctx = |local| StartContext {
             epoch: 1,
             job: 1,
@@ -518,6 +593,8 @@ mod tests {
             local,
             engine: &engine,
             exchange: &exchange,
+            restore: None,
+            snapshots: &snapshots,
         };
         let split = [syncer(0), syncer(1)];
         assert!(matches!(
@@ -559,6 +636,37 @@ mod tests {
             }),
             Err(DemoError::TooManyVersions { .. })
         ));
+        // A restore point without the task's state, or with another kind's state.
+        let sink0 = (0u32..)
+            .zip(&graph.tasks)
+            .find(|(_, t)| t.name == "sink-0")
+            .map(|(index, _)| index)
+            .unwrap();
+        let only_sink = [sink0];
+        let empty = RestorePoint {
+            checkpoint: 4,
+            states: BTreeMap::new(),
+        };
+        let err = start_tasks(StartContext {
+            restore: Some(&empty),
+            ..ctx(&only_sink)
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("checkpoint 4 has no state for task"),
+            "{err}"
+        );
+        let wrong_kind = RestorePoint {
+            checkpoint: 4,
+            states: BTreeMap::from([(sink0, TaskState::Binlog { position: 3 }.encode())]),
+        };
+        let err = start_tasks(StartContext {
+            restore: Some(&wrong_kind),
+            ..ctx(&only_sink)
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("state of a binlog"), "{err}");
         assert_eq!(engine.live_tasks(), 0, "nothing was spawned");
     }
 }

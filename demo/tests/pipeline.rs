@@ -7,7 +7,9 @@
 //! - `barrier_*`: three syncers driven record by record: nobody passes a DDL until the last
 //!   stream reaches it;
 //! - `paced_*`: open-loop pacing takes the intended time and loses nothing;
-//! - `sink_io_error_*`: an unwritable sink fails its task, not the process.
+//! - `sink_io_error_*`: an unwritable sink fails its task, not the process;
+//! - `restoring_*`, `a_binlog_aligns_*`, `a_syncer_passes_*`: consistent checkpoints and
+//!   recovery from one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,20 +18,26 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use microcosm_demo::operators::Syncer;
+use microcosm_demo::checkpoint::{Snapshots, TaskState};
+use microcosm_demo::operators::{Binlog, Syncer};
 use microcosm_demo::plan::{GROUP_SOURCES, GROUP_SYNC};
 use microcosm_demo::record::TRACE_SYNCED;
 use microcosm_demo::{
-    BarrierCoordinator, DemoRecord, DemoSpec, Report, StartContext, StartedTasks, UnixClock, plan,
-    start_tasks, verify,
+    BarrierCoordinator, DemoRecord, DemoSpec, RecordKind, Report, StartContext, StartedTasks,
+    UnixClock, plan, start_tasks, verify,
 };
 use microcosm_engine::graph::JobGraph;
 use microcosm_engine::{
-    EdgeConfig, Engine, EngineConfig, EngineError, Input, MemoryExchange, Output, TaskEvent,
-    TaskId, TaskSpec, edge,
+    EdgeConfig, Engine, EngineConfig, EngineError, Input, MemoryExchange, MemorySnapshots, Output,
+    RestorePoint, SnapshotSink, TaskEvent, TaskId, TaskSpec, edge,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A snapshot sink for runs that do not restore.
+fn discard() -> Arc<dyn SnapshotSink> {
+    Arc::new(MemorySnapshots::new())
+}
 
 fn spec_in(dir: &Path, tables: u32, streams: u32, rcd_cnt: u64, rate: u64) -> DemoSpec {
     let spec = DemoSpec {
@@ -42,7 +50,8 @@ fn spec_in(dir: &Path, tables: u32, streams: u32, rcd_cnt: u64, rate: u64) -> De
         sink_dir: dir.to_owned(),
         batch_size: 64,
         linger_us: 50,
-        ..DemoSpec::default()
+        // Checkpoints only where a test asks for them: barriers would change record counts.
+        checkpoint_interval_ms: 3_600_000,
     };
     spec.validate().unwrap();
     spec
@@ -110,6 +119,8 @@ fn run_on_one_engine(spec: &DemoSpec, workers: usize) -> StartedTasks {
         local: &local,
         engine: &engine,
         exchange: &exchange,
+        restore: None,
+        snapshots: &discard(),
     })
     .unwrap();
     assert_eq!(started.tasks().len(), graph.tasks.len());
@@ -175,6 +186,8 @@ fn two_engines_split_by_group_pass_sealed_batches_through_the_exchange() {
         local: &group2,
         engine: &syncing,
         exchange: &exchange,
+        restore: None,
+        snapshots: &discard(),
     })
     .unwrap();
     let a = start_tasks(StartContext {
@@ -185,6 +198,8 @@ fn two_engines_split_by_group_pass_sealed_batches_through_the_exchange() {
         local: &group1,
         engine: &sources,
         exchange: &exchange,
+        restore: None,
+        snapshots: &discard(),
     })
     .unwrap();
     assert!(a.barrier().is_none() && b.barrier().is_some());
@@ -209,7 +224,8 @@ fn two_engines_split_by_group_pass_sealed_batches_through_the_exchange() {
             })
             .sum()
     };
-    let crossed = 3 * 2000 + 3 * 20 * 2;
+    // Rows, plus each binlog's stream-start header.
+    let crossed = 3 * 2000 + 3 * 20 * 2 + 2;
     assert_eq!(sum(&a, "binlog-", true), crossed);
     assert_eq!(sum(&b, "receive-", false), crossed);
 }
@@ -249,6 +265,8 @@ fn sink_io_error_fails_only_the_sink_task() {
         local: &local,
         engine: &engine,
         exchange: &exchange,
+        restore: None,
+        snapshots: &discard(),
     })
     .unwrap();
     let deadline = Instant::now() + TIMEOUT;
@@ -292,7 +310,12 @@ fn barrier_holds_every_stream_until_the_last_arrives() {
     for stream in 0..3 {
         let (feed, syncer_in) = edge::<DemoRecord>(&config).unwrap();
         let (syncer_out, tap) = edge::<DemoRecord>(&config).unwrap();
-        let op = Syncer::new(stream, barrier.clone(), clock.clone());
+        let op = Syncer::new(
+            stream,
+            barrier.clone(),
+            clock.clone(),
+            Snapshots::new(stream, discard()),
+        );
         let handle = engine
             .spawn(
                 TaskSpec::new(format!("syncer-{stream}"), op)
@@ -391,4 +414,248 @@ fn barrier_holds_every_stream_until_the_last_arrives() {
             _ => {}
         }
     }
+}
+
+/// The latest checkpoint every one of `tasks` tasks has reported (or finished before).
+fn latest_complete(snapshots: &MemorySnapshots, tasks: u32) -> Option<RestorePoint> {
+    let newest = snapshots.taken().iter().map(|s| s.checkpoint).max()?;
+    (1..=newest)
+        .rev()
+        .find_map(|id| snapshots.restore_point(id, tasks))
+}
+
+/// Starts every task of `spec` on `engine` as attempt `epoch`, resuming from `restore`.
+fn start_all(
+    spec: &DemoSpec,
+    engine: &Engine,
+    epoch: u64,
+    restore: Option<&RestorePoint>,
+    snapshots: &Arc<dyn SnapshotSink>,
+) -> StartedTasks {
+    let graph = plan(spec);
+    let local: Vec<u32> = (0..graph.tasks.len() as u32).collect();
+    let exchange = MemoryExchange::<DemoRecord>::new();
+    start_tasks(StartContext {
+        epoch,
+        job: 11,
+        spec,
+        graph: &graph,
+        local: &local,
+        engine,
+        exchange: &exchange,
+        restore,
+        snapshots,
+    })
+    .unwrap()
+}
+
+/// A crash after a checkpoint: the first attempt is cancelled mid-run (its sinks have
+/// written past the checkpoint), a second attempt restores from the last complete
+/// checkpoint, and the output is exactly once with the barrier intact — while the second
+/// attempt does only the rest of the work.
+#[test]
+fn restoring_from_a_checkpoint_after_a_crash_delivers_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = spec_in(tmp.path(), 3, 2, 6000, 12_000);
+    spec.checkpoint_interval_ms = 40;
+    let graph = plan(&spec);
+    let tasks = graph.tasks.len() as u32;
+    let memory = Arc::new(MemorySnapshots::new());
+    let snapshots: Arc<dyn SnapshotSink> = memory.clone();
+
+    let first = Engine::start(EngineConfig::with_workers(2)).unwrap();
+    let a = start_all(&spec, &first, 1, None, &snapshots);
+    let deadline = Instant::now() + TIMEOUT;
+    let point = loop {
+        if let Some(point) = latest_complete(&memory, tasks)
+            && point.checkpoint >= 5
+        {
+            break point;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint completed");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // Let the sinks write past the checkpoint, then "crash".
+    std::thread::sleep(Duration::from_millis(60));
+    a.cancel_all();
+    first.shutdown(Duration::from_secs(5));
+    let point = latest_complete(&memory, tasks).unwrap_or(point);
+    let partial = verify(&spec.output_dir(), &spec).unwrap();
+    assert!(!partial.passed(), "the crash left the output incomplete");
+
+    let second = Engine::start(EngineConfig::with_workers(2)).unwrap();
+    let after = Arc::new(MemorySnapshots::new());
+    let after_sink: Arc<dyn SnapshotSink> = after.clone();
+    let b = start_all(&spec, &second, 2, Some(&point), &after_sink);
+    wait_all_finished(&[&second], &[&b]);
+    assert!(second.shutdown(Duration::from_secs(5)).drained);
+    assert_passes(&spec);
+    // The second attempt resumed: its sinks wrote fewer rows than the whole job has.
+    let written: u64 = b.latency_handles().values().map(|h| h.len()).sum();
+    assert!(written < spec.total_data_records(), "{written}");
+    // Its checkpoints continue the numbering.
+    for s in after.taken() {
+        assert!(
+            s.checkpoint > point.checkpoint || (s.last && s.checkpoint == point.checkpoint),
+            "{s:?} after restoring {}",
+            point.checkpoint
+        );
+    }
+}
+
+/// A binlog aligns: after barrier 1 on input 0, input 0's later records wait until input 1
+/// delivers barrier 1; then one barrier is forwarded and the position snapshotted.
+#[test]
+fn a_binlog_aligns_checkpoint_barriers_across_its_inputs() {
+    let engine = Engine::start(EngineConfig::with_workers(1)).unwrap();
+    let config = EdgeConfig {
+        capacity: 8,
+        batch_size: 16,
+        linger: Duration::ZERO,
+    };
+    let (mut feed0, in0) = edge::<DemoRecord>(&config).unwrap();
+    let (mut feed1, in1) = edge::<DemoRecord>(&config).unwrap();
+    let (out, mut tap) = edge::<DemoRecord>(&config).unwrap();
+    let (snaps, memory) = Snapshots::in_memory(4);
+    let op = Binlog::new(0, UnixClock::system(), snaps);
+    engine
+        .spawn(
+            TaskSpec::new("binlog-0", op)
+                .input(in0)
+                .input(in1)
+                .output(out),
+        )
+        .unwrap();
+    let send = |feed: &mut Output<DemoRecord>, records: &[DemoRecord]| {
+        for &r in records {
+            feed.push(r).unwrap();
+        }
+        assert!(feed.flush());
+    };
+    let mut got: Vec<DemoRecord> = Vec::new();
+    let wait_for = |tap: &mut Input<DemoRecord>, got: &mut Vec<DemoRecord>, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got.len() < n {
+            assert!(Instant::now() < deadline, "have {got:?}");
+            while let Some(batch) = tap.pop() {
+                got.extend(batch.into_owned().unwrap().iter().copied());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    send(
+        &mut feed0,
+        &[
+            DemoRecord::data(0, 0, 1, 1),
+            DemoRecord::checkpoint(0, 1, 1),
+            DemoRecord::data(0, 0, 2, 1),
+        ],
+    );
+    send(&mut feed1, &[DemoRecord::data(1, 0, 1, 1)]);
+    // Header, then the two records before the barrier.
+    wait_for(&mut tap, &mut got, 3);
+    std::thread::sleep(Duration::from_millis(100));
+    while let Some(batch) = tap.pop() {
+        got.extend(batch.into_owned().unwrap().iter().copied());
+    }
+    assert_eq!(
+        got.len(),
+        3,
+        "input 0's record after the barrier waits: {got:?}"
+    );
+    assert_eq!(got[0].record_kind(), Some(RecordKind::StreamStart));
+    assert!(memory.taken().is_empty());
+    send(&mut feed1, &[DemoRecord::checkpoint(1, 1, 1)]);
+    wait_for(&mut tap, &mut got, 5);
+    assert_eq!(got[3].checkpoint_id(), Some(1));
+    assert_eq!((got[4].table, got[4].pk), (0, 2));
+    let taken = memory.taken();
+    assert_eq!(taken.len(), 1);
+    assert_eq!((taken[0].task, taken[0].checkpoint), (4, 1));
+    // Log positions: two rows and the barrier.
+    assert_eq!(
+        TaskState::decode(4, &taken[0].state).unwrap(),
+        TaskState::Binlog { position: 3 }
+    );
+    engine.shutdown(Duration::from_secs(1));
+}
+
+/// A syncer holding a DDL before a checkpoint barrier takes nothing after the barrier (not
+/// even another table's record) until the DDL is released; then the DDL, the barrier and the
+/// rest pass in order, and the snapshot is taken with nothing held.
+#[test]
+fn a_syncer_passes_a_checkpoint_barrier_only_after_the_ddls_before_it() {
+    let engine = Engine::start(EngineConfig::with_workers(2)).unwrap();
+    let barrier = Arc::new(BarrierCoordinator::new(2));
+    let config = EdgeConfig {
+        capacity: 8,
+        batch_size: 16,
+        linger: Duration::ZERO,
+    };
+    let mut feeds = Vec::new();
+    let mut taps = Vec::new();
+    let mut memories = Vec::new();
+    for stream in 0..2 {
+        let (feed, syncer_in) = edge::<DemoRecord>(&config).unwrap();
+        let (syncer_out, tap) = edge::<DemoRecord>(&config).unwrap();
+        let (snaps, memory) = Snapshots::in_memory(stream);
+        let op = Syncer::new(stream, barrier.clone(), UnixClock::system(), snaps);
+        engine
+            .spawn(
+                TaskSpec::new(format!("syncer-{stream}"), op)
+                    .input(syncer_in)
+                    .output(syncer_out),
+            )
+            .unwrap();
+        feeds.push(feed);
+        taps.push(tap);
+        memories.push(memory);
+    }
+    let send = |feed: &mut Output<DemoRecord>, records: &[DemoRecord]| {
+        for &r in records {
+            feed.push(r).unwrap();
+        }
+        assert!(feed.flush());
+    };
+    let drain = |tap: &mut Input<DemoRecord>, got: &mut Vec<DemoRecord>| {
+        while let Some(batch) = tap.pop() {
+            got.extend(batch.into_owned().unwrap().iter().copied());
+        }
+    };
+    let ddl = DemoRecord::ddl(0, 1, 10, 1);
+    send(
+        &mut feeds[0],
+        &[
+            ddl,
+            DemoRecord::checkpoint(0, 1, 1),
+            DemoRecord::data(1, 0, 7, 1),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(150));
+    let mut got0 = Vec::new();
+    drain(&mut taps[0], &mut got0);
+    assert!(
+        got0.is_empty(),
+        "nothing passes while the DDL is held: {got0:?}"
+    );
+    assert!(memories[0].taken().is_empty());
+    send(&mut feeds[1], &[ddl, DemoRecord::checkpoint(1, 1, 1)]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got0.len() < 3 {
+        assert!(Instant::now() < deadline, "{got0:?}");
+        drain(&mut taps[0], &mut got0);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(got0[0].is_ddl());
+    assert_eq!(got0[1].checkpoint_id(), Some(1));
+    assert_eq!((got0[2].table, got0[2].pk), (1, 7));
+    let taken = memories[0].taken();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(
+        TaskState::decode(0, &taken[0].state).unwrap(),
+        TaskState::Syncer {
+            released: BTreeMap::from([(0, 1)])
+        }
+    );
+    engine.shutdown(Duration::from_secs(1));
 }

@@ -20,6 +20,9 @@
 //! - **Workers** ([`Worker`], [`StepOutcome`], [`Park`]): the task loop as a steppable
 //!   core, `step(now) -> StepOutcome`, driven deterministically in tests with a
 //!   [`ManualClock`], or by [`Engine`] threads that park between steps.
+//! - **Checkpoints** ([`SnapshotSink`], [`TaskSnapshot`], [`RestorePoint`]): how a task hands
+//!   over its part of a consistent checkpoint and gets it back after a restart; the cut
+//!   itself is the job's business (the demo job sends barrier records with its data).
 //! - **Lifecycle and metrics** ([`TaskHandle`], [`TaskMetrics`]): pause, resume, cancel,
 //!   drain on shutdown; counters readable from any thread.
 //!
@@ -112,6 +115,7 @@
 //! ```
 
 mod batch;
+pub mod checkpoint;
 mod clock;
 mod edge;
 mod engine;
@@ -126,6 +130,7 @@ mod testkit;
 mod worker;
 
 pub use batch::{ArchivedRecords, Batch, OwnedBatch, Record, SealedBatch};
+pub use checkpoint::{MemorySnapshots, RestorePoint, SnapshotSink, TaskSnapshot};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use edge::{
     DEFAULT_LINGER, EdgeConfig, InboundHandle, InboundRejected, Input, Notify, Output, edge,

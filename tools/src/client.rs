@@ -235,6 +235,8 @@ fn job_json(j: &JobInfo) -> serde_json::Value {
     json!({
         "id": j.id, "type": j.job_type, "state": j.state, "reason": j.reason, "epoch": j.epoch,
         "tasks": j.tasks,
+        "checkpoint": j.checkpoint.map(|c| json!({"id": c.id, "epoch": c.epoch, "at_ms": c.at_ms})),
+        "restored_from": j.restored_from,
         "history": j.history.iter().map(|h| json!({"state": h.state, "reason": h.reason, "at_ms": h.at_ms})).collect::<Vec<_>>(),
     })
 }
@@ -283,6 +285,17 @@ fn print_job(args: &ClusterArgs, j: &JobInfo) {
     println!("reason = {}", j.reason);
     println!("epoch  = {}", j.epoch);
     println!("tasks  = {}", j.tasks);
+    match j.checkpoint {
+        Some(c) => println!(
+            "checkpoint = {} (taken by epoch {}, committed at {} ms)",
+            c.id, c.epoch, c.at_ms
+        ),
+        None => println!("checkpoint = none"),
+    }
+    match j.restored_from {
+        Some(id) => println!("resumed from checkpoint {id} (this epoch)"),
+        None => println!("resumed from = nothing (this epoch started from scratch)"),
+    }
     println!("\nhistory:");
     for h in &j.history {
         println!("  {:>15}  {:<11} {}", h.at_ms, h.state, h.reason);

@@ -130,10 +130,16 @@ impl Progress {
         total
     }
 
-    fn sizes(&self) -> Vec<u64> {
+    /// Per sink file, its size if an attempt of epoch `epoch` or later has claimed it
+    /// (truncated it to its checkpoint), else `None`.
+    fn claimed_sizes(&self, epoch: u64) -> Vec<Option<u64>> {
         self.files
             .iter()
-            .map(|(p, _, _)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .map(|(p, _, _)| {
+                let fence = std::fs::read_to_string(microcosm_demo::fence::fence_path(p)).ok()?;
+                let owner: u64 = fence.trim().parse().ok()?;
+                (owner >= epoch).then(|| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            })
             .collect()
     }
 }
@@ -265,7 +271,8 @@ async fn watch(
     let mut last_rows = 0u64;
     let mut last_rate_at = Instant::now();
     let mut rate = 0.0;
-    let mut killed_executor: Option<(Instant, u64, Vec<u64>)> = None;
+    // When, the epoch before the kill, and per sink its size when the new attempt claimed it.
+    let mut killed_executor: Option<(Instant, u64, Vec<Option<u64>>)> = None;
     let mut recovery_reported = false;
     let mut killed_leader = false;
     loop {
@@ -304,7 +311,7 @@ async fn watch(
             {
                 println!("\n>>> killing {} (SIGKILL)", victim.name);
                 victim.kill();
-                killed_executor = Some((Instant::now(), epoch, Vec::new()));
+                killed_executor = Some((Instant::now(), epoch, vec![None; progress.files.len()]));
             }
             if let Some(after) = args.kill_leader_after
                 && !killed_leader
@@ -322,22 +329,29 @@ async fn watch(
                 }
             }
         }
-        // Recovery: from the kill until every sink writes again under the new attempt.
+        // Recovery: from the kill until every sink writes again under the new attempt (its
+        // file grew past the size it had when the new attempt claimed and truncated it).
         if let Some((at, old_epoch, baseline)) = &mut killed_executor
             && !recovery_reported
             && epoch > *old_epoch
-            && state == "Running"
         {
-            let sizes = progress.sizes();
-            if baseline.is_empty() {
-                *baseline = sizes;
-            } else if sizes
+            let sizes = progress.claimed_sizes(*old_epoch + 1);
+            for (base, now) in baseline.iter_mut().zip(&sizes) {
+                if base.is_none() {
+                    *base = *now;
+                }
+            }
+            let progressed = sizes
                 .iter()
                 .zip(baseline.iter())
-                .all(|(now, base)| now > base)
-            {
+                .all(|(now, base)| matches!((now, base), (Some(n), Some(b)) if n > b));
+            if progressed {
+                let resumed = match info.as_ref().ok().and_then(|j| j.restored_from) {
+                    Some(id) => format!("resumed from checkpoint {id}"),
+                    None => "no checkpoint had completed: restarted from scratch".to_string(),
+                };
                 println!(
-                    "\n>>> recovered: every sink makes progress again {:.2}s after the kill",
+                    "\n>>> recovered: every sink makes progress again {:.2}s after the kill (epoch {epoch}, {resumed})",
                     at.elapsed().as_secs_f64()
                 );
                 recovery_reported = true;

@@ -137,6 +137,8 @@ impl JobLauncher for JobTypes {
                         local: l.local,
                         engine: l.engine,
                         exchange: l.exchange,
+                        restore: l.restore,
+                        snapshots: l.snapshots,
                     })
                     .map_err(|e| e.to_string())?;
                 Ok(started

@@ -320,6 +320,9 @@ pub struct JobRecord {
     pub epoch: u64,
     /// The job's tasks, in allocation order.
     pub tasks: Vec<TaskId>,
+    /// The checkpoint the current epoch resumes from: the latest committed one when the
+    /// epoch was set (`None`: from scratch).
+    pub restored_from: Option<u64>,
 }
 
 /// A task of a job.
@@ -629,6 +632,7 @@ impl MetaState {
                 }],
                 epoch: 0,
                 tasks: Vec::new(),
+                restored_from: None,
             },
         );
         self.dirty.jobs.insert(id);
@@ -735,8 +739,10 @@ impl MetaState {
             }
         }
         let new_epoch = epoch + 1;
+        let restored_from = self.checkpoints.get(&job).map(|c| c.checkpoint_id);
         if let Some(record) = self.jobs.get_mut(&job) {
             record.epoch = new_epoch;
+            record.restored_from = restored_from;
         }
         self.dirty.jobs.insert(job);
         for &(task, executor) in placements {
@@ -1187,6 +1193,28 @@ mod tests {
             CommandResponse::CheckpointCommitted
         );
         assert_eq!(s.checkpoint(j).unwrap().checkpoint_id, 2);
+        assert_eq!(
+            s.jobs[&j].restored_from, None,
+            "epoch 1 started from scratch"
+        );
+        // The next epoch records the checkpoint it resumes from; the old epoch's late
+        // checkpoint is refused.
+        p.run(
+            &mut s,
+            Command::SetPlacements {
+                job: j,
+                epoch: 1,
+                placements: vec![(TaskId(1), e), (TaskId(2), e)],
+            },
+        );
+        assert_eq!(s.jobs[&j].restored_from, Some(2));
+        assert!(matches!(
+            p.run(
+                &mut s,
+                cp(3, 1, vec![(TaskId(1), vec![5]), (TaskId(2), vec![6])])
+            ),
+            CommandResponse::Rejected(Rejection::StaleEpoch { .. })
+        ));
     }
 
     #[test]

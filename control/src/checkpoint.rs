@@ -1,0 +1,298 @@
+//! Completing checkpoints on the leader: a pure tracker of task snapshots.
+//!
+//! Executors report each task's part of a checkpoint ([`CheckpointReport`]) as the task takes
+//! it. The leader feeds the reports to a [`CheckpointTracker`] with what the replicated state
+//! says about the job (current epoch, task count, latest committed checkpoint); once every
+//! task of the current epoch has reported checkpoint `n` — or finished before it, its last
+//! state standing for every later checkpoint — the tracker returns it as [`Complete`] and the
+//! leader commits it through raft (`Command::CommitCheckpoint`).
+//!
+//! The tracker is soft state: a new leader starts empty, so a checkpoint whose reports went
+//! partly to the old leader never completes and is simply superseded by the next one (the
+//! commit of a stale epoch or an older id is refused by the state machine anyway). Memory is
+//! bounded: at most [`MAX_PENDING`] incomplete checkpoints per job are kept.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::proto::CheckpointReport;
+
+/// Incomplete checkpoints kept per job; older ones are dropped.
+pub const MAX_PENDING: usize = 32;
+
+/// Why a report was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    /// The report is from another attempt than the job's current one.
+    #[error("job {job}: report of epoch {got}, the current epoch is {current}")]
+    StaleEpoch {
+        /// The job.
+        job: u64,
+        /// Epoch in the report.
+        got: u64,
+        /// The job's epoch.
+        current: u64,
+    },
+    /// The task index is not a task of the job.
+    #[error("job {job}: no task {index} (the job has {tasks})")]
+    UnknownTask {
+        /// The job.
+        job: u64,
+        /// Index in the report.
+        index: u32,
+        /// Tasks of the job.
+        tasks: u32,
+    },
+}
+
+/// A checkpoint every task has reported: ready to commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Complete {
+    /// The job.
+    pub job: u64,
+    /// The epoch that took it.
+    pub epoch: u64,
+    /// Checkpoint id.
+    pub checkpoint: u64,
+    /// Every task's state, by index `0..tasks`.
+    pub states: Vec<(u32, Vec<u8>)>,
+}
+
+/// What the replicated state says about a job, as the tracker needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobView {
+    /// Current epoch.
+    pub epoch: u64,
+    /// Number of tasks.
+    pub tasks: u32,
+    /// Latest committed checkpoint id.
+    pub committed: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct JobCheckpoints {
+    epoch: u64,
+    /// Checkpoint id → task index → state.
+    pending: BTreeMap<u64, BTreeMap<u32, Vec<u8>>>,
+    /// Finished tasks: index → (checkpoint of the last report, state).
+    last: BTreeMap<u32, (u64, Vec<u8>)>,
+    /// Highest id committed or handed out for committing.
+    done: u64,
+}
+
+/// Collects task snapshots per job and epoch; see the [module docs](self).
+#[derive(Debug, Default)]
+pub struct CheckpointTracker {
+    jobs: HashMap<u64, JobCheckpoints>,
+}
+
+impl CheckpointTracker {
+    /// An empty tracker.
+    pub fn new() -> CheckpointTracker {
+        CheckpointTracker::default()
+    }
+
+    /// Takes one report about a job whose replicated state is `view`. Returns the newest
+    /// checkpoint the report completed, if any (older incomplete ones are then dropped).
+    pub fn report(
+        &mut self,
+        report: CheckpointReport,
+        view: JobView,
+    ) -> Result<Option<Complete>, ReportError> {
+        let job = report.job;
+        if report.epoch != view.epoch {
+            return Err(ReportError::StaleEpoch {
+                job,
+                got: report.epoch,
+                current: view.epoch,
+            });
+        }
+        if report.index >= view.tasks {
+            return Err(ReportError::UnknownTask {
+                job,
+                index: report.index,
+                tasks: view.tasks,
+            });
+        }
+        let entry = self.jobs.entry(job).or_default();
+        if entry.epoch != view.epoch {
+            *entry = JobCheckpoints {
+                epoch: view.epoch,
+                ..JobCheckpoints::default()
+            };
+        }
+        entry.done = entry.done.max(view.committed.unwrap_or(0));
+        if report.last {
+            entry
+                .last
+                .insert(report.index, (report.checkpoint, report.state));
+        } else if report.checkpoint > entry.done {
+            entry
+                .pending
+                .entry(report.checkpoint)
+                .or_default()
+                .insert(report.index, report.state);
+            while entry.pending.len() > MAX_PENDING {
+                entry.pending.pop_first();
+            }
+        }
+        let done = entry.done;
+        entry.pending.retain(|&id, _| id > done);
+        let complete = entry
+            .pending
+            .iter()
+            .rev()
+            .find(|(id, states)| {
+                (0..view.tasks).all(|i| {
+                    states.contains_key(&i) || entry.last.get(&i).is_some_and(|(c, _)| c < *id)
+                })
+            })
+            .map(|(&id, _)| id);
+        let Some(id) = complete else {
+            return Ok(None);
+        };
+        let mut states = entry.pending.remove(&id).unwrap_or_default();
+        for (&i, (_, state)) in &entry.last {
+            states.entry(i).or_insert_with(|| state.clone());
+        }
+        entry.done = id;
+        entry.pending.retain(|&p, _| p > id);
+        Ok(Some(Complete {
+            job,
+            epoch: view.epoch,
+            checkpoint: id,
+            states: states.into_iter().collect(),
+        }))
+    }
+
+    /// Forgets a job (finished, cancelled or failed).
+    pub fn forget(&mut self, job: u64) {
+        self.jobs.remove(&job);
+    }
+
+    /// Forgets everything (leadership lost).
+    pub fn clear(&mut self) {
+        self.jobs.clear();
+    }
+
+    /// Incomplete checkpoints held for a job.
+    pub fn pending(&self, job: u64) -> usize {
+        self.jobs.get(&job).map_or(0, |j| j.pending.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(index: u32, checkpoint: u64, last: bool) -> CheckpointReport {
+        CheckpointReport {
+            job: 1,
+            epoch: 2,
+            index,
+            checkpoint,
+            last,
+            state: vec![index as u8, checkpoint as u8],
+        }
+    }
+
+    const VIEW: JobView = JobView {
+        epoch: 2,
+        tasks: 3,
+        committed: None,
+    };
+
+    #[test]
+    fn a_checkpoint_completes_when_every_task_reported_it() {
+        let mut t = CheckpointTracker::new();
+        assert_eq!(t.report(r(0, 1, false), VIEW), Ok(None));
+        assert_eq!(t.report(r(1, 1, false), VIEW), Ok(None));
+        // Checkpoint 2 starts before 1 completes.
+        assert_eq!(t.report(r(0, 2, false), VIEW), Ok(None));
+        let done = t.report(r(2, 1, false), VIEW).unwrap().unwrap();
+        assert_eq!(done.checkpoint, 1);
+        assert_eq!(
+            done.states,
+            vec![(0, vec![0, 1]), (1, vec![1, 1]), (2, vec![2, 1])]
+        );
+        assert_eq!(t.pending(1), 1, "checkpoint 2 still pending");
+        // A late report of a completed checkpoint changes nothing.
+        assert_eq!(t.report(r(2, 1, false), VIEW), Ok(None));
+    }
+
+    #[test]
+    fn a_finished_task_stands_for_later_checkpoints_with_its_last_state() {
+        let mut t = CheckpointTracker::new();
+        t.report(r(0, 3, true), VIEW).unwrap();
+        t.report(r(1, 4, false), VIEW).unwrap();
+        let done = t.report(r(2, 4, false), VIEW).unwrap().unwrap();
+        assert_eq!(done.checkpoint, 4);
+        assert_eq!(done.states[0], (0, vec![0, 3]));
+        // The last state does not stand for its own checkpoint: 3 still needs task 0's
+        // regular report (and it is older than the committed 4 anyway).
+        assert_eq!(t.report(r(1, 3, false), VIEW), Ok(None));
+    }
+
+    #[test]
+    fn a_newer_complete_checkpoint_supersedes_older_incomplete_ones() {
+        let mut t = CheckpointTracker::new();
+        t.report(r(0, 1, false), VIEW).unwrap();
+        for i in 0..2 {
+            t.report(r(i, 2, false), VIEW).unwrap();
+        }
+        let done = t.report(r(2, 2, false), VIEW).unwrap().unwrap();
+        assert_eq!(done.checkpoint, 2);
+        assert_eq!(t.pending(1), 0, "checkpoint 1 can never be committed now");
+    }
+
+    #[test]
+    fn reports_of_other_epochs_and_tasks_are_refused_and_a_new_epoch_starts_clean() {
+        let mut t = CheckpointTracker::new();
+        t.report(r(0, 5, false), VIEW).unwrap();
+        let old = CheckpointReport {
+            epoch: 1,
+            ..r(1, 5, false)
+        };
+        assert!(matches!(
+            t.report(old, VIEW),
+            Err(ReportError::StaleEpoch { current: 2, .. })
+        ));
+        assert!(matches!(
+            t.report(r(7, 5, false), VIEW),
+            Err(ReportError::UnknownTask { tasks: 3, .. })
+        ));
+        let next = JobView {
+            epoch: 3,
+            committed: Some(4),
+            ..VIEW
+        };
+        let report = |index| CheckpointReport {
+            epoch: 3,
+            ..r(index, 5, false)
+        };
+        assert_eq!(t.report(report(1), next), Ok(None));
+        assert_eq!(
+            t.report(report(2), next),
+            Ok(None),
+            "epoch 2's report is gone"
+        );
+        assert_eq!(t.report(report(0), next).unwrap().unwrap().checkpoint, 5);
+        // At or below the committed id nothing is pending.
+        let low = CheckpointReport {
+            epoch: 3,
+            ..r(0, 4, false)
+        };
+        assert_eq!(t.report(low, next), Ok(None));
+        assert_eq!(t.pending(1), 0);
+    }
+
+    #[test]
+    fn pending_checkpoints_are_bounded() {
+        let mut t = CheckpointTracker::new();
+        for id in 1..=(MAX_PENDING as u64 + 10) {
+            t.report(r(0, id, false), VIEW).unwrap();
+        }
+        assert_eq!(t.pending(1), MAX_PENDING);
+        t.forget(1);
+        assert_eq!(t.pending(1), 0);
+    }
+}
