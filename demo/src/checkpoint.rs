@@ -3,9 +3,13 @@
 //!
 //! ## The protocol (aligned barriers, as in Chandy–Lamport and Flink)
 //! - Every producer sends checkpoint barrier `n` ([`DemoRecord::checkpoint`]) to every
-//!   stream once per `checkpoint-interval-ms`, between records, numbering `c + 1, c + 2, …`
-//!   where `c` is the checkpoint its attempt restored from (0 when fresh). Its snapshot is
-//!   taken as it sends: the next pk to emit and the pacing schedule.
+//!   stream once per `checkpoint-interval-ms`, between records. Barriers are sent at the
+//!   boundaries of wall-clock slots (Unix time divided by the interval) with the slot as the
+//!   id, so all producers send the same ids at nearly the same moment and binlogs wait
+//!   little to align them; ids only grow, across restarts too (always above the checkpoint
+//!   restored from). A producer that fell behind skips the slots it missed, and those
+//!   checkpoints are abandoned. Its snapshot is taken as it sends: the next pk to emit (the
+//!   schema version follows from it) and the pacing schedule.
 //! - A binlog **aligns**: once barrier `n` arrived on one input it takes nothing more from
 //!   that input until barrier `n` arrived on every input that has not finished. It then
 //!   appends one barrier `n` to its log, snapshots the log position and forwards the

@@ -116,6 +116,12 @@ impl FencedFile {
     pub fn sync(&self) -> io::Result<()> {
         self.data.sync_all()
     }
+
+    /// A second handle on the data file, e.g. to fsync it from another thread while this one
+    /// keeps writing (an fsync covers everything written before it, through any handle).
+    pub fn data_handle(&self) -> io::Result<File> {
+        self.data.try_clone()
+    }
 }
 
 fn superseded(epoch: u64, owner: u64) -> io::Error {

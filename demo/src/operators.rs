@@ -150,13 +150,14 @@ pub struct Producer {
     ddl_sent: u32,
     stamp: u64,
     snapshots: Snapshots,
-    interval: Duration,
-    /// Id of the next checkpoint barrier.
-    next_checkpoint: u64,
-    /// When it is due (set on the first run).
+    /// Checkpoint interval in ns (at least 1 ms).
+    interval_ns: u64,
+    /// Id of the last barrier sent (or of the checkpoint restored from).
+    last_checkpoint: u64,
+    /// When the next barrier is due (set on the first run).
     checkpoint_due: Option<Instant>,
-    /// Streams the barrier being sent has reached (`None`: no barrier in progress).
-    barrier_sent: Option<u32>,
+    /// The barrier being sent and the streams it has reached.
+    barrier: Option<(u64, u32)>,
 }
 
 impl Producer {
@@ -182,15 +183,15 @@ impl Producer {
             ddl_sent: 0,
             stamp: 0,
             snapshots,
-            interval: Duration::from_millis(spec.checkpoint_interval_ms.max(1)),
-            next_checkpoint: 1,
+            interval_ns: spec.checkpoint_interval_ms.max(1).saturating_mul(1_000_000),
+            last_checkpoint: 0,
             checkpoint_due: None,
-            barrier_sent: None,
+            barrier: None,
         }
     }
 
-    /// Resumes from `state`, saved at checkpoint `checkpoint`: the next barrier is
-    /// `checkpoint + 1`.
+    /// Resumes from `state`, saved at checkpoint `checkpoint`: later barriers have larger
+    /// ids.
     pub fn restore(&mut self, checkpoint: u64, state: &TaskState) -> Result<(), StateError> {
         let TaskState::Producer {
             next_pk,
@@ -205,7 +206,7 @@ impl Producer {
         };
         self.next_pk = next_pk.max(1);
         self.start = (start_unix_ns > 0).then(|| self.clock.instant_of(start_unix_ns));
-        self.next_checkpoint = checkpoint + 1;
+        self.last_checkpoint = checkpoint;
         Ok(())
     }
 
@@ -246,24 +247,34 @@ impl Producer {
         self.ddl_freq > 0 && pk.is_multiple_of(self.ddl_freq)
     }
 
+    /// The checkpoint slot `now` falls in: Unix time divided by the interval. Every
+    /// producer of the job sends its barriers at the same slot boundaries, with the slot as
+    /// the id, so binlogs align them with little waiting.
+    fn slot(&self, now: Instant) -> u64 {
+        self.clock.unix_ns(now) / self.interval_ns
+    }
+
+    /// When slot `slot` begins.
+    fn slot_start(&self, slot: u64) -> Instant {
+        self.clock.instant_of(slot.saturating_mul(self.interval_ns))
+    }
+
     /// Sends the barrier in progress to the remaining streams; false if an output is full.
     fn send_barrier(&mut self, outputs: &mut [Output<DemoRecord>], now: Instant) -> bool {
-        let Some(mut sent) = self.barrier_sent else {
+        let Some((id, mut sent)) = self.barrier else {
             return true;
         };
-        let barrier =
-            DemoRecord::checkpoint(self.table, self.next_checkpoint, self.clock.unix_ns(now));
+        let barrier = DemoRecord::checkpoint(self.table, id, self.clock.unix_ns(now));
         while let Some(out) = outputs.get_mut(sent as usize) {
             if out.push(barrier).is_err() {
-                self.barrier_sent = Some(sent);
+                self.barrier = Some((id, sent));
                 return false;
             }
             sent += 1;
         }
-        self.barrier_sent = None;
-        self.snapshots
-            .report(self.next_checkpoint, false, &self.state());
-        self.next_checkpoint += 1;
+        self.barrier = None;
+        self.last_checkpoint = id;
+        self.snapshots.report(id, false, &self.state());
         true
     }
 }
@@ -288,9 +299,8 @@ impl Operator for Producer {
         }
         let now = cx.now();
         let start = *self.start.get_or_insert(now);
-        let interval = self.interval;
         if self.checkpoint_due.is_none() {
-            self.checkpoint_due = Some(now + interval);
+            self.checkpoint_due = Some(self.slot_start(self.slot(now) + 1));
         }
         let mut emitted = 0usize;
         while self.next_pk <= self.rcd_cnt {
@@ -304,12 +314,12 @@ impl Operator for Producer {
                 if cx.is_draining() {
                     return Ok(Status::Finished);
                 }
-                if let Some(due) = self.checkpoint_due
-                    && now >= due
-                {
-                    // A producer that fell behind sends one barrier, not one per interval.
-                    self.checkpoint_due = Some((due + interval).max(now));
-                    self.barrier_sent = Some(0);
+                if self.checkpoint_due.is_some_and(|due| now >= due) {
+                    // A producer that fell behind skips the slots it missed; binlogs then
+                    // abandon those checkpoints (see `Binlog`).
+                    let slot = self.slot(now);
+                    self.barrier = Some((slot.max(self.last_checkpoint + 1), 0));
+                    self.checkpoint_due = Some(self.slot_start(slot + 1));
                     continue;
                 }
                 if emitted >= RECORD_BUDGET {
@@ -359,7 +369,7 @@ impl Operator for Producer {
         }
         // Done: this state stands for every later checkpoint.
         self.snapshots
-            .report(self.next_checkpoint - 1, true, &self.state());
+            .report(self.last_checkpoint, true, &self.state());
         Ok(Status::Finished)
     }
 }
@@ -454,8 +464,10 @@ impl BinlogLog {
 ///
 /// **Alignment.** Once checkpoint barrier `n` arrived on an input, nothing more is taken from
 /// that input until barrier `n` arrived on every input that has not finished; then one
-/// barrier `n` is appended and forwarded and the log position is snapshotted. A barrier with
-/// another id while aligning is a protocol error and fails the task.
+/// barrier `n` is appended and forwarded and the log position is snapshotted. A producer
+/// that fell behind may skip checkpoints: a barrier `m > n` while aligning `n` abandons `n`
+/// (it never completes anywhere, as that producer sent no `n` to any stream) and aligns `m`;
+/// a barrier older than the one aligning, or than the last one aligned, is dropped.
 #[derive(Debug)]
 pub struct Binlog {
     stream: u32,
@@ -471,6 +483,8 @@ pub struct Binlog {
     /// The barrier being aligned, and which inputs delivered it.
     aligning: Option<u64>,
     arrived: Vec<bool>,
+    /// The last barrier aligned and forwarded.
+    last_aligned: u64,
     /// The stream-start header was queued.
     started: bool,
 }
@@ -489,6 +503,7 @@ impl Binlog {
             unread: Vec::new(),
             aligning: None,
             arrived: Vec::new(),
+            last_aligned: 0,
             started: false,
         }
     }
@@ -544,14 +559,20 @@ impl Binlog {
         while let Some(record) = self.unread.get_mut(i).and_then(VecDeque::pop_front) {
             if let Some(id) = record.checkpoint_id() {
                 match self.aligning {
-                    None => self.aligning = Some(id),
-                    Some(aligning) if aligning == id => {}
-                    Some(aligning) => {
-                        return Err(EngineError::operator(format!(
-                            "binlog {}: input {i} sent checkpoint barrier {id} while barrier {aligning} is being aligned",
-                            self.stream
-                        )));
+                    Some(aligning) if id < aligning => {
+                        // A producer that fell behind sent a checkpoint the others have
+                        // moved past: abandoned, nothing to wait for.
+                        continue;
                     }
+                    Some(aligning) if id > aligning => {
+                        // This producer skipped `aligning`: it can never complete. Abandon
+                        // it (no barrier, no snapshot) and align `id` instead.
+                        self.arrived.iter_mut().for_each(|a| *a = false);
+                        self.aligning = Some(id);
+                    }
+                    Some(_) => {}
+                    None if id <= self.last_aligned => continue,
+                    None => self.aligning = Some(id),
                 }
                 if let Some(arrived) = self.arrived.get_mut(i) {
                     *arrived = true;
@@ -590,6 +611,7 @@ impl Binlog {
             },
         );
         self.aligning = None;
+        self.last_aligned = id;
         self.arrived.iter_mut().for_each(|a| *a = false);
     }
 
@@ -1090,8 +1112,10 @@ pub(crate) fn new_histogram() -> Histogram<u64> {
 }
 
 /// Sink `stream`: writes one CSV line per record ([`SinkRow::write_to`]) to its file,
-/// measures `sink − produced` latency of data rows into a [`LatencyHandle`], and on the end
-/// of its input flushes and fsyncs the file before finishing.
+/// measures `sink − produced` latency of data rows into a [`LatencyHandle`] (published every
+/// [`PUBLISH_EVERY`] and at the end), and on the end of its input flushes and fsyncs the file
+/// before finishing. At each checkpoint barrier it writes out its buffer and snapshots the
+/// file length once a background fsync made it durable.
 ///
 /// The file is created (truncated) on the first run, its directory too. I/O errors fail the
 /// task.
@@ -1115,6 +1139,68 @@ pub struct Sink {
     length: u64,
     /// Length to keep when claiming the file (restored from a checkpoint).
     keep: u64,
+    /// Fsyncs checkpoints off the worker thread (started at the first checkpoint).
+    durability: Option<Durability>,
+    /// When the latency histogram was last published.
+    published_at: Option<Instant>,
+}
+
+/// How often a sink publishes its latency histogram while running.
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+
+/// One checkpoint's fsync.
+struct SyncJob {
+    file: fs::File,
+    checkpoint: u64,
+    state: TaskState,
+}
+
+/// A sink's background thread: fsyncs the file for each checkpoint, in order, then reports
+/// the snapshot. Ends when the sink drops its sender, or after a failed fsync (remembered
+/// for the sink to fail on).
+#[derive(Debug)]
+struct Durability {
+    jobs: std::sync::mpsc::Sender<SyncJob>,
+    failed: Arc<Mutex<Option<String>>>,
+}
+
+impl Durability {
+    fn start(stream: u32, snapshots: Snapshots) -> Result<Durability, EngineError> {
+        let (jobs, queue) = std::sync::mpsc::channel::<SyncJob>();
+        let failed = Arc::new(Mutex::new(None));
+        let failure = failed.clone();
+        std::thread::Builder::new()
+            .name(format!("sink-{stream}-fsync"))
+            .spawn(move || {
+                for job in queue {
+                    if let Err(e) = job.file.sync_data() {
+                        *failure.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some(e.to_string());
+                        return;
+                    }
+                    snapshots.report(job.checkpoint, false, &job.state);
+                }
+            })
+            .map_err(|e| {
+                EngineError::operator(format!("sink {stream}: cannot start its fsync thread: {e}"))
+            })?;
+        Ok(Durability { jobs, failed })
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl std::fmt::Debug for SyncJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncJob")
+            .field("checkpoint", &self.checkpoint)
+            .finish()
+    }
 }
 
 /// Names of the stages a sink breaks latency into, in tracer order.
@@ -1162,6 +1248,8 @@ impl Sink {
             snapshots,
             length: 0,
             keep: 0,
+            durability: None,
+            published_at: None,
         }
     }
 
@@ -1180,22 +1268,49 @@ impl Sink {
         Ok(())
     }
 
-    /// Makes everything written durable and snapshots the file's length for `checkpoint`.
+    /// Checkpoint `checkpoint`: writes out the buffered rows and hands the file's length to
+    /// the sink's durability thread, which fsyncs and only then reports the snapshot. The
+    /// fsync (milliseconds on some disks) thus never stalls this worker's other tasks.
     fn checkpoint(&mut self, checkpoint: u64) -> Result<(), EngineError> {
+        self.check_durability()?;
         let Some(writer) = self.writer.as_mut() else {
             return Err(EngineError::operator("sink writer is not open"));
         };
-        let result = writer.flush().and_then(|()| writer.get_ref().sync());
-        result.map_err(|e| self.io_error("flushing", &e))?;
-        self.snapshots.report(
+        let flushed = writer.flush().and_then(|()| writer.get_ref().data_handle());
+        let file = flushed.map_err(|e| self.io_error("flushing", &e))?;
+        let job = SyncJob {
+            file,
             checkpoint,
-            false,
-            &TaskState::Sink {
+            state: TaskState::Sink {
                 length: self.length,
                 rows: self.rows,
             },
-        );
+        };
+        let durability = match &mut self.durability {
+            Some(d) => d,
+            none => none.insert(Durability::start(self.stream, self.snapshots.clone())?),
+        };
+        if durability.jobs.send(job).is_err() {
+            // The thread only exits after a failed fsync, which `check_durability` reports.
+            self.check_durability()?;
+            return Err(EngineError::operator(format!(
+                "sink {}: the durability thread stopped",
+                self.stream
+            )));
+        }
         Ok(())
+    }
+
+    /// Fails if a background fsync failed.
+    fn check_durability(&self) -> Result<(), EngineError> {
+        match self.durability.as_ref().and_then(Durability::failure) {
+            Some(e) => Err(EngineError::operator(format!(
+                "sink {}: fsync of {} failed: {e}",
+                self.stream,
+                self.path.display()
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Rows written so far.
@@ -1280,7 +1395,14 @@ impl Sink {
         Ok(())
     }
 
-    fn publish_latency(&mut self) -> Result<(), EngineError> {
+    /// Merges the local histogram into the shared one — at most every [`PUBLISH_EVERY`]
+    /// (a merge walks every bucket: per invocation it would cost more than the rows), and
+    /// always at the end.
+    fn publish_latency(&mut self, now: Instant, last: bool) -> Result<(), EngineError> {
+        if !last && self.published_at.is_some_and(|at| now < at + PUBLISH_EVERY) {
+            return Ok(());
+        }
+        self.published_at = Some(now);
         if !self.local.is_empty() {
             self.latency.merge(&self.local)?;
             self.local.reset();
@@ -1326,10 +1448,11 @@ impl Operator for Sink {
         &mut self,
         inputs: &mut [Input<DemoRecord>],
         _outputs: &mut [Output<()>],
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Result<Status, EngineError> {
         check_upstream(inputs)?;
         self.open()?;
+        self.check_durability()?;
         let input = single_input(inputs, "sink", self.stream)?;
         let mut handled = 0;
         let status = loop {
@@ -1346,7 +1469,7 @@ impl Operator for Sink {
             handled += batch.len();
             self.write_batch(&batch)?;
         };
-        self.publish_latency()?;
+        self.publish_latency(cx.now(), status == Status::Finished)?;
         if status == Status::Finished {
             self.finish()?;
         }

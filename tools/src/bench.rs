@@ -69,6 +69,9 @@ pub struct BenchArgs {
     /// Linger bound of partial batches in µs (default: the job spec's default).
     #[arg(long)]
     linger_us: Option<i64>,
+    /// Interval between checkpoints in ms (default: the job spec's default).
+    #[arg(long)]
+    checkpoint_interval_ms: Option<i64>,
     /// Seconds of idle-cluster CPU measurement before the sweep (0 = skip).
     #[arg(long, default_value_t = 5.0)]
     idle_secs: f64,
@@ -102,6 +105,7 @@ struct Conditions {
     binlog_num: u32,
     batch_size: u32,
     linger_us: u64,
+    checkpoint_interval_ms: u64,
     warmup_secs: f64,
     duration_secs: f64,
     cluster: &'static str,
@@ -211,6 +215,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     microcosm_demo::DemoSpecOverrides {
         batch_size: args.batch_size,
         linger_us: args.linger_us,
+        checkpoint_interval_ms: args.checkpoint_interval_ms,
         ..Default::default()
     }
     .apply(&mut base)?;
@@ -223,6 +228,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         binlog_num: base.binlog_num,
         batch_size: base.batch_size,
         linger_us: base.linger_us,
+        checkpoint_interval_ms: base.checkpoint_interval_ms,
         warmup_secs: args.warmup_secs,
         duration_secs: args.duration_secs,
         cluster: "one cluster for the whole sweep, one job per run",
