@@ -87,6 +87,10 @@ pub struct ExecutorConfig {
     /// Engine worker threads (default: available cores).
     #[serde(default)]
     pub workers: Option<usize>,
+    /// How long (µs) an idle engine worker polls for work before parking, and how early it
+    /// wakes for a timer (see `EngineConfig::spin`; 0 = park at once). At most 10,000.
+    #[serde(default = "default_spin_us")]
+    pub spin_us: u64,
     /// Heartbeat interval (ms).
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
@@ -99,6 +103,13 @@ pub struct ExecutorConfig {
 fn default_slots() -> u32 {
     64
 }
+fn default_spin_us() -> u64 {
+    DEFAULT_SPIN_US
+}
+
+/// Default of `spin-us`.
+pub const DEFAULT_SPIN_US: u64 = 0;
+
 fn default_heartbeat() -> u64 {
     250
 }
@@ -129,6 +140,12 @@ impl ExecutorConfig {
         }
         if self.workers == Some(0) {
             return bad("workers must be at least 1".into());
+        }
+        if self.spin_us > 10_000 {
+            return bad(format!(
+                "spin-us must be at most 10000, got {}",
+                self.spin_us
+            ));
         }
         if self.heartbeat_ms == 0 {
             return bad("heartbeat-ms must be > 0".into());
@@ -285,6 +302,7 @@ impl ExecutorServer {
         if let Some(w) = config.workers {
             engine_config.workers = w;
         }
+        engine_config.spin = Duration::from_micros(config.spin_us);
         let engine =
             Engine::start(engine_config).map_err(|e| ExecutorError::Engine(e.to_string()))?;
         let failures = Arc::new(Mutex::new(HashMap::new()));

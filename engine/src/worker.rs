@@ -18,7 +18,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -221,6 +221,7 @@ pub struct Worker {
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     tasks: usize,
     drain_seen: bool,
+    spin: Duration,
 }
 
 impl Worker {
@@ -249,7 +250,13 @@ impl Worker {
             timers: BinaryHeap::new(),
             tasks: 0,
             drain_seen: false,
+            spin: Duration::ZERO,
         }
+    }
+
+    /// Sets how long [`Worker::park`] polls before parking (see `EngineConfig::spin`).
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.spin = spin;
     }
 
     /// A handle for spawning onto this worker from any thread.
@@ -279,16 +286,58 @@ impl Worker {
     /// Parks the calling (attached) thread as `outcome` says: the thread wrapper's half of
     /// the loop. A wake-up that arrived since the step makes this return at once; spurious
     /// returns are harmless (the caller steps again).
+    ///
+    /// With a spin window (`set_spin`), an idle worker first polls its queues for that long,
+    /// and a timed park ends that much early and polls until the deadline, so neither a
+    /// wake-up nor a timer pays the cost of parking.
     pub fn park(&self, outcome: &StepOutcome) {
         match outcome.park() {
             Park::No => {}
             Park::Until(at) => {
                 let now = self.clock.now();
-                if at > now {
-                    std::thread::park_timeout(at - now);
+                if at <= now {
+                    return;
+                }
+                let wait = at - now;
+                if wait > self.spin {
+                    std::thread::park_timeout(wait - self.spin);
+                    if self.spin.is_zero() || self.has_work() {
+                        return;
+                    }
+                }
+                self.poll_for(self.spin, Some(at));
+            }
+            Park::Indefinitely => {
+                if self.spin.is_zero() || !self.poll_for(self.spin, None) {
+                    std::thread::park();
                 }
             }
-            Park::Indefinitely => std::thread::park(),
+        }
+    }
+
+    /// Whether something may be runnable: a queued task or wake-up, or a lifecycle request.
+    fn has_work(&self) -> bool {
+        !self.shared.run_rx.is_empty()
+            || !self.shared.inbox_rx.is_empty()
+            || self.shared.stopping.load(Ordering::Acquire)
+            || (self.shared.draining.load(Ordering::Acquire) && !self.drain_seen)
+    }
+
+    /// Polls for work for at most `budget` (real time), or until `deadline` on the worker's
+    /// clock. True if work arrived or the deadline passed.
+    fn poll_for(&self, budget: Duration, deadline: Option<Instant>) -> bool {
+        let started = Instant::now();
+        loop {
+            if self.has_work() {
+                return true;
+            }
+            if deadline.is_some_and(|d| self.clock.now() >= d) {
+                return true;
+            }
+            if started.elapsed() >= budget {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -606,6 +655,52 @@ mod tests {
             batch_size,
             linger: Duration::from_micros(linger_us),
         }
+    }
+
+    #[test]
+    fn a_spinning_worker_sees_work_or_its_deadline_without_parking() {
+        let (tx, _events) = crossbeam_channel::unbounded();
+        let mut worker = Worker::new(0, Arc::new(crate::SystemClock), tx);
+        worker.set_spin(Duration::from_secs(5));
+        worker.attach_current_thread();
+        // A deadline inside the spin window: polled until it passes, no park.
+        let start = Instant::now();
+        let at = start + Duration::from_millis(2);
+        let idle = StepOutcome {
+            ran: 0,
+            runnable: false,
+            next_deadline: None,
+            tasks: 0,
+        };
+        worker.park(&StepOutcome {
+            next_deadline: Some(at),
+            ..idle
+        });
+        assert!(Instant::now() >= at);
+        // Idle: a task spawned from another thread ends the polling long before the window.
+        let handle = worker.handle();
+        let spawner = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            handle
+                .spawn(TaskSpec::new(
+                    "late",
+                    Counter {
+                        next: 0,
+                        n: 1,
+                        per_run: 1,
+                    },
+                ))
+                .unwrap();
+        });
+        let start = Instant::now();
+        worker.park(&idle);
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(worker.has_work());
+        spawner.join().unwrap();
     }
 
     #[test]

@@ -57,6 +57,12 @@ pub struct BenchArgs {
     /// Number of executors.
     #[arg(long, default_value_t = 2)]
     executors: u32,
+    /// Engine workers per executor (default: the cores divided among the executors).
+    #[arg(long)]
+    executor_workers: Option<usize>,
+    /// µs an idle engine worker polls for work before parking (default: the executor's).
+    #[arg(long)]
+    spin_us: Option<u64>,
     /// Producers (tables), T.
     #[arg(long, default_value_t = 10)]
     table_num: u32,
@@ -240,7 +246,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
 
     let cluster_dir = LocalClusterDir::create("microcosm-bench-")?;
     let sink_root = cluster_dir.path().join("sink");
-    let mut cluster = cluster_dir.launch(1, args.executors)?;
+    let mut cluster = cluster_dir.launch(
+        1,
+        args.executors,
+        crate::local::ExecutorTuning {
+            workers: args.executor_workers,
+            spin_us: args.spin_us,
+        },
+    )?;
     println!(
         "cluster: 1 master, {} executor(s), dir {}",
         args.executors,

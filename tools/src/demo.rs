@@ -23,6 +23,12 @@ pub struct DemoArgs {
     /// Number of executors.
     #[arg(long, default_value_t = 2)]
     executors: u32,
+    /// Engine workers per executor (default: the cores divided among the executors).
+    #[arg(long)]
+    executor_workers: Option<usize>,
+    /// µs an idle engine worker polls for work before parking (default: the executor's).
+    #[arg(long)]
+    spin_us: Option<u64>,
     /// Job spec file to start from (defaults are used otherwise).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -201,7 +207,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         }
     );
 
-    let mut cluster = cluster_dir.launch(args.masters, args.executors)?;
+    let mut cluster = cluster_dir.launch(
+        args.masters,
+        args.executors,
+        crate::local::ExecutorTuning {
+            workers: args.executor_workers,
+            spin_us: args.spin_us,
+        },
+    )?;
     let job = cluster.submit_demo(&spec).await?;
     println!(
         "submitted job {job}; output in {}",

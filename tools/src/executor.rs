@@ -34,6 +34,9 @@ pub struct ExecutorArgs {
     /// Engine worker threads.
     #[arg(long)]
     workers: Option<usize>,
+    /// µs an idle engine worker polls for work before parking (0 = park at once).
+    #[arg(long)]
+    spin_us: Option<u64>,
     /// Heartbeat interval (ms).
     #[arg(long)]
     heartbeat_ms: Option<u64>,
@@ -51,6 +54,7 @@ impl ExecutorArgs {
             .set("name", self.name)
             .int("slots", self.slots.map(u64::from))
             .int("workers", self.workers.map(|w| w as u64))
+            .int("spin-us", self.spin_us)
             .int("heartbeat-ms", self.heartbeat_ms)
             .int("ttl-ms", self.ttl_ms);
         o.load(self.config.as_deref(), ExecutorConfig::from_toml)

@@ -101,6 +101,16 @@ fn spawn(exe: &Path, dir: &Path, name: &str, args: &[String]) -> anyhow::Result<
     })
 }
 
+/// Engine settings of a local cluster's executors.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExecutorTuning {
+    /// Engine workers per executor (default: the cores divided among the executors, at
+    /// least 1, since they all share this machine).
+    pub workers: Option<usize>,
+    /// The executors' `spin-us` (default: theirs).
+    pub spin_us: Option<u64>,
+}
+
 /// The temporary directory and certificates of a cluster not started yet.
 pub struct LocalClusterDir {
     tmp: tempfile::TempDir,
@@ -121,7 +131,16 @@ impl LocalClusterDir {
 
     /// Starts `masters` masters and `executors` executors (named `master-<i>` and
     /// `executor-<i>`, from 1) with their logs in the directory, and a client to them.
-    pub fn launch(self, masters: u32, executors: u32) -> anyhow::Result<LocalCluster> {
+    pub fn launch(
+        self,
+        masters: u32,
+        executors: u32,
+        tuning: ExecutorTuning,
+    ) -> anyhow::Result<LocalCluster> {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let workers = tuning
+            .workers
+            .unwrap_or_else(|| (cores / executors.max(1) as usize).max(1));
         let exe = std::env::current_exe().context("cannot find the microcosm executable")?;
         let dir = self.tmp.path().to_path_buf();
         let certs = dir.join("certs");
@@ -179,7 +198,17 @@ impl LocalClusterDir {
                     certs_arg.clone(),
                     "--name".into(),
                     format!("executor-{}", i + 1),
-                ],
+                    "--workers".into(),
+                    workers.to_string(),
+                ]
+                .into_iter()
+                .chain(
+                    tuning
+                        .spin_us
+                        .into_iter()
+                        .flat_map(|us| ["--spin-us".to_string(), us.to_string()]),
+                )
+                .collect::<Vec<_>>(),
             )?);
         }
         let identity = Identity::load(&certs, Role::Client)?;

@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -191,8 +190,6 @@ pub struct MetaNode {
     raft: Raft,
     config: MetaConfig,
     state: Arc<RwLock<MetaState>>,
-    client: u64,
-    seq: AtomicU64,
     watchdog: JoinHandle<()>,
     /// Our handle on the store file: dropped last, on shutdown, so the close is complete when
     /// shutdown returns.
@@ -240,8 +237,6 @@ impl MetaNode {
             raft,
             config,
             state,
-            client: rand::random(),
-            seq: AtomicU64::new(0),
             watchdog,
             file,
         })
@@ -284,9 +279,14 @@ impl MetaNode {
 
     /// A new request id for a write from this node (retries must reuse the id).
     pub fn next_request_id(&self) -> RequestId {
+        // One fresh client id per request, not one per node with rising sequence numbers:
+        // this node proposes many writes concurrently (registrations, the leader's steps,
+        // checkpoint commits) and they may apply in any order, while the dedup table refuses a
+        // client's request older than its last applied one. A retry reuses the whole request,
+        // so it is still recognised.
         RequestId {
-            client: self.client,
-            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            client: rand::random(),
+            seq: 1,
         }
     }
 

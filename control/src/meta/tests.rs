@@ -388,3 +388,49 @@ async fn t08_lagging_follower_catches_up_and_restarts_with_state() {
     c.router.reconnect(lagger);
     assert_eq!(c.nodes[&lagger].read_local(|s| s.jobs.len()), 5);
 }
+
+/// Writes a node creates are independent: a master creates requests in one order and they
+/// may reach the log in another (registrations, leader steps and checkpoint commits run
+/// concurrently). None may be refused as an out-of-order retry of another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t09_requests_of_one_node_apply_in_any_order() {
+    let mut c = Cluster::start(&[1]).await;
+    c.bootstrap(1).await;
+    let leader = c.leader().await;
+    let node = std::sync::Arc::new(c.nodes.remove(&leader).unwrap());
+    let requests: Vec<_> = (0..16)
+        .map(|i| {
+            node.request(Command::RegisterExecutor {
+                addr: format!("10.2.0.{i}:9000"),
+                name: format!("e{i}"),
+                slots: 1,
+                at_ms: 1,
+            })
+        })
+        .collect();
+    // The later half first, one by one; then the earlier half concurrently.
+    let (early, late) = requests.split_at(8);
+    for request in late.iter().rev() {
+        let response = node.write(request.clone()).await.unwrap();
+        assert!(
+            matches!(response, CommandResponse::ExecutorRegistered { .. }),
+            "{response:?}"
+        );
+    }
+    let writes: Vec<_> = early
+        .iter()
+        .cloned()
+        .map(|request| {
+            let node = node.clone();
+            tokio::spawn(async move { node.write(request).await })
+        })
+        .collect();
+    for write in writes {
+        let response = write.await.unwrap().unwrap();
+        assert!(
+            matches!(response, CommandResponse::ExecutorRegistered { .. }),
+            "{response:?}"
+        );
+    }
+    assert_eq!(node.read_local(|s| s.executors.len()), 16);
+}
