@@ -233,15 +233,24 @@ async fn t05_restart_recovers_state_and_counters() {
     c.bootstrap(1).await;
     let leader = c.leader().await;
     let l = &c.nodes[&leader];
-    let first = l.request(submit(1));
+    // One external client's requests, in order (a node's own requests each get a fresh
+    // client id instead; see t09).
+    let client = |seq, command| MetaRequest {
+        id: RequestId { client: 42, seq },
+        command,
+    };
+    let first = client(1, submit(1));
     l.write(first.clone()).await.unwrap();
-    let second = job_id(l.write(l.request(submit(2))).await.unwrap());
-    let last = l.request(Command::RegisterExecutor {
-        addr: "10.1.0.1:9000".into(),
-        name: "e1".into(),
-        slots: 8,
-        at_ms: 5,
-    });
+    let second = job_id(l.write(client(2, submit(2))).await.unwrap());
+    let last = client(
+        3,
+        Command::RegisterExecutor {
+            addr: "10.1.0.1:9000".into(),
+            name: "e1".into(),
+            slots: 8,
+            at_ms: 5,
+        },
+    );
     let (applied, reg) = l.write_indexed(last.clone()).await.unwrap();
     c.wait_applied(applied).await;
     for id in [1, 2, 3] {
@@ -397,7 +406,7 @@ async fn t09_requests_of_one_node_apply_in_any_order() {
     let mut c = Cluster::start(&[1]).await;
     c.bootstrap(1).await;
     let leader = c.leader().await;
-    let node = std::sync::Arc::new(c.nodes.remove(&leader).unwrap());
+    let node = Arc::new(c.nodes.remove(&leader).unwrap());
     let requests: Vec<_> = (0..16)
         .map(|i| {
             node.request(Command::RegisterExecutor {

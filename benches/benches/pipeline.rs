@@ -1,0 +1,267 @@
+//! End-to-end latency of the demo pipeline (producer → binlog → receive → syncer → sink,
+//! CSV sinks, checkpoints on), paced at 100k records/s, T = 10, S = 4:
+//!
+//! - `pipeline/one_engine`: every task on one engine, in-process edges only;
+//! - `pipeline/two_engines_quic`: split like a two-executor cluster — producers and binlogs
+//!   on one engine, receivers, syncers and sinks on another, each with its own QUIC endpoint
+//!   and the executors' exchange (`QuicExchange`), so every record crosses QUIC once. (Both
+//!   sides live in this process; `microcosm bench` measures the same with real processes.)
+//!
+//! Each iteration runs one 50,000-record job; criterion's time is the job's wall time (about
+//! 0.5 s when the pipeline keeps up), and the producer-to-sink latency percentiles of all
+//! iterations are printed at the end.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use hdrhistogram::Histogram;
+use microcosm_control::exchange::{InboundRegistry, QuicExchange};
+use microcosm_demo::plan::{GROUP_SOURCES, GROUP_SYNC};
+use microcosm_demo::{DemoRecord, DemoSpec, StartContext, StartedTasks, plan, start_tasks};
+use microcosm_engine::{
+    Engine, EngineConfig, Exchange, JobGraph, MemoryExchange, MemorySnapshots, SnapshotSink,
+    TaskEvent, TaskId,
+};
+use microcosm_transport::tls::init_cluster_certs;
+use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
+
+fn spec(dir: &std::path::Path, flow: &str) -> DemoSpec {
+    DemoSpec {
+        flow_id: flow.to_owned(),
+        table_num: 10,
+        binlog_num: 4,
+        rcd_cnt: 5_000,
+        ddl_freq: 1_000,
+        rate: 100_000,
+        sink_dir: dir.to_owned(),
+        ..DemoSpec::default()
+    }
+}
+
+fn tasks_in(graph: &JobGraph, group: u64) -> Vec<u32> {
+    (0u32..)
+        .zip(&graph.tasks)
+        .filter(|(_, t)| t.group == Some(group))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Waits until every task of `started` finished; panics on a failure.
+fn wait_finished(engines: &[&Engine], started: &[&StartedTasks]) {
+    let mut waiting: BTreeSet<TaskId> = started
+        .iter()
+        .flat_map(|s| s.tasks().values().map(|h| h.id()))
+        .collect();
+    let events: Vec<_> = engines.iter().map(|e| e.events()).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !waiting.is_empty() {
+        assert!(Instant::now() < deadline, "tasks still running");
+        for rx in &events {
+            while let Ok(event) = rx.try_recv() {
+                match event {
+                    TaskEvent::Finished { task } => {
+                        waiting.remove(&task);
+                    }
+                    TaskEvent::Failed { task, error } => panic!("{task} failed: {error}"),
+                    _ => {}
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn merge(into: &mut Histogram<u64>, started: &StartedTasks) {
+    into.add(started.merged_latency()).unwrap();
+}
+
+fn report(name: &str, h: &Histogram<u64>) {
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "pipeline/{name}: {} records, latency p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs",
+        h.len(),
+        us(0.5),
+        us(0.9),
+        us(0.99),
+        us(0.999)
+    );
+}
+
+fn histogram() -> Histogram<u64> {
+    let mut h = Histogram::new_with_bounds(1, 3_600_000_000_000, 3).unwrap();
+    h.auto(true);
+    h
+}
+
+fn one_engine(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshots: Arc<dyn SnapshotSink> = Arc::new(MemorySnapshots::new());
+    let mut all = histogram();
+    let mut run = 0u64;
+    let mut group = c.benchmark_group("pipeline");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(6));
+    group.bench_function("one_engine", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                run += 1;
+                let spec = spec(dir.path(), &format!("one-{run}"));
+                let graph = plan(&spec);
+                let local: Vec<u32> = (0..graph.tasks.len() as u32).collect();
+                let engine = Engine::start(EngineConfig::with_workers(2)).unwrap();
+                let exchange = MemoryExchange::<DemoRecord>::new();
+                let start = Instant::now();
+                let started = start_tasks(StartContext {
+                    job: run,
+                    epoch: 1,
+                    spec: &spec,
+                    graph: &graph,
+                    local: &local,
+                    engine: &engine,
+                    exchange: &exchange,
+                    restore: None,
+                    snapshots: &snapshots,
+                })
+                .unwrap();
+                wait_finished(&[&engine], &[&started]);
+                total += start.elapsed();
+                merge(&mut all, &started);
+                engine.shutdown(Duration::from_secs(5));
+                let _ = std::fs::remove_dir_all(spec.output_dir());
+            }
+            total
+        });
+    });
+    group.finish();
+    report("one_engine", &all);
+}
+
+/// One side of the split: an engine, a QUIC endpoint and the registry its inbound data
+/// streams are delivered to.
+struct Side {
+    engine: Engine,
+    endpoint: Endpoint,
+    registry: InboundRegistry,
+}
+
+impl Side {
+    fn start(certs: &std::path::Path) -> Side {
+        let registry = InboundRegistry::default();
+        let serving = registry.clone();
+        let router = Router::new().data_streams(&[Role::Executor], move |_peer, stream| {
+            let registry = serving.clone();
+            async move { registry.serve(stream).await }
+        });
+        let endpoint = Endpoint::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &Identity::load(certs, Role::Executor).unwrap(),
+            TransportConfig::default(),
+            router,
+        )
+        .unwrap();
+        Side {
+            engine: Engine::start(EngineConfig::with_workers(1)).unwrap(),
+            endpoint,
+            registry,
+        }
+    }
+
+    fn exchange(
+        &self,
+        job: u64,
+        routes: HashMap<u32, SocketAddr>,
+        rt: &tokio::runtime::Runtime,
+    ) -> QuicExchange {
+        QuicExchange::new(
+            job,
+            1,
+            self.endpoint.clone(),
+            rt.handle().clone(),
+            routes,
+            self.registry.clone(),
+        )
+    }
+}
+
+fn two_engines_quic(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let certs = tempfile::tempdir().unwrap();
+    init_cluster_certs(certs.path(), "bench", &[]).unwrap();
+    let sources = Side::start(certs.path());
+    let syncing = Side::start(certs.path());
+    let dir = tempfile::tempdir().unwrap();
+    let snapshots: Arc<dyn SnapshotSink> = Arc::new(MemorySnapshots::new());
+    let mut all = histogram();
+    let mut run = 0u64;
+    let mut group = c.benchmark_group("pipeline");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(6));
+    group.bench_function("two_engines_quic", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                run += 1;
+                let spec = spec(dir.path(), &format!("quic-{run}"));
+                let graph = plan(&spec);
+                let (g1, g2) = (
+                    tasks_in(&graph, GROUP_SOURCES),
+                    tasks_in(&graph, GROUP_SYNC),
+                );
+                // Edges leaving group 1 go to the other side's endpoint.
+                let to_sync: HashMap<u32, SocketAddr> = graph
+                    .edges
+                    .iter()
+                    .filter(|e| g1.contains(&e.from) && g2.contains(&e.to))
+                    .map(|e| (e.id, syncing.endpoint.local_addr()))
+                    .collect();
+                let ex_sync = syncing.exchange(run, HashMap::new(), &rt);
+                let ex_sources = sources.exchange(run, to_sync, &rt);
+                let ctx = |local: &[u32], engine: &Engine, exchange: &dyn Exchange<DemoRecord>| {
+                    start_tasks(StartContext {
+                        job: run,
+                        epoch: 1,
+                        spec: &spec,
+                        graph: &graph,
+                        local,
+                        engine,
+                        exchange,
+                        restore: None,
+                        snapshots: &snapshots,
+                    })
+                    .unwrap()
+                };
+                let start = Instant::now();
+                // The consuming side binds first.
+                let b_tasks = ctx(&g2, &syncing.engine, &ex_sync);
+                let a_tasks = ctx(&g1, &sources.engine, &ex_sources);
+                wait_finished(&[&sources.engine, &syncing.engine], &[&a_tasks, &b_tasks]);
+                total += start.elapsed();
+                merge(&mut all, &b_tasks);
+                syncing.registry.forget_job(run);
+                let _ = std::fs::remove_dir_all(spec.output_dir());
+            }
+            total
+        });
+    });
+    group.finish();
+    report("two_engines_quic", &all);
+    for side in [sources, syncing] {
+        side.engine.shutdown(Duration::from_secs(5));
+        side.endpoint.close();
+    }
+}
+
+criterion_group!(benches, one_engine, two_engines_quic);
+criterion_main!(benches);
