@@ -23,14 +23,14 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use hdrhistogram::Histogram;
 use microcosm_control::exchange::{InboundRegistry, QuicExchange};
-use microcosm_demo::plan::{GROUP_SOURCES, GROUP_SYNC};
+use microcosm_demo::plan::{GROUP_SOURCES, GROUP_SYNC, tasks_in_group};
 use microcosm_demo::{DemoRecord, DemoSpec, StartContext, StartedTasks, plan, start_tasks};
 use microcosm_engine::{
-    Engine, EngineConfig, Exchange, JobGraph, MemoryExchange, MemorySnapshots, SnapshotSink,
-    TaskEvent, TaskId,
+    Engine, EngineConfig, Exchange, MemoryExchange, MemorySnapshots, SnapshotSink, TaskEvent,
+    TaskId,
 };
 use microcosm_transport::tls::init_cluster_certs;
-use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
+use microcosm_transport::{Endpoint, Identity, Role, TransportConfig};
 
 fn spec(dir: &std::path::Path, flow: &str) -> DemoSpec {
     DemoSpec {
@@ -43,14 +43,6 @@ fn spec(dir: &std::path::Path, flow: &str) -> DemoSpec {
         sink_dir: dir.to_owned(),
         ..DemoSpec::default()
     }
-}
-
-fn tasks_in(graph: &JobGraph, group: u64) -> Vec<u32> {
-    (0u32..)
-        .zip(&graph.tasks)
-        .filter(|(_, t)| t.group == Some(group))
-        .map(|(i, _)| i)
-        .collect()
 }
 
 /// Waits until every task of `started` finished; panics on a failure.
@@ -158,11 +150,7 @@ struct Side {
 impl Side {
     fn start(certs: &std::path::Path) -> Side {
         let registry = InboundRegistry::default();
-        let serving = registry.clone();
-        let router = Router::new().data_streams(&[Role::Executor], move |_peer, stream| {
-            let registry = serving.clone();
-            async move { registry.serve(stream).await }
-        });
+        let router = registry.router();
         let endpoint = Endpoint::bind(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             &Identity::load(certs, Role::Executor).unwrap(),
@@ -221,8 +209,8 @@ fn two_engines_quic(c: &mut Criterion) {
                 let spec = spec(dir.path(), &format!("quic-{run}"));
                 let graph = plan(&spec);
                 let (g1, g2) = (
-                    tasks_in(&graph, GROUP_SOURCES),
-                    tasks_in(&graph, GROUP_SYNC),
+                    tasks_in_group(&graph, GROUP_SOURCES),
+                    tasks_in_group(&graph, GROUP_SYNC),
                 );
                 // Edges leaving group 1 go to the other side's endpoint.
                 let to_sync: HashMap<u32, SocketAddr> = graph

@@ -22,7 +22,7 @@ use microcosm_engine::{
     EdgeAddress, EngineError, Exchange, ExchangeSender, InboundHandle, InboundRejected, Notify,
     Record, Rejected, SealedBatch,
 };
-use microcosm_transport::{DataStream, Endpoint, Frame, Message};
+use microcosm_transport::{DataStream, Endpoint, Frame, Message, Role, Router};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -106,6 +106,16 @@ impl InboundRegistry {
         *newest = key.1;
         inner.ports.insert(key, port);
         Ok(())
+    }
+
+    /// A router that hands every data stream opened by another executor to this registry
+    /// ([`InboundRegistry::serve`]): what an executor's endpoint serves.
+    pub fn router(&self) -> Router {
+        let registry = self.clone();
+        Router::new().data_streams(&[Role::Executor], move |_peer, stream| {
+            let registry = registry.clone();
+            async move { registry.serve(stream).await }
+        })
     }
 
     /// Forgets every inbound edge of `job` at epochs up to `epoch` (aborting them).

@@ -23,7 +23,7 @@ use microcosm_engine::{
     Engine, EngineConfig, JobGraph, RestorePoint, SnapshotSink, TaskHandle, TaskId, TaskSnapshot,
     TaskState,
 };
-use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
+use microcosm_transport::{Endpoint, Identity, Role, TransportConfig};
 use serde::Deserialize;
 use tracing::{info, warn};
 
@@ -287,11 +287,7 @@ impl ExecutorServer {
         config.validate()?;
         let identity = Identity::load(&config.certs_dir, Role::Executor)?;
         let registry = InboundRegistry::default();
-        let serving = registry.clone();
-        let router = Router::new().data_streams(&[Role::Executor], move |_peer, stream| {
-            let registry = serving.clone();
-            async move { registry.serve(stream).await }
-        });
+        let router = registry.router();
         let endpoint = Endpoint::bind(
             config.listen_addr,
             &identity,

@@ -150,6 +150,15 @@ pub fn plan(spec: &DemoSpec) -> JobGraph {
     graph
 }
 
+/// Indices of the tasks of `graph` in co-location group `group` (e.g. [`GROUP_SOURCES`]).
+pub fn tasks_in_group(graph: &JobGraph, group: u64) -> Vec<u32> {
+    (0u32..)
+        .zip(&graph.tasks)
+        .filter(|(_, t)| t.group == Some(group))
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// Classifies task `index` of `graph` by its name.
 pub fn task_kind(graph: &JobGraph, index: u32) -> Result<TaskKind, PlanError> {
     let node = graph

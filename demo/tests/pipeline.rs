@@ -20,13 +20,12 @@ use std::time::{Duration, Instant};
 
 use microcosm_demo::checkpoint::{Snapshots, TaskState};
 use microcosm_demo::operators::{Binlog, Syncer};
-use microcosm_demo::plan::{GROUP_SOURCES, GROUP_SYNC};
+use microcosm_demo::plan::{GROUP_SOURCES, GROUP_SYNC, tasks_in_group};
 use microcosm_demo::record::TRACE_SYNCED;
 use microcosm_demo::{
     BarrierCoordinator, DemoRecord, DemoSpec, RecordKind, Report, StartContext, StartedTasks,
     UnixClock, plan, start_tasks, verify,
 };
-use microcosm_engine::graph::JobGraph;
 use microcosm_engine::{
     EdgeConfig, Engine, EngineConfig, EngineError, Input, MemoryExchange, MemorySnapshots, Output,
     RestorePoint, SnapshotSink, TaskEvent, TaskId, TaskSpec, edge,
@@ -55,15 +54,6 @@ fn spec_in(dir: &Path, tables: u32, streams: u32, rcd_cnt: u64, rate: u64) -> De
     };
     spec.validate().unwrap();
     spec
-}
-
-/// Tasks of `graph` in co-location group `group`.
-fn group(graph: &JobGraph, group: u64) -> Vec<u32> {
-    (0u32..)
-        .zip(&graph.tasks)
-        .filter(|(_, t)| t.group == Some(group))
-        .map(|(i, _)| i)
-        .collect()
 }
 
 /// Waits until every task of `started` has finished; panics on a failure or the timeout.
@@ -174,7 +164,10 @@ fn two_engines_split_by_group_pass_sealed_batches_through_the_exchange() {
     let exchange = MemoryExchange::<DemoRecord>::new();
     let sources = Engine::start(EngineConfig::with_workers(1)).unwrap();
     let syncing = Engine::start(EngineConfig::with_workers(1)).unwrap();
-    let (group1, group2) = (group(&graph, GROUP_SOURCES), group(&graph, GROUP_SYNC));
+    let (group1, group2) = (
+        tasks_in_group(&graph, GROUP_SOURCES),
+        tasks_in_group(&graph, GROUP_SYNC),
+    );
     assert_eq!(group1.len() + group2.len(), graph.tasks.len());
     // The consuming side binds its inbound edges first; the memory exchange resolves
     // addresses when the producing side connects.
