@@ -40,7 +40,9 @@ use crate::spec::DemoSpec;
 /// Most records one invocation of an operator handles before yielding to other tasks.
 pub const RECORD_BUDGET: usize = 4096;
 
-/// Records a binlog keeps in memory for replay until checkpointing truncates the log.
+/// Records a binlog keeps in memory (the newest; older ones are dropped). Recovery does not
+/// read them: a restarted binlog rebuilds its log from the producers' replay, starting at
+/// its checkpointed position.
 pub const DEFAULT_LOG_RETENTION: usize = 65_536;
 
 /// Largest latency the histograms track exactly (one hour, in ns); larger values are
@@ -395,8 +397,9 @@ impl LogPosition {
 
 /// An ordered in-memory record log with positions, keeping the latest records for replay.
 ///
-/// Memory is bounded: at most `retention` records are kept; older ones are dropped (as a
-/// checkpoint would truncate them, see [`BinlogLog::truncate_before`]).
+/// Memory is bounded: at most `retention` records are kept; older ones are dropped
+/// ([`BinlogLog::truncate_before`] drops explicitly). A log restored from a checkpoint starts
+/// empty at the saved position ([`BinlogLog::starting_at`]).
 #[derive(Debug)]
 pub struct BinlogLog {
     records: VecDeque<DemoRecord>,
