@@ -376,6 +376,9 @@ impl<R: Record> ExchangeSender<R> for QuicSender<R> {
     }
 }
 
+/// Most queued batches written to a data stream at once.
+const SEND_COALESCE: usize = 64;
+
 async fn run_sender(
     endpoint: Endpoint,
     addr: SocketAddr,
@@ -401,12 +404,22 @@ async fn run_sender(
         Ok(s) => s,
         Err(e) => return fail(&shared, e.to_string()),
     };
+    // Everything already queued goes out in one write, so that a burst of small batches
+    // shares packets instead of costing one each.
+    let mut batch = Vec::new();
     while let Some(bytes) = rx.recv().await {
+        batch.push(bytes);
+        while batch.len() < SEND_COALESCE
+            && let Ok(more) = rx.try_recv()
+        {
+            batch.push(more);
+        }
         shared.notify();
-        if let Err(e) = sender.send(bytes).await {
+        let n = batch.len();
+        if let Err(e) = sender.send_many(std::mem::take(&mut batch)).await {
             return fail(&shared, e.to_string());
         }
-        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        shared.in_flight.fetch_sub(n, Ordering::AcqRel);
         shared.notify();
     }
     if let Err(e) = sender.finish() {

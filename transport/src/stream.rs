@@ -35,6 +35,24 @@ impl DataSender {
             })
     }
 
+    /// Sends several frames with one write, so that they can share packets. Waits while the
+    /// receiver's flow-control window is full.
+    pub async fn send_many(&mut self, payloads: Vec<Bytes>) -> Result<(), RpcError> {
+        let mut chunks = Vec::with_capacity(2 * payloads.len());
+        for payload in payloads {
+            let prefix = frame::len_prefix(payload.len(), self.max_frame)?;
+            chunks.push(Bytes::copy_from_slice(&prefix));
+            chunks.push(payload);
+        }
+        self.send
+            .write_all_chunks(&mut chunks)
+            .await
+            .map_err(|e| RpcError::ConnectionLost {
+                addr: self.addr,
+                reason: e.to_string(),
+            })
+    }
+
     /// Ends the stream after everything sent so far.
     pub fn finish(mut self) -> Result<(), RpcError> {
         self.send.finish().map_err(|e| RpcError::ConnectionLost {
