@@ -25,14 +25,8 @@ impl DataSender {
     /// window is full.
     pub async fn send(&mut self, payload: Bytes) -> Result<(), RpcError> {
         let prefix = frame::len_prefix(payload.len(), self.max_frame)?;
-        let mut chunks = [Bytes::copy_from_slice(&prefix), payload];
-        self.send
-            .write_all_chunks(&mut chunks)
+        self.write(&mut [Bytes::copy_from_slice(&prefix), payload])
             .await
-            .map_err(|e| RpcError::ConnectionLost {
-                addr: self.addr,
-                reason: e.to_string(),
-            })
     }
 
     /// Sends several frames with one write, so that they can share packets. Waits while the
@@ -44,8 +38,12 @@ impl DataSender {
             chunks.push(Bytes::copy_from_slice(&prefix));
             chunks.push(payload);
         }
+        self.write(&mut chunks).await
+    }
+
+    async fn write(&mut self, chunks: &mut [Bytes]) -> Result<(), RpcError> {
         self.send
-            .write_all_chunks(&mut chunks)
+            .write_all_chunks(chunks)
             .await
             .map_err(|e| RpcError::ConnectionLost {
                 addr: self.addr,

@@ -453,6 +453,8 @@ async fn batch_stream_delivers_records_in_order() {
         )
         .await
         .unwrap();
+    // The first half one frame per write, the second half five frames per write.
+    let mut group = Vec::new();
     for b in 0..TOTAL / BATCH {
         let records = (0..BATCH)
             .map(|i| Rec {
@@ -462,8 +464,17 @@ async fn batch_stream_delivers_records_in_order() {
             })
             .collect();
         let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&Batch { records }).unwrap();
-        sender.send(Bytes::from(bytes.into_vec())).await.unwrap();
+        let frame = Bytes::from(bytes.into_vec());
+        if b < TOTAL / BATCH / 2 {
+            sender.send(frame).await.unwrap();
+        } else {
+            group.push(frame);
+            if group.len() == 5 {
+                sender.send_many(std::mem::take(&mut group)).await.unwrap();
+            }
+        }
     }
+    sender.send_many(group).await.unwrap();
     sender.finish().unwrap();
     let header = tokio::time::timeout(Duration::from_secs(30), done_rx)
         .await
