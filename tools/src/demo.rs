@@ -59,6 +59,9 @@ pub struct DemoArgs {
     /// Linger bound of partial batches (µs).
     #[arg(long)]
     linger_us: Option<i64>,
+    /// Interval between checkpoints (ms).
+    #[arg(long)]
+    checkpoint_interval_ms: Option<i64>,
     /// Kill one executor (SIGKILL) this long after the job starts, e.g. `3s`.
     #[arg(long, value_parser = parse_duration)]
     kill_executor_after: Option<Duration>,
@@ -180,7 +183,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         sink_dir: args.sink_dir.clone(),
         batch_size: args.batch_size,
         linger_us: args.linger_us,
-        checkpoint_interval_ms: None,
+        checkpoint_interval_ms: args.checkpoint_interval_ms,
     }
     .apply(&mut spec)?;
 
