@@ -28,7 +28,7 @@ use hdrhistogram::Histogram;
 use microcosm_engine::{Batch, Context, EngineError, Input, Operator, Output, Status};
 
 use crate::barrier::{Arrival, BarrierCoordinator};
-use crate::checkpoint::{Snapshots, StateError, TaskState};
+use crate::checkpoint::{Snapshots, TaskState};
 use crate::fence::FencedFile;
 use crate::record::{
     DemoRecord, RecordKind, TRACE_BINLOG, TRACE_PRODUCED, TRACE_RECEIVE, TRACE_SINK, TRACE_SYNCED,
@@ -192,24 +192,12 @@ impl Producer {
         }
     }
 
-    /// Resumes from `state`, saved at checkpoint `checkpoint`: later barriers have larger
-    /// ids.
-    pub fn restore(&mut self, checkpoint: u64, state: &TaskState) -> Result<(), StateError> {
-        let TaskState::Producer {
-            next_pk,
-            start_unix_ns,
-        } = *state
-        else {
-            return Err(StateError::WrongKind {
-                task: self.snapshots.task(),
-                kind: format!("producer-{}", self.table),
-                found: state.kind(),
-            });
-        };
+    /// Resumes from its state saved at checkpoint `checkpoint` ([`TaskState::Producer`]):
+    /// later barriers have larger ids.
+    pub fn restore(&mut self, checkpoint: u64, next_pk: u64, start_unix_ns: u64) {
         self.next_pk = next_pk.max(1);
         self.start = (start_unix_ns > 0).then(|| self.clock.instant_of(start_unix_ns));
         self.last_checkpoint = checkpoint;
-        Ok(())
     }
 
     /// Data records emitted so far (restored ones included).
@@ -511,18 +499,10 @@ impl Binlog {
         }
     }
 
-    /// Resumes from `state`: the log restarts empty at the saved position.
-    pub fn restore(&mut self, state: &TaskState) -> Result<(), StateError> {
-        let TaskState::Binlog { position } = *state else {
-            return Err(StateError::WrongKind {
-                task: self.snapshots.task(),
-                kind: format!("binlog-{}", self.stream),
-                found: state.kind(),
-            });
-        };
+    /// Resumes from its saved position ([`TaskState::Binlog`]): the log restarts empty there.
+    pub fn restore(&mut self, position: u64) {
         self.log = BinlogLog::starting_at(position, DEFAULT_LOG_RETENTION);
         self.position.set(position);
-        Ok(())
     }
 
     /// The log position: records appended so far.
@@ -719,17 +699,10 @@ impl Receive {
         }
     }
 
-    /// Resumes from `state`: the binlog must serve from the saved position.
-    pub fn restore(&mut self, state: &TaskState) -> Result<(), StateError> {
-        let TaskState::Receive { position } = *state else {
-            return Err(StateError::WrongKind {
-                task: self.snapshots.task(),
-                kind: format!("receive-{}", self.stream),
-                found: state.kind(),
-            });
-        };
+    /// Resumes from its saved position ([`TaskState::Receive`]): the binlog must serve from
+    /// there.
+    pub fn restore(&mut self, position: u64) {
         self.position = position;
-        Ok(())
     }
 
     /// Log positions read so far.
@@ -877,19 +850,6 @@ impl Syncer {
             done: false,
             snapshots,
             barrier_record: None,
-        }
-    }
-
-    /// Checks `state` is a syncer's; its watermark seeds the shared coordinator (see
-    /// [`BarrierCoordinator::with_released`]), so there is nothing else to restore.
-    pub fn check_state(stream: u32, task: u32, state: &TaskState) -> Result<(), StateError> {
-        match state {
-            TaskState::Syncer { .. } => Ok(()),
-            other => Err(StateError::WrongKind {
-                task,
-                kind: format!("syncer-{stream}"),
-                found: other.kind(),
-            }),
         }
     }
 
@@ -1256,19 +1216,12 @@ impl Sink {
         }
     }
 
-    /// Resumes from `state`: the file is cut back to the committed length when claimed.
-    pub fn restore(&mut self, state: &TaskState) -> Result<(), StateError> {
-        let TaskState::Sink { length, rows } = *state else {
-            return Err(StateError::WrongKind {
-                task: self.snapshots.task(),
-                kind: format!("sink-{}", self.stream),
-                found: state.kind(),
-            });
-        };
+    /// Resumes from its saved state ([`TaskState::Sink`]): the file is cut back to the
+    /// committed length when claimed.
+    pub fn restore(&mut self, length: u64, rows: u64) {
         self.keep = length;
         self.length = length;
         self.rows = rows;
-        Ok(())
     }
 
     /// Checkpoint `checkpoint`: writes out the buffered rows and hands the file's length to

@@ -266,11 +266,10 @@ pub fn start_tasks(ctx: StartContext<'_>) -> Result<StartedTasks, DemoError> {
                     kind: kind.to_string(),
                 })?;
             let state = TaskState::decode(index, bytes)?;
-            let name = kind.to_string();
-            if !name.starts_with(state.kind()) {
+            if !state_fits(*kind, &state) {
                 return Err(StateError::WrongKind {
                     task: index,
-                    kind: name,
+                    kind: kind.to_string(),
                     found: state.kind(),
                 }
                 .into());
@@ -278,9 +277,6 @@ pub fn start_tasks(ctx: StartContext<'_>) -> Result<StartedTasks, DemoError> {
             states.insert(index, state);
         }
     }
-    // Kinds were checked above, so restoring below cannot fail; should it, the tasks already
-    // spawned are cancelled like on any other spawn error.
-    let restore_error = |e: StateError| EngineError::operator(e.to_string());
     let mut released = BTreeMap::new();
     for state in states.values() {
         if let TaskState::Syncer { released: r } = state {
@@ -309,60 +305,59 @@ pub fn start_tasks(ctx: StartContext<'_>) -> Result<StartedTasks, DemoError> {
         let outputs = ports.take_outputs(index);
         let state = states.get(&index);
         let snaps = snapshots_of(index);
-        // A closure so that a failed restore takes the same path as a failed spawn.
-        let spawn_one = || -> Result<TaskHandle, EngineError> {
-            match kind {
-                TaskKind::Producer(table) => {
-                    let mut op = Producer::new(spec, table, clock.clone(), snaps);
-                    if let Some(state) = state {
-                        op.restore(restored, state).map_err(restore_error)?;
-                    }
-                    spawn(engine, TaskSpec::new(name, op), Vec::new(), outputs)
+        // Each state was checked to fit its task above.
+        let spawned = match kind {
+            TaskKind::Producer(table) => {
+                let mut op = Producer::new(spec, table, clock.clone(), snaps);
+                if let Some(&TaskState::Producer {
+                    next_pk,
+                    start_unix_ns,
+                }) = state
+                {
+                    op.restore(restored, next_pk, start_unix_ns);
                 }
-                TaskKind::Binlog(stream) => {
-                    let mut op = Binlog::new(stream, clock.clone(), snaps);
-                    if let Some(state) = state {
-                        op.restore(state).map_err(restore_error)?;
-                    }
-                    started.binlogs.insert(stream, op.position_handle());
+                spawn(engine, TaskSpec::new(name, op), Vec::new(), outputs)
+            }
+            TaskKind::Binlog(stream) => {
+                let mut op = Binlog::new(stream, clock.clone(), snaps);
+                if let Some(&TaskState::Binlog { position }) = state {
+                    op.restore(position);
+                }
+                started.binlogs.insert(stream, op.position_handle());
+                spawn(engine, TaskSpec::new(name, op), inputs, outputs)
+            }
+            TaskKind::Receive(stream) => {
+                let mut op = Receive::new(stream, clock.clone(), snaps);
+                if let Some(&TaskState::Receive { position }) = state {
+                    op.restore(position);
+                }
+                spawn(engine, TaskSpec::new(name, op), inputs, outputs)
+            }
+            // A syncer's saved watermark seeded the shared coordinator above.
+            TaskKind::Syncer(stream) => match &barrier {
+                Some(barrier) => {
+                    let op = Syncer::new(stream, barrier.clone(), clock.clone(), snaps);
                     spawn(engine, TaskSpec::new(name, op), inputs, outputs)
                 }
-                TaskKind::Receive(stream) => {
-                    let mut op = Receive::new(stream, clock.clone(), snaps);
-                    if let Some(state) = state {
-                        op.restore(state).map_err(restore_error)?;
-                    }
-                    spawn(engine, TaskSpec::new(name, op), inputs, outputs)
+                None => Err(EngineError::operator("a syncer without a barrier")),
+            },
+            TaskKind::Sink(stream) => {
+                let latency = LatencyHandle::new();
+                started.latency.insert(stream, latency.clone());
+                let mut op = Sink::new(
+                    stream,
+                    spec.sink_path(stream),
+                    epoch,
+                    clock.clone(),
+                    latency,
+                    snaps,
+                );
+                if let Some(&TaskState::Sink { length, rows }) = state {
+                    op.restore(length, rows);
                 }
-                TaskKind::Syncer(stream) => match &barrier {
-                    Some(barrier) => {
-                        if let Some(state) = state {
-                            Syncer::check_state(stream, index, state).map_err(restore_error)?;
-                        }
-                        let op = Syncer::new(stream, barrier.clone(), clock.clone(), snaps);
-                        spawn(engine, TaskSpec::new(name, op), inputs, outputs)
-                    }
-                    None => Err(EngineError::operator("a syncer without a barrier")),
-                },
-                TaskKind::Sink(stream) => {
-                    let latency = LatencyHandle::new();
-                    started.latency.insert(stream, latency.clone());
-                    let mut op = Sink::new(
-                        stream,
-                        spec.sink_path(stream),
-                        epoch,
-                        clock.clone(),
-                        latency,
-                        snaps,
-                    );
-                    if let Some(state) = state {
-                        op.restore(state).map_err(restore_error)?;
-                    }
-                    spawn(engine, TaskSpec::new(name, op), inputs, Vec::new())
-                }
+                spawn(engine, TaskSpec::new(name, op), inputs, Vec::new())
             }
         };
-        let spawned = spawn_one();
         match spawned {
             Ok(handle) => {
                 started.tasks.insert(index, handle);
@@ -374,6 +369,18 @@ pub fn start_tasks(ctx: StartContext<'_>) -> Result<StartedTasks, DemoError> {
         }
     }
     Ok(started)
+}
+
+/// Whether `state` is the kind of state task kind `kind` saves.
+fn state_fits(kind: TaskKind, state: &TaskState) -> bool {
+    matches!(
+        (kind, state),
+        (TaskKind::Producer(_), TaskState::Producer { .. })
+            | (TaskKind::Binlog(_), TaskState::Binlog { .. })
+            | (TaskKind::Receive(_), TaskState::Receive { .. })
+            | (TaskKind::Syncer(_), TaskState::Syncer { .. })
+            | (TaskKind::Sink(_), TaskState::Sink { .. })
+    )
 }
 
 /// Spawns `spec` with `inputs` and `outputs` in port order.
