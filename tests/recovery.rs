@@ -30,19 +30,12 @@ fn spec(cluster: &Cluster) -> (String, String) {
 
 /// Executors that run tasks now, by data-plane address.
 fn busy(cluster: &Cluster, via: &[SocketAddr]) -> Vec<String> {
-    let s = cluster
-        .client(&["cluster", "status", "--output", "json"], via)
-        .json()
-        .unwrap_or_default();
-    s["executors"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|e| e["state"] == "alive" && e["used"].as_u64().unwrap_or(0) > 0)
-                .map(|e| e["addr"].as_str().unwrap_or_default().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
+    let executors = cluster.unwrap_or_dump(common::jobs::executors(cluster, via));
+    executors
+        .iter()
+        .filter(|e| e["state"] == "alive" && e["used"].as_u64().unwrap_or(0) > 0)
+        .map(|e| e["addr"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 /// A small deterministic generator for the fault schedule.
@@ -74,14 +67,17 @@ fn kill_random_executor(seed: u64) {
     let candidates: Vec<usize> = (0..executors.len())
         .filter(|i| busy.contains(&executors[*i].addr.to_string()))
         .collect();
-    let mut committed_before_kill = None;
-    if !candidates.is_empty() {
-        let before = job(&cluster, &via, id).unwrap();
-        committed_before_kill = before["checkpoint"]["id"].as_u64();
-        let victim = candidates[(rand() as usize) % candidates.len()];
-        executors[victim].kill();
-    }
+    // The job runs about 4 s and the kill comes at most 2.6 s in: someone is busy.
+    assert!(!candidates.is_empty(), "no executor runs tasks: {busy:?}");
+    let before = job(&cluster, &via, id).unwrap();
+    let committed_before_kill = before["checkpoint"]["id"].as_u64();
+    let victim = candidates[(rand() as usize) % candidates.len()];
+    executors[victim].kill();
     let j = wait_state(&cluster, &via, id, "Finished", Duration::from_secs(60));
+    assert!(
+        j["epoch"].as_u64().unwrap() > 1,
+        "killing a busy executor restarted nothing: {j}"
+    );
     eprintln!(
         "checkpoint before the kill: {committed_before_kill:?}; final epoch {}, resumed from {}",
         j["epoch"], j["restored_from"]
@@ -167,7 +163,7 @@ fn paused_executor_is_replaced_and_its_stale_output_is_fenced() {
     let before = wait_state(&cluster, &via, id, "Running", Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(700));
     let busy = busy(&cluster, &via);
-    // Pause the executor that runs the sinks' group if we can tell; any busy one otherwise.
+    // Pause the first executor that runs tasks.
     let victim = executors
         .iter()
         .find(|e| busy.contains(&e.addr.to_string()))

@@ -169,6 +169,11 @@ impl CheckpointTracker {
         self.jobs.remove(&job);
     }
 
+    /// Keeps only the jobs `keep` says yes to (the leader drops jobs that ended).
+    pub fn retain(&mut self, mut keep: impl FnMut(u64) -> bool) {
+        self.jobs.retain(|&job, _| keep(job));
+    }
+
     /// Forgets everything (leadership lost).
     pub fn clear(&mut self) {
         self.jobs.clear();
@@ -292,7 +297,7 @@ mod tests {
             t.report(r(0, id, false), VIEW).unwrap();
         }
         assert_eq!(t.pending(1), MAX_PENDING);
-        t.forget(1);
+        t.retain(|job| job != 1);
         assert_eq!(t.pending(1), 0);
     }
 }

@@ -94,13 +94,17 @@ impl MasterClient {
         let deadline = tokio::time::Instant::now() + self.patience;
         let mut last: Option<RpcError> = None;
         let mut round = 0u32;
+        // The first attempt is always made, even when the patience is below MIN_ATTEMPT (an
+        // executor with a short TTL heartbeats with little patience).
+        let mut attempted = false;
         loop {
             for addr in self.addrs() {
                 let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
                 // An attempt cut too short would only time out and hide a real answer.
-                if remaining < MIN_ATTEMPT {
+                if remaining.is_zero() || (attempted && remaining < MIN_ATTEMPT) {
                     break;
                 }
+                attempted = true;
                 match self
                     .endpoint
                     .call_timeout::<M>(addr, req, remaining.min(self.call_timeout))

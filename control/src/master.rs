@@ -1171,6 +1171,15 @@ async fn leader_loop(shared: Arc<Shared>) {
             warn!(executor = id, "executor lost: no heartbeat within the TTL");
             lock(&shared.reports).remove(id);
         }
+        // Checkpoints of jobs that ended will never be committed.
+        let active: std::collections::HashSet<u64> = node.read_local(|st| {
+            st.jobs
+                .values()
+                .filter(|j| !j.state.is_terminal())
+                .map(|j| j.id.0)
+                .collect()
+        });
+        lock(&shared.checkpoints).retain(|job| active.contains(&job));
         let commands = {
             let reports = lock(&shared.reports).clone();
             node.read_local(|st| {

@@ -44,6 +44,16 @@ impl Drop for Locked<'_> {
     }
 }
 
+/// The epoch of the attempt that owns data file `path` (0 if none claimed it yet), read
+/// from its fence file without taking the lock.
+pub fn owner_epoch(path: &Path) -> io::Result<u64> {
+    match File::open(fence_path(path)) {
+        Ok(fence) => read_epoch(&fence),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
 fn read_epoch(mut fence: &File) -> io::Result<u64> {
     let mut text = String::new();
     fence.seek(SeekFrom::Start(0))?;
@@ -156,7 +166,9 @@ mod tests {
         let path = dir.path().join("sink_0.csv");
         let mut old = FencedFile::claim(&path, 1, 0).unwrap();
         old.write_all(b"old row\n").unwrap();
+        assert_eq!(owner_epoch(&path).unwrap(), 1);
         let mut new = FencedFile::claim(&path, 2, 0).unwrap();
+        assert_eq!(owner_epoch(&path).unwrap(), 2);
         assert_eq!(
             std::fs::read(&path).unwrap(),
             b"",

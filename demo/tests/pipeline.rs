@@ -488,7 +488,9 @@ fn restoring_from_a_checkpoint_after_a_crash_delivers_exactly_once() {
     let written: u64 = b.latency_handles().values().map(|h| h.len()).sum();
     assert!(written < spec.total_data_records(), "{written}");
     // Its checkpoints continue the numbering.
-    for s in after.taken() {
+    let taken = after.taken();
+    assert!(!taken.is_empty(), "the second attempt snapshotted nothing");
+    for s in taken {
         assert!(
             s.checkpoint > point.checkpoint || (s.last && s.checkpoint == point.checkpoint),
             "{s:?} after restoring {}",

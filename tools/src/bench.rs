@@ -57,12 +57,8 @@ pub struct BenchArgs {
     /// Number of executors.
     #[arg(long, default_value_t = 2)]
     executors: u32,
-    /// Engine workers per executor (default: the cores divided among the executors).
-    #[arg(long)]
-    executor_workers: Option<usize>,
-    /// µs an idle engine worker polls for work before parking (default: the executor's).
-    #[arg(long)]
-    spin_us: Option<u64>,
+    #[command(flatten)]
+    tuning: crate::local::ExecutorTuning,
     /// Producers (tables), T.
     #[arg(long, default_value_t = 10)]
     table_num: u32,
@@ -246,14 +242,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
 
     let cluster_dir = LocalClusterDir::create("microcosm-bench-")?;
     let sink_root = cluster_dir.path().join("sink");
-    let mut cluster = cluster_dir.launch(
-        1,
-        args.executors,
-        crate::local::ExecutorTuning {
-            workers: args.executor_workers,
-            spin_us: args.spin_us,
-        },
-    )?;
+    let mut cluster = cluster_dir.launch(1, args.executors, args.tuning)?;
     println!(
         "cluster: 1 master, {} executor(s), dir {}",
         args.executors,

@@ -23,12 +23,8 @@ pub struct DemoArgs {
     /// Number of executors.
     #[arg(long, default_value_t = 2)]
     executors: u32,
-    /// Engine workers per executor (default: the cores divided among the executors).
-    #[arg(long)]
-    executor_workers: Option<usize>,
-    /// µs an idle engine worker polls for work before parking (default: the executor's).
-    #[arg(long)]
-    spin_us: Option<u64>,
+    #[command(flatten)]
+    tuning: crate::local::ExecutorTuning,
     /// Job spec file to start from (defaults are used otherwise).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -145,8 +141,7 @@ impl Progress {
         self.files
             .iter()
             .map(|(p, _, _)| {
-                let fence = std::fs::read_to_string(microcosm_demo::fence::fence_path(p)).ok()?;
-                let owner: u64 = fence.trim().parse().ok()?;
+                let owner = microcosm_demo::fence::owner_epoch(p).ok()?;
                 (owner >= epoch).then(|| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
             })
             .collect()
@@ -210,14 +205,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         }
     );
 
-    let mut cluster = cluster_dir.launch(
-        args.masters,
-        args.executors,
-        crate::local::ExecutorTuning {
-            workers: args.executor_workers,
-            spin_us: args.spin_us,
-        },
-    )?;
+    let mut cluster = cluster_dir.launch(args.masters, args.executors, args.tuning)?;
     let job = cluster.submit_demo(&spec).await?;
     println!(
         "submitted job {job}; output in {}",

@@ -101,13 +101,15 @@ fn spawn(exe: &Path, dir: &Path, name: &str, args: &[String]) -> anyhow::Result<
     })
 }
 
-/// Engine settings of a local cluster's executors.
-#[derive(Debug, Clone, Copy, Default)]
+/// Engine settings of a local cluster's executors (the `demo` and `bench` flags).
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
 pub struct ExecutorTuning {
     /// Engine workers per executor (default: the cores divided among the executors, at
     /// least 1, since they all share this machine).
+    #[arg(long = "executor-workers")]
     pub workers: Option<usize>,
-    /// The executors' `spin-us` (default: theirs).
+    /// µs an idle engine worker polls for work before parking (default: the executor's).
+    #[arg(long)]
     pub spin_us: Option<u64>,
 }
 
