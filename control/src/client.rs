@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use microcosm_transport::{Endpoint, ErrorCode, Method, RpcError};
+use microcosm_transport::{Endpoint, Method, RpcError};
 
 use crate::proto::{GetNodeStatus, MasterApi, NodeStatus, Nothing};
 
@@ -19,8 +19,6 @@ const MIN_ATTEMPT: Duration = Duration::from_millis(100);
 /// beats an unreachable address, which beats a bare timeout.
 fn informativeness(e: &RpcError) -> u8 {
     match e {
-        // The server gave up at our deadline: as uninformative as a timeout.
-        RpcError::Remote(r) if r.is(ErrorCode::DeadlineExceeded) => 0,
         RpcError::Remote(_) => 3,
         RpcError::ConnectionLost { .. } => 2,
         RpcError::Unreachable { .. } => 1,

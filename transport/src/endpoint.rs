@@ -217,7 +217,14 @@ impl Endpoint {
         if let Err(RpcError::ConnectionLost { .. } | RpcError::Timeout(_)) = &result {
             self.forget(addr, <M::Service as Service>::SERVED_BY);
         }
-        result
+        // The server enforces the same deadline and may notice it a moment before we do: the
+        // caller sees one outcome either way (the connection is fine, so it is kept).
+        match result {
+            Err(RpcError::Remote(e)) if e.is(ErrorCode::DeadlineExceeded) => {
+                Err(RpcError::Timeout(timeout))
+            }
+            other => other,
+        }
     }
 
     /// Opens a data stream to the executor at `addr`, starting with `header`.
