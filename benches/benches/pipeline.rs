@@ -6,9 +6,12 @@
 //!   cross-worker hop is a thread wake-up competing for the same two cores);
 //! - `pipeline/two_engines_quic`: split like a two-executor cluster — producers and binlogs
 //!   on one engine, receivers, syncers and sinks on another (one worker each), each with its
-//!   own QUIC endpoint and the executors' exchange (`QuicExchange`), so every record crosses
-//!   QUIC once. (Both sides live in this process; `microcosm bench` measures the same with
-//!   real processes.)
+//!   own QUIC endpoint driven on its engine's worker thread and the executors' exchange
+//!   (`QuicExchange`, `DataPlaneReactor`), so every record crosses QUIC once. (Both sides
+//!   live in this process; `microcosm bench` measures the same with real processes.)
+//! - `pipeline/two_engines_quic_spin_200us`: the same with a 200 µs spin window on both
+//!   engines (executor `spin-us = 200`): an idle worker keeps turning its network reactor for
+//!   that long before it sleeps.
 //!
 //! Each iteration runs one 50,000-record job; criterion's time is the job's wall time (about
 //! 0.5 s when the pipeline keeps up), and the producer-to-sink latency percentiles of all
@@ -23,6 +26,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use hdrhistogram::Histogram;
 use microcosm_control::exchange::{InboundRegistry, QuicExchange};
+use microcosm_control::reactor::DataPlaneReactor;
 use microcosm_demo::plan::{GROUP_SOURCES, GROUP_SYNC, tasks_in_group};
 use microcosm_demo::{DemoRecord, DemoSpec, StartContext, StartedTasks, plan, start_tasks};
 use microcosm_engine::{
@@ -145,37 +149,46 @@ struct Side {
     engine: Engine,
     endpoint: Endpoint,
     registry: InboundRegistry,
+    data_runtime: tokio::runtime::Handle,
 }
 
 impl Side {
-    fn start(certs: &std::path::Path) -> Side {
+    /// Like an executor: the data endpoint runs on the engine worker's thread.
+    fn start(certs: &std::path::Path, spin: Duration) -> Side {
         let registry = InboundRegistry::default();
-        let router = registry.router();
-        let endpoint = Endpoint::bind(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            &Identity::load(certs, Role::Executor).unwrap(),
-            TransportConfig::default(),
-            router,
-        )
-        .unwrap();
+        let reactor = DataPlaneReactor::new().unwrap();
+        let data_runtime = reactor.handle();
+        let endpoint = {
+            let _guard = data_runtime.enter();
+            Endpoint::bind(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                &Identity::load(certs, Role::Executor).unwrap(),
+                TransportConfig::default(),
+                registry.router(),
+            )
+            .unwrap()
+        };
         Side {
-            engine: Engine::start(EngineConfig::with_workers(1)).unwrap(),
+            engine: Engine::start_with_reactor(
+                EngineConfig {
+                    spin,
+                    ..EngineConfig::with_workers(1)
+                },
+                Box::new(reactor),
+            )
+            .unwrap(),
             endpoint,
             registry,
+            data_runtime,
         }
     }
 
-    fn exchange(
-        &self,
-        job: u64,
-        routes: HashMap<u32, SocketAddr>,
-        rt: &tokio::runtime::Runtime,
-    ) -> QuicExchange {
+    fn exchange(&self, job: u64, routes: HashMap<u32, SocketAddr>) -> QuicExchange {
         QuicExchange::new(
             job,
             1,
             self.endpoint.clone(),
-            rt.handle().clone(),
+            self.data_runtime.clone(),
             routes,
             self.registry.clone(),
         )
@@ -183,16 +196,19 @@ impl Side {
 }
 
 fn two_engines_quic(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let _guard = rt.enter();
+    split_over_quic(c, "two_engines_quic", Duration::ZERO);
+}
+
+fn two_engines_quic_spin(c: &mut Criterion) {
+    split_over_quic(c, "two_engines_quic_spin_200us", Duration::from_micros(200));
+}
+
+/// The split job; `spin` is both engines' spin window (executor `spin-us`).
+fn split_over_quic(c: &mut Criterion, name: &str, spin: Duration) {
     let certs = tempfile::tempdir().unwrap();
     init_cluster_certs(certs.path(), "bench", &[]).unwrap();
-    let sources = Side::start(certs.path());
-    let syncing = Side::start(certs.path());
+    let sources = Side::start(certs.path(), spin);
+    let syncing = Side::start(certs.path(), spin);
     let dir = tempfile::tempdir().unwrap();
     let snapshots: Arc<dyn SnapshotSink> = Arc::new(MemorySnapshots::new());
     let mut all = histogram();
@@ -201,7 +217,7 @@ fn two_engines_quic(c: &mut Criterion) {
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(6));
-    group.bench_function("two_engines_quic", |b| {
+    group.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
@@ -219,8 +235,8 @@ fn two_engines_quic(c: &mut Criterion) {
                     .filter(|e| g1.contains(&e.from) && g2.contains(&e.to))
                     .map(|e| (e.id, syncing.endpoint.local_addr()))
                     .collect();
-                let ex_sync = syncing.exchange(run, HashMap::new(), &rt);
-                let ex_sources = sources.exchange(run, to_sync, &rt);
+                let ex_sync = syncing.exchange(run, HashMap::new());
+                let ex_sources = sources.exchange(run, to_sync);
                 let ctx = |local: &[u32], engine: &Engine, exchange: &dyn Exchange<DemoRecord>| {
                     start_tasks(StartContext {
                         job: run,
@@ -249,12 +265,12 @@ fn two_engines_quic(c: &mut Criterion) {
         });
     });
     group.finish();
-    report("two_engines_quic", &all);
+    report(name, &all);
     for side in [sources, syncing] {
         side.engine.shutdown(Duration::from_secs(5));
         side.endpoint.close();
     }
 }
 
-criterion_group!(benches, one_engine, two_engines_quic);
+criterion_group!(benches, one_engine, two_engines_quic, two_engines_quic_spin);
 criterion_main!(benches);

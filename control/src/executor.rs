@@ -12,6 +12,12 @@
 //! [`SnapshotSink`]; a background task sends them, batched, to the leader
 //! ([`ReportCheckpoints`]), which commits a checkpoint once every task reported it. An attempt
 //! that resumes from a checkpoint gets every task's state in its assignment.
+//!
+//! An executor has two QUIC endpoints. The data endpoint (the executor's address, where
+//! other executors open data streams) runs on engine worker 0's thread through a
+//! [`DataPlaneReactor`], so batches move between tasks and connections without a thread
+//! hand-off. The control endpoint (registration, heartbeats, checkpoint reports) runs on the
+//! caller's tokio runtime, so a busy engine never delays a heartbeat.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -23,7 +29,7 @@ use microcosm_engine::{
     Engine, EngineConfig, JobGraph, RestorePoint, SnapshotSink, TaskHandle, TaskId, TaskSnapshot,
     TaskState,
 };
-use microcosm_transport::{Endpoint, Identity, Role, TransportConfig};
+use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
 use serde::Deserialize;
 use tracing::{info, warn};
 
@@ -33,6 +39,7 @@ use crate::proto::{
     Assignment, CheckpointReport, CheckpointReports, Heartbeat, HeartbeatRequest, RegisterExecutor,
     RegisterRequest, ReportCheckpoints, TaskReport, TaskRunState,
 };
+use crate::reactor::DataPlaneReactor;
 
 /// Errors starting an executor.
 #[derive(Debug, thiserror::Error)]
@@ -262,13 +269,17 @@ struct Attempt {
 /// A running executor.
 pub struct ExecutorServer {
     endpoint: Endpoint,
+    control: Endpoint,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 struct State {
     config: ExecutorConfig,
+    /// The data-plane endpoint (its address is the executor's address).
     endpoint: Endpoint,
+    /// The runtime the data plane runs on (engine worker 0's thread).
+    data_runtime: tokio::runtime::Handle,
     engine: Engine,
     registry: InboundRegistry,
     launcher: Arc<dyn JobLauncher>,
@@ -286,21 +297,35 @@ impl ExecutorServer {
     ) -> Result<Self, ExecutorError> {
         config.validate()?;
         let identity = Identity::load(&config.certs_dir, Role::Executor)?;
+        // The data plane lives on engine worker 0's thread (see `reactor`): its endpoint is
+        // bound inside the reactor's runtime, so its connections are driven there.
+        let reactor = DataPlaneReactor::new().map_err(|e| ExecutorError::Engine(e.to_string()))?;
+        let data_runtime = reactor.handle();
         let registry = InboundRegistry::default();
-        let router = registry.router();
-        let endpoint = Endpoint::bind(
-            config.listen_addr,
+        let endpoint = {
+            let _guard = data_runtime.enter();
+            Endpoint::bind(
+                config.listen_addr,
+                &identity,
+                TransportConfig::default(),
+                registry.router(),
+            )?
+        };
+        // Control traffic (registration, heartbeats, checkpoint reports) has its own endpoint
+        // on the caller's runtime, so it never waits for the engine thread.
+        let control = Endpoint::bind(
+            SocketAddr::new(config.listen_addr.ip(), 0),
             &identity,
             TransportConfig::default(),
-            router,
+            Router::new(),
         )?;
         let mut engine_config = EngineConfig::default();
         if let Some(w) = config.workers {
             engine_config.workers = w;
         }
         engine_config.spin = Duration::from_micros(config.spin_us);
-        let engine =
-            Engine::start(engine_config).map_err(|e| ExecutorError::Engine(e.to_string()))?;
+        let engine = Engine::start_with_reactor(engine_config, Box::new(reactor))
+            .map_err(|e| ExecutorError::Engine(e.to_string()))?;
         let failures = Arc::new(Mutex::new(HashMap::new()));
         {
             let events = engine.events();
@@ -322,11 +347,12 @@ impl ExecutorServer {
             .iter()
             .filter_map(|m| m.parse().ok())
             .collect();
-        let client = MasterClient::new(endpoint.clone(), masters);
+        let client = MasterClient::new(control.clone(), masters);
         let (reports, report_queue) = tokio::sync::mpsc::unbounded_channel();
         let mut state = State {
             config,
             endpoint: endpoint.clone(),
+            data_runtime,
             engine,
             registry,
             launcher,
@@ -347,6 +373,7 @@ impl ExecutorServer {
         });
         Ok(Self {
             endpoint,
+            control,
             stop,
             task,
         })
@@ -362,6 +389,7 @@ impl ExecutorServer {
         let _ = self.stop.send(true);
         let _ = self.task.await;
         self.endpoint.close();
+        self.control.close();
     }
 }
 
@@ -631,7 +659,7 @@ impl State {
                 a.job,
                 a.epoch,
                 self.endpoint.clone(),
-                tokio::runtime::Handle::current(),
+                self.data_runtime.clone(),
                 routes,
                 self.registry.clone(),
             );

@@ -18,6 +18,7 @@ pub mod liveness;
 pub mod master;
 pub mod meta;
 pub mod proto;
+pub mod reactor;
 pub mod scheduler;
 
 /// Describes a TOML parse error on one line, naming the key of the offending line when the

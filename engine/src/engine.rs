@@ -11,6 +11,7 @@ use crossbeam_channel::Receiver;
 use crate::clock::{Clock, SystemClock};
 use crate::error::EngineError;
 use crate::operator::Operator;
+use crate::reactor::Reactor;
 use crate::task::{TaskEvent, TaskHandle, TaskSpec};
 use crate::worker::{Worker, WorkerHandle};
 
@@ -77,8 +78,27 @@ impl Engine {
         Self::with_clock(config, Arc::new(SystemClock))
     }
 
+    /// Starts the worker threads with the system clock; worker 0 shares its thread with
+    /// `reactor` (see [`Reactor`]): it turns the reactor between steps and blocks in it
+    /// when idle, so the reactor's I/O and worker 0's tasks hand work to each other without
+    /// waking another thread.
+    pub fn start_with_reactor(
+        config: EngineConfig,
+        reactor: Box<dyn Reactor>,
+    ) -> Result<Self, EngineError> {
+        Self::build(config, Arc::new(SystemClock), Some(reactor))
+    }
+
     /// Starts the worker threads with the given clock.
     pub fn with_clock(config: EngineConfig, clock: Arc<dyn Clock>) -> Result<Self, EngineError> {
+        Self::build(config, clock, None)
+    }
+
+    fn build(
+        config: EngineConfig,
+        clock: Arc<dyn Clock>,
+        mut reactor: Option<Box<dyn Reactor>>,
+    ) -> Result<Self, EngineError> {
         if config.workers == 0 {
             return Err(EngineError::Config(
                 "an engine needs at least one worker".into(),
@@ -98,9 +118,10 @@ impl Engine {
             engine.workers.push(worker.handle());
             let pin = config.pin_workers.then_some(index % cores);
             let clock = clock.clone();
+            let reactor = reactor.take();
             let thread = std::thread::Builder::new()
                 .name(format!("{}-{index}", config.thread_name))
-                .spawn(move || run_worker(worker, clock, pin))
+                .spawn(move || run_worker(worker, clock, pin, reactor))
                 .map_err(|e| EngineError::Spawn(e.to_string()))?;
             engine.threads.push(thread);
         }
@@ -186,9 +207,17 @@ impl fmt::Debug for Engine {
     }
 }
 
-/// The thread wrapper: step, then park as the step says.
-fn run_worker(mut worker: Worker, clock: Arc<dyn Clock>, pin: Option<usize>) {
-    worker.attach_current_thread();
+/// The thread wrapper: step, then park (or block in the reactor) as the step says.
+fn run_worker(
+    mut worker: Worker,
+    clock: Arc<dyn Clock>,
+    pin: Option<usize>,
+    mut reactor: Option<Box<dyn Reactor>>,
+) {
+    match &reactor {
+        Some(r) => worker.attach_reactor(r.unparker()),
+        None => worker.attach_current_thread(),
+    };
     precise_timers();
     if let Some(core) = pin
         && !pin_current_thread(core)
@@ -201,7 +230,10 @@ fn run_worker(mut worker: Worker, clock: Arc<dyn Clock>, pin: Option<usize>) {
             break;
         }
         let outcome = worker.step(clock.now());
-        worker.park(&outcome);
+        match reactor.as_deref_mut() {
+            Some(r) => worker.park_in(&outcome, r),
+            None => worker.park(&outcome),
+        }
     }
 }
 

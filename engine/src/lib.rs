@@ -20,6 +20,9 @@
 //! - **Workers** ([`Worker`], [`StepOutcome`], [`Park`]): the task loop as a steppable
 //!   core, `step(now) -> StepOutcome`, driven deterministically in tests with a
 //!   [`ManualClock`], or by [`Engine`] threads that park between steps.
+//! - **Reactors** ([`Reactor`]): an I/O event loop (the executor's QUIC data plane) may
+//!   share worker 0's thread — turned between steps, blocked in when idle — so network I/O
+//!   and tasks hand batches to each other without waking another thread.
 //! - **Checkpoints** ([`SnapshotSink`], [`TaskSnapshot`], [`RestorePoint`]): how a task hands
 //!   over its part of a consistent checkpoint and gets it back after a restart; the cut
 //!   itself is the job's business (the demo job sends barrier records with its data).
@@ -124,6 +127,7 @@ mod exchange;
 pub mod graph;
 mod operator;
 pub mod operators;
+pub mod reactor;
 mod task;
 #[cfg(test)]
 mod testkit;
@@ -141,6 +145,7 @@ pub use error::EngineError;
 pub use exchange::{EdgeAddress, Exchange, ExchangeSender, MemoryExchange, Rejected};
 pub use graph::{EdgeNode, JobGraph, TaskNode};
 pub use operator::{Context, Operator, Status};
+pub use reactor::{Reactor, Unparker};
 pub use task::{
     MetricsSnapshot, TaskEvent, TaskHandle, TaskId, TaskMetrics, TaskSpec, TaskState, TaskWaker,
 };

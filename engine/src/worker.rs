@@ -25,6 +25,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::clock::Clock;
 use crate::error::EngineError;
 use crate::operator::{Context, Operator, Status};
+use crate::reactor::{Reactor, Unparker};
 use crate::task::{
     CONTROL_CANCEL, CONTROL_PAUSE, CONTROL_RUN, NO_SLOT, Next, Runnable, Task, TaskEvent,
     TaskHandle, TaskMetrics, TaskShared, TaskSpec, TaskState, TaskWaker, WaitKind, next_task_id,
@@ -37,8 +38,8 @@ pub(crate) struct WorkerShared {
     run_rx: Receiver<Arc<TaskShared>>,
     inbox_tx: Sender<NewTask>,
     inbox_rx: Receiver<NewTask>,
-    /// The thread running this worker's loop, once attached.
-    thread: OnceLock<Thread>,
+    /// How to wake the thread running this worker's loop, once attached.
+    thread: OnceLock<Wake>,
     draining: AtomicBool,
     stopping: AtomicBool,
     live: AtomicUsize,
@@ -55,8 +56,10 @@ impl WorkerShared {
 
     /// Wakes the worker thread if it is parked (a single atomic operation if it is not).
     fn unpark(&self) {
-        if let Some(thread) = self.thread.get() {
-            thread.unpark();
+        match self.thread.get() {
+            Some(Wake::Thread(thread)) => thread.unpark(),
+            Some(Wake::Reactor(unpark)) => unpark(),
+            None => {}
         }
     }
 
@@ -64,6 +67,12 @@ impl WorkerShared {
         // Nobody listening is fine: events are informational.
         let _ = self.events.send(event);
     }
+}
+
+/// How a worker's thread is woken: it parks itself, or blocks in a [`Reactor`].
+enum Wake {
+    Thread(Thread),
+    Reactor(Unparker),
 }
 
 struct NewTask {
@@ -280,7 +289,54 @@ impl Worker {
     /// will run [`Worker::step`] and [`Worker::park`]. Returns false if a thread was already
     /// attached.
     pub fn attach_current_thread(&self) -> bool {
-        self.shared.thread.set(std::thread::current()).is_ok()
+        self.shared
+            .thread
+            .set(Wake::Thread(std::thread::current()))
+            .is_ok()
+    }
+
+    /// Makes wake-ups call `unpark` instead of unparking a thread: for a worker whose thread
+    /// blocks in a [`Reactor`] (see [`Worker::park_in`]). Call once, before the first step.
+    /// Returns false if a thread or unparker was already attached.
+    pub fn attach_reactor(&self, unpark: Unparker) -> bool {
+        self.shared.thread.set(Wake::Reactor(unpark)).is_ok()
+    }
+
+    /// The reactor's half of the loop, instead of [`Worker::park`]: turns `reactor` if tasks
+    /// are runnable, otherwise blocks in it until the outcome's deadline or a wake-up.
+    ///
+    /// With a spin window (`set_spin`), an idle worker first keeps turning the reactor for
+    /// that long (so arriving packets and wake-ups are seen without the thread going to
+    /// sleep), and a timed block ends that much before the deadline, which is then awaited
+    /// by turning.
+    pub fn park_in(&self, outcome: &StepOutcome, reactor: &mut dyn Reactor) {
+        let deadline = match outcome.park() {
+            Park::No => {
+                reactor.turn();
+                return;
+            }
+            Park::Until(at) => Some(at),
+            Park::Indefinitely => None,
+        };
+        let due = |worker: &Self| deadline.is_some_and(|d| worker.clock.now() >= d);
+        if !self.spin.is_zero() {
+            let started = Instant::now();
+            loop {
+                reactor.turn();
+                if self.has_work() || due(self) {
+                    return;
+                }
+                if started.elapsed() >= self.spin {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        match deadline {
+            _ if due(self) => reactor.turn(),
+            Some(at) => reactor.park(Some(at.checked_sub(self.spin).unwrap_or(at))),
+            None => reactor.park(None),
+        }
     }
 
     /// Parks the calling (attached) thread as `outcome` says: the thread wrapper's half of
@@ -701,6 +757,102 @@ mod tests {
         );
         assert!(worker.has_work());
         spawner.join().unwrap();
+    }
+
+    /// Records what the worker asked of it; the unparker counts wake-ups.
+    #[derive(Default)]
+    struct FakeReactor {
+        turns: usize,
+        parks: Vec<Option<Instant>>,
+        unparks: Arc<AtomicUsize>,
+    }
+
+    impl Reactor for FakeReactor {
+        fn turn(&mut self) {
+            self.turns += 1;
+        }
+        fn park(&mut self, deadline: Option<Instant>) {
+            self.parks.push(deadline);
+        }
+        fn unparker(&self) -> Unparker {
+            let unparks = self.unparks.clone();
+            Arc::new(move || {
+                unparks.fetch_add(1, Ordering::SeqCst);
+            })
+        }
+    }
+
+    #[test]
+    fn a_worker_with_a_reactor_turns_it_while_busy_blocks_in_it_when_idle_and_wakes_it() {
+        let (mut worker, clock, _events) = setup();
+        let mut reactor = FakeReactor::default();
+        assert!(worker.attach_reactor(reactor.unparker()));
+        assert!(
+            !worker.attach_current_thread(),
+            "one wake-up path per worker"
+        );
+        let queue = Arc::new(Mutex::new(VecDeque::new()));
+        let (out, inp) = edge::<u64>(&cfg(4, 8, 50)).unwrap();
+        let (sink, seen) = Collect::new();
+        let h = worker.handle();
+        // Spawning wakes the worker through the reactor's unparker.
+        let source = h
+            .spawn(
+                TaskSpec::new(
+                    "src",
+                    Manual {
+                        queue: queue.clone(),
+                    },
+                )
+                .output(out),
+            )
+            .unwrap();
+        h.spawn(TaskSpec::new("sink", sink).input(inp)).unwrap();
+        assert!(reactor.unparks.load(Ordering::SeqCst) >= 2);
+        // Busy: the reactor is turned, never blocked in.
+        let outcome = worker.step(clock.now());
+        assert!(outcome.runnable || outcome.ran > 0);
+        worker.park_in(&outcome, &mut reactor);
+        assert!(reactor.turns + reactor.parks.len() == 1);
+        settle(&mut worker, clock.now());
+        // Idle with nothing pending: blocked without a deadline.
+        let idle = worker.step(clock.now());
+        assert_eq!(idle.park(), Park::Indefinitely);
+        reactor.parks.clear();
+        worker.park_in(&idle, &mut reactor);
+        assert_eq!(reactor.parks, vec![None]);
+        // A record pushed from outside: the wake goes through the unparker and the record
+        // arrives.
+        let before = reactor.unparks.load(Ordering::SeqCst);
+        queue.lock().unwrap().push_back(7);
+        source.waker().wake();
+        assert!(reactor.unparks.load(Ordering::SeqCst) > before);
+        settle(&mut worker, clock.now());
+        assert_eq!(seen.lock().unwrap().records, vec![7]);
+        // A deadline already passed on the worker's clock: turned, not blocked in.
+        let turns = reactor.turns;
+        reactor.parks.clear();
+        worker.park_in(
+            &StepOutcome {
+                ran: 0,
+                runnable: false,
+                next_deadline: Some(clock.now()),
+                tasks: 2,
+            },
+            &mut reactor,
+        );
+        assert_eq!((reactor.turns, reactor.parks.len()), (turns + 1, 0));
+        let later = clock.now() + Duration::from_micros(30);
+        worker.park_in(
+            &StepOutcome {
+                ran: 0,
+                runnable: false,
+                next_deadline: Some(later),
+                tasks: 2,
+            },
+            &mut reactor,
+        );
+        assert_eq!(reactor.parks, vec![Some(later)]);
     }
 
     #[test]

@@ -1,0 +1,280 @@
+//! [`DataPlaneReactor`]: an executor's QUIC data plane running on engine worker 0's thread.
+//!
+//! The reactor is a single-threaded tokio runtime that the engine worker drives (see
+//! [`microcosm_engine::Reactor`]): the data endpoint's connection drivers, the outbound edge
+//! senders and the inbound stream readers all run there, between the worker's steps. A batch
+//! a task hands to a remote edge is written into the connection on the same thread, and an
+//! arriving batch is pushed into its consumer's queue on the thread that runs the consumer
+//! (when it lives on worker 0), so neither direction wakes another thread.
+//!
+//! Blocking uses tokio's I/O driver, whose timers have millisecond resolution; the engine's
+//! deadlines (linger bounds, producer pacing) need microseconds, so a deadline is armed on a
+//! `timerfd` that the driver watches like any socket.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use microcosm_engine::{Reactor, Unparker};
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::Notify;
+
+/// A single-threaded tokio runtime that an engine worker drives; see the module docs.
+pub struct DataPlaneReactor {
+    runtime: Runtime,
+    wake: Arc<Notify>,
+    timer: DeadlineTimer,
+}
+
+impl DataPlaneReactor {
+    /// A reactor with its own runtime. Spawn onto it (and bind endpoints under
+    /// [`Handle::enter`]) with [`DataPlaneReactor::handle`]; nothing runs until a worker
+    /// drives it.
+    pub fn new() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let timer = {
+            let _guard = runtime.enter();
+            DeadlineTimer::new()?
+        };
+        Ok(Self {
+            runtime,
+            wake: Arc::new(Notify::new()),
+            timer,
+        })
+    }
+
+    /// The runtime's handle: tasks spawned through it run on the driving worker's thread.
+    pub fn handle(&self) -> Handle {
+        self.runtime.handle().clone()
+    }
+}
+
+impl std::fmt::Debug for DataPlaneReactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPlaneReactor").finish_non_exhaustive()
+    }
+}
+
+impl Reactor for DataPlaneReactor {
+    fn turn(&mut self) {
+        // `yield_now` completes after the runtime has run its ready tasks and polled the I/O
+        // driver once without blocking.
+        self.runtime.block_on(tokio::task::yield_now());
+    }
+
+    fn park(&mut self, deadline: Option<Instant>) {
+        let wake = self.wake.clone();
+        let timer = &self.timer;
+        self.runtime.block_on(async move {
+            match deadline {
+                None => wake.notified().await,
+                Some(at) => {
+                    let now = Instant::now();
+                    if at <= now {
+                        return;
+                    }
+                    if let Err(e) = timer.arm(at - now) {
+                        // Fall back to the runtime's (millisecond) timer.
+                        tracing::warn!(error = %e, "arming the deadline timer failed");
+                        let _ = tokio::time::timeout_at(at.into(), wake.notified()).await;
+                        return;
+                    }
+                    tokio::select! {
+                        () = wake.notified() => {}
+                        () = timer.expired() => {}
+                    }
+                    timer.disarm();
+                }
+            }
+        });
+    }
+
+    fn unparker(&self) -> Unparker {
+        let wake = self.wake.clone();
+        // `notify_one` keeps a permit when nobody waits, so a wake-up between the worker's
+        // step and its park is not lost.
+        Arc::new(move || wake.notify_one())
+    }
+}
+
+#[cfg(target_os = "linux")]
+use timerfd::DeadlineTimer;
+
+/// A one-shot timer with nanosecond resolution whose expiry the tokio I/O driver sees.
+#[cfg(target_os = "linux")]
+mod timerfd {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::time::Duration;
+
+    use tokio::io::Interest;
+    use tokio::io::unix::AsyncFd;
+
+    pub(super) struct DeadlineTimer(AsyncFd<OwnedFd>);
+
+    impl DeadlineTimer {
+        /// Must be called within the runtime (it registers with its I/O driver).
+        pub(super) fn new() -> std::io::Result<Self> {
+            // SAFETY: timerfd_create takes no pointers; a non-negative result is a new fd
+            // that nothing else owns.
+            let fd = unsafe {
+                libc::timerfd_create(
+                    libc::CLOCK_MONOTONIC,
+                    libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: the `OwnedFd` is moved into the `AsyncFd`, which owns it from here on;
+            // nothing closes or replaces the descriptor while it is registered.
+            let fd = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
+                .map_err(std::io::Error::from)?;
+            Ok(Self(fd))
+        }
+
+        fn set(&self, after: Duration) -> std::io::Result<()> {
+            let spec = libc::itimerspec {
+                it_interval: libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                },
+                it_value: libc::timespec {
+                    tv_sec: libc::time_t::try_from(after.as_secs()).unwrap_or(libc::time_t::MAX),
+                    tv_nsec: libc::c_long::from(after.subsec_nanos() as i32),
+                },
+            };
+            // SAFETY: `spec` is a valid itimerspec for the call's duration; a null old-value
+            // pointer is allowed.
+            let rc = unsafe {
+                libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut())
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        }
+
+        /// Fires once, `after` from now (a zero duration fires at once).
+        pub(super) fn arm(&self, after: Duration) -> std::io::Result<()> {
+            // An all-zero value would disarm instead.
+            self.set(after.max(Duration::from_nanos(1)))
+        }
+
+        /// Cancels a pending expiry and forgets one that happened.
+        pub(super) fn disarm(&self) {
+            let _ = self.set(Duration::ZERO);
+            self.consume();
+        }
+
+        /// Reads the expiry count; false if the timer has not fired.
+        fn consume(&self) -> bool {
+            let mut count = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into an 8-byte buffer.
+            let n = unsafe { libc::read(self.0.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+            n == 8
+        }
+
+        /// Completes when the armed expiry has happened.
+        pub(super) async fn expired(&self) {
+            loop {
+                let Ok(mut guard) = self.0.readable().await else {
+                    // The driver is gone (runtime shutting down): nothing left to wait for.
+                    return std::future::pending().await;
+                };
+                if self.consume() {
+                    return;
+                }
+                guard.clear_ready();
+            }
+        }
+    }
+}
+
+/// Off Linux: the runtime's own timer (millisecond resolution).
+#[cfg(not(target_os = "linux"))]
+struct DeadlineTimer(std::sync::Mutex<Option<tokio::time::Instant>>);
+
+#[cfg(not(target_os = "linux"))]
+impl DeadlineTimer {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self(std::sync::Mutex::new(None)))
+    }
+    fn arm(&self, after: std::time::Duration) -> std::io::Result<()> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(tokio::time::Instant::now() + after);
+        Ok(())
+    }
+    fn disarm(&self) {}
+    async fn expired(&self) {
+        let at = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn park_ends_at_its_deadline_and_on_an_unpark_from_another_thread() {
+        let mut reactor = DataPlaneReactor::new().unwrap();
+        let at = Instant::now() + Duration::from_micros(300);
+        reactor.park(Some(at));
+        assert!(Instant::now() >= at, "returned before the deadline");
+
+        // An unpark before the park is kept: the park returns at once.
+        reactor.unparker()();
+        let start = Instant::now();
+        reactor.park(None);
+        assert!(start.elapsed() < Duration::from_secs(5));
+
+        // An unpark from another thread ends a park without deadline.
+        let unpark = reactor.unparker();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            unpark();
+        });
+        reactor.park(None);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn spawned_tasks_and_io_run_while_the_reactor_is_turned_or_parked() {
+        let mut reactor = DataPlaneReactor::new().unwrap();
+        let handle = reactor.handle();
+        // A UDP round trip between two sockets on the reactor.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        handle.spawn(async move {
+            let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let b = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            a.send_to(b"ping", b.local_addr().unwrap()).await.unwrap();
+            let mut buf = [0u8; 8];
+            let (n, _) = b.recv_from(&mut buf).await.unwrap();
+            tx.send(buf[..n].to_vec()).unwrap();
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let got = loop {
+            if let Ok(v) = rx.try_recv() {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "the task never ran");
+            reactor.park(Some(Instant::now() + Duration::from_millis(5)));
+            reactor.turn();
+        };
+        assert_eq!(got, b"ping");
+        // A stale expiry does not end a later park early: arm, let it fire, park again.
+        reactor.park(Some(Instant::now() + Duration::from_micros(50)));
+        std::thread::sleep(Duration::from_millis(2));
+        let at = Instant::now() + Duration::from_millis(20);
+        reactor.park(Some(at));
+        assert!(Instant::now() >= at);
+    }
+}

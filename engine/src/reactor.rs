@@ -1,0 +1,34 @@
+//! Sharing a worker thread with an I/O event loop.
+//!
+//! On a machine where waking an idle thread is expensive (tens of µs on a VM whose idle
+//! vCPUs halt), every hand-off between an engine worker and a separate network thread costs
+//! a wake-up on each side of every record. A [`Reactor`] removes those hand-offs: it is an
+//! event loop (in the executor, an async runtime driving the QUIC data plane) that runs *on*
+//! a worker thread. The worker turns it between steps while tasks are runnable and blocks in
+//! it, instead of parking the thread, when they are not; whoever wakes one of the worker's
+//! tasks interrupts that block through [`Reactor::unparker`]. A remote edge's batch then goes
+//! from the producing task into the connection on the same thread, and an arriving batch is
+//! pushed to its consumer without a second thread in between.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Interrupts a blocked [`Reactor::park`] from any thread.
+pub type Unparker = Arc<dyn Fn() + Send + Sync>;
+
+/// An I/O event loop that shares a worker thread; see the [module docs](self).
+///
+/// The engine calls these only from the worker's thread.
+pub trait Reactor: Send + 'static {
+    /// Runs the I/O work that is ready now, without blocking.
+    fn turn(&mut self);
+
+    /// Blocks, running I/O work as it becomes ready, until the [`Reactor::unparker`] is
+    /// called or `deadline` passes (`None`: no deadline). A call of the unparker that
+    /// happened since the previous `park` returned makes this return at once, so a wake-up
+    /// between a worker's step and its park is never lost. Returning early is allowed.
+    fn park(&mut self, deadline: Option<Instant>);
+
+    /// A handle that ends the current or next [`Reactor::park`].
+    fn unparker(&self) -> Unparker;
+}
