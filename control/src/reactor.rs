@@ -90,6 +90,13 @@ impl Reactor for DataPlaneReactor {
         });
     }
 
+    fn enter(&mut self, f: &mut dyn FnMut()) {
+        // Inside `block_on`, wake-ups of the runtime's tasks (an edge's sender, woken by a
+        // batch) go to its local FIFO queue; the connection driver they wake in turn queues
+        // behind all of them, so one step's writes share packets.
+        self.runtime.block_on(async { f() });
+    }
+
     fn unparker(&self) -> Unparker {
         let wake = self.wake.clone();
         // `notify_one` keeps a permit when nobody waits, so a wake-up between the worker's
@@ -244,6 +251,52 @@ mod tests {
         });
         reactor.park(None);
         t.join().unwrap();
+    }
+
+    #[test]
+    fn work_woken_inside_enter_runs_in_wake_order_before_what_it_wakes_in_turn() {
+        // Tasks A and B are woken by a "step" inside `enter`; A wakes C when it runs. C must
+        // run after B (like a connection driver woken by the first of several stream
+        // writes, which should see all of them).
+        let mut reactor = DataPlaneReactor::new().unwrap();
+        let handle = reactor.handle();
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (to_a, mut a_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let (to_b, mut b_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let (to_c, mut c_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let log = |name: &'static str| {
+            let order = order.clone();
+            move || order.lock().unwrap().push(name)
+        };
+        let (a, b, c) = (log("a"), log("b"), log("c"));
+        handle.spawn(async move {
+            while a_rx.recv().await.is_some() {
+                a();
+                to_c.send(()).unwrap();
+            }
+        });
+        handle.spawn(async move {
+            while b_rx.recv().await.is_some() {
+                b();
+            }
+        });
+        handle.spawn(async move {
+            while c_rx.recv().await.is_some() {
+                c();
+            }
+        });
+        // Let the three tasks start and wait on their channels.
+        for _ in 0..3 {
+            reactor.turn();
+        }
+        reactor.enter(&mut || {
+            to_a.send(()).unwrap();
+            to_b.send(()).unwrap();
+        });
+        for _ in 0..3 {
+            reactor.turn();
+        }
+        assert_eq!(*order.lock().unwrap(), vec!["a", "b", "c"]);
     }
 
     #[test]

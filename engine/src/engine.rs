@@ -229,10 +229,18 @@ fn run_worker(
             worker.cancel_all();
             break;
         }
-        let outcome = worker.step(clock.now());
         match reactor.as_deref_mut() {
-            Some(r) => worker.park_in(&outcome, r),
-            None => worker.park(&outcome),
+            Some(r) => {
+                let mut outcome = None;
+                r.enter(&mut || outcome = Some(worker.step(clock.now())));
+                if let Some(outcome) = outcome {
+                    worker.park_in(&outcome, r);
+                }
+            }
+            None => {
+                let outcome = worker.step(clock.now());
+                worker.park(&outcome);
+            }
         }
     }
 }

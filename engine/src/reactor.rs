@@ -31,4 +31,12 @@ pub trait Reactor: Send + 'static {
 
     /// A handle that ends the current or next [`Reactor::park`].
     fn unparker(&self) -> Unparker;
+
+    /// Runs `f` (the worker's step) inside the reactor's context, so that I/O work it makes
+    /// ready is queued behind each other and runs at the next turn in order — e.g. every
+    /// stream a step wrote to goes out before the connection builds its packets, in as few
+    /// packets as fit. The default just calls `f`.
+    fn enter(&mut self, f: &mut dyn FnMut()) {
+        f();
+    }
 }
