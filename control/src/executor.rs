@@ -94,8 +94,10 @@ pub struct ExecutorConfig {
     /// Engine worker threads (default: available cores).
     #[serde(default)]
     pub workers: Option<usize>,
-    /// How long (µs) an idle engine worker polls for work before parking, and how early it
-    /// wakes for a timer (see `EngineConfig::spin`; 0 = park at once). At most 10,000.
+    /// How long (µs) an idle engine worker keeps polling for work (worker 0: turning the data
+    /// plane's network reactor) before it sleeps, and how early it wakes for a timer (see
+    /// `EngineConfig::spin`; 0 = sleep at once). Trades CPU while records flow for latency;
+    /// an idle executor sleeps either way. At most 10,000.
     #[serde(default = "default_spin_us")]
     pub spin_us: u64,
     /// Heartbeat interval (ms).

@@ -24,11 +24,12 @@ pub struct EngineConfig {
     pub pin_workers: bool,
     /// Prefix of the worker threads' names.
     pub thread_name: String,
-    /// How long an idle worker keeps polling its run queue before it parks, and how early it
-    /// wakes from a timed park to poll until the deadline (default 0: park at once).
+    /// How long an idle worker keeps polling its run queue (and turning its reactor, if it
+    /// has one) before it parks, and how early it wakes from a timed park to poll until the
+    /// deadline (default 0: park at once).
     ///
-    /// Parking and waking a thread costs a few µs on bare metal and tens of µs on a busy VM,
-    /// and a timed park can end tens of µs late; spinning trades CPU for that latency. An
+    /// Parking and waking a thread costs a few µs on bare metal and 30–40 µs on a VM whose
+    /// idle vCPUs halt, and a timed park can end as late; spinning trades CPU for that latency. An
     /// idle engine still parks for good after `spin`, so it costs nothing when nothing
     /// happens; under a steady load of small batches a spinning worker rarely parks.
     pub spin: Duration,

@@ -108,7 +108,8 @@ pub struct ExecutorTuning {
     /// least 1, since they all share this machine).
     #[arg(long = "executor-workers")]
     pub workers: Option<usize>,
-    /// µs an idle engine worker polls for work before parking (default: the executor's).
+    /// µs an idle engine worker keeps polling its tasks and network before it sleeps
+    /// (default: the executor's, 0).
     #[arg(long)]
     pub spin_us: Option<u64>,
 }
