@@ -254,3 +254,30 @@ fn t06_bad_job_specs_are_refused_and_change_nothing() {
     );
     assert_eq!(cluster.job_ids(&via).unwrap(), Vec::<u64>::new());
 }
+
+#[test]
+fn t07_an_executor_whose_address_is_taken_exits_with_an_error_naming_it() {
+    let cluster = Cluster::bootstrap(1);
+    // Hold the UDP port the executor is told to use.
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let out = common::cli_with_timeout(
+        [
+            "executor".to_string(),
+            "--listen-addr".into(),
+            addr.to_string(),
+            "--masters".into(),
+            cluster.addr(1).to_string(),
+            "--certs-dir".into(),
+            cluster.certs.to_string_lossy().into_owned(),
+        ],
+        Duration::from_secs(15),
+    );
+    assert!(!out.timed_out(), "the executor kept running: {out}");
+    assert!(!out.success(), "the executor exited 0: {out}");
+    assert!(
+        out.stderr.contains(&addr.to_string()) && !out.stderr.contains("panicked"),
+        "expected a clean error naming {addr}: {out}"
+    );
+    drop(taken);
+}

@@ -31,7 +31,7 @@ use microcosm_engine::{
 };
 use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::client::MasterClient;
 use crate::exchange::{InboundRegistry, QuicExchange};
@@ -268,6 +268,9 @@ struct Attempt {
     paused: bool,
 }
 
+/// How long a stopping executor waits for its data connections to close cleanly.
+const DATA_CLOSE_PATIENCE: Duration = Duration::from_millis(200);
+
 /// A running executor.
 pub struct ExecutorServer {
     endpoint: Endpoint,
@@ -371,7 +374,15 @@ impl ExecutorServer {
         let task = tokio::spawn(async move {
             state
                 .run(client, id, incarnation, report_queue, stop_rx)
-                .await
+                .await;
+            // Close the data plane while the engine thread still drives its connections, so
+            // peers hear of it now rather than after their idle timeout; the engine (and the
+            // data plane's runtime with it) stops when `state` drops.
+            state.stop_all();
+            state.endpoint.close();
+            if !state.endpoint.wait_closed(DATA_CLOSE_PATIENCE).await {
+                debug!("data connections not closed cleanly before shutdown");
+            }
         });
         Ok(Self {
             endpoint,

@@ -20,7 +20,8 @@ use tokio::sync::Notify;
 
 /// A single-threaded tokio runtime that an engine worker drives; see the module docs.
 pub struct DataPlaneReactor {
-    runtime: Runtime,
+    /// Always `Some` until dropped (see `Drop`).
+    runtime: Option<Runtime>,
     wake: Arc<Notify>,
     timer: DeadlineTimer,
 }
@@ -38,7 +39,7 @@ impl DataPlaneReactor {
             DeadlineTimer::new()?
         };
         Ok(Self {
-            runtime,
+            runtime: Some(runtime),
             wake: Arc::new(Notify::new()),
             timer,
         })
@@ -46,7 +47,24 @@ impl DataPlaneReactor {
 
     /// The runtime's handle: tasks spawned through it run on the driving worker's thread.
     pub fn handle(&self) -> Handle {
-        self.runtime.handle().clone()
+        self.runtime().handle().clone()
+    }
+
+    fn runtime(&self) -> &Runtime {
+        // Invariant: `runtime` is `Some` from `new` until `drop`.
+        self.runtime
+            .as_ref()
+            .expect("the runtime lives as long as the reactor")
+    }
+}
+
+impl Drop for DataPlaneReactor {
+    fn drop(&mut self) {
+        // A plain drop waits for the runtime's blocking pool, which panics inside an async
+        // context (e.g. an executor whose start fails after creating the reactor).
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -60,13 +78,13 @@ impl Reactor for DataPlaneReactor {
     fn turn(&mut self) {
         // `yield_now` completes after the runtime has run its ready tasks and polled the I/O
         // driver once without blocking.
-        self.runtime.block_on(tokio::task::yield_now());
+        self.runtime().block_on(tokio::task::yield_now());
     }
 
     fn park(&mut self, deadline: Option<Instant>) {
         let wake = self.wake.clone();
         let timer = &self.timer;
-        self.runtime.block_on(async move {
+        self.runtime().block_on(async move {
             match deadline {
                 None => wake.notified().await,
                 Some(at) => {
@@ -94,7 +112,7 @@ impl Reactor for DataPlaneReactor {
         // Inside `block_on`, wake-ups of the runtime's tasks (an edge's sender, woken by a
         // batch) go to its local FIFO queue; the connection driver they wake in turn queues
         // behind all of them, so one step's writes share packets.
-        self.runtime.block_on(async { f() });
+        self.runtime().block_on(async { f() });
     }
 
     fn unparker(&self) -> Unparker {
@@ -229,6 +247,14 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[tokio::test]
+    async fn dropping_a_reactor_inside_an_async_context_does_not_panic() {
+        // E.g. an executor whose start fails after it created its reactor.
+        let reactor = DataPlaneReactor::new().unwrap();
+        reactor.handle().spawn(async {});
+        drop(reactor);
+    }
 
     #[test]
     fn park_ends_at_its_deadline_and_on_an_unpark_from_another_thread() {

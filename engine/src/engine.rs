@@ -182,14 +182,27 @@ impl Engine {
     }
 
     fn stop(&mut self) {
-        for worker in &self.workers {
-            worker.stop();
-        }
-        for thread in self.threads.drain(..) {
+        // Worker 0 stops last: if it drives a reactor (the network), tasks on the other
+        // workers must not lose it while they still run.
+        let join = |thread: JoinHandle<()>| {
             if thread.join().is_err() {
                 tracing::error!("a worker thread panicked outside operator code");
             }
+        };
+        for worker in self.workers.iter().skip(1) {
+            worker.stop();
         }
+        let mut threads: Vec<_> = self.threads.drain(..).collect();
+        let first = if threads.is_empty() {
+            None
+        } else {
+            Some(threads.remove(0))
+        };
+        threads.into_iter().for_each(join);
+        if let Some(worker) = self.workers.first() {
+            worker.stop();
+        }
+        first.into_iter().for_each(join);
     }
 }
 

@@ -6,9 +6,11 @@
 //! event loop (in the executor, an async runtime driving the QUIC data plane) that runs *on*
 //! a worker thread. The worker turns it between steps while tasks are runnable and blocks in
 //! it, instead of parking the thread, when they are not; whoever wakes one of the worker's
-//! tasks interrupts that block through [`Reactor::unparker`]. A remote edge's batch then goes
-//! from the producing task into the connection on the same thread, and an arriving batch is
-//! pushed to its consumer without a second thread in between.
+//! tasks interrupts that block through [`Reactor::unparker`]. For tasks on that worker, a
+//! remote edge's batch then goes from the producing task into the connection on the same
+//! thread, and an arriving batch is pushed to its consumer without a second thread in
+//! between; tasks on other workers still hand over to (and are woken by) it. The engine
+//! stops the reactor's worker last, so other workers never lose it while they run.
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -108,6 +108,10 @@ struct Conditions {
     batch_size: u32,
     linger_us: u64,
     checkpoint_interval_ms: u64,
+    /// Engine workers per executor as asked (`null`: cores ÷ executors).
+    executor_workers: Option<usize>,
+    /// Executors' spin window (µs).
+    spin_us: u64,
     warmup_secs: f64,
     duration_secs: f64,
     cluster: &'static str,
@@ -231,6 +235,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         batch_size: base.batch_size,
         linger_us: base.linger_us,
         checkpoint_interval_ms: base.checkpoint_interval_ms,
+        executor_workers: args.tuning.workers,
+        spin_us: args
+            .tuning
+            .spin_us
+            .unwrap_or(microcosm_control::executor::DEFAULT_SPIN_US),
         warmup_secs: args.warmup_secs,
         duration_secs: args.duration_secs,
         cluster: "one cluster for the whole sweep, one job per run",

@@ -34,7 +34,8 @@ pub struct ExecutorArgs {
     /// Engine worker threads.
     #[arg(long)]
     workers: Option<usize>,
-    /// µs an idle engine worker polls for work before parking (0 = park at once).
+    /// µs an idle engine worker keeps polling for work (worker 0: and its network) before
+    /// it sleeps (0 = at once).
     #[arg(long)]
     spin_us: Option<u64>,
     /// Heartbeat interval (ms).

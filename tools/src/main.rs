@@ -151,10 +151,11 @@ fn main() -> ExitCode {
                     sans,
                 },
         } => certs::init(&dir, &cluster_name, &sans),
-        Command::Master(args) => runtime().and_then(|rt| rt.block_on(master::run(args))),
-        // The executor's data plane runs on its engine thread; this runtime only carries
-        // control traffic (a heartbeat every 250 ms), which one thread handles with fewer
-        // idle wake-ups than two.
+        // Store writes run on the blocking pool (`meta::store`), so one runtime thread
+        // carries a master's RPCs and raft; the executor's data plane runs on its engine
+        // thread, so its runtime only carries control traffic (a heartbeat every 250 ms).
+        // One thread each: fewer idle wake-ups than two.
+        Command::Master(args) => runtime_with(1).and_then(|rt| rt.block_on(master::run(args))),
         Command::Executor(args) => runtime_with(1).and_then(|rt| rt.block_on(executor::run(args))),
         Command::Demo(args) => match runtime().and_then(|rt| rt.block_on(demo::run(args))) {
             Ok(true) => Ok(()),

@@ -69,7 +69,7 @@ impl Endpoint {
             socket,
             Arc::new(quinn::TokioRuntime),
         )
-        .map_err(|source| EndpointError::Bind { addr, source })?;
+        .map_err(|reason| EndpointError::Bind { addr, reason })?;
         endpoint.set_default_client_config(client);
 
         let inner = Arc::new(Inner {
@@ -249,6 +249,14 @@ impl Endpoint {
         self.inner.quinn.close(CLOSE_SHUTDOWN.into(), b"shutdown");
         lock(&self.inner.conns).clear();
     }
+
+    /// Waits (at most `patience`) until every connection has been closed cleanly: after
+    /// [`Endpoint::close`], until the peers were told. True if that happened in time.
+    pub async fn wait_closed(&self, patience: Duration) -> bool {
+        tokio::time::timeout(patience, self.inner.quinn.wait_idle())
+            .await
+            .is_ok()
+    }
 }
 
 /// One connection to a peer, shared by all calls and streams to it.
@@ -385,7 +393,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, EndpointError> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let bind_err = |source| EndpointError::Bind { addr, source };
+    let bind_err = |reason| EndpointError::Bind { addr, reason };
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
         .map_err(bind_err)?;
     if let Err(e) = socket.set_recv_buffer_size(buffer) {

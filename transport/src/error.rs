@@ -45,13 +45,12 @@ pub enum EndpointError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// Binding the UDP socket failed.
-    #[error("cannot bind {addr}: {source}")]
+    #[error("cannot bind {addr}: {reason}")]
     Bind {
         /// The address asked for.
         addr: std::net::SocketAddr,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
+        /// The OS error (in the message, not repeated as a source).
+        reason: std::io::Error,
     },
     /// The transport configuration is invalid.
     #[error("invalid transport config: {0}")]
