@@ -713,6 +713,38 @@ mod tests {
         }
     }
 
+    /// What a [`Manual`] source emits next.
+    type Feed = Arc<Mutex<VecDeque<u64>>>;
+
+    /// A source that emits what is pushed to its feed, feeding a collecting sink, spawned on
+    /// `worker`: (feed, source, sink, what the sink saw).
+    fn manual_to_collect(
+        worker: &Worker,
+    ) -> (
+        Feed,
+        TaskHandle,
+        TaskHandle,
+        Arc<Mutex<crate::testkit::Seen>>,
+    ) {
+        let queue = Arc::new(Mutex::new(VecDeque::new()));
+        let (out, inp) = edge::<u64>(&cfg(4, 8, 50)).unwrap();
+        let (sink, seen) = Collect::new();
+        let h = worker.handle();
+        let source = h
+            .spawn(
+                TaskSpec::new(
+                    "src",
+                    Manual {
+                        queue: queue.clone(),
+                    },
+                )
+                .output(out),
+            )
+            .unwrap();
+        let sink = h.spawn(TaskSpec::new("sink", sink).input(inp)).unwrap();
+        (queue, source, sink, seen)
+    }
+
     #[test]
     fn a_spinning_worker_sees_work_or_its_deadline_without_parking() {
         let (tx, _events) = crossbeam_channel::unbounded();
@@ -791,23 +823,8 @@ mod tests {
             !worker.attach_current_thread(),
             "one wake-up path per worker"
         );
-        let queue = Arc::new(Mutex::new(VecDeque::new()));
-        let (out, inp) = edge::<u64>(&cfg(4, 8, 50)).unwrap();
-        let (sink, seen) = Collect::new();
-        let h = worker.handle();
         // Spawning wakes the worker through the reactor's unparker.
-        let source = h
-            .spawn(
-                TaskSpec::new(
-                    "src",
-                    Manual {
-                        queue: queue.clone(),
-                    },
-                )
-                .output(out),
-            )
-            .unwrap();
-        h.spawn(TaskSpec::new("sink", sink).input(inp)).unwrap();
+        let (queue, source, _sink, seen) = manual_to_collect(&worker);
         assert!(reactor.unparks.load(Ordering::SeqCst) >= 2);
         // Busy: the reactor is turned, never blocked in.
         let outcome = worker.step(clock.now());
@@ -858,22 +875,7 @@ mod tests {
     #[test]
     fn idle_worker_parks_until_woken_and_a_wake_makes_the_task_run() {
         let (mut worker, clock, _events) = setup();
-        let queue = Arc::new(Mutex::new(VecDeque::new()));
-        let (out, inp) = edge::<u64>(&cfg(4, 8, 50)).unwrap();
-        let (sink, seen) = Collect::new();
-        let h = worker.handle();
-        let source = h
-            .spawn(
-                TaskSpec::new(
-                    "src",
-                    Manual {
-                        queue: queue.clone(),
-                    },
-                )
-                .output(out),
-            )
-            .unwrap();
-        let sink = h.spawn(TaskSpec::new("sink", sink).input(inp)).unwrap();
+        let (queue, source, sink, seen) = manual_to_collect(&worker);
 
         let first = worker.step(clock.now());
         assert_eq!(first.ran, 2, "new tasks run once");
@@ -906,22 +908,7 @@ mod tests {
     #[test]
     fn partial_batch_lingers_while_consumer_is_busy_then_flushes_at_deadline() {
         let (mut worker, clock, _events) = setup();
-        let queue = Arc::new(Mutex::new(VecDeque::new()));
-        let (out, inp) = edge::<u64>(&cfg(4, 8, 50)).unwrap();
-        let (sink, seen) = Collect::new();
-        let h = worker.handle();
-        let source = h
-            .spawn(
-                TaskSpec::new(
-                    "src",
-                    Manual {
-                        queue: queue.clone(),
-                    },
-                )
-                .output(out),
-            )
-            .unwrap();
-        let sink = h.spawn(TaskSpec::new("sink", sink).input(inp)).unwrap();
+        let (queue, source, sink, seen) = manual_to_collect(&worker);
         settle(&mut worker, clock.now());
         sink.pause();
         settle(&mut worker, clock.now());
