@@ -12,7 +12,7 @@
 //! `timerfd` that the driver watches like any socket.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use microcosm_engine::{Reactor, Unparker};
 use tokio::runtime::{Handle, Runtime};
@@ -81,31 +81,26 @@ impl Reactor for DataPlaneReactor {
         self.runtime().block_on(tokio::task::yield_now());
     }
 
-    fn park(&mut self, deadline: Option<Instant>) {
+    fn park(&mut self, timeout: Option<Duration>) {
         let wake = self.wake.clone();
         let timer = &self.timer;
-        self.runtime().block_on(async move {
-            match deadline {
-                None => wake.notified().await,
-                Some(at) => {
-                    let now = Instant::now();
-                    if at <= now {
-                        return;
-                    }
-                    if let Err(e) = timer.arm(at - now) {
-                        // Fall back to the runtime's (millisecond) timer.
-                        tracing::warn!(error = %e, "arming the deadline timer failed");
-                        let _ = tokio::time::timeout_at(at.into(), wake.notified()).await;
-                        return;
-                    }
-                    tokio::select! {
-                        () = wake.notified() => {}
-                        () = timer.expired() => {}
-                    }
-                    timer.disarm();
+        match timeout {
+            Some(t) if t.is_zero() => self.turn(),
+            None => self.runtime().block_on(wake.notified()),
+            Some(t) => self.runtime().block_on(async move {
+                if let Err(e) = timer.arm(t) {
+                    // Fall back to the runtime's (millisecond) timer.
+                    tracing::warn!(error = %e, "arming the deadline timer failed");
+                    let _ = tokio::time::timeout(t, wake.notified()).await;
+                    return;
                 }
-            }
-        });
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = timer.expired() => {}
+                }
+                timer.disarm();
+            }),
+        }
     }
 
     fn enter(&mut self, f: &mut dyn FnMut()) {
@@ -244,7 +239,7 @@ impl DeadlineTimer {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::time::Instant;
 
     use super::*;
 
@@ -259,9 +254,12 @@ mod tests {
     #[test]
     fn park_ends_at_its_deadline_and_on_an_unpark_from_another_thread() {
         let mut reactor = DataPlaneReactor::new().unwrap();
-        let at = Instant::now() + Duration::from_micros(300);
-        reactor.park(Some(at));
-        assert!(Instant::now() >= at, "returned before the deadline");
+        let start = Instant::now();
+        reactor.park(Some(Duration::from_micros(300)));
+        assert!(
+            start.elapsed() >= Duration::from_micros(300),
+            "returned before the deadline"
+        );
 
         // An unpark before the park is kept: the park returns at once.
         reactor.unparker()();
@@ -345,15 +343,15 @@ mod tests {
                 break v;
             }
             assert!(Instant::now() < deadline, "the task never ran");
-            reactor.park(Some(Instant::now() + Duration::from_millis(5)));
+            reactor.park(Some(Duration::from_millis(5)));
             reactor.turn();
         };
         assert_eq!(got, b"ping");
         // A stale expiry does not end a later park early: arm, let it fire, park again.
-        reactor.park(Some(Instant::now() + Duration::from_micros(50)));
+        reactor.park(Some(Duration::from_micros(50)));
         std::thread::sleep(Duration::from_millis(2));
-        let at = Instant::now() + Duration::from_millis(20);
-        reactor.park(Some(at));
-        assert!(Instant::now() >= at);
+        let start = Instant::now();
+        reactor.park(Some(Duration::from_millis(20)));
+        assert!(start.elapsed() >= Duration::from_millis(20));
     }
 }

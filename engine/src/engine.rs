@@ -11,7 +11,7 @@ use crossbeam_channel::Receiver;
 use crate::clock::{Clock, SystemClock};
 use crate::error::EngineError;
 use crate::operator::Operator;
-use crate::reactor::Reactor;
+use crate::reactor::{Reactor, ThreadParker};
 use crate::task::{TaskEvent, TaskHandle, TaskSpec};
 use crate::worker::{Worker, WorkerHandle};
 
@@ -226,12 +226,10 @@ fn run_worker(
     mut worker: Worker,
     clock: Arc<dyn Clock>,
     pin: Option<usize>,
-    mut reactor: Option<Box<dyn Reactor>>,
+    reactor: Option<Box<dyn Reactor>>,
 ) {
-    match &reactor {
-        Some(r) => worker.attach_reactor(r.unparker()),
-        None => worker.attach_current_thread(),
-    };
+    let mut reactor = reactor.unwrap_or_else(|| Box::new(ThreadParker));
+    worker.attach(reactor.as_ref());
     precise_timers();
     if let Some(core) = pin
         && !pin_current_thread(core)
@@ -243,18 +241,10 @@ fn run_worker(
             worker.cancel_all();
             break;
         }
-        match reactor.as_deref_mut() {
-            Some(r) => {
-                let mut outcome = None;
-                r.enter(&mut || outcome = Some(worker.step(clock.now())));
-                if let Some(outcome) = outcome {
-                    worker.park_in(&outcome, r);
-                }
-            }
-            None => {
-                let outcome = worker.step(clock.now());
-                worker.park(&outcome);
-            }
+        let mut outcome = None;
+        reactor.enter(&mut || outcome = Some(worker.step(clock.now())));
+        if let Some(outcome) = outcome {
+            worker.park_in(&outcome, reactor.as_mut());
         }
     }
 }

@@ -145,7 +145,7 @@ pub use error::EngineError;
 pub use exchange::{EdgeAddress, Exchange, ExchangeSender, MemoryExchange, Rejected};
 pub use graph::{EdgeNode, JobGraph, TaskNode};
 pub use operator::{Context, Operator, Status};
-pub use reactor::{Reactor, Unparker};
+pub use reactor::{Reactor, ThreadParker, Unparker};
 pub use task::{
     MetricsSnapshot, TaskEvent, TaskHandle, TaskId, TaskMetrics, TaskSpec, TaskState, TaskWaker,
 };

@@ -11,9 +11,11 @@
 //! thread, and an arriving batch is pushed to its consumer without a second thread in
 //! between; tasks on other workers still hand over to (and are woken by) it. The engine
 //! stops the reactor's worker last, so other workers never lose it while they run.
+//!
+//! A worker without one uses [`ThreadParker`], the reactor with no I/O: it parks the thread.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 /// Interrupts a blocked [`Reactor::park`] from any thread.
 pub type Unparker = Arc<dyn Fn() + Send + Sync>;
@@ -26,10 +28,11 @@ pub trait Reactor: Send + 'static {
     fn turn(&mut self);
 
     /// Blocks, running I/O work as it becomes ready, until the [`Reactor::unparker`] is
-    /// called or `deadline` passes (`None`: no deadline). A call of the unparker that
-    /// happened since the previous `park` returned makes this return at once, so a wake-up
-    /// between a worker's step and its park is never lost. Returning early is allowed.
-    fn park(&mut self, deadline: Option<Instant>);
+    /// called or `timeout` has passed (`None`: no timeout; zero: do not block). A call of
+    /// the unparker that happened since the previous `park` returned makes this return at
+    /// once, so a wake-up between a worker's step and its park is never lost. Returning
+    /// early is allowed.
+    fn park(&mut self, timeout: Option<Duration>);
 
     /// A handle that ends the current or next [`Reactor::park`].
     fn unparker(&self) -> Unparker;
@@ -40,5 +43,28 @@ pub trait Reactor: Send + 'static {
     /// packets as fit. The default just calls `f`.
     fn enter(&mut self, f: &mut dyn FnMut()) {
         f();
+    }
+}
+
+/// The reactor of a worker without I/O: nothing to turn; blocking parks the thread, and the
+/// unparker unparks the thread that asked for it (call [`Reactor::unparker`] on the worker's
+/// thread).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ThreadParker;
+
+impl Reactor for ThreadParker {
+    fn turn(&mut self) {}
+
+    fn park(&mut self, timeout: Option<Duration>) {
+        match timeout {
+            None => std::thread::park(),
+            Some(t) if t.is_zero() => {}
+            Some(t) => std::thread::park_timeout(t),
+        }
+    }
+
+    fn unparker(&self) -> Unparker {
+        let thread = std::thread::current();
+        Arc::new(move || thread.unpark())
     }
 }

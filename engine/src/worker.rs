@@ -17,7 +17,6 @@ use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -25,7 +24,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::clock::Clock;
 use crate::error::EngineError;
 use crate::operator::{Context, Operator, Status};
-use crate::reactor::{Reactor, Unparker};
+use crate::reactor::{Reactor, ThreadParker, Unparker};
 use crate::task::{
     CONTROL_CANCEL, CONTROL_PAUSE, CONTROL_RUN, NO_SLOT, Next, Runnable, Task, TaskEvent,
     TaskHandle, TaskMetrics, TaskShared, TaskSpec, TaskState, TaskWaker, WaitKind, next_task_id,
@@ -38,8 +37,8 @@ pub(crate) struct WorkerShared {
     run_rx: Receiver<Arc<TaskShared>>,
     inbox_tx: Sender<NewTask>,
     inbox_rx: Receiver<NewTask>,
-    /// How to wake the thread running this worker's loop, once attached.
-    thread: OnceLock<Wake>,
+    /// Wakes the thread running this worker's loop, once attached.
+    unparker: OnceLock<Unparker>,
     draining: AtomicBool,
     stopping: AtomicBool,
     live: AtomicUsize,
@@ -56,10 +55,8 @@ impl WorkerShared {
 
     /// Wakes the worker thread if it is parked (a single atomic operation if it is not).
     fn unpark(&self) {
-        match self.thread.get() {
-            Some(Wake::Thread(thread)) => thread.unpark(),
-            Some(Wake::Reactor(unpark)) => unpark(),
-            None => {}
+        if let Some(unpark) = self.unparker.get() {
+            unpark();
         }
     }
 
@@ -67,12 +64,6 @@ impl WorkerShared {
         // Nobody listening is fine: events are informational.
         let _ = self.events.send(event);
     }
-}
-
-/// How a worker's thread is woken: it parks itself, or blocks in a [`Reactor`].
-enum Wake {
-    Thread(Thread),
-    Reactor(Unparker),
 }
 
 struct NewTask {
@@ -245,7 +236,7 @@ impl Worker {
             run_rx,
             inbox_tx,
             inbox_rx,
-            thread: OnceLock::new(),
+            unparker: OnceLock::new(),
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             live: AtomicUsize::new(0),
@@ -285,30 +276,27 @@ impl Worker {
         self.shared.stopping.load(Ordering::Acquire)
     }
 
-    /// Makes the calling thread the one that wake-ups unpark. Call once, from the thread that
-    /// will run [`Worker::step`] and [`Worker::park`]. Returns false if a thread was already
-    /// attached.
+    /// Makes the calling thread the one that wake-ups unpark ([`ThreadParker`]). Call once,
+    /// from the thread that will run [`Worker::step`] and [`Worker::park`]. Returns false if
+    /// a thread or reactor was already attached.
     pub fn attach_current_thread(&self) -> bool {
-        self.shared
-            .thread
-            .set(Wake::Thread(std::thread::current()))
-            .is_ok()
+        self.attach(&ThreadParker)
     }
 
-    /// Makes wake-ups call `unpark` instead of unparking a thread: for a worker whose thread
-    /// blocks in a [`Reactor`] (see [`Worker::park_in`]). Call once, before the first step.
-    /// Returns false if a thread or unparker was already attached.
-    pub fn attach_reactor(&self, unpark: Unparker) -> bool {
-        self.shared.thread.set(Wake::Reactor(unpark)).is_ok()
+    /// Makes wake-ups go through `reactor`'s unparker: for a worker whose thread blocks in
+    /// it (see [`Worker::park_in`]). Call once, on the worker's thread, before the first
+    /// step. Returns false if a thread or reactor was already attached.
+    pub fn attach(&self, reactor: &dyn Reactor) -> bool {
+        self.shared.unparker.set(reactor.unparker()).is_ok()
     }
 
-    /// The reactor's half of the loop, instead of [`Worker::park`]: turns `reactor` if tasks
-    /// are runnable, otherwise blocks in it until the outcome's deadline or a wake-up.
+    /// The other half of the loop after [`Worker::step`]: turns `reactor` if tasks are
+    /// runnable, otherwise blocks in it until the outcome's deadline or a wake-up.
     ///
-    /// With a spin window (`set_spin`), an idle worker first keeps turning the reactor for
-    /// that long (so arriving packets and wake-ups are seen without the thread going to
-    /// sleep), and a timed block ends that much before the deadline, which is then awaited
-    /// by turning.
+    /// With a spin window (`set_spin`), an idle worker first keeps turning the reactor (and
+    /// polling its queues) for that long, so arriving work and wake-ups are seen without the
+    /// thread going to sleep, and a timed block ends that much before the deadline, which is
+    /// then awaited by spinning.
     pub fn park_in(&self, outcome: &StepOutcome, reactor: &mut dyn Reactor) {
         let deadline = match outcome.park() {
             Park::No => {
@@ -318,57 +306,23 @@ impl Worker {
             Park::Until(at) => Some(at),
             Park::Indefinitely => None,
         };
-        let due = |worker: &Self| deadline.is_some_and(|d| worker.clock.now() >= d);
-        if !self.spin.is_zero() {
-            let started = Instant::now();
-            loop {
-                reactor.turn();
-                if self.has_work() || due(self) {
-                    return;
-                }
-                if started.elapsed() >= self.spin {
-                    break;
-                }
-                std::hint::spin_loop();
-            }
+        if !self.spin.is_zero() && self.poll_for(self.spin, deadline, &mut || reactor.turn()) {
+            return;
         }
         match deadline {
-            _ if due(self) => reactor.turn(),
-            Some(at) => reactor.park(Some(at.checked_sub(self.spin).unwrap_or(at))),
+            Some(at) => match at.saturating_duration_since(self.clock.now()) {
+                left if left.is_zero() => reactor.turn(),
+                left => reactor.park(Some(left.saturating_sub(self.spin))),
+            },
             None => reactor.park(None),
         }
     }
 
-    /// Parks the calling (attached) thread as `outcome` says: the thread wrapper's half of
-    /// the loop. A wake-up that arrived since the step makes this return at once; spurious
-    /// returns are harmless (the caller steps again).
-    ///
-    /// With a spin window (`set_spin`), an idle worker first polls its queues for that long,
-    /// and a timed park ends that much early and polls until the deadline, so neither a
-    /// wake-up nor a timer pays the cost of parking.
+    /// [`Worker::park_in`] for a worker without a reactor: parks the calling (attached)
+    /// thread as `outcome` says. A wake-up that arrived since the step makes this return at
+    /// once; spurious returns are harmless (the caller steps again).
     pub fn park(&self, outcome: &StepOutcome) {
-        match outcome.park() {
-            Park::No => {}
-            Park::Until(at) => {
-                let now = self.clock.now();
-                if at <= now {
-                    return;
-                }
-                let wait = at - now;
-                if wait > self.spin {
-                    std::thread::park_timeout(wait - self.spin);
-                    if self.spin.is_zero() || self.has_work() {
-                        return;
-                    }
-                }
-                self.poll_for(self.spin, Some(at));
-            }
-            Park::Indefinitely => {
-                if self.spin.is_zero() || !self.poll_for(self.spin, None) {
-                    std::thread::park();
-                }
-            }
-        }
+        self.park_in(outcome, &mut ThreadParker);
     }
 
     /// Whether something may be runnable: a queued task or wake-up, or a lifecycle request.
@@ -380,14 +334,17 @@ impl Worker {
     }
 
     /// Polls for work for at most `budget` (real time), or until `deadline` on the worker's
-    /// clock. True if work arrived or the deadline passed.
-    fn poll_for(&self, budget: Duration, deadline: Option<Instant>) -> bool {
+    /// clock, calling `turn` each round. True if work arrived or the deadline passed.
+    fn poll_for(
+        &self,
+        budget: Duration,
+        deadline: Option<Instant>,
+        turn: &mut dyn FnMut(),
+    ) -> bool {
         let started = Instant::now();
         loop {
-            if self.has_work() {
-                return true;
-            }
-            if deadline.is_some_and(|d| self.clock.now() >= d) {
+            turn();
+            if self.has_work() || deadline.is_some_and(|d| self.clock.now() >= d) {
                 return true;
             }
             if started.elapsed() >= budget {
@@ -795,7 +752,7 @@ mod tests {
     #[derive(Default)]
     struct FakeReactor {
         turns: usize,
-        parks: Vec<Option<Instant>>,
+        parks: Vec<Option<Duration>>,
         unparks: Arc<AtomicUsize>,
     }
 
@@ -803,8 +760,8 @@ mod tests {
         fn turn(&mut self) {
             self.turns += 1;
         }
-        fn park(&mut self, deadline: Option<Instant>) {
-            self.parks.push(deadline);
+        fn park(&mut self, timeout: Option<Duration>) {
+            self.parks.push(timeout);
         }
         fn unparker(&self) -> Unparker {
             let unparks = self.unparks.clone();
@@ -818,7 +775,7 @@ mod tests {
     fn a_worker_with_a_reactor_turns_it_while_busy_blocks_in_it_when_idle_and_wakes_it() {
         let (mut worker, clock, _events) = setup();
         let mut reactor = FakeReactor::default();
-        assert!(worker.attach_reactor(reactor.unparker()));
+        assert!(worker.attach(&reactor));
         assert!(
             !worker.attach_current_thread(),
             "one wake-up path per worker"
@@ -869,7 +826,7 @@ mod tests {
             },
             &mut reactor,
         );
-        assert_eq!(reactor.parks, vec![Some(later)]);
+        assert_eq!(reactor.parks, vec![Some(later - clock.now())]);
     }
 
     #[test]
