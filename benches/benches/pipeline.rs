@@ -18,7 +18,7 @@
 //! iterations are printed at the end.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,8 +30,7 @@ use microcosm_control::reactor::DataPlaneReactor;
 use microcosm_demo::plan::{GROUP_SOURCES, GROUP_SYNC, tasks_in_group};
 use microcosm_demo::{DemoRecord, DemoSpec, StartContext, StartedTasks, plan, start_tasks};
 use microcosm_engine::{
-    Engine, EngineConfig, Exchange, MemoryExchange, MemorySnapshots, SnapshotSink, TaskEvent,
-    TaskId,
+    Engine, EngineConfig, Exchange, MemoryExchange, MemorySnapshots, SnapshotSink, wait_finished,
 };
 use microcosm_transport::tls::init_cluster_certs;
 use microcosm_transport::{Endpoint, Identity, Role, TransportConfig};
@@ -50,28 +49,9 @@ fn spec(dir: &std::path::Path, flow: &str) -> DemoSpec {
 }
 
 /// Waits until every task of `started` finished; panics on a failure.
-fn wait_finished(engines: &[&Engine], started: &[&StartedTasks]) {
-    let mut waiting: BTreeSet<TaskId> = started
-        .iter()
-        .flat_map(|s| s.tasks().values().map(|h| h.id()))
-        .collect();
-    let events: Vec<_> = engines.iter().map(|e| e.events()).collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !waiting.is_empty() {
-        assert!(Instant::now() < deadline, "tasks still running");
-        for rx in &events {
-            while let Ok(event) = rx.try_recv() {
-                match event {
-                    TaskEvent::Finished { task } => {
-                        waiting.remove(&task);
-                    }
-                    TaskEvent::Failed { task, error } => panic!("{task} failed: {error}"),
-                    _ => {}
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+fn wait_all_finished(engines: &[&Engine], started: &[&StartedTasks]) {
+    let ids = started.iter().flat_map(|s| s.ids());
+    wait_finished(engines, ids, Duration::from_secs(60)).unwrap();
 }
 
 fn merge(into: &mut Histogram<u64>, started: &StartedTasks) {
@@ -130,7 +110,7 @@ fn one_engine(c: &mut Criterion) {
                     snapshots: &snapshots,
                 })
                 .unwrap();
-                wait_finished(&[&engine], &[&started]);
+                wait_all_finished(&[&engine], &[&started]);
                 total += start.elapsed();
                 merge(&mut all, &started);
                 let _ = std::fs::remove_dir_all(spec.output_dir());
@@ -255,7 +235,7 @@ fn split_over_quic(c: &mut Criterion, name: &str, spin: Duration) {
                 // The consuming side binds first.
                 let b_tasks = ctx(&g2, &syncing.engine, &ex_sync);
                 let a_tasks = ctx(&g1, &sources.engine, &ex_sources);
-                wait_finished(&[&sources.engine, &syncing.engine], &[&a_tasks, &b_tasks]);
+                wait_all_finished(&[&sources.engine, &syncing.engine], &[&a_tasks, &b_tasks]);
                 total += start.elapsed();
                 merge(&mut all, &b_tasks);
                 syncing.registry.forget_job(run);

@@ -136,6 +136,11 @@ impl StartedTasks {
         &self.tasks
     }
 
+    /// The engine ids of the spawned tasks.
+    pub fn ids(&self) -> impl Iterator<Item = TaskId> + '_ {
+        self.tasks.values().map(TaskHandle::id)
+    }
+
     /// The handle of graph task `index`, if it was started here.
     pub fn handle(&self, index: u32) -> Option<&TaskHandle> {
         self.tasks.get(&index)

@@ -28,7 +28,7 @@ use microcosm_demo::{
 };
 use microcosm_engine::{
     EdgeConfig, Engine, EngineConfig, EngineError, Input, MemoryExchange, MemorySnapshots, Output,
-    RestorePoint, SnapshotSink, TaskEvent, TaskId, TaskSpec, edge,
+    RestorePoint, SnapshotSink, TaskEvent, TaskSpec, edge, wait_finished,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -58,30 +58,7 @@ fn spec_in(dir: &Path, tables: u32, streams: u32, rcd_cnt: u64, rate: u64) -> De
 
 /// Waits until every task of `started` has finished; panics on a failure or the timeout.
 fn wait_all_finished(engines: &[&Engine], started: &[&StartedTasks]) {
-    let mut waiting: BTreeSet<TaskId> = started
-        .iter()
-        .flat_map(|s| s.tasks().values().map(|h| h.id()))
-        .collect();
-    let events: Vec<_> = engines.iter().map(|e| e.events()).collect();
-    let deadline = Instant::now() + TIMEOUT;
-    while !waiting.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "tasks still running: {waiting:?}"
-        );
-        for rx in &events {
-            if let Ok(event) = rx.recv_timeout(Duration::from_millis(5)) {
-                match event {
-                    TaskEvent::Finished { task } => {
-                        waiting.remove(&task);
-                    }
-                    TaskEvent::Failed { task, error } => panic!("{task} failed: {error}"),
-                    TaskEvent::Cancelled { task } => panic!("{task} was cancelled"),
-                    _ => {}
-                }
-            }
-        }
-    }
+    wait_finished(engines, started.iter().flat_map(|s| s.ids()), TIMEOUT).unwrap();
 }
 
 fn assert_passes(spec: &DemoSpec) -> Report {
@@ -289,7 +266,6 @@ fn sink_io_error_fails_only_the_sink_task() {
 #[test]
 fn barrier_holds_every_stream_until_the_last_arrives() {
     let engine = Engine::start(EngineConfig::with_workers(2)).unwrap();
-    let events = engine.events();
     let barrier = Arc::new(BarrierCoordinator::new(3));
     let clock = UnixClock::system();
     let config = EdgeConfig {
@@ -395,18 +371,7 @@ fn barrier_holds_every_stream_until_the_last_arrives() {
     }
     // Ending the inputs finishes the syncers.
     drop(feeds);
-    let mut waiting: BTreeSet<TaskId> = ids.into_iter().collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !waiting.is_empty() {
-        assert!(Instant::now() < deadline);
-        match events.recv_timeout(Duration::from_millis(50)) {
-            Ok(TaskEvent::Finished { task }) => {
-                waiting.remove(&task);
-            }
-            Ok(TaskEvent::Failed { error, .. }) => panic!("{error}"),
-            _ => {}
-        }
-    }
+    wait_finished(&[&engine], ids, Duration::from_secs(10)).unwrap();
 }
 
 /// The latest checkpoint every one of `tasks` tasks has reported (or finished before).

@@ -1,5 +1,6 @@
 //! The engine: N worker threads, each running a [`Worker`] loop that parks when idle.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,7 +13,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::EngineError;
 use crate::operator::Operator;
 use crate::reactor::{Reactor, ThreadParker};
-use crate::task::{TaskEvent, TaskHandle, TaskSpec};
+use crate::task::{TaskEvent, TaskHandle, TaskId, TaskSpec};
 use crate::worker::{Worker, WorkerHandle};
 
 /// Engine settings.
@@ -221,6 +222,41 @@ impl fmt::Debug for Engine {
     }
 }
 
+/// Blocks until every one of `tasks` (on any of `engines`) has finished, reading the engines'
+/// event streams — for tests and benchmarks that run a job in process and own those streams.
+/// Fails on the first of them that failed or was cancelled, or once `timeout` has passed.
+pub fn wait_finished(
+    engines: &[&Engine],
+    tasks: impl IntoIterator<Item = TaskId>,
+    timeout: Duration,
+) -> Result<(), EngineError> {
+    let mut waiting: BTreeSet<TaskId> = tasks.into_iter().collect();
+    let events: Vec<_> = engines.iter().map(|e| e.events()).collect();
+    let deadline = Instant::now() + timeout;
+    while !waiting.is_empty() {
+        if Instant::now() >= deadline {
+            return Err(EngineError::NotFinished(format!(
+                "still running after {timeout:?}: {waiting:?}"
+            )));
+        }
+        for rx in &events {
+            match rx.recv_timeout(Duration::from_millis(5)) {
+                Ok(TaskEvent::Finished { task }) => {
+                    waiting.remove(&task);
+                }
+                Ok(TaskEvent::Failed { task, error }) if waiting.contains(&task) => {
+                    return Err(EngineError::NotFinished(format!("{task} failed: {error}")));
+                }
+                Ok(TaskEvent::Cancelled { task }) if waiting.contains(&task) => {
+                    return Err(EngineError::NotFinished(format!("{task} was cancelled")));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The thread wrapper: step, then park (or block in the reactor) as the step says.
 fn run_worker(
     mut worker: Worker,
@@ -280,4 +316,39 @@ fn pin_current_thread(core: usize) -> bool {
 #[cfg(not(target_os = "linux"))]
 fn pin_current_thread(_core: usize) -> bool {
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{Counter, Faulty};
+
+    #[test]
+    fn wait_finished_returns_when_the_tasks_finished_and_reports_a_failed_one() {
+        let engine = Engine::start(EngineConfig::with_workers(1)).unwrap();
+        let (out, _input) = crate::edge::<u64>(&crate::EdgeConfig::default()).unwrap();
+        let done = engine
+            .spawn(
+                TaskSpec::new(
+                    "done",
+                    Counter {
+                        next: 0,
+                        n: 3,
+                        per_run: 1,
+                    },
+                )
+                .output(out),
+            )
+            .unwrap();
+        wait_finished(&[&engine], [done.id()], Duration::from_secs(10)).unwrap();
+        let faulty = engine
+            .spawn(TaskSpec::new("faulty", Faulty { panic: false }))
+            .unwrap();
+        let err = wait_finished(&[&engine], [faulty.id()], Duration::from_secs(10)).unwrap_err();
+        assert!(
+            err.to_string().contains(&format!("{} failed", faulty.id())),
+            "{err}"
+        );
+        engine.shutdown(Duration::from_secs(5));
+    }
 }

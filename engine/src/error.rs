@@ -38,6 +38,10 @@ pub enum EngineError {
     /// The operating system refused to start a worker thread.
     #[error("starting a worker thread failed: {0}")]
     Spawn(String),
+    /// Tasks waited for with [`wait_finished`](crate::wait_finished) failed, were cancelled
+    /// or did not finish in time.
+    #[error("tasks did not finish: {0}")]
+    NotFinished(String),
 }
 
 impl EngineError {

@@ -140,7 +140,7 @@ pub use edge::{
     DEFAULT_LINGER, EdgeConfig, InboundHandle, InboundRejected, Input, Notify, Output, edge,
     inbound_edge,
 };
-pub use engine::{Engine, EngineConfig, ShutdownReport, precise_timers};
+pub use engine::{Engine, EngineConfig, ShutdownReport, precise_timers, wait_finished};
 pub use error::EngineError;
 pub use exchange::{EdgeAddress, Exchange, ExchangeSender, MemoryExchange, Rejected};
 pub use graph::{EdgeNode, JobGraph, TaskNode};
