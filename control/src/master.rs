@@ -1172,14 +1172,13 @@ async fn leader_loop(shared: Arc<Shared>) {
             lock(&shared.reports).remove(id);
         }
         // Checkpoints of jobs that ended will never be committed.
-        let active: std::collections::HashSet<u64> = node.read_local(|st| {
-            st.jobs
-                .values()
-                .filter(|j| !j.state.is_terminal())
-                .map(|j| j.id.0)
-                .collect()
+        node.read_local(|st| {
+            lock(&shared.checkpoints).retain(|job| {
+                st.jobs
+                    .get(&JobId(job))
+                    .is_some_and(|j| !j.state.is_terminal())
+            });
         });
-        lock(&shared.checkpoints).retain(|job| active.contains(&job));
         let commands = {
             let reports = lock(&shared.reports).clone();
             node.read_local(|st| {
