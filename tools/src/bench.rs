@@ -433,7 +433,7 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
     let job = match cluster.submit_demo(spec).await {
         Ok(id) => id,
         Err(e) => {
-            run.error = Some(format!("{e:#}"));
+            run.error = Some(crate::error_line(&e));
             return run;
         }
     };
@@ -475,7 +475,7 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
             run.synced_to_sink = percentiles(&m.to_sink);
             run.negative_latency_rows = m.negative;
         }
-        Ok(Err(e)) => run.error = Some(format!("{e:#}")),
+        Ok(Err(e)) => run.error = Some(crate::error_line(&e)),
         Err(e) => run.error = Some(format!("measurement task: {e}")),
     }
     run

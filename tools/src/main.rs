@@ -201,10 +201,26 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line. A cause whose text its parent's message already
+/// ends with is not repeated (library errors often name their source in their own message).
+pub(crate) fn error_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    let mut parent = line.clone();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !parent.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        parent = text;
+    }
+    line
 }
 
 fn verify(dir: &std::path::Path, job: &std::path::Path) -> anyhow::Result<bool> {
@@ -241,4 +257,30 @@ fn init_tracing() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+    use microcosm_transport::EndpointError;
+
+    #[test]
+    fn an_error_line_names_each_cause_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        // The cause is already in the message: not repeated.
+        let e = anyhow::Error::new(EndpointError::Bind {
+            addr: "127.0.0.1:9".parse().unwrap(),
+            source: io(),
+        });
+        assert_eq!(
+            error_line(&e),
+            "cannot bind 127.0.0.1:9: Address already in use"
+        );
+        // A context that does not name its cause: the cause follows.
+        let e = anyhow::Error::new(io()).context("starting the executor");
+        assert_eq!(
+            error_line(&e),
+            "starting the executor: Address already in use"
+        );
+    }
 }

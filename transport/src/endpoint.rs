@@ -69,7 +69,7 @@ impl Endpoint {
             socket,
             Arc::new(quinn::TokioRuntime),
         )
-        .map_err(|reason| EndpointError::Bind { addr, reason })?;
+        .map_err(|source| EndpointError::Bind { addr, source })?;
         endpoint.set_default_client_config(client);
 
         let inner = Arc::new(Inner {
@@ -393,7 +393,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, EndpointError> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let bind_err = |reason| EndpointError::Bind { addr, reason };
+    let bind_err = |source| EndpointError::Bind { addr, source };
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
         .map_err(bind_err)?;
     if let Err(e) = socket.set_recv_buffer_size(buffer) {

@@ -45,12 +45,13 @@ pub enum EndpointError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// Binding the UDP socket failed.
-    #[error("cannot bind {addr}: {reason}")]
+    #[error("cannot bind {addr}: {source}")]
     Bind {
         /// The address asked for.
         addr: std::net::SocketAddr,
-        /// The OS error (in the message, not repeated as a source).
-        reason: std::io::Error,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
     },
     /// The transport configuration is invalid.
     #[error("invalid transport config: {0}")]
