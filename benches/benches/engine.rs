@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use microcosm_engine::{
     Batch, Context, EdgeConfig, Engine, EngineConfig, EngineError, Input, Operator, Output, Status,
-    TaskEvent, TaskSpec, edge,
+    TaskSpec, edge, wait_finished,
 };
 
 fn base() -> Instant {
@@ -326,7 +326,6 @@ impl Operator for Sink {
 }
 
 fn run_pipeline(engine: &Engine, n: u64) -> Duration {
-    let events = engine.events();
     let config = EdgeConfig {
         capacity: 16,
         batch_size: 1024,
@@ -364,13 +363,7 @@ fn run_pipeline(engine: &Engine, n: u64) -> Duration {
             .on_worker(0),
         )
         .unwrap();
-    loop {
-        match events.recv_timeout(Duration::from_secs(60)).unwrap() {
-            TaskEvent::Finished { task } if task == sink.id() => break,
-            TaskEvent::Failed { error, .. } => panic!("{error}"),
-            _ => {}
-        }
-    }
+    wait_finished(&[engine], [sink.id()], Duration::from_secs(60)).unwrap();
     let elapsed = start.elapsed();
     let expected = (0..n).fold(0u64, |a, x| a.wrapping_add(x.wrapping_mul(3)));
     assert_eq!(sum.load(Ordering::Acquire), expected);

@@ -82,8 +82,7 @@ impl Reactor for DataPlaneReactor {
     }
 
     fn park(&mut self, timeout: Option<Duration>) {
-        let wake = self.wake.clone();
-        let timer = &self.timer;
+        let (wake, timer) = (&self.wake, &self.timer);
         match timeout {
             Some(t) if t.is_zero() => self.turn(),
             None => self.runtime().block_on(wake.notified()),

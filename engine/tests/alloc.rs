@@ -12,12 +12,12 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{AddOne, Counter, wait_finished};
+use common::{AddOne, Counter};
 use microcosm_engine::{
     Context, EdgeConfig, Engine, EngineConfig, EngineError, Input, Operator, Output, Status,
-    TaskSpec, edge,
+    TaskSpec, edge, wait_finished,
 };
 
 struct Counting;
@@ -45,11 +45,15 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// Checks order without storing records.
+/// Checks order without storing records, and samples the allocation count at the first
+/// batch boundary past `window.0` and past `window.1` records (so the measured window does
+/// not depend on when the test thread happens to look).
 struct Check {
     next: u64,
-    seen: Arc<AtomicU64>,
     bad: Arc<AtomicBool>,
+    window: (u64, u64),
+    /// (records, allocations) at the window's start and end.
+    samples: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
 }
 
 impl Operator for Check {
@@ -71,7 +75,15 @@ impl Operator for Check {
                 }
                 self.next += 1;
             }
-            self.seen.store(self.next, Ordering::Relaxed);
+            let mut samples = self.samples.lock().unwrap();
+            let bound = if samples.is_empty() {
+                self.window.0
+            } else {
+                self.window.1
+            };
+            if samples.len() < 2 && self.next >= bound {
+                samples.push((self.next, ALLOCATIONS.load(Ordering::SeqCst)));
+            }
         }
         Ok(if inputs[0].is_finished() {
             Status::Finished
@@ -81,20 +93,11 @@ impl Operator for Check {
     }
 }
 
-fn wait_until_seen(seen: &AtomicU64, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seen.load(Ordering::Relaxed) < n {
-        assert!(Instant::now() < deadline, "pipeline stalled");
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
 #[test]
 fn steady_state_pipeline_allocates_far_less_than_once_per_thousand_records() {
     const WARMUP: u64 = 200_000;
     const MEASURED: u64 = 1_000_000;
     let engine = Engine::start(EngineConfig::with_workers(2)).unwrap();
-    let events = engine.events();
     let config = EdgeConfig {
         capacity: 8,
         batch_size: 1024,
@@ -102,8 +105,8 @@ fn steady_state_pipeline_allocates_far_less_than_once_per_thousand_records() {
     };
     let (a_out, a_in) = edge::<u64>(&config).unwrap();
     let (b_out, b_in) = edge::<u64>(&config).unwrap();
-    let seen = Arc::new(AtomicU64::new(0));
     let bad = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
     let total = WARMUP + MEASURED + 100_000;
     engine
         .spawn(TaskSpec::new("source", Counter::new(total)).output(a_out))
@@ -121,23 +124,23 @@ fn steady_state_pipeline_allocates_far_less_than_once_per_thousand_records() {
                 "check",
                 Check {
                     next: 1,
-                    seen: seen.clone(),
                     bad: bad.clone(),
+                    window: (WARMUP, WARMUP + MEASURED),
+                    samples: samples.clone(),
                 },
             )
             .input(b_in),
         )
         .unwrap();
 
-    wait_until_seen(&seen, WARMUP);
-    let before = ALLOCATIONS.load(Ordering::SeqCst);
-    let from = seen.load(Ordering::Relaxed);
-    wait_until_seen(&seen, from + MEASURED);
-    let after = ALLOCATIONS.load(Ordering::SeqCst);
-    let records = seen.load(Ordering::Relaxed) - from;
-    wait_finished(&events, sink.id(), Duration::from_secs(60));
+    wait_finished(&[&engine], [sink.id()], Duration::from_secs(60)).unwrap();
     assert!(!bad.load(Ordering::Relaxed), "records out of order");
 
+    let samples = samples.lock().unwrap();
+    let [(from, before), (until, after)] = samples[..] else {
+        panic!("the window was not sampled: {samples:?}");
+    };
+    let records = until - from;
     let allocations = after - before;
     eprintln!("{allocations} allocations while {records} records flowed");
     // One allocation per thousand records would be 1000. What remains is the run queue's

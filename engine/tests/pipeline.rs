@@ -9,10 +9,10 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{AddOne, Collect, Counter, wait_finished};
+use common::{AddOne, Collect, Counter};
 use microcosm_engine::{
     Context, EdgeConfig, Engine, EngineConfig, EngineError, Input, Operator, Output, Status,
-    TaskSpec, TaskState, edge,
+    TaskSpec, TaskState, edge, wait_finished,
 };
 use proptest::prelude::*;
 
@@ -20,7 +20,6 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn run_pipeline(n: u64, workers: usize, config: &EdgeConfig) -> Vec<u64> {
     let engine = Engine::start(EngineConfig::with_workers(workers)).unwrap();
-    let events = engine.events();
     let (a_out, a_in) = edge::<u64>(config).unwrap();
     let (b_out, b_in) = edge::<u64>(config).unwrap();
     let (sink, seen) = Collect::new();
@@ -37,7 +36,7 @@ fn run_pipeline(n: u64, workers: usize, config: &EdgeConfig) -> Vec<u64> {
     let sink = engine
         .spawn(TaskSpec::new("sink", sink).input(b_in))
         .unwrap();
-    wait_finished(&events, sink.id(), TIMEOUT);
+    wait_finished(&[&engine], [sink.id()], TIMEOUT).unwrap();
     let report = engine.shutdown(Duration::from_secs(5));
     assert!(report.drained, "{report:?}");
     let seen = seen.lock().unwrap();
@@ -67,7 +66,6 @@ proptest! {
         workers in 1usize..4,
     ) {
         let engine = Engine::start(EngineConfig::with_workers(workers)).unwrap();
-        let events = engine.events();
         let config = EdgeConfig { capacity: 2, batch_size, ..EdgeConfig::default() };
         let (sink, seen) = Collect::new();
         let mut spec = TaskSpec::new("merge", sink);
@@ -78,7 +76,7 @@ proptest! {
             spec = spec.input(inp);
         }
         let sink = engine.spawn(spec).unwrap();
-        wait_finished(&events, sink.id(), TIMEOUT);
+        wait_finished(&[&engine], [sink.id()], TIMEOUT).unwrap();
         let seen = seen.lock().unwrap();
         for i in 0..3usize {
             let from: Vec<u64> = seen.iter().filter(|(idx, _)| *idx == i).map(|&(_, x)| x).collect();

@@ -2,12 +2,8 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use crossbeam_channel::Receiver;
-use microcosm_engine::{
-    Batch, Context, EngineError, Input, Operator, Output, Status, TaskEvent, TaskId,
-};
+use microcosm_engine::{Batch, Context, EngineError, Input, Operator, Output, Status};
 
 /// Emits `0..n`; finishes early when the engine drains.
 pub struct Counter {
@@ -130,19 +126,5 @@ impl Operator for Collect {
         } else {
             Status::BlockedOnInput
         })
-    }
-}
-
-/// Waits until `task` finishes; panics on a failure event or timeout.
-pub fn wait_finished(events: &Receiver<TaskEvent>, task: TaskId, timeout: Duration) {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match events.recv_timeout(left) {
-            Ok(TaskEvent::Finished { task: t }) if t == task => return,
-            Ok(TaskEvent::Failed { task, error }) => panic!("{task} failed: {error}"),
-            Ok(_) => {}
-            Err(e) => panic!("waiting for {task}: {e}"),
-        }
     }
 }
