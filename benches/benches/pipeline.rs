@@ -143,7 +143,7 @@ impl Side {
             Endpoint::bind(
                 SocketAddr::from(([127, 0, 0, 1], 0)),
                 &Identity::load(certs, Role::Executor).unwrap(),
-                TransportConfig::default(),
+                TransportConfig::data_plane(),
                 registry.router(),
             )
             .unwrap()

@@ -312,7 +312,7 @@ impl ExecutorServer {
             Endpoint::bind(
                 config.listen_addr,
                 &identity,
-                TransportConfig::default(),
+                TransportConfig::data_plane(),
                 registry.router(),
             )?
         };

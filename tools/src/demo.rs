@@ -206,6 +206,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     );
 
     let mut cluster = cluster_dir.launch(args.masters, args.executors, args.tuning)?;
+    // Submitting before every executor registered would place the whole job on the first
+    // one: no record would cross the network, and the placement would differ between runs.
+    cluster
+        .wait_for_executors(args.executors as usize, Duration::from_secs(30))
+        .await?;
     let job = cluster.submit_demo(&spec).await?;
     println!(
         "submitted job {job}; output in {}",

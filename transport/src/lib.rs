@@ -30,7 +30,7 @@ pub mod rpc;
 pub mod stream;
 pub mod tls;
 
-pub use config::TransportConfig;
+pub use config::{AckFrequency, TransportConfig};
 pub use endpoint::{Connection, Endpoint};
 pub use error::{EndpointError, ErrorCode, FrameError, RemoteError, RpcError, TlsError};
 pub use frame::{Frame, Message};
