@@ -40,6 +40,9 @@ struct Inner {
     config: TransportConfig,
     router: Arc<Router>,
     conns: Mutex<HashMap<(SocketAddr, Role), quinn::Connection>>,
+    /// One gate per peer being dialed: callers that find no cached connection queue here, so
+    /// concurrent first calls share one dial instead of racing to open a connection each.
+    dials: Mutex<HashMap<(SocketAddr, Role), Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Endpoint {
@@ -77,6 +80,7 @@ impl Endpoint {
             config,
             router: Arc::new(router),
             conns: Mutex::new(HashMap::new()),
+            dials: Mutex::new(HashMap::new()),
         });
         tokio::spawn(accept_loop(Arc::downgrade(&inner), inner.quinn.clone()));
         Ok(Self { inner })
@@ -108,6 +112,37 @@ impl Endpoint {
         if let Some(conn) = self.cached(addr, role) {
             return Ok(conn);
         }
+        let gate = lock(&self.inner.dials)
+            .entry((addr, role))
+            .or_default()
+            .clone();
+        let dialing = tokio::time::timeout_at(deadline, gate.lock()).await;
+        let result = match dialing {
+            Ok(_turn) => match self.cached(addr, role) {
+                // Another caller dialed while we waited.
+                Some(conn) => Ok(conn),
+                None => self.dial_with_retries(addr, role, deadline).await,
+            },
+            Err(_) => Err(RpcError::Unreachable {
+                addr,
+                reason: "timed out waiting for a connection attempt in progress".into(),
+            }),
+        };
+        let mut dials = lock(&self.inner.dials);
+        // The map's reference and ours: nobody else waits, so the gate can go.
+        if Arc::strong_count(&gate) == 2 {
+            dials.remove(&(addr, role));
+        }
+        result
+    }
+
+    /// Dials `addr`, re-dialing with backoff until `deadline`.
+    async fn dial_with_retries(
+        &self,
+        addr: SocketAddr,
+        role: Role,
+        deadline: Instant,
+    ) -> Result<Connection, RpcError> {
         let mut backoff = Duration::from_millis(20);
         loop {
             let attempt_deadline = deadline.min(Instant::now() + self.inner.config.connect_timeout);

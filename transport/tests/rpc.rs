@@ -160,6 +160,36 @@ async fn thousand_concurrent_calls_share_one_connection() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_dials_share_one_connection() {
+    let cluster = Cluster::new();
+    let client = cluster.client(Role::Executor);
+    let addr = cluster.addr();
+    let dials: Vec<_> = (0..16)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .connection(addr, Role::Master, Instant::now() + Duration::from_secs(5))
+                    .await
+                    .map(|c| c.quinn().stable_id())
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for d in dials {
+        ids.push(d.await.unwrap().unwrap());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        1,
+        "concurrent dials opened {} connections",
+        ids.len()
+    );
+}
+
 #[tokio::test]
 async fn deadline_expires() {
     let cluster = Cluster::new();
