@@ -35,6 +35,9 @@ pub struct Endpoint {
     inner: Arc<Inner>,
 }
 
+/// Held while dialing one peer; see `Inner::dials`.
+type DialGate = Arc<tokio::sync::Mutex<()>>;
+
 struct Inner {
     quinn: quinn::Endpoint,
     config: TransportConfig,
@@ -42,7 +45,7 @@ struct Inner {
     conns: Mutex<HashMap<(SocketAddr, Role), quinn::Connection>>,
     /// One gate per peer being dialed: callers that find no cached connection queue here, so
     /// concurrent first calls share one dial instead of racing to open a connection each.
-    dials: Mutex<HashMap<(SocketAddr, Role), Arc<tokio::sync::Mutex<()>>>>,
+    dials: Mutex<HashMap<(SocketAddr, Role), DialGate>>,
 }
 
 impl Endpoint {
