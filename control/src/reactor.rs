@@ -93,11 +93,15 @@ impl Reactor for DataPlaneReactor {
                     let _ = tokio::time::timeout(t, wake.notified()).await;
                     return;
                 }
-                tokio::select! {
-                    () = wake.notified() => {}
-                    () = timer.expired() => {}
+                let fired = tokio::select! {
+                    () = wake.notified() => false,
+                    () = timer.expired() => true,
+                };
+                // A one-shot timer that fired (and whose expiry `expired` read) is disarmed
+                // already: two syscalls saved on every timed park that ends at its deadline.
+                if !fired {
+                    timer.disarm();
                 }
-                timer.disarm();
             }),
         }
     }
