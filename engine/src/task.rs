@@ -145,7 +145,8 @@ pub struct MetricsSnapshot {
     pub batches_out: u64,
     /// Batches waiting in the task's input queues now.
     pub queue_depth: usize,
-    /// Time spent inside the operator.
+    /// Time spent running the task: inside the operator, plus the engine's per-invocation
+    /// bookkeeping just before it.
     pub busy: Duration,
     /// Time spent blocked on a full output (backpressure).
     pub blocked: Duration,
