@@ -380,8 +380,9 @@ mod tests {
             drop(OwnedBatch::pooled(buf, pool.clone()));
         }
         assert_eq!(pool.free().len(), 2, "a full pool drops the surplus buffer");
-        assert_eq!(pool.take().as_ptr(), pb, "last in, first out");
-        assert_eq!(pool.take().as_ptr(), pa);
+        let (first, second) = (pool.take(), pool.take());
+        assert_eq!(first.as_ptr(), pb, "last in, first out");
+        assert_eq!(second.as_ptr(), pa);
         // A buffer too small for a full batch is not kept.
         drop(OwnedBatch::pooled(Vec::with_capacity(1), pool.clone()));
         assert!(pool.free().is_empty());
