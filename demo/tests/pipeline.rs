@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use microcosm_demo::checkpoint::{Snapshots, TaskState};
-use microcosm_demo::operators::{Binlog, Syncer};
+use microcosm_demo::operators::{Binlog, STAGE_SAMPLE_EVERY, Syncer, stages_path};
 use microcosm_demo::plan::{GROUP_SOURCES, GROUP_SYNC, tasks_in_group};
 use microcosm_demo::record::TRACE_SYNCED;
 use microcosm_demo::{
@@ -111,6 +111,17 @@ fn one_engine_runs_the_whole_pipeline_and_the_verifier_passes() {
     // Every record went through a binlog once: data + one DDL per (table, version, stream).
     let logged: u64 = started.binlog_positions().values().map(|p| p.get()).sum();
     assert_eq!(logged, 3 * 2000 + 3 * 20 * 2);
+    // Each sink's stage breakdown covers every STAGE_SAMPLE_EVERY-th of its data rows.
+    for stream in 0..spec.binlog_num {
+        let rows = report.per_stream[stream as usize].data_rows;
+        let text = std::fs::read_to_string(stages_path(&spec.sink_path(stream))).unwrap();
+        let lines: Vec<&str> = text.lines().skip(1).collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        for line in lines {
+            let count: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            assert_eq!(count, rows.div_ceil(STAGE_SAMPLE_EVERY), "{line}");
+        }
+    }
 }
 
 #[test]

@@ -419,7 +419,10 @@ async fn busy_executor<'a>(
 
 /// Prints each sink's per-stage latency breakdown (from the records' time tracer).
 fn print_stages(spec: &DemoSpec) {
-    println!("per-stage latency (µs, data rows), by sink:");
+    println!(
+        "per-stage latency (µs, every {}th data row), by sink:",
+        microcosm_demo::operators::STAGE_SAMPLE_EVERY
+    );
     for i in 0..spec.binlog_num {
         let path = microcosm_demo::operators::stages_path(&spec.sink_path(i));
         let Ok(text) = std::fs::read_to_string(&path) else {
