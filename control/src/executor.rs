@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use microcosm_engine::{
-    Engine, EngineConfig, JobGraph, RestorePoint, SnapshotSink, TaskHandle, TaskId, TaskSnapshot,
-    TaskState,
+    Engine, EngineConfig, JobGraph, RestorePoint, SnapshotSink, SpinMode, TaskHandle, TaskId,
+    TaskSnapshot, TaskState,
 };
 use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
 use serde::Deserialize;
@@ -100,6 +100,11 @@ pub struct ExecutorConfig {
     /// an idle executor sleeps either way. At most 10,000.
     #[serde(default = "default_spin_us")]
     pub spin_us: u64,
+    /// When a worker spins: `adaptive` (default) only while work keeps arriving within
+    /// `spin-us`, so a trickle of records costs no spinning; `always` after every piece of
+    /// work.
+    #[serde(default, deserialize_with = "spin_mode_from_str")]
+    pub spin_mode: SpinMode,
     /// Heartbeat interval (ms).
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
@@ -117,7 +122,12 @@ fn default_spin_us() -> u64 {
 }
 
 /// Default of `spin-us`.
-pub const DEFAULT_SPIN_US: u64 = 0;
+pub const DEFAULT_SPIN_US: u64 = 200;
+
+fn spin_mode_from_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SpinMode, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(serde::de::Error::custom)
+}
 
 fn default_heartbeat() -> u64 {
     250
@@ -329,6 +339,7 @@ impl ExecutorServer {
             engine_config.workers = w;
         }
         engine_config.spin = Duration::from_micros(config.spin_us);
+        engine_config.spin_mode = config.spin_mode;
         let engine = Engine::start_with_reactor(engine_config, Box::new(reactor))
             .map_err(|e| ExecutorError::Engine(e.to_string()))?;
         let failures = Arc::new(Mutex::new(HashMap::new()));
@@ -734,6 +745,20 @@ certs-dir = "certs"
         c.validate().unwrap();
         assert_eq!(c.slots, 64);
         assert_eq!((c.heartbeat_ms, c.ttl_ms), (250, 1500));
+        assert_eq!(
+            (c.spin_us, c.spin_mode),
+            (DEFAULT_SPIN_US, SpinMode::Adaptive)
+        );
+    }
+
+    #[test]
+    fn spin_mode_is_read_by_name_and_a_wrong_one_is_named() {
+        let c = ExecutorConfig::from_toml(&format!("{BASE}spin-mode = \"always\"\n")).unwrap();
+        assert_eq!(c.spin_mode, SpinMode::Always);
+        let err = ExecutorConfig::from_toml(&format!("{BASE}spin-mode = \"often\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("often") && err.contains("adaptive"), "{err}");
     }
 
     #[test]

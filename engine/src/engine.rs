@@ -13,6 +13,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::EngineError;
 use crate::operator::Operator;
 use crate::reactor::{Reactor, ThreadParker};
+use crate::spin::SpinMode;
 use crate::task::{TaskEvent, TaskHandle, TaskId, TaskSpec};
 use crate::worker::{Worker, WorkerHandle};
 
@@ -27,13 +28,16 @@ pub struct EngineConfig {
     pub thread_name: String,
     /// How long an idle worker keeps polling its run queue (and turning its reactor, if it
     /// has one) before it parks, and how early it wakes from a timed park to poll until the
-    /// deadline (default 0: park at once).
+    /// deadline (default 0: park at once). `spin_mode` says when it does.
     ///
     /// Parking and waking a thread costs a few µs on bare metal and 30–40 µs on a VM whose
     /// idle vCPUs halt, and a timed park can end as late; spinning trades CPU for that latency. An
     /// idle engine still parks for good after `spin`, so it costs nothing when nothing
     /// happens; under a steady load of small batches a spinning worker rarely parks.
     pub spin: Duration,
+    /// When an idle worker spins: only while work arrives within the window (the default),
+    /// or always (see [`SpinMode`]).
+    pub spin_mode: SpinMode,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +47,7 @@ impl Default for EngineConfig {
             pin_workers: false,
             thread_name: "microcosm-worker".to_owned(),
             spin: Duration::ZERO,
+            spin_mode: SpinMode::default(),
         }
     }
 }
@@ -116,7 +121,7 @@ impl Engine {
         };
         for index in 0..config.workers {
             let mut worker = Worker::new(index, clock.clone(), events_tx.clone());
-            worker.set_spin(config.spin);
+            worker.set_spin(config.spin, config.spin_mode);
             engine.workers.push(worker.handle());
             let pin = config.pin_workers.then_some(index % cores);
             let clock = clock.clone();

@@ -128,6 +128,7 @@ pub mod graph;
 mod operator;
 pub mod operators;
 pub mod reactor;
+pub mod spin;
 mod task;
 #[cfg(test)]
 mod testkit;
@@ -146,6 +147,7 @@ pub use exchange::{EdgeAddress, Exchange, ExchangeSender, MemoryExchange, Reject
 pub use graph::{EdgeNode, JobGraph, TaskNode};
 pub use operator::{Context, Operator, Status};
 pub use reactor::{Reactor, ThreadParker, Unparker};
+pub use spin::{SpinGovernor, SpinMode};
 pub use task::{
     MetricsSnapshot, TaskEvent, TaskHandle, TaskId, TaskMetrics, TaskSpec, TaskState, TaskWaker,
 };

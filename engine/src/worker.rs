@@ -25,6 +25,7 @@ use crate::clock::Clock;
 use crate::error::EngineError;
 use crate::operator::{Context, Operator, Status};
 use crate::reactor::{Reactor, ThreadParker, Unparker};
+use crate::spin::{SpinGovernor, SpinMode};
 use crate::task::{
     CONTROL_CANCEL, CONTROL_PAUSE, CONTROL_RUN, NO_SLOT, Next, Runnable, Task, TaskEvent,
     TaskHandle, TaskMetrics, TaskShared, TaskSpec, TaskState, TaskWaker, WaitKind, next_task_id,
@@ -221,7 +222,7 @@ pub struct Worker {
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     tasks: usize,
     drain_seen: bool,
-    spin: Duration,
+    spin: SpinGovernor,
     /// When the last invocation ended (or the step began): the next one's busy time starts
     /// here, so each invocation costs one clock reading instead of two.
     mark: Instant,
@@ -253,14 +254,15 @@ impl Worker {
             timers: BinaryHeap::new(),
             tasks: 0,
             drain_seen: false,
-            spin: Duration::ZERO,
+            spin: SpinGovernor::new(Duration::ZERO, SpinMode::default()),
             mark: Instant::now(),
         }
     }
 
-    /// Sets how long [`Worker::park`] polls before parking (see `EngineConfig::spin`).
-    pub fn set_spin(&mut self, spin: Duration) {
-        self.spin = spin;
+    /// Sets how long [`Worker::park`] may poll before parking, and when it does (see
+    /// `EngineConfig::spin` and [`SpinMode`]).
+    pub fn set_spin(&mut self, window: Duration, mode: SpinMode) {
+        self.spin = SpinGovernor::new(window, mode);
     }
 
     /// A handle for spawning onto this worker from any thread.
@@ -300,8 +302,9 @@ impl Worker {
     /// With a spin window (`set_spin`), an idle worker first keeps turning the reactor (and
     /// polling its queues) for that long, so arriving work and wake-ups are seen without the
     /// thread going to sleep, and a timed block ends that much before the deadline, which is
-    /// then awaited by spinning.
-    pub fn park_in(&self, outcome: &StepOutcome, reactor: &mut dyn Reactor) {
+    /// then awaited by spinning. In [`SpinMode::Adaptive`] it does so only while its idle
+    /// periods have lately been shorter than the window (see [`crate::spin`]).
+    pub fn park_in(&mut self, outcome: &StepOutcome, reactor: &mut dyn Reactor) {
         let deadline = match outcome.park() {
             Park::No => {
                 reactor.turn();
@@ -310,22 +313,26 @@ impl Worker {
             Park::Until(at) => Some(at),
             Park::Indefinitely => None,
         };
-        if !self.spin.is_zero() && self.poll_for(self.spin, deadline, &mut || reactor.turn()) {
+        let idle_from = Instant::now();
+        let spin = self.spin.spin();
+        if !spin.is_zero() && self.poll_for(spin, deadline, &mut || reactor.turn()) {
+            self.spin.idle_ended(idle_from.elapsed());
             return;
         }
         match deadline {
             Some(at) => match at.saturating_duration_since(self.clock.now()) {
                 left if left.is_zero() => reactor.turn(),
-                left => reactor.park(Some(left.saturating_sub(self.spin))),
+                left => reactor.park(Some(left.saturating_sub(spin))),
             },
             None => reactor.park(None),
         }
+        self.spin.idle_ended(idle_from.elapsed());
     }
 
     /// [`Worker::park_in`] for a worker without a reactor: parks the calling (attached)
     /// thread as `outcome` says. A wake-up that arrived since the step makes this return at
     /// once; spurious returns are harmless (the caller steps again).
-    pub fn park(&self, outcome: &StepOutcome) {
+    pub fn park(&mut self, outcome: &StepOutcome) {
         self.park_in(outcome, &mut ThreadParker);
     }
 
@@ -714,7 +721,7 @@ mod tests {
     fn a_spinning_worker_sees_work_or_its_deadline_without_parking() {
         let (tx, _events) = crossbeam_channel::unbounded();
         let mut worker = Worker::new(0, Arc::new(crate::SystemClock), tx);
-        worker.set_spin(Duration::from_secs(5));
+        worker.set_spin(Duration::from_secs(5), SpinMode::Always);
         worker.attach_current_thread();
         // A deadline inside the spin window: polled until it passes, no park.
         let start = Instant::now();

@@ -112,6 +112,8 @@ struct Conditions {
     executor_workers: Option<usize>,
     /// Executors' spin window (µs).
     spin_us: u64,
+    /// When executors spin (`adaptive` or `always`).
+    spin_mode: String,
     warmup_secs: f64,
     duration_secs: f64,
     cluster: &'static str,
@@ -240,6 +242,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
             .tuning
             .spin_us
             .unwrap_or(microcosm_control::executor::DEFAULT_SPIN_US),
+        spin_mode: args.tuning.spin_mode.unwrap_or_default().to_string(),
         warmup_secs: args.warmup_secs,
         duration_secs: args.duration_secs,
         cluster: "one cluster for the whole sweep, one job per run",

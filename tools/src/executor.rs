@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use microcosm_control::executor::{ExecutorConfig, ExecutorServer};
+use microcosm_engine::SpinMode;
 
 use crate::config::Overrides;
 use tracing::info;
@@ -38,6 +39,10 @@ pub struct ExecutorArgs {
     /// it sleeps (0 = at once).
     #[arg(long)]
     spin_us: Option<u64>,
+    /// When to spin: `adaptive` (only while work keeps arriving within the spin window) or
+    /// `always`.
+    #[arg(long)]
+    spin_mode: Option<SpinMode>,
     /// Heartbeat interval (ms).
     #[arg(long)]
     heartbeat_ms: Option<u64>,
@@ -56,6 +61,7 @@ impl ExecutorArgs {
             .int("slots", self.slots.map(u64::from))
             .int("workers", self.workers.map(|w| w as u64))
             .int("spin-us", self.spin_us)
+            .display("spin-mode", self.spin_mode)
             .int("heartbeat-ms", self.heartbeat_ms)
             .int("ttl-ms", self.ttl_ms);
         o.load(self.config.as_deref(), ExecutorConfig::from_toml)

@@ -11,6 +11,7 @@ use anyhow::{Context, anyhow};
 use microcosm_control::client::MasterClient;
 use microcosm_control::proto::{SubmitJob, SubmitJobRequest};
 use microcosm_demo::DemoSpec;
+use microcosm_engine::SpinMode;
 use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
 
 /// A child process killed (and reaped) when dropped.
@@ -109,9 +110,13 @@ pub struct ExecutorTuning {
     #[arg(long = "executor-workers")]
     pub workers: Option<usize>,
     /// µs an idle engine worker keeps polling its tasks and network before it sleeps
-    /// (default: the executor's, 0).
+    /// (default: the executor's, 200; 0 = never spin).
     #[arg(long)]
     pub spin_us: Option<u64>,
+    /// When executors spin: `adaptive` (default: only while records arrive within the spin
+    /// window) or `always`.
+    #[arg(long)]
+    pub spin_mode: Option<SpinMode>,
 }
 
 /// The temporary directory and certificates of a cluster not started yet.
@@ -210,6 +215,12 @@ impl LocalClusterDir {
                         .spin_us
                         .into_iter()
                         .flat_map(|us| ["--spin-us".to_string(), us.to_string()]),
+                )
+                .chain(
+                    tuning
+                        .spin_mode
+                        .into_iter()
+                        .flat_map(|mode| ["--spin-mode".to_string(), mode.to_string()]),
                 )
                 .collect::<Vec<_>>(),
             )?);
