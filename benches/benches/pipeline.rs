@@ -9,9 +9,11 @@
 //!   own QUIC endpoint driven on its engine's worker thread and the executors' exchange
 //!   (`QuicExchange`, `DataPlaneReactor`), so every record crosses QUIC once. (Both sides
 //!   live in this process; `microcosm bench` measures the same with real processes.)
-//! - `pipeline/two_engines_quic_spin_200us`: the same with a 200 µs spin window on both
-//!   engines (executor `spin-us = 200`): an idle worker keeps turning its network reactor for
-//!   that long before it sleeps.
+//!   Both engines have no spin window (executor `spin-us = 0`): an idle worker sleeps at once.
+//! - `pipeline/two_engines_quic_adaptive_spin`: the same with the executors' default, a 200 µs
+//!   adaptive spin window (`spin-us = 200`, `spin-mode = "adaptive"`): while records keep
+//!   arriving within 200 µs an idle worker keeps turning its network reactor instead of
+//!   sleeping.
 //!
 //! Each iteration runs one 50,000-record job; criterion's time is the job's wall time (about
 //! 0.5 s when the pipeline keeps up), and the producer-to-sink latency percentiles of all
@@ -179,11 +181,15 @@ fn two_engines_quic(c: &mut Criterion) {
     split_over_quic(c, "two_engines_quic", Duration::ZERO);
 }
 
-fn two_engines_quic_spin(c: &mut Criterion) {
-    split_over_quic(c, "two_engines_quic_spin_200us", Duration::from_micros(200));
+fn two_engines_quic_adaptive_spin(c: &mut Criterion) {
+    split_over_quic(
+        c,
+        "two_engines_quic_adaptive_spin",
+        Duration::from_micros(microcosm_control::executor::DEFAULT_SPIN_US),
+    );
 }
 
-/// The split job; `spin` is both engines' spin window (executor `spin-us`).
+/// The split job; `spin` is both engines' spin window (executor `spin-us`, adaptive).
 fn split_over_quic(c: &mut Criterion, name: &str, spin: Duration) {
     let certs = tempfile::tempdir().unwrap();
     init_cluster_certs(certs.path(), "bench", &[]).unwrap();
@@ -253,5 +259,10 @@ fn split_over_quic(c: &mut Criterion, name: &str, spin: Duration) {
     }
 }
 
-criterion_group!(benches, one_engine, two_engines_quic, two_engines_quic_spin);
+criterion_group!(
+    benches,
+    one_engine,
+    two_engines_quic,
+    two_engines_quic_adaptive_spin
+);
 criterion_main!(benches);
