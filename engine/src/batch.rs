@@ -81,9 +81,9 @@ impl<R> BufferPool<R> {
 
     /// An empty buffer with room for a full batch, recycled when one is available.
     pub(crate) fn take(&self) -> Vec<R> {
-        self.free()
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(self.batch_size))
+        let recycled = self.free().pop();
+        // Allocate, if need be, after the lock is released.
+        recycled.unwrap_or_else(|| Vec::with_capacity(self.batch_size))
     }
 
     fn give(&self, mut buffer: Vec<R>) {

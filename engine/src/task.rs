@@ -145,8 +145,8 @@ pub struct MetricsSnapshot {
     pub batches_out: u64,
     /// Batches waiting in the task's input queues now.
     pub queue_depth: usize,
-    /// Time spent running the task: inside the operator, plus the engine's per-invocation
-    /// bookkeeping just before it.
+    /// Time spent running the task: inside the operator, plus the engine's bookkeeping
+    /// since the invocation before it on the same worker (mostly that task's output flush).
     pub busy: Duration,
     /// Time spent blocked on a full output (backpressure).
     pub blocked: Duration,

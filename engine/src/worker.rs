@@ -375,7 +375,7 @@ impl Worker {
             self.wake_sources();
         }
         self.fire_timers(now);
-        self.mark = now;
+        self.mark = self.clock.now();
         let budget = self.shared.run_rx.len();
         let mut ran = 0;
         for _ in 0..budget {
@@ -547,8 +547,9 @@ impl Worker {
         };
         let task = &mut slot.task;
         let result = catch_unwind(AssertUnwindSafe(|| task.invoke(&mut cx)));
-        // Busy time runs from the previous invocation's end: it includes the engine's
-        // bookkeeping for this task (settling the previous task's outputs, a few atomics).
+        // Busy time runs from the previous invocation's end (or the start of the round): it
+        // includes the engine's bookkeeping in between, mostly settling the previous task's
+        // outputs, and leaves out the last settle of each round.
         let ended = self.clock.now();
         slot.shared
             .metrics

@@ -112,7 +112,7 @@ struct Conditions {
     executor_workers: Option<usize>,
     /// Executors' spin window (µs).
     spin_us: u64,
-    /// When executors spin (`adaptive` or `always`).
+    /// When executors spin (`adaptive` or `always`; `off` with `spin-us = 0`).
     spin_mode: String,
     warmup_secs: f64,
     duration_secs: f64,
@@ -242,7 +242,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
             .tuning
             .spin_us
             .unwrap_or(microcosm_control::executor::DEFAULT_SPIN_US),
-        spin_mode: args.tuning.spin_mode.unwrap_or_default().to_string(),
+        spin_mode: if args.tuning.spin_us == Some(0) {
+            "off".to_string()
+        } else {
+            args.tuning.spin_mode.unwrap_or_default().to_string()
+        },
         warmup_secs: args.warmup_secs,
         duration_secs: args.duration_secs,
         cluster: "one cluster for the whole sweep, one job per run",

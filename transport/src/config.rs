@@ -145,9 +145,12 @@ impl TransportConfig {
             .send_window(self.send_window);
         if let Some(ack) = self.ack_frequency {
             let mut frequency = quinn::AckFrequencyConfig::default();
+            // Reordering threshold 1: a packet that arrives out of order is acknowledged at
+            // once (as without the extension), so a loss is still noticed quickly.
             frequency
                 .ack_eliciting_threshold(ack.packets.into())
-                .max_ack_delay(Some(ack.max_delay));
+                .max_ack_delay(Some(ack.max_delay))
+                .reordering_threshold(1u32.into());
             t.ack_frequency_config(Some(frequency));
         }
         if let Some(window) = self.initial_window {

@@ -38,6 +38,45 @@ pub struct Endpoint {
 /// Held while dialing one peer; see `Inner::dials`.
 type DialGate = Arc<tokio::sync::Mutex<()>>;
 
+type DialGates = Mutex<HashMap<(SocketAddr, Role), DialGate>>;
+
+/// A caller's share of a peer's dial gate. Dropping it (the call ended, or its future was
+/// dropped) removes the gate from the map once nobody else holds it.
+struct GateRef<'a> {
+    gates: &'a DialGates,
+    key: (SocketAddr, Role),
+    gate: Option<DialGate>,
+}
+
+impl<'a> GateRef<'a> {
+    fn join(gates: &'a DialGates, key: (SocketAddr, Role)) -> Self {
+        let gate = lock(gates).entry(key).or_default().clone();
+        Self {
+            gates,
+            key,
+            gate: Some(gate),
+        }
+    }
+
+    fn gate(&self) -> &tokio::sync::Mutex<()> {
+        // Invariant: `gate` is `Some` until `drop`.
+        self.gate.as_ref().expect("the gate is held until drop")
+    }
+}
+
+impl Drop for GateRef<'_> {
+    fn drop(&mut self) {
+        let mut gates = lock(self.gates);
+        // Count and release under the map's lock, so two callers leaving together cannot
+        // both see the other's reference and leave the entry behind.
+        if let Some(gate) = self.gate.take()
+            && Arc::strong_count(&gate) == 2
+        {
+            gates.remove(&self.key);
+        }
+    }
+}
+
 struct Inner {
     quinn: quinn::Endpoint,
     config: TransportConfig,
@@ -45,7 +84,7 @@ struct Inner {
     conns: Mutex<HashMap<(SocketAddr, Role), quinn::Connection>>,
     /// One gate per peer being dialed: callers that find no cached connection queue here, so
     /// concurrent first calls share one dial instead of racing to open a connection each.
-    dials: Mutex<HashMap<(SocketAddr, Role), DialGate>>,
+    dials: DialGates,
 }
 
 impl Endpoint {
@@ -115,12 +154,9 @@ impl Endpoint {
         if let Some(conn) = self.cached(addr, role) {
             return Ok(conn);
         }
-        let gate = lock(&self.inner.dials)
-            .entry((addr, role))
-            .or_default()
-            .clone();
-        let dialing = tokio::time::timeout_at(deadline, gate.lock()).await;
-        let result = match dialing {
+        let gate = GateRef::join(&self.inner.dials, (addr, role));
+        let dialing = tokio::time::timeout_at(deadline, gate.gate().lock()).await;
+        match dialing {
             Ok(_turn) => match self.cached(addr, role) {
                 // Another caller dialed while we waited.
                 Some(conn) => Ok(conn),
@@ -130,13 +166,7 @@ impl Endpoint {
                 addr,
                 reason: "timed out waiting for a connection attempt in progress".into(),
             }),
-        };
-        let mut dials = lock(&self.inner.dials);
-        // The map's reference and ours: nobody else waits, so the gate can go.
-        if Arc::strong_count(&gate) == 2 {
-            dials.remove(&(addr, role));
         }
-        result
     }
 
     /// Dials `addr`, re-dialing with backoff until `deadline`.
