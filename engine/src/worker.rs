@@ -223,8 +223,9 @@ pub struct Worker {
     tasks: usize,
     drain_seen: bool,
     spin: SpinGovernor,
-    /// When the last invocation ended (or the step began): the next one's busy time starts
-    /// here, so each invocation costs one clock reading instead of two.
+    /// When the last invocation ended (or, for a round's first task, when the round's tasks
+    /// began): the next one's busy time starts here, so each invocation costs one clock
+    /// reading instead of two.
     mark: Instant,
 }
 
