@@ -19,7 +19,8 @@
 //! - A syncer forwards barrier `n` only after every record before it has passed the DDL
 //!   barrier; while a DDL before the barrier is still held it takes no record that comes
 //!   after the barrier. Its snapshot is the per-table watermark of released DDLs.
-//! - A sink flushes and fsyncs its file at barrier `n` and snapshots the file's length.
+//! - A sink snapshots its file's length at barrier `n`; its file writer reports the snapshot
+//!   once everything before the barrier is written and fsynced ([`crate::sinkwriter`]).
 //!
 //! A checkpoint is complete when every task has snapshotted it (a task that finished stands
 //! for every later checkpoint with its last state); the masters then commit it.

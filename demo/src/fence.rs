@@ -122,15 +122,15 @@ impl FencedFile {
         Ok(Self { data, fence, epoch })
     }
 
-    /// Flushes written data to disk.
+    /// Flushes written data and the file's metadata to disk.
     pub fn sync(&self) -> io::Result<()> {
         self.data.sync_all()
     }
 
-    /// A second handle on the data file, e.g. to fsync it from another thread while this one
-    /// keeps writing (an fsync covers everything written before it, through any handle).
-    pub fn data_handle(&self) -> io::Result<File> {
-        self.data.try_clone()
+    /// Flushes written data to disk, and of the metadata only what reading it back needs
+    /// (`fdatasync`).
+    pub fn sync_data(&self) -> io::Result<()> {
+        self.data.sync_data()
     }
 }
 

@@ -63,6 +63,7 @@ pub mod plan;
 pub mod record;
 pub mod runtime;
 pub mod sinkfile;
+pub mod sinkwriter;
 pub mod spec;
 pub mod verify;
 

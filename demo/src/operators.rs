@@ -17,24 +17,22 @@
 //! complete.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs;
-use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use microcosm_engine::{Batch, Context, EngineError, Input, Operator, Output, Status};
+use microcosm_engine::{Batch, Context, EngineError, Input, Notify, Operator, Output, Status};
 
 use crate::barrier::{Arrival, BarrierCoordinator};
 use crate::checkpoint::{Snapshots, TaskState};
-use crate::fence::FencedFile;
 use crate::record::{
     DemoRecord, RecordKind, TRACE_BINLOG, TRACE_PRODUCED, TRACE_RECEIVE, TRACE_SINK, TRACE_SYNCED,
     UnixClock,
 };
 use crate::sinkfile::{RowKind, SinkRow};
+use crate::sinkwriter::{After, BUFFER_BYTES, Job, Offer, QUEUE_BUFFERS, SinkWriter, WriterTarget};
 use crate::spec::DemoSpec;
 
 /// Most records one invocation of an operator handles before yielding to other tasks.
@@ -1076,20 +1074,27 @@ pub(crate) fn new_histogram() -> Histogram<u64> {
 
 /// Sink `stream`: writes one CSV line per record ([`SinkRow::write_to`]) to its file,
 /// measures `sink − produced` latency of data rows into a [`LatencyHandle`] (published every
-/// [`PUBLISH_EVERY`] and at the end), and on the end of its input flushes and fsyncs the file
-/// before finishing. At each checkpoint barrier it writes out its buffer and snapshots the
-/// file length once a background fsync made it durable.
+/// [`PUBLISH_EVERY`] and at the end), and at each checkpoint barrier has the file made
+/// durable before its snapshot (file length and rows) is reported.
 ///
-/// The file is created (truncated) on the first run, its directory too. I/O errors fail the
-/// task.
+/// The sink itself never touches the file: it formats rows into buffers and hands them to
+/// its [`SinkWriter`] thread (see [`crate::sinkwriter`] for why), which claims the file
+/// (creating it and its directory, keeping only the committed prefix), appends, fsyncs at
+/// checkpoints and at the end, and writes the stage breakdown. A row's `sink_ns` is when the
+/// sink took it. While the writer's queue is full the sink takes no input. It finishes once
+/// the writer has fsynced everything. I/O errors fail the task.
 #[derive(Debug)]
 pub struct Sink {
     stream: u32,
     path: PathBuf,
     clock: UnixClock,
     epoch: u64,
-    writer: Option<BufWriter<FencedFile>>,
-    line: Vec<u8>,
+    /// Started on the first invocation (it needs the task's waker).
+    writer: Option<SinkWriter>,
+    /// Formatted rows not yet handed to the writer.
+    buf: Vec<u8>,
+    /// Records taken from the input and not yet formatted (the rest of a batch while the
+    /// writer's queue is full).
     scratch: VecDeque<DemoRecord>,
     local: Histogram<u64>,
     latency: LatencyHandle,
@@ -1100,12 +1105,12 @@ pub struct Sink {
     /// Data rows seen, for sampling `stages`.
     data_rows: u64,
     snapshots: Snapshots,
-    /// Bytes in the file (the restored prefix included).
+    /// Bytes of the file including `buf` (the restored prefix included).
     length: u64,
     /// Length to keep when claiming the file (restored from a checkpoint).
     keep: u64,
-    /// Fsyncs checkpoints off the worker thread (started at the first checkpoint).
-    durability: Option<Durability>,
+    /// The end was handed to the writer; the sink finishes when the writer did.
+    finish_sent: bool,
     /// When the latency histogram was last published.
     published_at: Option<Instant>,
 }
@@ -1119,61 +1124,6 @@ pub const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// eight still holds hundreds of thousands of rows per run. End-to-end latency is measured
 /// on every row.
 pub const STAGE_SAMPLE_EVERY: u64 = 8;
-
-/// One checkpoint's fsync.
-struct SyncJob {
-    file: fs::File,
-    checkpoint: u64,
-    state: TaskState,
-}
-
-/// A sink's background thread: fsyncs the file for each checkpoint, in order, then reports
-/// the snapshot. Ends when the sink drops its sender, or after a failed fsync (remembered
-/// for the sink to fail on).
-#[derive(Debug)]
-struct Durability {
-    jobs: std::sync::mpsc::Sender<SyncJob>,
-    failed: Arc<Mutex<Option<String>>>,
-}
-
-impl Durability {
-    fn start(stream: u32, snapshots: Snapshots) -> Result<Durability, EngineError> {
-        let (jobs, queue) = std::sync::mpsc::channel::<SyncJob>();
-        let failed = Arc::new(Mutex::new(None));
-        let failure = failed.clone();
-        std::thread::Builder::new()
-            .name(format!("sink-{stream}-fsync"))
-            .spawn(move || {
-                for job in queue {
-                    if let Err(e) = job.file.sync_data() {
-                        *failure.lock().unwrap_or_else(PoisonError::into_inner) =
-                            Some(e.to_string());
-                        return;
-                    }
-                    snapshots.report(job.checkpoint, false, &job.state);
-                }
-            })
-            .map_err(|e| {
-                EngineError::operator(format!("sink {stream}: cannot start its fsync thread: {e}"))
-            })?;
-        Ok(Durability { jobs, failed })
-    }
-
-    fn failure(&self) -> Option<String> {
-        self.failed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
-
-impl std::fmt::Debug for SyncJob {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SyncJob")
-            .field("checkpoint", &self.checkpoint)
-            .finish()
-    }
-}
 
 /// Names of the stages a sink breaks latency into, in tracer order.
 pub const STAGES: [&str; 4] = [
@@ -1206,7 +1156,7 @@ impl Sink {
             epoch,
             clock,
             writer: None,
-            line: Vec::with_capacity(160),
+            buf: Vec::new(),
             scratch: VecDeque::new(),
             local: new_histogram(),
             latency,
@@ -1221,7 +1171,7 @@ impl Sink {
             snapshots,
             length: 0,
             keep: 0,
-            durability: None,
+            finish_sent: false,
             published_at: None,
         }
     }
@@ -1234,133 +1184,121 @@ impl Sink {
         self.rows = rows;
     }
 
-    /// Checkpoint `checkpoint`: writes out the buffered rows and hands the file's length to
-    /// the sink's durability thread, which fsyncs and only then reports the snapshot. The
-    /// fsync (milliseconds on some disks) thus never stalls this worker's other tasks.
-    fn checkpoint(&mut self, checkpoint: u64) -> Result<(), EngineError> {
-        self.check_durability()?;
-        let Some(writer) = self.writer.as_mut() else {
-            return Err(EngineError::operator("sink writer is not open"));
-        };
-        let flushed = writer.flush().and_then(|()| writer.get_ref().data_handle());
-        let file = flushed.map_err(|e| self.io_error("flushing", &e))?;
-        let job = SyncJob {
-            file,
-            checkpoint,
-            state: TaskState::Sink {
-                length: self.length,
-                rows: self.rows,
-            },
-        };
-        let durability = match &mut self.durability {
-            Some(d) => d,
-            none => none.insert(Durability::start(self.stream, self.snapshots.clone())?),
-        };
-        if durability.jobs.send(job).is_err() {
-            // The thread only exits after a failed fsync, which `check_durability` reports.
-            self.check_durability()?;
-            return Err(EngineError::operator(format!(
-                "sink {}: the durability thread stopped",
-                self.stream
-            )));
-        }
-        Ok(())
-    }
-
-    /// Fails if a background fsync failed.
-    fn check_durability(&self) -> Result<(), EngineError> {
-        match self.durability.as_ref().and_then(Durability::failure) {
-            Some(e) => Err(EngineError::operator(format!(
-                "sink {}: fsync of {} failed: {e}",
-                self.stream,
-                self.path.display()
-            ))),
-            None => Ok(()),
-        }
-    }
-
     /// Rows written so far.
     pub fn rows(&self) -> u64 {
         self.rows
     }
 
-    fn io_error(&self, what: &str, error: &std::io::Error) -> EngineError {
-        EngineError::operator(format!(
-            "sink {}: {what} {}: {error}",
-            self.stream,
-            self.path.display()
-        ))
+    /// Starts the writer thread on the first invocation.
+    fn start_writer(&mut self, cx: &Context<'_>) -> Result<&SinkWriter, EngineError> {
+        let writer = match &mut self.writer {
+            Some(w) => w,
+            none => {
+                let target = WriterTarget {
+                    stream: self.stream,
+                    path: self.path.clone(),
+                    epoch: self.epoch,
+                    keep: self.keep,
+                };
+                let waker: Arc<dyn Notify> = Arc::new(cx.waker().clone());
+                let w = SinkWriter::start(target, self.snapshots.clone(), waker, QUEUE_BUFFERS)?;
+                self.buf = w.buffer();
+                none.insert(w)
+            }
+        };
+        if let Some(reason) = writer.failure() {
+            return Err(EngineError::operator(reason));
+        }
+        Ok(writer)
     }
 
-    fn open(&mut self) -> Result<(), EngineError> {
-        if self.writer.is_some() {
-            return Ok(());
+    /// Hands `buf` and `after` to the writer; false (nothing changed) if its queue is full.
+    fn hand_over(&mut self, after: After) -> Result<bool, EngineError> {
+        let Some(writer) = self.writer.as_ref() else {
+            return Err(EngineError::operator("sink writer is not started"));
+        };
+        let data = std::mem::take(&mut self.buf);
+        match writer.offer(Job { data, after })? {
+            Offer::Taken => {
+                self.buf = writer.buffer();
+                Ok(true)
+            }
+            Offer::Full(job) => {
+                self.buf = job.data;
+                Ok(false)
+            }
         }
-        if let Some(dir) = self.path.parent() {
-            fs::create_dir_all(dir).map_err(|e| self.io_error("creating the directory of", &e))?;
-        }
-        let file = FencedFile::claim(&self.path, self.epoch, self.keep)
-            .map_err(|e| self.io_error("claiming", &e))?;
-        self.writer = Some(BufWriter::with_capacity(1 << 16, file));
-        Ok(())
     }
 
-    fn write_batch(&mut self, batch: &Batch<DemoRecord>) -> Result<(), EngineError> {
-        self.scratch.clear();
-        extend_from(batch, &mut self.scratch);
+    /// Formats the records in `scratch`, handing full buffers and checkpoints to the writer;
+    /// false if its queue is full (the rest stays in `scratch`).
+    fn drain_scratch(&mut self) -> Result<bool, EngineError> {
         let now_ns = self.clock.now_ns();
-        while let Some(mut record) = self.scratch.pop_front() {
-            if let Some(id) = record.checkpoint_id() {
-                self.checkpoint(id)?;
+        loop {
+            if self.buf.len() >= BUFFER_BYTES && !self.hand_over(After::Nothing)? {
+                return Ok(false);
+            }
+            let Some(&record) = self.scratch.front() else {
+                return Ok(true);
+            };
+            if let Some(checkpoint) = record.checkpoint_id() {
+                let state = TaskState::Sink {
+                    length: self.length,
+                    rows: self.rows,
+                };
+                if !self.hand_over(After::Checkpoint { checkpoint, state })? {
+                    return Ok(false);
+                }
+                self.scratch.pop_front();
                 continue;
             }
-            if !record.is_row() {
-                return Err(EngineError::operator(format!(
-                    "sink {}: unexpected record of kind {}",
-                    self.stream, record.kind
-                )));
-            }
-            record.tracer[TRACE_SINK] = now_ns;
-            let kind = if record.is_ddl() {
-                RowKind::Ddl
-            } else {
-                self.local
-                    .saturating_record(now_ns.saturating_sub(record.tracer[TRACE_PRODUCED]));
-                if self.data_rows.is_multiple_of(STAGE_SAMPLE_EVERY) {
-                    let t = &record.tracer;
-                    let steps = [
-                        (TRACE_PRODUCED, TRACE_BINLOG),
-                        (TRACE_BINLOG, TRACE_RECEIVE),
-                        (TRACE_RECEIVE, TRACE_SYNCED),
-                        (TRACE_SYNCED, TRACE_SINK),
-                    ];
-                    for (h, (from, to)) in self.stages.iter_mut().zip(steps) {
-                        h.saturating_record(t[to].saturating_sub(t[from]).max(1));
-                    }
-                }
-                self.data_rows += 1;
-                RowKind::Data
-            };
-            let row = SinkRow {
-                kind,
-                table_id: record.table,
-                schema_ver: u64::from(record.version),
-                pk: record.pk,
-                produced_ns: record.tracer[TRACE_PRODUCED],
-                synced_ns: record.tracer[TRACE_SYNCED],
-                sink_ns: now_ns,
-            };
-            self.line.clear();
-            row.write_to(&mut self.line);
-            let Some(writer) = self.writer.as_mut() else {
-                return Err(EngineError::operator("sink writer is not open"));
-            };
-            if let Err(e) = writer.write_all(&self.line) {
-                return Err(self.io_error("writing", &e));
-            }
-            self.length += self.line.len() as u64;
-            self.rows += 1;
+            self.scratch.pop_front();
+            self.format(record, now_ns)?;
         }
+    }
+
+    /// Appends `record`'s line to `buf` and measures it.
+    fn format(&mut self, mut record: DemoRecord, now_ns: u64) -> Result<(), EngineError> {
+        if !record.is_row() {
+            return Err(EngineError::operator(format!(
+                "sink {}: unexpected record of kind {}",
+                self.stream, record.kind
+            )));
+        }
+        record.tracer[TRACE_SINK] = now_ns;
+        let kind = if record.is_ddl() {
+            RowKind::Ddl
+        } else {
+            self.local
+                .saturating_record(now_ns.saturating_sub(record.tracer[TRACE_PRODUCED]));
+            if self.data_rows.is_multiple_of(STAGE_SAMPLE_EVERY) {
+                let t = &record.tracer;
+                let steps = [
+                    (TRACE_PRODUCED, TRACE_BINLOG),
+                    (TRACE_BINLOG, TRACE_RECEIVE),
+                    (TRACE_RECEIVE, TRACE_SYNCED),
+                    (TRACE_SYNCED, TRACE_SINK),
+                ];
+                for (h, (from, to)) in self.stages.iter_mut().zip(steps) {
+                    h.saturating_record(t[to].saturating_sub(t[from]).max(1));
+                }
+            }
+            self.data_rows += 1;
+            RowKind::Data
+        };
+        let row = SinkRow {
+            kind,
+            table_id: record.table,
+            schema_ver: u64::from(record.version),
+            pk: record.pk,
+            produced_ns: record.tracer[TRACE_PRODUCED],
+            synced_ns: record.tracer[TRACE_SYNCED],
+            sink_ns: now_ns,
+        };
+        let before = self.buf.len();
+        row.write_to(&mut self.buf);
+        self.length += (self.buf.len() - before) as u64;
+        self.rows += 1;
         Ok(())
     }
 
@@ -1379,18 +1317,9 @@ impl Sink {
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<(), EngineError> {
-        let Some(writer) = self.writer.as_mut() else {
-            return Err(EngineError::operator("sink writer is not open"));
-        };
-        let result = writer.flush().and_then(|()| writer.get_ref().sync());
-        result.map_err(|e| self.io_error("flushing", &e))?;
-        self.write_stages()
-    }
-
-    /// Writes the per-stage breakdown: one line per stage with count and p50, p90, p99,
-    /// p99.9 and max in µs.
-    fn write_stages(&self) -> Result<(), EngineError> {
+    /// The per-stage breakdown: one line per stage with count and p50, p90, p99, p99.9 and
+    /// max in µs.
+    fn stages_text(&self) -> String {
         let mut text = String::from("stage count p50_us p90_us p99_us p999_us max_us\n");
         for (name, h) in STAGES.iter().zip(&self.stages) {
             let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
@@ -1404,8 +1333,7 @@ impl Sink {
                 h.max() as f64 / 1000.0
             ));
         }
-        let path = stages_path(&self.path);
-        fs::write(&path, text).map_err(|e| self.io_error("writing the stage breakdown next to", &e))
+        text
     }
 }
 
@@ -1420,11 +1348,21 @@ impl Operator for Sink {
         cx: &mut Context<'_>,
     ) -> Result<Status, EngineError> {
         check_upstream(inputs)?;
-        self.open()?;
-        self.check_durability()?;
+        let finished = self.start_writer(cx)?.is_finished();
+        if self.finish_sent {
+            return Ok(if finished {
+                Status::Finished
+            } else {
+                Status::Idle
+            });
+        }
         let input = single_input(inputs, "sink", self.stream)?;
         let mut handled = 0;
         let status = loop {
+            if !self.drain_scratch()? {
+                // The writer wakes this task when its queue has room.
+                break Status::Idle;
+            }
             if handled >= RECORD_BUDGET {
                 break Status::Ready;
             }
@@ -1436,13 +1374,21 @@ impl Operator for Sink {
                 };
             };
             handled += batch.len();
-            self.write_batch(&batch)?;
+            extend_from(&batch, &mut self.scratch);
         };
         self.publish_latency(cx.now(), status == Status::Finished)?;
-        if status == Status::Finished {
-            self.finish()?;
+        if status != Status::Finished {
+            return Ok(status);
         }
-        Ok(status)
+        let after = After::Finish {
+            stages_path: stages_path(&self.path),
+            stages: self.stages_text(),
+        };
+        if self.hand_over(after)? {
+            self.finish_sent = true;
+        }
+        // Finished once the writer has made everything durable (it wakes this task).
+        Ok(Status::Idle)
     }
 }
 

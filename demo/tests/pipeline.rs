@@ -8,6 +8,8 @@
 //!   stream reaches it;
 //! - `paced_*`: open-loop pacing takes the intended time and loses nothing;
 //! - `sink_io_error_*`: an unwritable sink fails its task, not the process;
+//! - `a_stuck_sink_writer_*`: a sink whose file writer cannot keep up holds the pipeline by
+//!   backpressure and loses nothing;
 //! - `restoring_*`, `a_binlog_aligns_*`, `a_syncer_passes_*`: consistent checkpoints and
 //!   recovery from one.
 
@@ -268,6 +270,54 @@ fn sink_io_error_fails_only_the_sink_task() {
     );
     // The process carries on: shutting down works.
     engine.shutdown(Duration::from_secs(5));
+}
+
+/// The sink's file writer is stuck (its claim waits on the fence lock this test holds), so
+/// its queue fills and the sink stops taking input: the pipeline waits by backpressure,
+/// nothing reaches the file. Once the lock goes, the writer wakes the sink and the run ends
+/// with every row exactly once.
+#[test]
+fn a_stuck_sink_writer_holds_the_pipeline_by_backpressure_and_loses_nothing() {
+    use std::os::fd::AsRawFd;
+    let tmp = tempfile::tempdir().unwrap();
+    // About 4.5 MB of rows: more than the writer's queue holds.
+    let spec = spec_in(tmp.path(), 1, 1, 60_000, 0);
+    let path = spec.sink_path(0);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let fence = std::fs::File::create(microcosm_demo::fence::fence_path(&path)).unwrap();
+    // SAFETY: flock on a descriptor owned by `fence`, open for the whole test.
+    assert_eq!(unsafe { libc::flock(fence.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let engine = Engine::start(EngineConfig::with_workers(1)).unwrap();
+    let graph = plan(&spec);
+    let local: Vec<u32> = (0..graph.tasks.len() as u32).collect();
+    let exchange = MemoryExchange::<DemoRecord>::new();
+    let started = start_tasks(StartContext {
+        epoch: 1,
+        job: 7,
+        spec: &spec,
+        graph: &graph,
+        local: &local,
+        engine: &engine,
+        exchange: &exchange,
+        restore: None,
+        snapshots: &discard(),
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Unimpeded, the producer would have finished in a few ms: it is held back.
+    for (index, task) in started.tasks() {
+        assert!(
+            !task.state().is_terminal(),
+            "task {index} ended while the sink's file was locked: {:?}",
+            task.state()
+        );
+    }
+    assert_eq!(std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0), 0);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::flock(fence.as_raw_fd(), libc::LOCK_UN) }, 0);
+    wait_all_finished(&[&engine], &[&started]);
+    assert!(engine.shutdown(Duration::from_secs(5)).drained);
+    assert_passes(&spec);
 }
 
 /// Three syncers fed by hand. Streams 0 and 1 reach DDL (table 0, version 1); stream 2 has
