@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// Interval between checkpoints in ms (default: the job spec's default).
     #[arg(long)]
     checkpoint_interval_ms: Option<i64>,
+    /// Seconds of measuring the machine's own latency floor before the cluster starts: one
+    /// spinning thread per core records how long it waits for its CPU (0 = skip).
+    #[arg(long, default_value_t = 3.0)]
+    floor_secs: f64,
     /// Seconds of idle-cluster CPU measurement before the sweep (0 = skip).
     #[arg(long, default_value_t = 5.0)]
     idle_secs: f64,
@@ -192,6 +196,8 @@ struct Run {
 struct Results {
     machine: Machine,
     conditions: Conditions,
+    /// The machine's latency floor, measured before the cluster started.
+    floor: Option<crate::floor::Floor>,
     idle: Option<Idle>,
     runs: Vec<Run>,
 }
@@ -204,10 +210,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     let non_negative = |v: f64| v >= 0.0 && v.is_finite();
     let valid = non_negative(args.warmup_secs)
         && non_negative(args.idle_secs)
+        && non_negative(args.floor_secs)
         && non_negative(args.duration_secs)
         && args.duration_secs > 0.0;
     if !valid {
-        bail!("--warmup-secs and --idle-secs must be >= 0 and --duration-secs > 0");
+        bail!("--warmup-secs, --idle-secs and --floor-secs must be >= 0 and --duration-secs > 0");
     }
     if !args.idle_only && (args.rates.is_empty() || args.ddl_freqs.is_empty()) {
         bail!("--rates and --ddl-freqs must not be empty");
@@ -256,6 +263,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         machine.nproc, machine.cpu_model, machine.loadavg_at_start
     );
 
+    let floor = (args.floor_secs > 0.0).then(|| {
+        println!(
+            "measuring the machine's latency floor for {:.1} s ...",
+            args.floor_secs
+        );
+        let floor = crate::floor::measure(Duration::from_secs_f64(args.floor_secs));
+        print_floor(&floor);
+        floor
+    });
+
     let cluster_dir = LocalClusterDir::create("microcosm-bench-")?;
     let sink_root = cluster_dir.path().join("sink");
     let mut cluster = cluster_dir.launch(1, args.executors, args.tuning)?;
@@ -277,6 +294,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     let results = Results {
         machine,
         conditions,
+        floor,
         idle,
         runs,
     };
@@ -284,6 +302,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)
         .with_context(|| format!("cannot write {}", json_path.display()))?;
     println!();
+    if let Some(floor) = &results.floor {
+        print_floor(floor);
+    }
     if let Some(idle) = &results.idle {
         print_idle(idle);
     }
@@ -734,6 +755,21 @@ fn us(v: Option<f64>) -> String {
         Some(v) => format!("{v:.1}"),
         None => "-".into(),
     }
+}
+
+fn print_floor(floor: &crate::floor::Floor) {
+    println!(
+        "machine floor over {:.1}s ({} spinning threads): a random instant waits p99 {} µs, \
+         p99.9 {} µs for its CPU; {} gaps > 200 µs ({:.2}% of the time), {} > 1 ms, longest {} µs\n",
+        floor.secs,
+        floor.threads,
+        us(Some(floor.p99_wait_us)),
+        us(Some(floor.p999_wait_us)),
+        floor.gaps_over_200us,
+        floor.time_in_gaps_over_200us_pct,
+        floor.gaps_over_1ms,
+        us(Some(floor.max_gap_us)),
+    );
 }
 
 fn print_idle(idle: &Idle) {

@@ -13,6 +13,7 @@ mod client;
 mod config;
 mod demo;
 mod executor;
+mod floor;
 mod jobs;
 mod local;
 mod master;
