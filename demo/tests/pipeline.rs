@@ -75,8 +75,8 @@ fn assert_passes(spec: &DemoSpec) -> Report {
     report
 }
 
-fn run_on_one_engine(spec: &DemoSpec, workers: usize) -> StartedTasks {
-    let engine = Engine::start(EngineConfig::with_workers(workers)).unwrap();
+/// Starts every task of `spec`'s job (epoch 1, job 7) on `engine`, without restoring.
+fn start_all_on(spec: &DemoSpec, engine: &Engine) -> StartedTasks {
     let graph = plan(spec);
     let local: Vec<u32> = (0..graph.tasks.len() as u32).collect();
     let exchange = MemoryExchange::<DemoRecord>::new();
@@ -86,13 +86,19 @@ fn run_on_one_engine(spec: &DemoSpec, workers: usize) -> StartedTasks {
         spec,
         graph: &graph,
         local: &local,
-        engine: &engine,
+        engine,
         exchange: &exchange,
         restore: None,
         snapshots: &discard(),
     })
     .unwrap();
     assert_eq!(started.tasks().len(), graph.tasks.len());
+    started
+}
+
+fn run_on_one_engine(spec: &DemoSpec, workers: usize) -> StartedTasks {
+    let engine = Engine::start(EngineConfig::with_workers(workers)).unwrap();
+    let started = start_all_on(spec, &engine);
     wait_all_finished(&[&engine], &[&started]);
     assert!(engine.shutdown(Duration::from_secs(5)).drained);
     started
@@ -238,20 +244,7 @@ fn sink_io_error_fails_only_the_sink_task() {
     let engine = Engine::start(EngineConfig::with_workers(1)).unwrap();
     let events = engine.events();
     let graph = plan(&spec);
-    let local: Vec<u32> = (0..graph.tasks.len() as u32).collect();
-    let exchange = MemoryExchange::<DemoRecord>::new();
-    let started = start_tasks(StartContext {
-        epoch: 1,
-        job: 1,
-        spec: &spec,
-        graph: &graph,
-        local: &local,
-        engine: &engine,
-        exchange: &exchange,
-        restore: None,
-        snapshots: &discard(),
-    })
-    .unwrap();
+    let started = start_all_on(&spec, &engine);
     let deadline = Instant::now() + TIMEOUT;
     let failed = loop {
         assert!(Instant::now() < deadline, "no failure reported");
@@ -288,21 +281,7 @@ fn a_stuck_sink_writer_holds_the_pipeline_by_backpressure_and_loses_nothing() {
     // SAFETY: flock on a descriptor owned by `fence`, open for the whole test.
     assert_eq!(unsafe { libc::flock(fence.as_raw_fd(), libc::LOCK_EX) }, 0);
     let engine = Engine::start(EngineConfig::with_workers(1)).unwrap();
-    let graph = plan(&spec);
-    let local: Vec<u32> = (0..graph.tasks.len() as u32).collect();
-    let exchange = MemoryExchange::<DemoRecord>::new();
-    let started = start_tasks(StartContext {
-        epoch: 1,
-        job: 7,
-        spec: &spec,
-        graph: &graph,
-        local: &local,
-        engine: &engine,
-        exchange: &exchange,
-        restore: None,
-        snapshots: &discard(),
-    })
-    .unwrap();
+    let started = start_all_on(&spec, &engine);
     std::thread::sleep(Duration::from_millis(300));
     // Unimpeded, the producer would have finished in a few ms: it is held back.
     for (index, task) in started.tasks() {
