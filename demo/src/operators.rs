@@ -402,12 +402,24 @@ impl BinlogLog {
 
     /// An empty log whose next record gets position `position` (a log rebuilt after a
     /// restore from a checkpoint taken at that position).
+    ///
+    /// The whole retention is reserved at once. Grown by doubling instead, the deque moved
+    /// every record it held into a fresh allocation whose pages were then faulted in: at 100k
+    /// records/s the four binlogs of one executor crossed 32,768 records within 5 ms of each
+    /// other and stalled their worker for ~13 ms, always 1.3 s into a run. Reserved memory is
+    /// only faulted in as records fill it, a page at a time.
     pub fn starting_at(position: u64, retention: usize) -> BinlogLog {
+        let retention = retention.max(1);
         BinlogLog {
-            records: VecDeque::new(),
+            records: VecDeque::with_capacity(retention),
             first: position,
-            retention: retention.max(1),
+            retention,
         }
+    }
+
+    /// Records the log can hold without allocating (at least its retention).
+    pub fn capacity(&self) -> usize {
+        self.records.capacity()
     }
 
     /// Appends a record and returns its position.
@@ -1412,6 +1424,23 @@ mod tests {
         assert_eq!((log.start(), log.end()), (4, 5));
         log.truncate_before(100);
         assert_eq!((log.start(), log.end()), (5, 5));
+    }
+
+    #[test]
+    fn log_reserves_its_retention_up_front_and_never_grows() {
+        for mut log in [BinlogLog::new(1000), BinlogLog::starting_at(77, 1000)] {
+            let reserved = log.capacity();
+            assert!(reserved >= 1000, "reserved {reserved}");
+            for pk in 0..5000 {
+                log.append(DemoRecord::data(0, 0, pk, 0));
+            }
+            assert_eq!(
+                log.capacity(),
+                reserved,
+                "appending past the retention reallocated"
+            );
+            assert_eq!(log.end() - log.start(), 1000);
+        }
     }
 
     #[test]
