@@ -107,7 +107,8 @@ struct Progress {
     files: Vec<SinkFile>,
 }
 
-/// Bytes read once from the head of a sink file to learn its bytes per row.
+/// Bytes sampled from a sink file, its head once and its tail at every estimate, to learn its
+/// bytes per row.
 const SAMPLE_BYTES: usize = 64 * 1024;
 
 /// One sink file as [`Progress`] sees it.
