@@ -515,8 +515,8 @@ fn paced_duration(spec: &DemoSpec) -> Duration {
     if spec.rate == 0 {
         return Duration::ZERO;
     }
-    let records = spec.rcd_cnt as f64 * f64::from(spec.table_num);
-    Duration::try_from_secs_f64(records / spec.rate as f64).unwrap_or(Duration::MAX)
+    Duration::try_from_secs_f64(spec.total_data_records() as f64 / spec.rate as f64)
+        .unwrap_or(Duration::MAX)
 }
 
 /// Poll interval once the job may end any moment: the run's wall time is known to this.
