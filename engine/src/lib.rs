@@ -141,7 +141,10 @@ pub use edge::{
     DEFAULT_LINGER, EdgeConfig, InboundHandle, InboundRejected, Input, Notify, Output, edge,
     inbound_edge,
 };
-pub use engine::{Engine, EngineConfig, ShutdownReport, precise_timers, wait_finished};
+pub use engine::{
+    Engine, EngineConfig, ShutdownReport, disable_transparent_huge_pages, precise_timers,
+    transparent_huge_pages_disabled, wait_finished,
+};
 pub use error::EngineError;
 pub use exchange::{EdgeAddress, Exchange, ExchangeSender, MemoryExchange, Rejected};
 pub use graph::{EdgeNode, JobGraph, TaskNode};

@@ -132,6 +132,30 @@ struct Percentiles {
     p99_us: f64,
     p999_us: f64,
     max_us: f64,
+    /// Share of the rows slower than 200 µs, in % (the 100k records/s p99 target holds
+    /// while this stays under 1 %).
+    pct_over_200us: f64,
+    /// Share of the rows slower than 1 ms, in % (the p99.9 target: under 0.1 %).
+    pct_over_1ms: f64,
+}
+
+/// How many rows are slow right after a checkpoint boundary compared with the rest of the
+/// run: rows are split by when they were produced, relative to the job's checkpoint slots
+/// (Unix time divided by the interval, the boundaries every producer sends barriers at).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+struct CheckpointWindow {
+    /// The window after each boundary, in ms.
+    window_ms: u64,
+    /// The window's share of the run's time, in %.
+    window_pct_of_time: f64,
+    /// Measured rows produced inside a window.
+    rows_after_boundary: u64,
+    /// Of those, the share slower than 200 µs, in %.
+    after_boundary_pct_over_200us: f64,
+    /// Measured rows produced outside the windows.
+    rows_elsewhere: u64,
+    /// Of those, the share slower than 200 µs, in %.
+    elsewhere_pct_over_200us: f64,
 }
 
 /// One process over one run (or over the idle window).
@@ -185,6 +209,8 @@ struct Run {
     produced_to_synced: Option<Percentiles>,
     /// `sink_ns − synced_ns`: syncer → sink hop and the CSV write.
     synced_to_sink: Option<Percentiles>,
+    /// Slow rows right after checkpoint boundaries against the rest.
+    after_checkpoint: Option<CheckpointWindow>,
     /// Measured rows whose sink time precedes their produced time (clock skew).
     negative_latency_rows: u64,
     processes: Vec<ProcessUsage>,
@@ -451,6 +477,7 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
         latency: None,
         produced_to_synced: None,
         synced_to_sink: None,
+        after_checkpoint: None,
         negative_latency_rows: 0,
         processes: Vec::new(),
         error: None,
@@ -492,7 +519,9 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
     }
     let warmup_ns = (args.warmup_secs * 1e9) as u64;
     let streams = spec.binlog_num;
-    let measured = tokio::task::spawn_blocking(move || measure(&dir, streams, warmup_ns)).await;
+    let slots = Slots::of(spec);
+    let measured =
+        tokio::task::spawn_blocking(move || measure(&dir, streams, warmup_ns, slots)).await;
     match measured {
         Ok(Ok(m)) => {
             run.measured_rows = m.rows;
@@ -501,6 +530,7 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
             run.latency = percentiles(&m.total);
             run.produced_to_synced = percentiles(&m.to_synced);
             run.synced_to_sink = percentiles(&m.to_sink);
+            run.after_checkpoint = m.after_checkpoint();
             run.negative_latency_rows = m.negative;
         }
         Ok(Err(e)) => run.error = Some(crate::error_line(&e)),
@@ -569,6 +599,64 @@ async fn wait_job(
     }
 }
 
+/// Slower than this counts as slow (the 100k records/s p99 target).
+const SLOW_NS: u64 = 200_000;
+
+/// The rows produced this long after a checkpoint boundary are counted apart: the
+/// boundary's snapshots, reports, sink fsyncs and the leader's commit fall in it.
+const CHECKPOINT_WINDOW_MS: u64 = 10;
+
+/// A job's checkpoint slots: where a produced time falls relative to the boundaries.
+#[derive(Debug, Clone, Copy)]
+struct Slots {
+    interval_ns: u64,
+    window_ns: u64,
+}
+
+impl Slots {
+    /// The slots of `spec`'s job, with a [`CHECKPOINT_WINDOW_MS`] window after each boundary
+    /// (at most the whole interval).
+    fn of(spec: &DemoSpec) -> Slots {
+        let interval_ns = spec.checkpoint_interval_ms.max(1).saturating_mul(1_000_000);
+        Slots {
+            interval_ns,
+            window_ns: (CHECKPOINT_WINDOW_MS * 1_000_000).min(interval_ns),
+        }
+    }
+
+    /// Whether `produced_ns` (Unix time) lies within the window after a boundary.
+    fn after_boundary(&self, produced_ns: u64) -> bool {
+        produced_ns % self.interval_ns < self.window_ns
+    }
+}
+
+/// Rows and slow rows of one group.
+#[derive(Debug, Clone, Copy, Default)]
+struct SlowCount {
+    rows: u64,
+    slow: u64,
+}
+
+impl SlowCount {
+    fn add(&mut self, latency_ns: u64) {
+        self.rows += 1;
+        self.slow += u64::from(latency_ns > SLOW_NS);
+    }
+
+    fn pct(&self) -> f64 {
+        pct(self.slow, self.rows)
+    }
+}
+
+/// `part` of `whole` in %, 0 for an empty whole.
+fn pct(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
 /// The three histograms of one run's measured rows.
 struct Measured {
     total: Histogram<u64>,
@@ -578,6 +666,24 @@ struct Measured {
     negative: u64,
     warmup_applied: bool,
     throughput: Option<f64>,
+    slots: Slots,
+    after_boundary: SlowCount,
+    elsewhere: SlowCount,
+}
+
+impl Measured {
+    /// The checkpoint-window split; `None` without measured rows.
+    fn after_checkpoint(&self) -> Option<CheckpointWindow> {
+        let counted = self.after_boundary.rows + self.elsewhere.rows;
+        (counted > 0).then(|| CheckpointWindow {
+            window_ms: self.slots.window_ns / 1_000_000,
+            window_pct_of_time: self.slots.window_ns as f64 * 100.0 / self.slots.interval_ns as f64,
+            rows_after_boundary: self.after_boundary.rows,
+            after_boundary_pct_over_200us: self.after_boundary.pct(),
+            rows_elsewhere: self.elsewhere.rows,
+            elsewhere_pct_over_200us: self.elsewhere.pct(),
+        })
+    }
 }
 
 /// A histogram of nanoseconds from 1 ns to one hour at 3 significant digits.
@@ -610,8 +716,8 @@ fn for_each_data_row(dir: &Path, streams: u32, mut f: impl FnMut(&SinkRow)) -> a
 }
 
 /// Reads the sink files twice: once for the first produced time, once to measure the rows
-/// produced at least `warmup_ns` after it (all rows if none is).
-fn measure(dir: &Path, streams: u32, warmup_ns: u64) -> anyhow::Result<Measured> {
+/// produced at least `warmup_ns` after it (all rows if none is), split by `slots`.
+fn measure(dir: &Path, streams: u32, warmup_ns: u64, slots: Slots) -> anyhow::Result<Measured> {
     let (mut first, mut last) = (u64::MAX, 0u64);
     for_each_data_row(dir, streams, |r| {
         first = first.min(r.produced_ns);
@@ -630,6 +736,9 @@ fn measure(dir: &Path, streams: u32, warmup_ns: u64) -> anyhow::Result<Measured>
         negative: 0,
         warmup_applied,
         throughput: None,
+        slots,
+        after_boundary: SlowCount::default(),
+        elsewhere: SlowCount::default(),
     };
     let (mut min_produced, mut max_sink) = (u64::MAX, 0u64);
     for_each_data_row(dir, streams, |r| {
@@ -640,7 +749,14 @@ fn measure(dir: &Path, streams: u32, warmup_ns: u64) -> anyhow::Result<Measured>
         min_produced = min_produced.min(r.produced_ns);
         max_sink = max_sink.max(r.sink_ns);
         match r.sink_ns.checked_sub(r.produced_ns) {
-            Some(d) => m.total.saturating_record(d.max(1)),
+            Some(d) => {
+                m.total.saturating_record(d.max(1));
+                if slots.after_boundary(r.produced_ns) {
+                    m.after_boundary.add(d);
+                } else {
+                    m.elsewhere.add(d);
+                }
+            }
             None => m.negative += 1,
         }
         if let Some(d) = r.synced_ns.checked_sub(r.produced_ns) {
@@ -662,6 +778,8 @@ fn percentiles(h: &Histogram<u64>) -> Option<Percentiles> {
         return None;
     }
     let us = |ns: u64| ns as f64 / 1000.0;
+    // Counts above a value, at the histogram's resolution (3 significant digits).
+    let above = |ns: u64| h.len() - h.count_between(0, ns);
     Some(Percentiles {
         count: h.len(),
         p50_us: us(h.value_at_quantile(0.50)),
@@ -669,6 +787,8 @@ fn percentiles(h: &Histogram<u64>) -> Option<Percentiles> {
         p99_us: us(h.value_at_quantile(0.99)),
         p999_us: us(h.value_at_quantile(0.999)),
         max_us: us(h.max()),
+        pct_over_200us: pct(above(SLOW_NS), h.len()),
+        pct_over_1ms: pct(above(1_000_000), h.len()),
     })
 }
 
@@ -894,8 +1014,11 @@ fn stage_table(runs: &[Run]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<14}   {:<38}   synced -> sink (p50/p99/p99.9/max)",
-        "per stage (µs)", "produced -> synced (p50/p99/p99.9/max)"
+        "{:<14}   {:<38}   {:<38}   >200µs % (all/{}ms after ckpt/rest)",
+        "per stage (µs)",
+        "produced -> synced (p50/p99/p99.9/max)",
+        "synced -> sink (p50/p99/p99.9/max)",
+        CHECKPOINT_WINDOW_MS
     );
     for r in runs {
         let fmt = |p: Option<Percentiles>| match p {
@@ -908,13 +1031,22 @@ fn stage_table(runs: &[Run]) -> String {
             ),
             None => "-".into(),
         };
+        let slow = match (r.latency, r.after_checkpoint) {
+            (Some(l), Some(w)) => format!(
+                "{:.2}/{:.2}/{:.2}",
+                l.pct_over_200us, w.after_boundary_pct_over_200us, w.elsewhere_pct_over_200us
+            ),
+            (Some(l), None) => format!("{:.2}/-/-", l.pct_over_200us),
+            _ => "-".into(),
+        };
         let _ = writeln!(
             s,
-            "{:>8} {:>5}   {:<38}   {}",
+            "{:>8} {:>5}   {:<38}   {:<38}   {}",
             rate_label(r.rate),
             r.ddl_freq,
             fmt(r.produced_to_synced),
-            fmt(r.synced_to_sink)
+            fmt(r.synced_to_sink),
+            slow
         );
     }
     s
@@ -1229,9 +1361,12 @@ mod tests {
                 p99_us: p50 * 4.0,
                 p999_us: p50 * 8.0,
                 max_us: p50 * 16.0,
+                pct_over_200us: 0.0,
+                pct_over_1ms: 0.0,
             }),
             produced_to_synced: None,
             synced_to_sink: None,
+            after_checkpoint: None,
             negative_latency_rows: 0,
             processes: Vec::new(),
             error: None,
@@ -1316,6 +1451,9 @@ mod tests {
         assert!((p.p50_us - 500.0).abs() < 1.0, "{p:?}");
         assert!((p.p99_us - 990.0).abs() < 1.0, "{p:?}");
         assert!((p.max_us - 1000.0).abs() < 1.0, "{p:?}");
+        // 800 of the values are above 200 µs, none above 1 ms.
+        assert!((p.pct_over_200us - 80.0).abs() < 0.2, "{p:?}");
+        assert_eq!(p.pct_over_1ms, 0.0, "{p:?}");
     }
 
     #[test]
@@ -1362,6 +1500,71 @@ mod tests {
         assert_eq!(rcd_cnt_for(1, 0.1, 10, 7), 1);
     }
 
+    fn slots_of(interval_ms: u64) -> Slots {
+        Slots::of(&DemoSpec {
+            checkpoint_interval_ms: interval_ms,
+            ..DemoSpec::default()
+        })
+    }
+
+    #[test]
+    fn slots_put_the_first_ms_after_each_boundary_in_the_window() {
+        let s = slots_of(200);
+        let ms = 1_000_000;
+        assert!(s.after_boundary(1_000 * 200 * ms));
+        assert!(s.after_boundary(1_000 * 200 * ms + 9 * ms + 999_999));
+        assert!(!s.after_boundary(1_000 * 200 * ms + 10 * ms));
+        assert!(!s.after_boundary(1_000 * 200 * ms - 1));
+        // An interval shorter than the window is all window.
+        assert!(slots_of(5).after_boundary(4 * ms));
+    }
+
+    #[test]
+    fn measure_splits_slow_rows_by_their_phase_in_the_checkpoint_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buf = Vec::new();
+        let ms = 1_000_000u64;
+        // One row per ms over two 200 ms slots; those 0..10 ms after a boundary take
+        // 500 µs, every tenth of the others 300 µs, the rest 30 µs.
+        for pk in 1..=400u64 {
+            let produced = 10_000 * 200 * ms + (pk - 1) * ms;
+            let phase_ms = (pk - 1) % 200;
+            let latency = if phase_ms < 10 {
+                500_000
+            } else if pk.is_multiple_of(10) {
+                300_000
+            } else {
+                30_000
+            };
+            SinkRow {
+                kind: RowKind::Data,
+                table_id: 0,
+                schema_ver: 0,
+                pk,
+                produced_ns: produced,
+                synced_ns: produced + 10_000,
+                sink_ns: produced + latency,
+            }
+            .write_to(&mut buf);
+        }
+        std::fs::write(microcosm_demo::spec::sink_file_in(dir.path(), 0), &buf).unwrap();
+        let m = measure(dir.path(), 1, 0, slots_of(200)).unwrap();
+        let w = m.after_checkpoint().unwrap();
+        assert_eq!(
+            (w.window_ms, w.rows_after_boundary, w.rows_elsewhere),
+            (10, 20, 380)
+        );
+        assert!((w.window_pct_of_time - 5.0).abs() < 1e-9, "{w:?}");
+        assert_eq!(w.after_boundary_pct_over_200us, 100.0, "{w:?}");
+        // pk 20, 30, ..., 200 and 220, ..., 400 outside the windows: 38 of 380.
+        assert!((w.elsewhere_pct_over_200us - 10.0).abs() < 1e-9, "{w:?}");
+        let l = percentiles(&m.total).unwrap();
+        assert!(
+            (l.pct_over_200us - 58.0 * 100.0 / 400.0).abs() < 1e-9,
+            "{l:?}"
+        );
+    }
+
     #[test]
     fn measure_cuts_the_warmup() {
         let dir = tempfile::tempdir().unwrap();
@@ -1379,7 +1582,7 @@ mod tests {
             .write_to(&mut buf);
         }
         std::fs::write(microcosm_demo::spec::sink_file_in(dir.path(), 0), &buf).unwrap();
-        let m = measure(dir.path(), 1, 3_000_000_000).unwrap();
+        let m = measure(dir.path(), 1, 3_000_000_000, slots_of(1000)).unwrap();
         assert!(m.warmup_applied);
         assert_eq!(m.rows, 7);
         let l = percentiles(&m.total).unwrap();
@@ -1387,7 +1590,7 @@ mod tests {
         let s = percentiles(&m.to_synced).unwrap();
         assert!((s.p50_us - 10.0).abs() < 0.1, "{s:?}");
         // A warm-up longer than the run measures everything.
-        let all = measure(dir.path(), 1, 60_000_000_000).unwrap();
+        let all = measure(dir.path(), 1, 60_000_000_000, slots_of(1000)).unwrap();
         assert!(!all.warmup_applied);
         assert_eq!(all.rows, 10);
     }

@@ -141,7 +141,12 @@ enum JobCommand {
 }
 
 fn main() -> ExitCode {
+    // Before anything sizeable is allocated; inherited by the nodes a local cluster starts.
+    let thp_off = microcosm_engine::disable_transparent_huge_pages();
     init_tracing();
+    if !thp_off {
+        tracing::debug!("transparent huge pages could not be turned off for this process");
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Certs {
