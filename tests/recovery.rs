@@ -13,11 +13,13 @@ use common::exec::Executor;
 use common::jobs::{job, wait_state};
 use common::{Cluster, wait_until};
 
-/// 4 tables x 20,000 records at 20,000 records/s: about four seconds of work.
+/// 4 tables x 20,000 records at 20,000 records/s: about four seconds of work, with a
+/// checkpoint every 200 ms (rather than the default 1 s) so that most faults find one to
+/// resume from.
 fn spec(cluster: &Cluster) -> (String, String) {
     let sink = cluster.dir.path().join("sink");
     let text = format!(
-        "flow-id = \"rec\"\ntable-num = 4\nbinlog-num = 2\nrcd-cnt = 20000\nddl-freq = 500\nrate = 20000\nsink-dir = \"{}\"\n",
+        "flow-id = \"rec\"\ntable-num = 4\nbinlog-num = 2\nrcd-cnt = 20000\nddl-freq = 500\nrate = 20000\ncheckpoint-interval-ms = 200\nsink-dir = \"{}\"\n",
         sink.display()
     );
     let path = cluster.dir.path().join("rec.toml");
