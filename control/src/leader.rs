@@ -158,17 +158,18 @@ fn step_job(
     now_ms: u64,
     may_place: bool,
 ) -> Option<Command> {
-    let graph = match catalog.plan(&job.job_type, &job.spec) {
-        Ok(g) => g,
-        Err(e) => {
-            return transition(
+    // Planning parses the job's spec: done only for the steps that need the graph (the task
+    // count, a placement), not on every tick of a running job.
+    let plan = || {
+        catalog.plan(&job.job_type, &job.spec).map_err(|e| {
+            transition(
                 job,
                 JobEvent::Fatal {
                     reason: format!("cannot plan: {e}"),
                 },
                 now_ms,
-            );
-        }
+            )
+        })
     };
     if job.tasks.is_empty() {
         if job.state == JobState::Cancelling {
@@ -177,10 +178,13 @@ fn step_job(
         if job.state == JobState::Paused {
             return None;
         }
-        return Some(Command::AllocateTaskIds {
-            job: job.id,
-            count: graph.tasks.len() as u32,
-        });
+        return match plan() {
+            Ok(graph) => Some(Command::AllocateTaskIds {
+                job: job.id,
+                count: graph.tasks.len() as u32,
+            }),
+            Err(fatal) => fatal,
+        };
     }
     let states = task_states(state, job, reports);
     let placed = all_placed_on_alive(state, job);
@@ -197,6 +201,10 @@ fn step_job(
                 if !may_place {
                     return None;
                 }
+                let graph = match plan() {
+                    Ok(graph) => graph,
+                    Err(fatal) => return fatal,
+                };
                 return match place(state, job, &graph) {
                     Ok(placements) => Some(Command::SetPlacements {
                         job: job.id,
@@ -388,12 +396,18 @@ mod tests {
     use super::*;
     use crate::meta::{CommandResponse, MetaRequest, RequestId};
 
-    struct Catalog;
+    /// Plans `spec` = a task count; counts its calls.
+    #[derive(Default)]
+    struct Catalog {
+        plans: std::sync::atomic::AtomicU32,
+    }
     impl JobCatalog for Catalog {
         fn validate(&self, _: &str, _: &str) -> Result<(), String> {
             Ok(())
         }
         fn plan(&self, _: &str, spec: &str) -> Result<JobGraph, String> {
+            self.plans
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let n: u32 = spec.trim().parse().map_err(|_| "bad spec".to_string())?;
             let mut g = JobGraph::default();
             for i in 0..n {
@@ -407,6 +421,7 @@ mod tests {
         state: MetaState,
         seq: u64,
         reports: Reports,
+        catalog: Catalog,
     }
 
     impl Sim {
@@ -415,6 +430,7 @@ mod tests {
                 state: MetaState::default(),
                 seq: 0,
                 reports: Reports::new(),
+                catalog: Catalog::default(),
             }
         }
         fn apply(&mut self, command: Command) -> CommandResponse {
@@ -442,7 +458,7 @@ mod tests {
         fn settle(&mut self, expired: &[u64]) {
             let mut expired = expired.to_vec();
             for _ in 0..50 {
-                let cmds = next_commands(&self.state, &self.reports, &expired, &Catalog, 1);
+                let cmds = next_commands(&self.state, &self.reports, &expired, &self.catalog, 1);
                 expired.clear();
                 if cmds.is_empty() {
                     return;
@@ -479,9 +495,12 @@ mod tests {
             }
         }
         fn submit(&mut self, tasks: u32) -> u64 {
+            self.submit_spec(tasks.to_string())
+        }
+        fn submit_spec(&mut self, spec: String) -> u64 {
             match self.apply(Command::SubmitJob {
                 job_type: "t".into(),
-                spec: tasks.to_string(),
+                spec,
                 at_ms: 0,
             }) {
                 CommandResponse::JobSubmitted { id } => id.0,
@@ -579,5 +598,51 @@ mod tests {
         sim.settle(&[]);
         assert_eq!(sim.job(first).state, JobState::Cancelled);
         assert_eq!(sim.job(second).state, JobState::Scheduling);
+    }
+
+    #[test]
+    fn a_running_job_is_not_planned_again_on_every_tick() {
+        let mut sim = Sim::new();
+        sim.register(4);
+        let job = sim.submit(3);
+        sim.settle(&[]);
+        sim.report_all(TaskRunState::Running);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Running);
+        let plans = sim.catalog.plans.load(std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..100 {
+            assert!(next_commands(&sim.state, &sim.reports, &[], &sim.catalog, 1).is_empty());
+        }
+        assert_eq!(
+            sim.catalog.plans.load(std::sync::atomic::Ordering::Relaxed),
+            plans,
+            "ticks of a running job planned it"
+        );
+        // A lost executor means a placement, which plans once more.
+        let lost = *sim.reports.keys().next().unwrap();
+        sim.register(4);
+        sim.reports.remove(&lost);
+        sim.settle(&[lost]);
+        assert_eq!(sim.job(job).state, JobState::Recovering);
+        assert!(sim.catalog.plans.load(std::sync::atomic::Ordering::Relaxed) > plans);
+    }
+
+    #[test]
+    fn a_spec_that_cannot_be_planned_fails_the_job() {
+        let mut sim = Sim::new();
+        sim.register(4);
+        let job = sim.submit_spec("not a number".into());
+        sim.settle(&[]);
+        let j = sim.job(job);
+        assert_eq!(j.state, JobState::Failed);
+        assert!(
+            j.history
+                .last()
+                .unwrap()
+                .reason
+                .contains("cannot plan: bad spec"),
+            "{:?}",
+            j.history
+        );
     }
 }
