@@ -1032,10 +1032,21 @@ fn stage_table(runs: &[Run]) -> String {
             None => "-".into(),
         };
         let slow = match (r.latency, r.after_checkpoint) {
-            (Some(l), Some(w)) => format!(
-                "{:.2}/{:.2}/{:.2}",
-                l.pct_over_200us, w.after_boundary_pct_over_200us, w.elsewhere_pct_over_200us
-            ),
+            (Some(l), Some(w)) => {
+                let part = |rows: u64, pct: f64| {
+                    if rows == 0 {
+                        "-".to_string()
+                    } else {
+                        format!("{pct:.2}")
+                    }
+                };
+                format!(
+                    "{:.2}/{}/{}",
+                    l.pct_over_200us,
+                    part(w.rows_after_boundary, w.after_boundary_pct_over_200us),
+                    part(w.rows_elsewhere, w.elsewhere_pct_over_200us)
+                )
+            }
             (Some(l), None) => format!("{:.2}/-/-", l.pct_over_200us),
             _ => "-".into(),
         };
