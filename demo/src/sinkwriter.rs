@@ -22,12 +22,19 @@
 //! it takes the next buffer. Emptied buffers go back to the sink for reuse. A failure (the
 //! claim, a write, an fsync) ends the thread; it is kept for the sink to fail on, and the
 //! sink is woken to notice it.
+//!
+//! An idle writer parks its thread outright: the sink unparks it after queueing a job. A
+//! blocking channel receive would first spin and then `sched_yield` a few times before it
+//! sleeps, and on a machine whose cores are held by spinning engine workers every one of
+//! those yields hands the core to the worker and takes it back again, a preemption of the
+//! worker each time. Parked, a writer costs the worker one wake-up per buffer.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use microcosm_engine::{EngineError, Notify};
@@ -109,9 +116,14 @@ impl Shared {
 /// The sink's end of its writer thread; dropping it lets the thread finish the queued jobs
 /// and exit.
 pub struct SinkWriter {
-    jobs: Sender<Job>,
+    /// `Some` until dropped: `Drop` hangs up before it wakes the writer to notice.
+    jobs: Option<Sender<Job>>,
     free: Receiver<Vec<u8>>,
     shared: Arc<Shared>,
+    /// The writer thread, unparked after every queued job.
+    thread: std::thread::Thread,
+    /// Its handle, to tell whether it still runs; never joined (that would block the sink).
+    handle: Option<JoinHandle<()>>,
 }
 
 /// Where and as whom a writer writes.
@@ -146,7 +158,7 @@ impl SinkWriter {
         });
         let thread_shared = shared.clone();
         let stream = target.stream;
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name(format!("sink-{stream}-file"))
             .spawn(move || {
                 if let Err(reason) =
@@ -158,7 +170,18 @@ impl SinkWriter {
             .map_err(|e| {
                 EngineError::operator(format!("sink {stream}: cannot start its file writer: {e}"))
             })?;
-        Ok(SinkWriter { jobs, free, shared })
+        Ok(SinkWriter {
+            jobs: Some(jobs),
+            free,
+            shared,
+            thread: handle.thread().clone(),
+            handle: Some(handle),
+        })
+    }
+
+    /// Wakes the writer thread if it is parked (one atomic operation if it is not).
+    fn wake_writer(&self) {
+        self.thread.unpark();
     }
 
     /// An empty buffer with room for [`BUFFER_BYTES`] and one more row: a recycled one if
@@ -178,9 +201,13 @@ impl SinkWriter {
         // Announce interest first: if the writer takes a job after the attempt below found
         // the queue full, it sees the flag and notifies.
         self.shared.wants_wake.store(true, Ordering::SeqCst);
-        match self.jobs.try_send(job) {
+        let Some(jobs) = &self.jobs else {
+            return Err(EngineError::operator("the sink's file writer was dropped"));
+        };
+        match jobs.try_send(job) {
             Ok(()) => {
                 self.shared.wants_wake.store(false, Ordering::SeqCst);
+                self.wake_writer();
                 Ok(Offer::Taken)
             }
             Err(TrySendError::Full(job)) => Ok(Offer::Full(job)),
@@ -207,11 +234,23 @@ impl SinkWriter {
     }
 }
 
+impl Drop for SinkWriter {
+    fn drop(&mut self) {
+        // Hang up first, so the writer, once woken, sees the disconnect after the last job.
+        self.jobs = None;
+        self.wake_writer();
+    }
+}
+
 impl std::fmt::Debug for SinkWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SinkWriter")
-            .field("queued", &self.jobs.len())
+            .field("queued", &self.jobs.as_ref().map_or(0, Sender::len))
             .field("finished", &self.is_finished())
+            .field(
+                "running",
+                &self.handle.as_ref().is_some_and(|h| !h.is_finished()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -239,7 +278,18 @@ fn write_loop(
     // File offsets: the end of what was written, and where write-back was last started.
     let mut end = target.keep;
     let mut written_back = target.keep;
-    for job in queued {
+    loop {
+        let job = match queued.try_recv() {
+            Ok(job) => job,
+            Err(TryRecvError::Empty) => {
+                // The sink unparks after every job it queues and when it hangs up; a job
+                // queued between the check above and this park leaves the unpark token set,
+                // so the park returns at once. Waking for nothing just checks again.
+                std::thread::park();
+                continue;
+            }
+            Err(TryRecvError::Disconnected) => return Ok(()),
+        };
         if shared.wants_wake.swap(false, Ordering::SeqCst) {
             shared.sink.notify();
         }
@@ -281,7 +331,6 @@ fn write_loop(
             }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -374,6 +423,39 @@ mod tests {
         assert!(writer.failure().is_none());
         // Emptied buffers come back for reuse.
         assert!(writer.buffer().is_empty());
+    }
+
+    #[test]
+    fn an_idle_writer_wakes_for_each_later_job_and_exits_once_the_sink_hangs_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = target(dir.path(), 1);
+        let mut writer = SinkWriter::start(
+            t.clone(),
+            Snapshots::in_memory(0).0,
+            Arc::new(Count::default()),
+            4,
+        )
+        .unwrap();
+        let mut expected = String::new();
+        for i in 0..5 {
+            // Long enough for the writer to have drained the queue and parked.
+            std::thread::sleep(Duration::from_millis(20));
+            let row = format!("{i}\n");
+            assert!(matches!(writer.offer(data(&row)).unwrap(), Offer::Taken));
+            expected.push_str(&row);
+            wait_for(&format!("row {i}"), || {
+                fs::read_to_string(&t.path).is_ok_and(|s| s == expected)
+            });
+        }
+        let thread = writer.handle.take().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            !thread.is_finished(),
+            "the writer waits while the sink holds it"
+        );
+        drop(writer);
+        wait_for("the writer to exit", || thread.is_finished());
+        thread.join().unwrap();
     }
 
     #[test]
