@@ -9,8 +9,9 @@
 //! executor) fails its sink instead of appending stale rows.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// The fence file of a data file.
@@ -54,20 +55,33 @@ pub fn owner_epoch(path: &Path) -> io::Result<u64> {
     }
 }
 
-fn read_epoch(mut fence: &File) -> io::Result<u64> {
-    let mut text = String::new();
-    fence.seek(SeekFrom::Start(0))?;
-    fence.read_to_string(&mut text)?;
-    let text = text.trim();
+/// The longest fence a claim writes is a `u64` in decimal: 20 bytes.
+const MAX_FENCE_BYTES: usize = 20;
+
+/// Reads the epoch in `fence` with one positioned read: this runs before every append, so
+/// it avoids the seek, size query and second read that reading the file to its end costs.
+fn read_epoch(fence: &File) -> io::Result<u64> {
+    // One byte more than a fence holds tells a too-long fence from a full-length one.
+    let mut buf = [0u8; MAX_FENCE_BYTES + 1];
+    // A regular file returns less than asked only at its end.
+    let len = loop {
+        match fence.read_at(&mut buf, 0) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    };
+    let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, format!("bad fence: {why}"));
+    if len > MAX_FENCE_BYTES {
+        return Err(bad(format!("longer than {MAX_FENCE_BYTES} bytes")));
+    }
+    let text = std::str::from_utf8(&buf[..len])
+        .map_err(|e| bad(format!("not text: {e}")))?
+        .trim();
     if text.is_empty() {
         return Ok(0);
     }
-    text.parse().map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("bad fence {text:?}: {e}"),
-        )
-    })
+    text.parse().map_err(|e| bad(format!("{text:?}: {e}")))
 }
 
 /// A data file owned by one attempt; writes fail once a newer attempt claims the file.
@@ -224,6 +238,32 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"committed\nreplayed\n");
         let err = FencedFile::claim(&path, 3, 1000).unwrap_err();
         assert!(err.to_string().contains("fewer than the 1000"), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_fence_refuses_writes_and_names_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sink_0.csv");
+        let mut file = FencedFile::claim(&path, u64::MAX, 0).unwrap();
+        assert_eq!(
+            owner_epoch(&path).unwrap(),
+            u64::MAX,
+            "a 20-digit epoch reads back"
+        );
+        file.write_all(b"row\n").unwrap();
+        for (fence, expected) in [
+            (&b"123456789012345678901"[..], "longer than 20 bytes"),
+            (b"12x", "\"12x\""),
+            (&[0xff], "not text"),
+        ] {
+            std::fs::write(fence_path(&path), fence).unwrap();
+            let err = file.write_all(b"row\n").unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            assert!(err.to_string().contains(expected), "{fence:?}: {err}");
+        }
+        std::fs::write(fence_path(&path), b"18446744073709551615").unwrap();
+        file.write_all(b"row\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"row\nrow\n");
     }
 
     #[test]
