@@ -8,6 +8,9 @@
 //! assignments. An executor told it is unknown or lost (for example after a long pause)
 //! stops every task at once and registers again as a new incarnation.
 //!
+//! An executor with no job attempt heartbeats half as often ([`HeartbeatSchedule`]): an idle
+//! cluster's cost is mostly these round trips and the wake-ups each one causes on both ends.
+//!
 //! Tasks that take part in checkpoints hand their snapshots to the attempt's
 //! [`SnapshotSink`]; a background task sends them, batched, to the leader
 //! ([`ReportCheckpoints`]), which commits a checkpoint once every task reported it. An attempt
@@ -23,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use microcosm_engine::{
     Engine, EngineConfig, JobGraph, RestorePoint, SnapshotSink, SpinMode, TaskHandle, TaskId,
@@ -105,13 +108,63 @@ pub struct ExecutorConfig {
     /// work.
     #[serde(default, deserialize_with = "spin_mode_from_str")]
     pub spin_mode: SpinMode,
-    /// Heartbeat interval (ms).
+    /// Heartbeat interval (ms) while the executor runs tasks; with none it heartbeats half as
+    /// often, but at least three times per `ttl-ms` (see [`HeartbeatSchedule`]).
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
     /// Time without a successful heartbeat after which the executor warns that it is probably
     /// considered lost (ms); at least two heartbeats.
     #[serde(default = "default_ttl")]
     pub ttl_ms: u64,
+}
+
+/// When an executor heartbeats: every `interval` while it runs a job attempt, every
+/// [`HeartbeatSchedule::idle_interval`] while it runs none.
+///
+/// A heartbeat is a round trip with the leader that wakes both ends a few times; an idle
+/// cluster spends most of its CPU on them. While an executor runs nothing, a later heartbeat
+/// only delays when it learns of new work, so it heartbeats half as often there, but never
+/// less than three times per TTL, so a lost or late heartbeat still does not get it declared
+/// lost. Takes instants and returns instants; the heartbeat loop does the sleeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatSchedule {
+    interval: Duration,
+    idle_interval: Duration,
+}
+
+impl HeartbeatSchedule {
+    /// The schedule for heartbeat `interval` and executor TTL `ttl`.
+    pub fn new(interval: Duration, ttl: Duration) -> Self {
+        let idle_interval = (interval * 2).min(ttl / 3).max(interval);
+        Self {
+            interval,
+            idle_interval,
+        }
+    }
+
+    /// The interval while the executor runs at least one job attempt.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// The interval while it runs none: twice `interval`, at most a third of the TTL, never
+    /// below `interval`.
+    pub fn idle_interval(&self) -> Duration {
+        self.idle_interval
+    }
+
+    /// When the heartbeat after the one due at `previous` is due, seen at `now`: one period
+    /// after `previous`, or one period after `now` if that has already passed (a slow round
+    /// trip does not cause a burst of heartbeats).
+    pub fn next(&self, previous: Instant, now: Instant, idle: bool) -> Instant {
+        let period = if idle {
+            self.idle_interval
+        } else {
+            self.interval
+        };
+        let next = previous + period;
+        if next > now { next } else { now + period }
+    }
 }
 
 fn default_slots() -> u32 {
@@ -505,12 +558,18 @@ impl State {
             self.executor_id.clone(),
             report_queue,
         ));
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let schedule = HeartbeatSchedule::new(interval, ttl);
+        let mut due: Option<Instant> = None;
         let mut last_ok = tokio::time::Instant::now();
         loop {
+            // tokio's clock, so that a test with paused time drives the schedule.
+            let now = tokio::time::Instant::now().into_std();
+            let next = due.map_or(now, |previous| {
+                schedule.next(previous, now, self.attempts.is_empty())
+            });
+            due = Some(next);
             tokio::select! {
-                _ = ticker.tick() => {}
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(next)) => {}
                 _ = stop.changed() => break,
             }
             let req = HeartbeatRequest {
@@ -758,6 +817,39 @@ listen-addr = "127.0.0.1:7201"
 masters = ["127.0.0.1:7101"]
 certs-dir = "certs"
 "#;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn an_idle_executor_heartbeats_half_as_often_but_three_times_per_ttl() {
+        let s = HeartbeatSchedule::new(ms(250), ms(1500));
+        assert_eq!((s.interval(), s.idle_interval()), (ms(250), ms(500)));
+        // The TTL caps the idle interval at a third of it ...
+        assert_eq!(
+            HeartbeatSchedule::new(ms(250), ms(900)).idle_interval(),
+            ms(300)
+        );
+        // ... but never below the busy interval (the smallest TTL config allows: two beats).
+        assert_eq!(
+            HeartbeatSchedule::new(ms(250), ms(500)).idle_interval(),
+            ms(250)
+        );
+
+        let t0 = Instant::now();
+        assert_eq!(s.next(t0, t0 + ms(2), false), t0 + ms(250));
+        assert_eq!(s.next(t0, t0 + ms(2), true), t0 + ms(500));
+        // Due times stay on the schedule while round trips are short ...
+        let mut due = t0;
+        for _ in 0..4 {
+            due = s.next(due, due + ms(3), false);
+        }
+        assert_eq!(due, t0 + ms(1000));
+        // ... and a round trip longer than the period delays the next one by a full period.
+        assert_eq!(s.next(t0, t0 + ms(400), false), t0 + ms(650));
+        assert_eq!(s.next(t0, t0 + ms(400), true), t0 + ms(500));
+    }
 
     fn report(index: u32, checkpoint: u64) -> CheckpointReport {
         CheckpointReport {
