@@ -113,7 +113,8 @@ pub struct ExecutorConfig {
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
     /// Time without a successful heartbeat after which the executor warns that it is probably
-    /// considered lost (ms); at least two heartbeats.
+    /// considered lost (ms); at least two heartbeats. Keep it equal to the masters'
+    /// `executor-ttl-ms`: an idle executor's heartbeat interval is derived from it.
     #[serde(default = "default_ttl")]
     pub ttl_ms: u64,
 }
