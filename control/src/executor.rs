@@ -8,8 +8,9 @@
 //! assignments. An executor told it is unknown or lost (for example after a long pause)
 //! stops every task at once and registers again as a new incarnation.
 //!
-//! An executor with no job attempt heartbeats half as often ([`HeartbeatSchedule`]): an idle
-//! cluster's cost is mostly these round trips and the wake-ups each one causes on both ends.
+//! An executor that has run no job attempt for a TTL heartbeats half as often
+//! ([`HeartbeatSchedule`]): an idle cluster's cost is mostly these round trips and the
+//! wake-ups each one causes on both ends.
 //!
 //! Tasks that take part in checkpoints hand their snapshots to the attempt's
 //! [`SnapshotSink`]; a background task sends them, batched, to the leader
@@ -108,8 +109,9 @@ pub struct ExecutorConfig {
     /// work.
     #[serde(default, deserialize_with = "spin_mode_from_str")]
     pub spin_mode: SpinMode,
-    /// Heartbeat interval (ms) while the executor runs tasks; with none it heartbeats half as
-    /// often, but at least three times per `ttl-ms` (see [`HeartbeatSchedule`]).
+    /// Heartbeat interval (ms) while the executor runs tasks; once it has run none for
+    /// `ttl-ms` it heartbeats half as often, but at least three times per `ttl-ms` (see
+    /// [`HeartbeatSchedule`]).
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
     /// Time without a successful heartbeat after which the executor warns that it is probably
@@ -119,18 +121,24 @@ pub struct ExecutorConfig {
     pub ttl_ms: u64,
 }
 
-/// When an executor heartbeats: every `interval` while it runs a job attempt, every
-/// [`HeartbeatSchedule::idle_interval`] while it runs none.
+/// When an executor heartbeats: every `interval` while it runs a job attempt or ran one
+/// within the last TTL, every [`HeartbeatSchedule::idle_interval`] otherwise.
 ///
 /// A heartbeat is a round trip with the leader that wakes both ends a few times; an idle
 /// cluster spends most of its CPU on them. While an executor runs nothing, a later heartbeat
 /// only delays when it learns of new work, so it heartbeats half as often there, but never
 /// less than three times per TTL, so a lost or late heartbeat still does not get it declared
-/// lost. Takes instants and returns instants; the heartbeat loop does the sleeping.
+/// lost. It keeps the short interval for a TTL after its last attempt ended: a job that is
+/// being recovered is typically cancelled here and reassigned a moment later, and that
+/// reassignment should not wait for a slow heartbeat. Takes instants and returns instants;
+/// the heartbeat loop does the sleeping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeartbeatSchedule {
     interval: Duration,
     idle_interval: Duration,
+    ttl: Duration,
+    /// When the executor was last seen running an attempt.
+    last_running: Option<Instant>,
 }
 
 impl HeartbeatSchedule {
@@ -140,25 +148,34 @@ impl HeartbeatSchedule {
         Self {
             interval,
             idle_interval,
+            ttl,
+            last_running: None,
         }
     }
 
-    /// The interval while the executor runs at least one job attempt.
+    /// The interval while the executor runs (or recently ran) a job attempt.
     pub fn interval(&self) -> Duration {
         self.interval
     }
 
-    /// The interval while it runs none: twice `interval`, at most a third of the TTL, never
-    /// below `interval`.
+    /// The interval once it has run none for a TTL: twice `interval`, at most a third of the
+    /// TTL, never below `interval`.
     pub fn idle_interval(&self) -> Duration {
         self.idle_interval
     }
 
-    /// When the heartbeat after the one due at `previous` is due, seen at `now`: one period
-    /// after `previous`, or one period after `now` if that has already passed (a slow round
-    /// trip does not cause a burst of heartbeats).
-    pub fn next(&self, previous: Instant, now: Instant, idle: bool) -> Instant {
-        let period = if idle {
+    /// When the heartbeat after the one due at `previous` is due, seen at `now`, with
+    /// `running` telling whether the executor runs any job attempt now: one period after
+    /// `previous`, or one period after `now` if that has already passed (a slow round trip
+    /// does not cause a burst of heartbeats).
+    pub fn next(&mut self, previous: Instant, now: Instant, running: bool) -> Instant {
+        if running {
+            self.last_running = Some(now);
+        }
+        let quiet = self
+            .last_running
+            .is_none_or(|at| now.saturating_duration_since(at) >= self.ttl);
+        let period = if quiet {
             self.idle_interval
         } else {
             self.interval
@@ -559,14 +576,14 @@ impl State {
             self.executor_id.clone(),
             report_queue,
         ));
-        let schedule = HeartbeatSchedule::new(interval, ttl);
+        let mut schedule = HeartbeatSchedule::new(interval, ttl);
         let mut due: Option<Instant> = None;
         let mut last_ok = tokio::time::Instant::now();
         loop {
             // tokio's clock, so that a test with paused time drives the schedule.
             let now = tokio::time::Instant::now().into_std();
             let next = due.map_or(now, |previous| {
-                schedule.next(previous, now, self.attempts.is_empty())
+                schedule.next(previous, now, !self.attempts.is_empty())
             });
             due = Some(next);
             tokio::select! {
@@ -839,17 +856,29 @@ certs-dir = "certs"
         );
 
         let t0 = Instant::now();
-        assert_eq!(s.next(t0, t0 + ms(2), false), t0 + ms(250));
-        assert_eq!(s.next(t0, t0 + ms(2), true), t0 + ms(500));
-        // Due times stay on the schedule while round trips are short ...
+        // Never ran anything: idle at once.
+        let mut fresh = s;
+        assert_eq!(fresh.next(t0, t0 + ms(2), false), t0 + ms(500));
+        // Running: the short interval, and due times stay on the schedule while round trips
+        // are short ...
+        let mut busy = s;
         let mut due = t0;
         for _ in 0..4 {
-            due = s.next(due, due + ms(3), false);
+            due = busy.next(due, due + ms(3), true);
         }
         assert_eq!(due, t0 + ms(1000));
         // ... and a round trip longer than the period delays the next one by a full period.
-        assert_eq!(s.next(t0, t0 + ms(400), false), t0 + ms(650));
-        assert_eq!(s.next(t0, t0 + ms(400), true), t0 + ms(500));
+        assert_eq!(busy.next(due, due + ms(400), true), due + ms(650));
+        // Its attempt ended (a job being recovered): still 250 ms for a TTL ...
+        let ended = t0 + ms(1400);
+        assert_eq!(busy.next(ended, ended + ms(1), false), ended + ms(250));
+        let late = ended + ms(1399);
+        assert_eq!(busy.next(late, late, false), late + ms(250));
+        // ... then idle.
+        let later = t0 + ms(1400 + 1500);
+        assert_eq!(busy.next(later, later, false), later + ms(500));
+        // Idle and a slow round trip: one idle period after it.
+        assert_eq!(fresh.next(t0, t0 + ms(700), false), t0 + ms(1200));
     }
 
     fn report(index: u32, checkpoint: u64) -> CheckpointReport {
