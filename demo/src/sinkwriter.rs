@@ -34,7 +34,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use microcosm_engine::{EngineError, Notify};
@@ -116,14 +115,28 @@ impl Shared {
 /// The sink's end of its writer thread; dropping it lets the thread finish the queued jobs
 /// and exit.
 pub struct SinkWriter {
-    /// `Some` until dropped: `Drop` hangs up before it wakes the writer to notice.
-    jobs: Option<Sender<Job>>,
+    jobs: Sender<Job>,
     free: Receiver<Vec<u8>>,
     shared: Arc<Shared>,
-    /// The writer thread, unparked after every queued job.
-    thread: std::thread::Thread,
-    /// Its handle, to tell whether it still runs; never joined (that would block the sink).
-    handle: Option<JoinHandle<()>>,
+    /// Declared after `jobs`: fields drop in order, so the writer is woken after the sink
+    /// hung up and sees the disconnect once it has taken the last job.
+    writer: WriterThread,
+}
+
+/// The writer thread, unparked after every queued job and once more when dropped.
+struct WriterThread(std::thread::Thread);
+
+impl WriterThread {
+    /// Wakes the writer if it is parked (one atomic operation if it is not).
+    fn wake(&self) {
+        self.0.unpark();
+    }
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        self.wake();
+    }
 }
 
 /// Where and as whom a writer writes.
@@ -171,17 +184,11 @@ impl SinkWriter {
                 EngineError::operator(format!("sink {stream}: cannot start its file writer: {e}"))
             })?;
         Ok(SinkWriter {
-            jobs: Some(jobs),
+            jobs,
             free,
             shared,
-            thread: handle.thread().clone(),
-            handle: Some(handle),
+            writer: WriterThread(handle.thread().clone()),
         })
-    }
-
-    /// Wakes the writer thread if it is parked (one atomic operation if it is not).
-    fn wake_writer(&self) {
-        self.thread.unpark();
     }
 
     /// An empty buffer with room for [`BUFFER_BYTES`] and one more row: a recycled one if
@@ -201,13 +208,10 @@ impl SinkWriter {
         // Announce interest first: if the writer takes a job after the attempt below found
         // the queue full, it sees the flag and notifies.
         self.shared.wants_wake.store(true, Ordering::SeqCst);
-        let Some(jobs) = &self.jobs else {
-            return Err(EngineError::operator("the sink's file writer was dropped"));
-        };
-        match jobs.try_send(job) {
+        match self.jobs.try_send(job) {
             Ok(()) => {
                 self.shared.wants_wake.store(false, Ordering::SeqCst);
-                self.wake_writer();
+                self.writer.wake();
                 Ok(Offer::Taken)
             }
             Err(TrySendError::Full(job)) => Ok(Offer::Full(job)),
@@ -234,23 +238,11 @@ impl SinkWriter {
     }
 }
 
-impl Drop for SinkWriter {
-    fn drop(&mut self) {
-        // Hang up first, so the writer, once woken, sees the disconnect after the last job.
-        self.jobs = None;
-        self.wake_writer();
-    }
-}
-
 impl std::fmt::Debug for SinkWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SinkWriter")
-            .field("queued", &self.jobs.as_ref().map_or(0, Sender::len))
+            .field("queued", &self.jobs.len())
             .field("finished", &self.is_finished())
-            .field(
-                "running",
-                &self.handle.as_ref().is_some_and(|h| !h.is_finished()),
-            )
             .finish_non_exhaustive()
     }
 }
@@ -429,7 +421,7 @@ mod tests {
     fn an_idle_writer_wakes_for_each_later_job_and_exits_once_the_sink_hangs_up() {
         let dir = tempfile::tempdir().unwrap();
         let t = target(dir.path(), 1);
-        let mut writer = SinkWriter::start(
+        let writer = SinkWriter::start(
             t.clone(),
             Snapshots::in_memory(0).0,
             Arc::new(Count::default()),
@@ -447,15 +439,15 @@ mod tests {
                 fs::read_to_string(&t.path).is_ok_and(|s| s == expected)
             });
         }
-        let thread = writer.handle.take().unwrap();
+        // `shared` is held here, by the sink's end and by the writer thread until it returns.
+        let shared = writer.shared.clone();
         std::thread::sleep(Duration::from_millis(20));
         assert!(
-            !thread.is_finished(),
+            Arc::strong_count(&shared) == 3,
             "the writer waits while the sink holds it"
         );
         drop(writer);
-        wait_for("the writer to exit", || thread.is_finished());
-        thread.join().unwrap();
+        wait_for("the writer to exit", || Arc::strong_count(&shared) == 1);
     }
 
     #[test]
