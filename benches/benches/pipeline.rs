@@ -18,6 +18,11 @@
 //! Each iteration runs one 50,000-record job; criterion's time is the job's wall time (about
 //! 0.5 s when the pipeline keeps up), and the producer-to-sink latency percentiles of all
 //! iterations are printed at the end.
+//!
+//! `pipeline/one_engine_max_rate` and `pipeline/two_engines_quic_max_rate` run the same
+//! jobs unpaced (rate 0, as fast as the outputs take records) with 200,000 records each, and
+//! report records per second: the cost per record of the operators (and, for the second, of
+//! the QUIC hop), with fewer processes and threads sharing the two cores than a cluster has.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::HashMap;
@@ -25,7 +30,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use hdrhistogram::Histogram;
 use microcosm_control::exchange::{InboundRegistry, QuicExchange};
 use microcosm_control::reactor::DataPlaneReactor;
@@ -37,16 +42,52 @@ use microcosm_engine::{
 use microcosm_transport::tls::init_cluster_certs;
 use microcosm_transport::{Endpoint, Identity, Role, TransportConfig};
 
-fn spec(dir: &std::path::Path, flow: &str) -> DemoSpec {
+/// How a benchmark's job is paced.
+#[derive(Clone, Copy)]
+struct Load {
+    /// Offered total rate in records/s (0: unpaced).
+    rate: u64,
+    /// Records per table.
+    rcd_cnt: u64,
+}
+
+/// Paced at 100k records/s, 50,000 records: the latency benchmarks.
+const PACED: Load = Load {
+    rate: 100_000,
+    rcd_cnt: 5_000,
+};
+
+/// Unpaced, 200,000 records: the throughput benchmarks.
+const MAX_RATE: Load = Load {
+    rate: 0,
+    rcd_cnt: 20_000,
+};
+
+const TABLES: u32 = 10;
+
+fn spec(dir: &std::path::Path, flow: &str, load: Load) -> DemoSpec {
     DemoSpec {
         flow_id: flow.to_owned(),
-        table_num: 10,
+        table_num: TABLES,
         binlog_num: 4,
-        rcd_cnt: 5_000,
+        rcd_cnt: load.rcd_cnt,
         ddl_freq: 1_000,
-        rate: 100_000,
+        rate: load.rate,
         sink_dir: dir.to_owned(),
         ..DemoSpec::default()
+    }
+}
+
+/// Benchmark settings for `load`: unpaced runs report records per second.
+fn configure(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    load: Load,
+) {
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(6));
+    if load.rate == 0 {
+        group.throughput(Throughput::Elements(u64::from(TABLES) * load.rcd_cnt));
     }
 }
 
@@ -79,6 +120,15 @@ fn histogram() -> Histogram<u64> {
 }
 
 fn one_engine(c: &mut Criterion) {
+    on_one_engine(c, "one_engine", PACED);
+}
+
+fn one_engine_max_rate(c: &mut Criterion) {
+    on_one_engine(c, "one_engine_max_rate", MAX_RATE);
+}
+
+/// The whole job on one engine with one worker.
+fn on_one_engine(c: &mut Criterion, name: &str, load: Load) {
     let dir = tempfile::tempdir().unwrap();
     let snapshots: Arc<dyn SnapshotSink> = Arc::new(MemorySnapshots::new());
     let mut all = histogram();
@@ -87,15 +137,13 @@ fn one_engine(c: &mut Criterion) {
     // module docs).
     let engine = Engine::start(EngineConfig::with_workers(1)).unwrap();
     let mut group = c.benchmark_group("pipeline");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(6));
-    group.bench_function("one_engine", |b| {
+    configure(&mut group, load);
+    group.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 run += 1;
-                let spec = spec(dir.path(), &format!("one-{run}"));
+                let spec = spec(dir.path(), &format!("one-{run}"), load);
                 let graph = plan(&spec);
                 let local: Vec<u32> = (0..graph.tasks.len() as u32).collect();
                 let exchange = MemoryExchange::<DemoRecord>::new();
@@ -121,7 +169,7 @@ fn one_engine(c: &mut Criterion) {
         });
     });
     group.finish();
-    report("one_engine", &all);
+    report(name, &all);
     engine.shutdown(Duration::from_secs(5));
 }
 
@@ -178,19 +226,23 @@ impl Side {
 }
 
 fn two_engines_quic(c: &mut Criterion) {
-    split_over_quic(c, "two_engines_quic", Duration::ZERO);
+    split_over_quic(c, "two_engines_quic", Duration::ZERO, PACED);
+}
+
+fn default_spin() -> Duration {
+    Duration::from_micros(microcosm_control::executor::DEFAULT_SPIN_US)
 }
 
 fn two_engines_quic_adaptive_spin(c: &mut Criterion) {
-    split_over_quic(
-        c,
-        "two_engines_quic_adaptive_spin",
-        Duration::from_micros(microcosm_control::executor::DEFAULT_SPIN_US),
-    );
+    split_over_quic(c, "two_engines_quic_adaptive_spin", default_spin(), PACED);
+}
+
+fn two_engines_quic_max_rate(c: &mut Criterion) {
+    split_over_quic(c, "two_engines_quic_max_rate", default_spin(), MAX_RATE);
 }
 
 /// The split job; `spin` is both engines' spin window (executor `spin-us`, adaptive).
-fn split_over_quic(c: &mut Criterion, name: &str, spin: Duration) {
+fn split_over_quic(c: &mut Criterion, name: &str, spin: Duration, load: Load) {
     let certs = tempfile::tempdir().unwrap();
     init_cluster_certs(certs.path(), "bench", &[]).unwrap();
     let sources = Side::start(certs.path(), spin);
@@ -200,15 +252,13 @@ fn split_over_quic(c: &mut Criterion, name: &str, spin: Duration) {
     let mut all = histogram();
     let mut run = 0u64;
     let mut group = c.benchmark_group("pipeline");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(6));
+    configure(&mut group, load);
     group.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 run += 1;
-                let spec = spec(dir.path(), &format!("quic-{run}"));
+                let spec = spec(dir.path(), &format!("quic-{run}"), load);
                 let graph = plan(&spec);
                 let (g1, g2) = (
                     tasks_in_group(&graph, GROUP_SOURCES),
@@ -263,6 +313,8 @@ criterion_group!(
     benches,
     one_engine,
     two_engines_quic,
-    two_engines_quic_adaptive_spin
+    two_engines_quic_adaptive_spin,
+    one_engine_max_rate,
+    two_engines_quic_max_rate
 );
 criterion_main!(benches);
