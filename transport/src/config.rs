@@ -12,6 +12,22 @@ pub const MAX_ACK_DELAY: Duration = Duration::from_millis(25);
 /// Smallest allowed [`TransportConfig::initial_window`]: two full-size datagrams.
 pub const MIN_INITIAL_WINDOW: u64 = 2 * 1500;
 
+/// Smallest allowed [`TransportConfig::max_udp_payload`]: QUIC's minimum datagram size.
+pub const MIN_UDP_PAYLOAD: u16 = 1200;
+
+/// Largest allowed [`TransportConfig::max_udp_payload`]. quinn sends up to 10 datagrams in
+/// one segmentation-offload (GSO) batch, which the kernel caps at 64 KiB in total; larger
+/// datagrams make every batch fail to send (a fixed 8,952-byte MTU measured 91 k
+/// records/s unthrottled instead of 1.48 M).
+pub const MAX_UDP_PAYLOAD: u16 = 6500;
+
+/// [`TransportConfig::max_udp_payload`] of [`TransportConfig::data_plane`]. On a loopback
+/// (or jumbo-frame) path a datagram then carries ~57 records of 104 bytes instead of ~13:
+/// the sending executor's CPU at maximum rate fell by ~40 % and a local cluster's capacity
+/// rose from 1.57–1.79 M to 1.78–2.03 M records/s (interleaved runs). On a 1,500-byte path
+/// discovery stays at that path's MTU.
+pub const DATA_PLANE_UDP_PAYLOAD: u16 = 6000;
+
 /// Limits and timeouts of an endpoint. The defaults suit a LAN; every field can be changed.
 #[derive(Debug, Clone)]
 pub struct TransportConfig {
@@ -42,6 +58,12 @@ pub struct TransportConfig {
     pub ack_frequency: Option<AckFrequency>,
     /// Congestion window of a new connection, in bytes (`None`: quinn's default, ~14 KB).
     pub initial_window: Option<u64>,
+    /// Largest UDP payload this endpoint accepts and probes for, in bytes
+    /// ([`MIN_UDP_PAYLOAD`]..=[`MAX_UDP_PAYLOAD`]). Connections start at 1,200 bytes and path
+    /// MTU discovery raises them up to the smaller of both ends' values, backing off when a
+    /// probe is lost, so a value above the path's MTU is safe. Default 1,472 (an Ethernet
+    /// MTU of 1,500).
+    pub max_udp_payload: u16,
 }
 
 /// How often a peer acknowledges: after more than `packets` ack-eliciting packets, or
@@ -74,14 +96,16 @@ impl Default for TransportConfig {
             default_call_timeout: Duration::from_secs(3),
             ack_frequency: None,
             initial_window: None,
+            max_udp_payload: 1472,
         }
     }
 }
 
 impl TransportConfig {
     /// The defaults, tuned for bulk one-way record streams between executors: peers are asked
-    /// to acknowledge every 16 packets or after 1 ms, and a connection starts with a 1 MiB
-    /// congestion window (a LAN peer needs no slow start). Control traffic keeps
+    /// to acknowledge every 16 packets or after 1 ms, a connection starts with a 1 MiB
+    /// congestion window (a LAN peer needs no slow start), and path MTU discovery may raise
+    /// datagrams to [`DATA_PLANE_UDP_PAYLOAD`] bytes. Control traffic keeps
     /// [`TransportConfig::default`], whose replies carry their acknowledgements.
     pub fn data_plane() -> Self {
         Self {
@@ -90,6 +114,7 @@ impl TransportConfig {
                 max_delay: Duration::from_millis(1),
             }),
             initial_window: Some(1 << 20),
+            max_udp_payload: DATA_PLANE_UDP_PAYLOAD,
             ..Self::default()
         }
     }
@@ -123,6 +148,12 @@ impl TransportConfig {
                 ack.packets, ack.max_delay
             ));
         }
+        if !(MIN_UDP_PAYLOAD..=MAX_UDP_PAYLOAD).contains(&self.max_udp_payload) {
+            return bad(format!(
+                "max_udp_payload must be between {MIN_UDP_PAYLOAD} and {MAX_UDP_PAYLOAD} bytes, got {}",
+                self.max_udp_payload
+            ));
+        }
         if self.initial_window.is_some_and(|w| w < MIN_INITIAL_WINDOW) {
             return bad(format!(
                 "initial_window must be at least {MIN_INITIAL_WINDOW} bytes, got {:?}",
@@ -130,6 +161,14 @@ impl TransportConfig {
             ));
         }
         Ok(())
+    }
+
+    pub(crate) fn quinn_endpoint(&self) -> Result<quinn::EndpointConfig, EndpointError> {
+        let mut endpoint = quinn::EndpointConfig::default();
+        endpoint
+            .max_udp_payload_size(self.max_udp_payload)
+            .map_err(|e| EndpointError::Config(format!("max_udp_payload: {e}")))?;
+        Ok(endpoint)
     }
 
     pub(crate) fn quinn(&self) -> Result<quinn::TransportConfig, EndpointError> {
@@ -153,6 +192,9 @@ impl TransportConfig {
                 .reordering_threshold(1u32.into());
             t.ack_frequency_config(Some(frequency));
         }
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload);
+        t.mtu_discovery_config(Some(mtu));
         if let Some(window) = self.initial_window {
             let mut cubic = quinn::congestion::CubicConfig::default();
             cubic.initial_window(window);
@@ -207,6 +249,36 @@ mod tests {
         };
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("initial_window"), "{err}");
+    }
+
+    #[test]
+    fn udp_payload_outside_quic_minimum_and_gso_limit_is_refused() {
+        for bad in [0, MIN_UDP_PAYLOAD - 1, MAX_UDP_PAYLOAD + 1, u16::MAX] {
+            let cfg = TransportConfig {
+                max_udp_payload: bad,
+                ..Default::default()
+            };
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("max_udp_payload") && err.contains(&bad.to_string()),
+                "{err}"
+            );
+        }
+        for good in [
+            MIN_UDP_PAYLOAD,
+            1472,
+            DATA_PLANE_UDP_PAYLOAD,
+            MAX_UDP_PAYLOAD,
+        ] {
+            let cfg = TransportConfig {
+                max_udp_payload: good,
+                ..Default::default()
+            };
+            cfg.validate().unwrap();
+            cfg.quinn_endpoint().unwrap();
+        }
+        // Ten GSO segments must fit the kernel's 64 KiB limit.
+        assert!(10 * usize::from(MAX_UDP_PAYLOAD) <= 65_507);
     }
 
     #[test]

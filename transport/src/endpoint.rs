@@ -109,7 +109,7 @@ impl Endpoint {
 
         let socket = udp_socket(addr, config.udp_buffer_bytes)?;
         let mut endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            config.quinn_endpoint()?,
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),

@@ -519,6 +519,57 @@ async fn batch_stream_delivers_records_in_order() {
     );
 }
 
+/// Two data-plane endpoints on the loopback raise their datagrams by path MTU discovery
+/// beyond the 1,472 bytes of an Ethernet path, up to `DATA_PLANE_UDP_PAYLOAD`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_plane_connections_discover_large_datagrams_on_the_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    init_cluster_certs(dir.path(), "t", &[]).unwrap();
+    let bind = |role| {
+        Endpoint::bind(
+            localhost(),
+            &Identity::load(dir.path(), role).unwrap(),
+            TransportConfig::data_plane(),
+            router(),
+        )
+        .unwrap()
+    };
+    let (a, b) = (bind(Role::Executor), bind(Role::Master));
+    let conn = a
+        .connection(
+            b.local_addr(),
+            Role::Master,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mtu = loop {
+        let mtu = conn.quinn().stats().path.current_mtu;
+        if mtu > 1472 || Instant::now() > deadline {
+            break mtu;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        mtu > 1472 && mtu <= microcosm_transport::config::DATA_PLANE_UDP_PAYLOAD,
+        "current MTU {mtu}"
+    );
+    // Calls still work over the connection at that size.
+    let text = "x".repeat(5000);
+    let resp = a
+        .call::<Echo>(
+            b.local_addr(),
+            &EchoReq {
+                n: 1,
+                text: text.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.text, text);
+}
+
 #[tokio::test]
 async fn client_may_not_open_data_streams() {
     let dir = tempfile::tempdir().unwrap();
