@@ -101,7 +101,12 @@ fn merge(into: &mut Histogram<u64>, started: &StartedTasks) {
     into.add(started.merged_latency()).unwrap();
 }
 
+/// Prints the latency percentiles of `name`'s runs (nothing if it did not run, e.g. filtered
+/// out on the command line).
 fn report(name: &str, h: &Histogram<u64>) {
+    if h.is_empty() {
+        return;
+    }
     let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     println!(
         "pipeline/{name}: {} records, latency p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs",

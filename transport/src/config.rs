@@ -24,7 +24,7 @@ pub const MAX_UDP_PAYLOAD: u16 = 6500;
 /// [`TransportConfig::max_udp_payload`] of [`TransportConfig::data_plane`]. On a loopback
 /// (or jumbo-frame) path a datagram then carries ~57 records of 104 bytes instead of ~13:
 /// the sending executor's CPU at maximum rate fell by ~40 % and a local cluster's capacity
-/// rose from 1.57–1.79 M to 1.78–2.03 M records/s (interleaved runs). On a 1,500-byte path
+/// rose from 1.57–1.79 M to 1.86–2.02 M records/s (interleaved runs). On a 1,500-byte path
 /// discovery stays at that path's MTU.
 pub const DATA_PLANE_UDP_PAYLOAD: u16 = 6000;
 
