@@ -168,6 +168,34 @@ impl FencedFile {
         Ok(())
     }
 
+    /// Drops the file's cached pages in `len` bytes from `offset` that are already on disk
+    /// (`posix_fadvise(POSIX_FADV_DONTNEED)` on Linux, nothing elsewhere). Dirty pages and
+    /// pages still being written back stay cached; nothing written is lost either way.
+    pub fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+                return Ok(());
+            };
+            // SAFETY: a plain syscall on a descriptor owned by `self.data`, open while borrowed.
+            let rc = unsafe {
+                libc::posix_fadvise(
+                    self.data.as_raw_fd(),
+                    offset,
+                    len,
+                    libc::POSIX_FADV_DONTNEED,
+                )
+            };
+            // posix_fadvise returns the error number instead of setting errno.
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (offset, len);
+        Ok(())
+    }
+
     /// Flushes written data to disk, and of the metadata only what reading it back needs
     /// (`fdatasync`).
     pub fn sync_data(&self) -> io::Result<()> {
@@ -198,7 +226,7 @@ impl Write for FencedFile {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -264,6 +292,57 @@ mod tests {
         std::fs::write(fence_path(&path), b"18446744073709551615").unwrap();
         file.write_all(b"row\n").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"row\nrow\n");
+    }
+
+    /// How many of the file's pages are in the page cache (`mincore` over a mapping).
+    pub(crate) fn resident_pages(path: &Path) -> usize {
+        let file = File::open(path).unwrap();
+        let len = usize::try_from(file.metadata().unwrap().len()).unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap();
+        let pages = len.div_ceil(page);
+        if pages == 0 {
+            return 0;
+        }
+        // SAFETY: a fresh read-only shared mapping of an open file, unmapped below; mincore
+        // writes one byte per page of it into `vec`, which holds `pages` bytes.
+        unsafe {
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(addr, libc::MAP_FAILED);
+            let mut vec = vec![0u8; pages];
+            assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
+            libc::munmap(addr, len);
+            vec.iter().filter(|&&b| b & 1 == 1).count()
+        }
+    }
+
+    #[test]
+    fn dropping_cached_pages_frees_clean_ones_and_keeps_the_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sink_0.csv");
+        let mut file = FencedFile::claim(&path, 1, 0).unwrap();
+        let content: Vec<u8> = (0..64 * 4096u32).map(|i| (i % 251) as u8).collect();
+        file.write_all(&content).unwrap();
+        let written = resident_pages(&path);
+        assert!(written >= 60, "just-written pages are cached: {written}");
+        // Dropping before the data is on disk loses nothing.
+        file.drop_cached(0, content.len() as u64).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), content);
+        file.sync_data().unwrap();
+        file.drop_cached(0, content.len() as u64).unwrap();
+        let left = resident_pages(&path);
+        assert!(
+            left <= 4,
+            "clean pages are dropped: {left} of {written} left"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), content);
     }
 
     #[test]

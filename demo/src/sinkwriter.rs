@@ -15,7 +15,17 @@
 //! - at a checkpoint ([`After::Checkpoint`]) fsyncs what it wrote and only then reports the
 //!   sink's snapshot;
 //! - at the end ([`After::Finish`]) fsyncs, writes the stage breakdown and marks itself
-//!   finished.
+//!   finished;
+//! - drops the file's pages from the page cache once they are on disk: the window before
+//!   the latest write-back window ([`WRITEBACK_BYTES`]), and everything at a checkpoint's
+//!   fsync and at the end.
+//!
+//! Sink files are written once and read later. Kept cached, their pages pile up, and every
+//! page the kernel hands the next appends is one nobody has touched for a while, which on a
+//! VM that returns free memory to its host costs a host fault on first touch: writing
+//! 512 MiB took ~1.2 s of system time with fresh pages on the benchmark machine and 0.12 s
+//! when the writer recycled its own. The kernel keeps dirty pages and pages still being
+//! written back, so dropping never loses data.
 //!
 //! The queue is bounded ([`QUEUE_BUFFERS`] buffers). When it is full the sink stops taking
 //! input, so backpressure reaches the producers, and the writer wakes the sink as soon as
@@ -270,6 +280,20 @@ fn write_loop(
     // File offsets: the end of what was written, and where write-back was last started.
     let mut end = target.keep;
     let mut written_back = target.keep;
+    // The start of the write-back window before the latest; the end of what was dropped from
+    // the page cache; the end of what was dropped after an fsync. A window dropped while some
+    // of its pages were still being written back keeps them cached, so the drop after an
+    // fsync starts again from the last fsync's.
+    let mut previous_window = target.keep;
+    let mut dropped = target.keep;
+    let mut dropped_durable = target.keep;
+    let drop_cached = |file: &FencedFile, from: u64, to: u64| {
+        if to > from
+            && let Err(e) = file.drop_cached(from, to - from)
+        {
+            tracing::debug!(stream = target.stream, error = %e, "dropping cached pages failed");
+        }
+    };
     loop {
         let job = match queued.try_recv() {
             Ok(job) => job,
@@ -295,6 +319,11 @@ fn write_loop(
                 if let Err(e) = file.start_writeback(written_back, end - written_back) {
                     tracing::debug!(stream = target.stream, error = %e, "starting write-back failed");
                 }
+                // The window before this one has had a window's worth of appends to reach
+                // the disk.
+                drop_cached(&file, dropped, previous_window);
+                dropped = dropped.max(previous_window);
+                previous_window = written_back;
                 written_back = end;
             }
         }
@@ -307,6 +336,8 @@ fn write_loop(
                 file.sync_data()
                     .map_err(|e| describe(target, "fsyncing", path, &e))?;
                 snapshots.report(checkpoint, false, &state);
+                drop_cached(&file, dropped_durable, end);
+                (dropped, dropped_durable) = (end, end);
             }
             After::Finish {
                 stages_path,
@@ -314,6 +345,7 @@ fn write_loop(
             } => {
                 file.sync()
                     .map_err(|e| describe(target, "fsyncing", path, &e))?;
+                drop_cached(&file, dropped_durable, end);
                 fs::write(&stages_path, stages).map_err(|e| {
                     describe(target, "writing the stage breakdown", &stages_path, &e)
                 })?;
@@ -415,6 +447,41 @@ mod tests {
         assert!(writer.failure().is_none());
         // Emptied buffers come back for reuse.
         assert!(writer.buffer().is_empty());
+    }
+
+    #[test]
+    fn written_pages_leave_the_page_cache_by_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (snapshots, taken) = Snapshots::in_memory(7);
+        let t = target(dir.path(), 1);
+        let writer =
+            SinkWriter::start(t.clone(), snapshots, Arc::new(Count::default()), 8).unwrap();
+        let window = usize::try_from(WRITEBACK_BYTES).unwrap();
+        let mut expected = Vec::new();
+        for i in 0..4u8 {
+            let job = Job {
+                data: vec![b'a' + i; window],
+                after: if i == 3 {
+                    After::Checkpoint {
+                        checkpoint: 1,
+                        state: TaskState::Sink {
+                            length: 4 * WRITEBACK_BYTES,
+                            rows: 4,
+                        },
+                    }
+                } else {
+                    After::Nothing
+                },
+            };
+            expected.extend_from_slice(&job.data);
+            assert!(matches!(writer.offer(job).unwrap(), Offer::Taken));
+        }
+        wait_for("the checkpoint", || !taken.taken().is_empty());
+        // The writer drops the pages right after reporting.
+        wait_for("the file's pages to leave the page cache", || {
+            crate::fence::tests::resident_pages(&t.path) <= 8
+        });
+        assert_eq!(fs::read(&t.path).unwrap(), expected);
     }
 
     #[test]
