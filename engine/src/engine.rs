@@ -346,7 +346,7 @@ pub fn transparent_huge_pages_disabled() -> Option<bool> {
 
 /// Pins the calling thread to one core. Best effort.
 #[cfg(target_os = "linux")]
-fn pin_current_thread(core: usize) -> bool {
+pub(crate) fn pin_current_thread(core: usize) -> bool {
     // SAFETY: `cpu_set_t` is plain data for which all-zero is the empty set; CPU_SET writes
     // within the set (core is reduced modulo the set size); sched_setaffinity(0, ..) only
     // reads the set and affects the calling thread.
@@ -358,7 +358,7 @@ fn pin_current_thread(core: usize) -> bool {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn pin_current_thread(_core: usize) -> bool {
+pub(crate) fn pin_current_thread(_core: usize) -> bool {
     false
 }
 
