@@ -281,3 +281,42 @@ fn t07_an_executor_whose_address_is_taken_exits_with_an_error_naming_it() {
     );
     drop(taken);
 }
+
+#[test]
+fn t08_an_executor_heartbeats_at_the_interval_the_leader_gives_it() {
+    let mut cluster = Cluster::bootstrap(1);
+    cluster.wait_for_leader(&[1], Duration::from_secs(10));
+    let via = [cluster.addr(1)];
+    // Its own settings would have it heartbeat every 4 s; the masters declare an executor
+    // lost after 1.5 s without one (their default TTL).
+    let a = Executor::start_with(
+        &cluster,
+        "exec-a",
+        2,
+        &["--heartbeat-ms", "4000", "--ttl-ms", "12000"],
+    );
+    let r = wait_until(
+        "the executor to register",
+        Duration::from_secs(10),
+        || match executors(&cluster, &via)?.as_slice() {
+            [e] if e["state"] == "alive" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    cluster.unwrap_or_dump(r);
+    let watch_until = std::time::Instant::now() + Duration::from_millis(4500);
+    while std::time::Instant::now() < watch_until {
+        let execs = executors(&cluster, &via).unwrap();
+        assert!(
+            execs.iter().all(|e| e["state"] == "alive"),
+            "the executor was declared lost: {execs:?}\n{}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = a.log_text();
+    assert!(
+        log.contains("using the leader's heartbeat interval and TTL"),
+        "{log}"
+    );
+}

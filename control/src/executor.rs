@@ -41,7 +41,7 @@ use crate::client::MasterClient;
 use crate::exchange::{InboundRegistry, QuicExchange};
 use crate::proto::{
     Assignment, CheckpointReport, CheckpointReports, Heartbeat, HeartbeatRequest, RegisterExecutor,
-    RegisterRequest, ReportCheckpoints, TaskReport, TaskRunState,
+    RegisterRequest, Registered, ReportCheckpoints, TaskReport, TaskRunState,
 };
 use crate::reactor::DataPlaneReactor;
 
@@ -111,12 +111,14 @@ pub struct ExecutorConfig {
     pub spin_mode: SpinMode,
     /// Heartbeat interval (ms) while the executor runs tasks; once it has run none for
     /// `ttl-ms` it heartbeats half as often, but at least three times per `ttl-ms` (see
-    /// [`HeartbeatSchedule`]).
+    /// [`HeartbeatSchedule`]). The leader's interval, from its answer to the registration,
+    /// takes precedence (see [`heartbeat_timing`]); this one applies only where it gives
+    /// none.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
     /// Time without a successful heartbeat after which the executor warns that it is probably
-    /// considered lost (ms); at least two heartbeats. Keep it equal to the masters'
-    /// `executor-ttl-ms`: an idle executor's heartbeat interval is derived from it.
+    /// considered lost (ms); at least two heartbeats. Like `heartbeat-ms`, overridden by the
+    /// leader's `executor-ttl-ms` from the registration answer.
     #[serde(default = "default_ttl")]
     pub ttl_ms: u64,
 }
@@ -156,6 +158,11 @@ impl HeartbeatSchedule {
     /// The interval while the executor runs (or recently ran) a job attempt.
     pub fn interval(&self) -> Duration {
         self.interval
+    }
+
+    /// The TTL the schedule was made for.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     /// The interval once it has run none for a TTL: twice `interval`, at most a third of the
@@ -313,6 +320,26 @@ impl SnapshotSink for AttemptSnapshots {
     }
 }
 
+/// The heartbeat interval and TTL an executor keeps: the leader's, from its answer to the
+/// registration, since the leader is the one that declares a silent executor lost; the
+/// executor's own `heartbeat-ms` and `ttl-ms` only where the answer has none (zero). A
+/// difference is logged once per registration.
+pub fn heartbeat_timing(config: &ExecutorConfig, registered: &Registered) -> (Duration, Duration) {
+    let pick = |leader: u64, own: u64| if leader > 0 { leader } else { own };
+    let interval = pick(registered.heartbeat_ms, config.heartbeat_ms);
+    let ttl = pick(registered.ttl_ms, config.ttl_ms);
+    if (interval, ttl) != (config.heartbeat_ms, config.ttl_ms) {
+        info!(
+            heartbeat_ms = interval,
+            ttl_ms = ttl,
+            configured_heartbeat_ms = config.heartbeat_ms,
+            configured_ttl_ms = config.ttl_ms,
+            "using the leader's heartbeat interval and TTL"
+        );
+    }
+    (Duration::from_millis(interval), Duration::from_millis(ttl))
+}
+
 /// Most reports sent in one call.
 const REPORT_BATCH: usize = 1024;
 
@@ -468,15 +495,13 @@ impl ExecutorServer {
             reports,
             executor_id: Arc::default(),
         };
-        let (id, incarnation) = register(&client, &state).await?;
+        let registered = register(&client, &state).await?;
         state
             .executor_id
-            .store(id, std::sync::atomic::Ordering::Relaxed);
+            .store(registered.executor_id, std::sync::atomic::Ordering::Relaxed);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
-            state
-                .run(client, id, incarnation, report_queue, stop_rx)
-                .await;
+            state.run(client, &registered, report_queue, stop_rx).await;
             // Close the data plane while the engine thread still drives its connections, so
             // peers hear of it now rather than after their idle timeout; the engine (and the
             // data plane's runtime with it) stops when `state` drops.
@@ -513,7 +538,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn register(client: &MasterClient, state: &State) -> Result<(u64, u64), ExecutorError> {
+async fn register(client: &MasterClient, state: &State) -> Result<Registered, ExecutorError> {
     let req = RegisterRequest {
         addr: state.endpoint.local_addr().to_string(),
         name: state
@@ -537,7 +562,7 @@ async fn register(client: &MasterClient, state: &State) -> Result<(u64, u64), Ex
                         client.add(a);
                     }
                 }
-                return Ok((r.executor_id, r.incarnation));
+                return Ok(r);
             }
             Err(e) if e.is_retryable() => {
                 warn!(error = %e, "registration failed; retrying");
@@ -560,13 +585,12 @@ impl State {
     async fn run(
         &mut self,
         client: MasterClient,
-        mut id: u64,
-        mut incarnation: u64,
+        registered: &Registered,
         report_queue: tokio::sync::mpsc::UnboundedReceiver<CheckpointReport>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
-        let interval = Duration::from_millis(self.config.heartbeat_ms);
-        let ttl = Duration::from_millis(self.config.ttl_ms);
+        let (mut id, mut incarnation) = (registered.executor_id, registered.incarnation);
+        let (interval, ttl) = heartbeat_timing(&self.config, registered);
         // A heartbeat may try every master (a dead leader first) but must not outlast half a TTL;
         // each attempt is short so that a dead master costs little.
         let client =
@@ -607,9 +631,13 @@ impl State {
                         warn!(executor = id, %reason, "masters do not know this executor; stopping every task and registering again");
                         self.stop_all();
                         match register(&client, self).await {
-                            Ok((new_id, new_incarnation)) => {
-                                id = new_id;
-                                incarnation = new_incarnation;
+                            Ok(again) => {
+                                (id, incarnation) = (again.executor_id, again.incarnation);
+                                // A new leader may expect another interval.
+                                let (interval, ttl) = heartbeat_timing(&self.config, &again);
+                                if (interval, ttl) != (schedule.interval(), schedule.ttl()) {
+                                    schedule = HeartbeatSchedule::new(interval, ttl);
+                                }
                                 self.executor_id
                                     .store(id, std::sync::atomic::Ordering::Relaxed);
                             }
@@ -953,6 +981,27 @@ certs-dir = "certs"
             (c.spin_us, c.spin_mode),
             (DEFAULT_SPIN_US, SpinMode::Adaptive)
         );
+    }
+
+    #[test]
+    fn the_leaders_heartbeat_interval_and_ttl_win_over_the_executors_own() {
+        let c = ExecutorConfig::from_toml(&format!("{BASE}heartbeat-ms = 5000\nttl-ms = 15000\n"))
+            .unwrap();
+        let answer = |heartbeat_ms, ttl_ms| Registered {
+            executor_id: 1,
+            incarnation: 1,
+            heartbeat_ms,
+            ttl_ms,
+            masters: Vec::new(),
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(
+            heartbeat_timing(&c, &answer(250, 1500)),
+            (ms(250), ms(1500))
+        );
+        // A leader that sends no figures leaves the executor's own.
+        assert_eq!(heartbeat_timing(&c, &answer(0, 0)), (ms(5000), ms(15000)));
+        assert_eq!(heartbeat_timing(&c, &answer(100, 0)), (ms(100), ms(15000)));
     }
 
     #[test]

@@ -1012,6 +1012,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// `d` in whole milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 async fn register_executor(
     shared: &Shared,
     req: RegisterRequest,
@@ -1040,7 +1045,8 @@ async fn register_executor(
             Ok(Registered {
                 executor_id: id.0,
                 incarnation,
-                heartbeat_ms: shared.liveness_config.heartbeat_interval.as_millis() as u64,
+                heartbeat_ms: millis(shared.liveness_config.heartbeat_interval),
+                ttl_ms: millis(shared.liveness_config.ttl),
                 masters: shared.masters(),
             })
         }

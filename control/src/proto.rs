@@ -275,8 +275,10 @@ pub struct Registered {
     pub executor_id: u64,
     /// Registration count at its address.
     pub incarnation: u64,
-    /// Heartbeat interval the leader expects (ms).
+    /// Heartbeat interval the leader expects (ms); the executor heartbeats at this interval.
     pub heartbeat_ms: u64,
+    /// Time without a heartbeat after which the leader declares the executor lost (ms).
+    pub ttl_ms: u64,
     /// Master addresses, for failover.
     pub masters: Vec<String>,
 }

@@ -18,6 +18,11 @@ pub struct Executor {
 impl Executor {
     /// Starts an executor of `cluster`'s masters.
     pub fn start(cluster: &Cluster, name: &str, slots: u32) -> Self {
+        Self::start_with(cluster, name, slots, &[])
+    }
+
+    /// [`Executor::start`] with more command-line arguments.
+    pub fn start_with(cluster: &Cluster, name: &str, slots: u32, extra: &[&str]) -> Self {
         let addr = free_udp_addr();
         let masters = cluster
             .nodes
@@ -31,7 +36,7 @@ impl Executor {
             .append(true)
             .open(&log)
             .unwrap();
-        let args: Vec<OsString> = vec![
+        let mut args: Vec<OsString> = vec![
             "executor".into(),
             "--listen-addr".into(),
             addr.to_string().into(),
@@ -46,6 +51,7 @@ impl Executor {
             "--workers".into(),
             "1".into(),
         ];
+        args.extend(extra.iter().map(OsString::from));
         let child = Command::new(super::bin())
             .args(args)
             .env("RUST_LOG", "info")

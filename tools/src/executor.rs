@@ -43,10 +43,11 @@ pub struct ExecutorArgs {
     /// `always`.
     #[arg(long)]
     spin_mode: Option<SpinMode>,
-    /// Heartbeat interval (ms).
+    /// Heartbeat interval (ms), used only if the leader's registration answer gives none.
     #[arg(long)]
     heartbeat_ms: Option<u64>,
-    /// TTL (ms).
+    /// Time without a heartbeat before the executor warns it is probably lost (ms); the
+    /// leader's, from its registration answer, takes precedence.
     #[arg(long)]
     ttl_ms: Option<u64>,
 }
