@@ -158,6 +158,38 @@ struct CheckpointWindow {
     elsewhere_pct_over_200us: f64,
 }
 
+/// Slow rows grouped into episodes: rows slower than 200 µs whose produced times lie within
+/// [`EPISODE_GAP_MS`] of the previous slow row's belong to one episode. A stall of a thread
+/// (a vCPU the host did not run, a preemption, a checkpoint) makes one episode of every row
+/// in flight through it, so a run's tail is a few episodes, and their sizes and spacing
+/// tell a periodic disturbance from a rare long one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct SlowEpisodes {
+    /// How many episodes.
+    count: u64,
+    /// Slow rows in all of them.
+    slow_rows: u64,
+    /// The share of the slow rows in the [`LARGEST_EPISODES`] largest episodes, in %.
+    largest_pct_of_slow_rows: f64,
+    /// The largest episodes by rows, largest first.
+    largest: Vec<Episode>,
+}
+
+/// One episode of slow rows.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+struct Episode {
+    /// When its first slow row was produced, in seconds after the first measured row.
+    at_s: f64,
+    /// From its first slow row's produced time to its last's, in ms.
+    span_ms: f64,
+    /// Rows slower than 200 µs in it.
+    rows: u64,
+    /// Of those, the rows slower than 1 ms.
+    rows_over_1ms: u64,
+    /// Its slowest row, in µs.
+    max_us: f64,
+}
+
 /// One process over one run (or over the idle window).
 #[derive(Debug, Clone, Serialize)]
 struct ProcessUsage {
@@ -211,6 +243,9 @@ struct Run {
     synced_to_sink: Option<Percentiles>,
     /// Slow rows right after checkpoint boundaries against the rest.
     after_checkpoint: Option<CheckpointWindow>,
+    /// The slow rows as episodes; `None` when there are none, or more than
+    /// [`MAX_EPISODE_ROWS`] (an overloaded run, where every row is slow).
+    slow_episodes: Option<SlowEpisodes>,
     /// Measured rows whose sink time precedes their produced time (clock skew).
     negative_latency_rows: u64,
     processes: Vec<ProcessUsage>,
@@ -478,6 +513,7 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
         produced_to_synced: None,
         synced_to_sink: None,
         after_checkpoint: None,
+        slow_episodes: None,
         negative_latency_rows: 0,
         processes: Vec::new(),
         error: None,
@@ -523,7 +559,7 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
     let measured =
         tokio::task::spawn_blocking(move || measure(&dir, streams, warmup_ns, slots)).await;
     match measured {
-        Ok(Ok(m)) => {
+        Ok(Ok(mut m)) => {
             run.measured_rows = m.rows;
             run.warmup_applied = m.warmup_applied;
             run.achieved_rows_per_s = m.throughput;
@@ -531,6 +567,7 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
             run.produced_to_synced = percentiles(&m.to_synced);
             run.synced_to_sink = percentiles(&m.to_sink);
             run.after_checkpoint = m.after_checkpoint();
+            run.slow_episodes = m.episodes();
             run.negative_latency_rows = m.negative;
         }
         Ok(Err(e)) => run.error = Some(crate::error_line(&e)),
@@ -606,6 +643,61 @@ const SLOW_NS: u64 = 200_000;
 /// boundary's snapshots, reports, sink fsyncs and the leader's commit fall in it.
 const CHECKPOINT_WINDOW_MS: u64 = 10;
 
+/// Slow rows produced within this of each other belong to one episode ([`SlowEpisodes`]).
+const EPISODE_GAP_MS: u64 = 2;
+
+/// How many of the largest episodes a run reports.
+const LARGEST_EPISODES: usize = 5;
+
+/// Beyond this many slow rows a run is overloaded, and its rows are not kept for episodes.
+const MAX_EPISODE_ROWS: usize = 500_000;
+
+/// Groups slow rows, given as (produced ns, latency ns), into episodes (sorting them by
+/// produced time); `first_ns` is the run's first measured produced time.
+fn episodes(slow: &mut [(u64, u64)], first_ns: u64) -> Option<SlowEpisodes> {
+    slow.sort_unstable();
+    let gap_ns = EPISODE_GAP_MS * 1_000_000;
+    let mut all: Vec<(u64, u64, Episode)> = Vec::new();
+    for &(produced, latency) in slow.iter() {
+        let over_1ms = u64::from(latency > 1_000_000);
+        let max_us = latency as f64 / 1000.0;
+        match all.last_mut() {
+            Some((start, last, e)) if produced - *last <= gap_ns => {
+                *last = produced;
+                e.span_ms = (produced - *start) as f64 / 1e6;
+                e.rows += 1;
+                e.rows_over_1ms += over_1ms;
+                e.max_us = e.max_us.max(max_us);
+            }
+            _ => all.push((
+                produced,
+                produced,
+                Episode {
+                    at_s: produced.saturating_sub(first_ns) as f64 / 1e9,
+                    span_ms: 0.0,
+                    rows: 1,
+                    rows_over_1ms: over_1ms,
+                    max_us,
+                },
+            )),
+        }
+    }
+    if all.is_empty() {
+        return None;
+    }
+    let mut largest: Vec<Episode> = all.iter().map(|(_, _, e)| *e).collect();
+    // Largest first; among equals, the earlier first.
+    largest.sort_by(|a, b| b.rows.cmp(&a.rows).then(a.at_s.total_cmp(&b.at_s)));
+    largest.truncate(LARGEST_EPISODES);
+    let slow_rows = slow.len() as u64;
+    Some(SlowEpisodes {
+        count: all.len() as u64,
+        slow_rows,
+        largest_pct_of_slow_rows: pct(largest.iter().map(|e| e.rows).sum(), slow_rows),
+        largest,
+    })
+}
+
 /// A job's checkpoint slots: where a produced time falls relative to the boundaries.
 #[derive(Debug, Clone, Copy)]
 struct Slots {
@@ -669,9 +761,18 @@ struct Measured {
     slots: Slots,
     after_boundary: SlowCount,
     elsewhere: SlowCount,
+    /// The first measured produced time.
+    first_ns: u64,
+    /// (produced ns, latency ns) of the slow rows; `None` once there were too many.
+    slow: Option<Vec<(u64, u64)>>,
 }
 
 impl Measured {
+    /// The slow rows as episodes (see [`SlowEpisodes`]).
+    fn episodes(&mut self) -> Option<SlowEpisodes> {
+        episodes(self.slow.as_mut()?, self.first_ns)
+    }
+
     /// The checkpoint-window split; `None` without measured rows.
     fn after_checkpoint(&self) -> Option<CheckpointWindow> {
         let counted = self.after_boundary.rows + self.elsewhere.rows;
@@ -739,6 +840,8 @@ fn measure(dir: &Path, streams: u32, warmup_ns: u64, slots: Slots) -> anyhow::Re
         slots,
         after_boundary: SlowCount::default(),
         elsewhere: SlowCount::default(),
+        first_ns: cutoff,
+        slow: Some(Vec::new()),
     };
     let (mut min_produced, mut max_sink) = (u64::MAX, 0u64);
     for_each_data_row(dir, streams, |r| {
@@ -756,6 +859,15 @@ fn measure(dir: &Path, streams: u32, warmup_ns: u64, slots: Slots) -> anyhow::Re
                 } else {
                     m.elsewhere.add(d);
                 }
+                if d > SLOW_NS
+                    && let Some(slow) = m.slow.as_mut()
+                {
+                    if slow.len() < MAX_EPISODE_ROWS {
+                        slow.push((r.produced_ns, d));
+                    } else {
+                        m.slow = None;
+                    }
+                }
             }
             None => m.negative += 1,
         }
@@ -768,6 +880,9 @@ fn measure(dir: &Path, streams: u32, warmup_ns: u64, slots: Slots) -> anyhow::Re
     })?;
     if max_sink > min_produced {
         m.throughput = Some(m.rows as f64 / ((max_sink - min_produced) as f64 / 1e9));
+    }
+    if min_produced != u64::MAX {
+        m.first_ns = min_produced;
     }
     Ok(m)
 }
@@ -1014,11 +1129,11 @@ fn stage_table(runs: &[Run]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<14}   {:<38}   {:<38}   >200µs % (all/{}ms after ckpt/rest)",
+        "{:<14}   {:<38}   {:<38}   {:<36}   slow episodes (count: largest rows/max µs)",
         "per stage (µs)",
         "produced -> synced (p50/p99/p99.9/max)",
         "synced -> sink (p50/p99/p99.9/max)",
-        CHECKPOINT_WINDOW_MS
+        format!(">200µs % (all/{CHECKPOINT_WINDOW_MS}ms after ckpt/rest)")
     );
     for r in runs {
         let fmt = |p: Option<Percentiles>| match p {
@@ -1050,14 +1165,22 @@ fn stage_table(runs: &[Run]) -> String {
             (Some(l), None) => format!("{:.2}/-/-", l.pct_over_200us),
             _ => "-".into(),
         };
+        let episodes = match &r.slow_episodes {
+            Some(e) => match e.largest.first() {
+                Some(l) => format!("{}: {}/{}", e.count, l.rows, us(Some(l.max_us))),
+                None => e.count.to_string(),
+            },
+            None => "-".into(),
+        };
         let _ = writeln!(
             s,
-            "{:>8} {:>5}   {:<38}   {:<38}   {}",
+            "{:>8} {:>5}   {:<38}   {:<38}   {:<36}   {}",
             rate_label(r.rate),
             r.ddl_freq,
             fmt(r.produced_to_synced),
             fmt(r.synced_to_sink),
-            slow
+            slow,
+            episodes
         );
     }
     s
@@ -1378,6 +1501,7 @@ mod tests {
             produced_to_synced: None,
             synced_to_sink: None,
             after_checkpoint: None,
+            slow_episodes: None,
             negative_latency_rows: 0,
             processes: Vec::new(),
             error: None,
@@ -1559,12 +1683,18 @@ mod tests {
             .write_to(&mut buf);
         }
         std::fs::write(microcosm_demo::spec::sink_file_in(dir.path(), 0), &buf).unwrap();
-        let m = measure(dir.path(), 1, 0, slots_of(200)).unwrap();
+        let mut m = measure(dir.path(), 1, 0, slots_of(200)).unwrap();
         let w = m.after_checkpoint().unwrap();
         assert_eq!(
             (w.window_ms, w.rows_after_boundary, w.rows_elsewhere),
             (10, 20, 380)
         );
+        // Episodes: pk 1–10 (ms 0–9); pk 200 (ms 199) with pk 201–210 (ms 200–209); and
+        // every tenth pk alone, 18 before and 19 after.
+        let e = m.episodes().unwrap();
+        assert_eq!((e.count, e.slow_rows), (39, 58), "{e:?}");
+        assert_eq!((e.largest[0].rows, e.largest[1].rows), (11, 10), "{e:?}");
+        assert!((e.largest[0].at_s - 0.199).abs() < 1e-9, "{e:?}");
         assert!((w.window_pct_of_time - 5.0).abs() < 1e-9, "{w:?}");
         assert_eq!(w.after_boundary_pct_over_200us, 100.0, "{w:?}");
         // pk 20, 30, ..., 200 and 220, ..., 400 outside the windows: 38 of 380.
@@ -1574,6 +1704,57 @@ mod tests {
             (l.pct_over_200us - 58.0 * 100.0 / 400.0).abs() < 1e-9,
             "{l:?}"
         );
+    }
+
+    #[test]
+    fn slow_rows_group_into_episodes_by_produced_time() {
+        let ms = |v: u64| v * 1_000_000;
+        // Out of order, as the sink files give them: an episode of three rows at 10 ms
+        // (one over 1 ms), one row alone at 20 ms, and four at 100 ms spread over 3 ms,
+        // each within 2 ms of the previous.
+        let mut slow = vec![
+            (ms(101), 300_000),
+            (ms(10), 250_000),
+            (ms(20), 210_000),
+            (ms(100), 400_000),
+            (ms(11), 1_500_000),
+            (ms(103), 900_000),
+            (ms(12), 220_000),
+            (ms(102), 500_000),
+        ];
+        let e = episodes(&mut slow, ms(5)).unwrap();
+        assert_eq!((e.count, e.slow_rows), (3, 8));
+        assert_eq!(e.largest.len(), 3);
+        let [first, second, third] = [e.largest[0], e.largest[1], e.largest[2]];
+        assert_eq!((first.rows, first.rows_over_1ms), (4, 0));
+        assert!((first.at_s - 0.095).abs() < 1e-9 && (first.span_ms - 3.0).abs() < 1e-9);
+        assert!((first.max_us - 900.0).abs() < 1e-9);
+        assert_eq!((second.rows, second.rows_over_1ms), (3, 1));
+        assert!((second.max_us - 1500.0).abs() < 1e-9 && (second.span_ms - 2.0).abs() < 1e-9);
+        assert_eq!((third.rows, third.span_ms), (1, 0.0));
+        assert!((e.largest_pct_of_slow_rows - 100.0).abs() < 1e-9);
+        assert_eq!(episodes(&mut [], 0), None);
+        // A gap just over 2 ms starts a new episode.
+        let mut apart = vec![(ms(1), 300_000), (ms(3) + 1, 300_000)];
+        assert_eq!(episodes(&mut apart, 0).unwrap().count, 2);
+    }
+
+    #[test]
+    fn only_the_largest_episodes_are_listed() {
+        // Ten single-row episodes 10 ms apart and one of three rows.
+        let mut slow: Vec<(u64, u64)> = (0..10).map(|i| (i * 10_000_000, 300_000)).collect();
+        slow.extend([
+            (200_000_000, 300_000),
+            (200_500_000, 300_000),
+            (201_000_000, 300_000),
+        ]);
+        let e = episodes(&mut slow, 0).unwrap();
+        assert_eq!(e.count, 11);
+        assert_eq!(e.largest.len(), LARGEST_EPISODES);
+        assert_eq!(e.largest[0].rows, 3);
+        // The rest of the five: the earliest of the equal ones.
+        assert!((e.largest[1].at_s - 0.0).abs() < 1e-9 && (e.largest[4].at_s - 0.03).abs() < 1e-9);
+        assert!((e.largest_pct_of_slow_rows - 7.0 * 100.0 / 13.0).abs() < 1e-9);
     }
 
     #[test]
