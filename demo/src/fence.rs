@@ -146,10 +146,7 @@ impl FencedFile {
     /// later [`FencedFile::sync_data`] has less left to do.
     pub fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
         #[cfg(target_os = "linux")]
-        {
-            let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-                return Ok(());
-            };
+        if let Some((offset, len)) = file_range(offset, len) {
             // SAFETY: a plain syscall on a descriptor owned by `self.data`, open while borrowed.
             let rc = unsafe {
                 libc::sync_file_range(
@@ -173,10 +170,7 @@ impl FencedFile {
     /// pages still being written back stay cached; nothing written is lost either way.
     pub fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
         #[cfg(target_os = "linux")]
-        {
-            let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-                return Ok(());
-            };
+        if let Some((offset, len)) = file_range(offset, len) {
             // SAFETY: a plain syscall on a descriptor owned by `self.data`, open while borrowed.
             let rc = unsafe {
                 libc::posix_fadvise(
@@ -201,6 +195,13 @@ impl FencedFile {
     pub fn sync_data(&self) -> io::Result<()> {
         self.data.sync_data()
     }
+}
+
+/// A byte range as the `off_t` pair the range system calls take; `None` past `i64::MAX`,
+/// where no file has bytes.
+#[cfg(target_os = "linux")]
+fn file_range(offset: u64, len: u64) -> Option<(i64, i64)> {
+    Some((i64::try_from(offset).ok()?, i64::try_from(len).ok()?))
 }
 
 fn superseded(epoch: u64, owner: u64) -> io::Error {
