@@ -7,8 +7,8 @@
 //! - `pipeline/two_engines_quic`: split like a two-executor cluster — producers and binlogs
 //!   on one engine, receivers, syncers and sinks on another (one worker each), each with its
 //!   own QUIC endpoint driven on its engine's worker thread and the executors' exchange
-//!   (`QuicExchange`, `DataPlaneReactor`), so every record crosses QUIC once. (Both sides
-//!   live in this process; `microcosm bench` measures the same with real processes.)
+//!   (`QuicExchange`, `DataPlaneReactor`), so every record crosses QUIC once. Both sides
+//!   live in this process (`two_processes_quic` below puts them in two).
 //!   Both engines have no spin window (executor `spin-us = 0`): an idle worker sleeps at once.
 //! - `pipeline/two_engines_quic_adaptive_spin`: the same with the executors' default, a 200 µs
 //!   adaptive spin window (`spin-us = 200`, `spin-mode = "adaptive"`): while records keep
@@ -18,6 +18,12 @@
 //! Each iteration runs one 50,000-record job; criterion's time is the job's wall time (about
 //! 0.5 s when the pipeline keeps up), and the producer-to-sink latency percentiles of all
 //! iterations are printed at the end.
+//!
+//! - `pipeline/two_processes_quic`: the split of `two_engines_quic_adaptive_spin` with each
+//!   side in its own process, like two executors: the bench starts itself twice as a child
+//!   (`MICROCOSM_BENCH_SIDE` set), each child an engine with its QUIC endpoint on its worker
+//!   thread and the default 200 µs adaptive spin, and tells them over stdin which tasks of
+//!   each job to run. The latency percentiles come from the receiving child's sinks.
 //!
 //! `pipeline/one_engine_max_rate` and `pipeline/two_engines_quic_max_rate` run the same
 //! jobs unpaced (rate 0, as fast as the outputs take records) with 200,000 records each, and
@@ -30,7 +36,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use criterion::{Criterion, Throughput, criterion_group};
 use hdrhistogram::Histogram;
 use microcosm_control::exchange::{InboundRegistry, QuicExchange};
 use microcosm_control::reactor::DataPlaneReactor;
@@ -314,12 +323,235 @@ fn split_over_quic(c: &mut Criterion, name: &str, spin: Duration, load: Load) {
     }
 }
 
+/// Set in a child process of `two_processes_quic` to the certificates directory; the child
+/// then serves as one side instead of running benchmarks.
+const SIDE_ENV: &str = "MICROCOSM_BENCH_SIDE";
+
+/// The tasks of `job` (paced like [`PACED`], sinks under `sink_dir`) that run on one side:
+/// `sources` (producers and binlogs, sending to `peer`) or `sync` (the rest).
+fn side_tasks(
+    side: &Side,
+    job: u64,
+    role: &str,
+    sink_dir: &std::path::Path,
+    peer: Option<SocketAddr>,
+    snapshots: &Arc<dyn SnapshotSink>,
+) -> (DemoSpec, StartedTasks) {
+    let spec = spec(sink_dir, &format!("proc-{job}"), PACED);
+    let graph = plan(&spec);
+    let (g1, g2) = (
+        tasks_in_group(&graph, GROUP_SOURCES),
+        tasks_in_group(&graph, GROUP_SYNC),
+    );
+    let (local, routes) = match (role, peer) {
+        ("sources", Some(peer)) => {
+            let routes: HashMap<u32, SocketAddr> = graph
+                .edges
+                .iter()
+                .filter(|e| g1.contains(&e.from) && g2.contains(&e.to))
+                .map(|e| (e.id, peer))
+                .collect();
+            (g1, routes)
+        }
+        _ => (g2, HashMap::new()),
+    };
+    let exchange = side.exchange(job, routes);
+    let started = start_tasks(StartContext {
+        job,
+        epoch: 1,
+        spec: &spec,
+        graph: &graph,
+        local: &local,
+        engine: &side.engine,
+        exchange: &exchange,
+        restore: None,
+        snapshots,
+    })
+    .unwrap();
+    (spec, started)
+}
+
+/// A child process's life: one side, driven by lines on stdin —
+/// `run <job> <sources|sync> <sink dir> <peer address or ->` (answered `started`, then `done`
+/// once its tasks finished) and `quit` (answered with the sync side's latency percentiles,
+/// in ns: `latency <count> <p50> <p90> <p99> <p99.9>`).
+fn side_process(certs: &std::path::Path) {
+    let side = Side::start(certs, default_spin());
+    let snapshots: Arc<dyn SnapshotSink> = Arc::new(MemorySnapshots::new());
+    let mut all = histogram();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "addr {}", side.endpoint.local_addr()).unwrap();
+    out.flush().unwrap();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["run", job, role, dir, peer] => {
+                let job: u64 = job.parse().unwrap();
+                let peer = peer.parse().ok();
+                let (spec, started) = side_tasks(
+                    &side,
+                    job,
+                    role,
+                    std::path::Path::new(dir),
+                    peer,
+                    &snapshots,
+                );
+                writeln!(out, "started").unwrap();
+                out.flush().unwrap();
+                wait_all_finished(&[&side.engine], &[&started]);
+                if *role == "sync" {
+                    merge(&mut all, &started);
+                    side.registry.forget_job(job);
+                    let _ = std::fs::remove_dir_all(spec.output_dir());
+                }
+                writeln!(out, "done").unwrap();
+                out.flush().unwrap();
+            }
+            ["quit"] => break,
+            other => panic!("side process: unknown command {other:?}"),
+        }
+    }
+    let q = |q: f64| all.value_at_quantile(q);
+    writeln!(
+        out,
+        "latency {} {} {} {} {}",
+        all.len(),
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(0.999)
+    )
+    .unwrap();
+    out.flush().unwrap();
+    side.endpoint.close();
+    side.engine.shutdown(Duration::from_secs(5));
+}
+
+/// The parent's handle on one child side.
+struct SideProcess {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    addr: SocketAddr,
+}
+
+impl SideProcess {
+    fn spawn(certs: &std::path::Path) -> SideProcess {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env(SIDE_ENV, certs)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let first = read_line(&mut stdout);
+        let addr = first.strip_prefix("addr ").unwrap().parse().unwrap();
+        SideProcess {
+            child,
+            stdin,
+            stdout,
+            addr,
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn expect(&mut self, what: &str) -> String {
+        let line = read_line(&mut self.stdout);
+        assert!(
+            line.starts_with(what),
+            "expected {what:?} from a side, got {line:?}"
+        );
+        line
+    }
+}
+
+/// The next line from a child, without its newline; panics at the end of its output (the
+/// child died).
+fn read_line(from: &mut BufReader<ChildStdout>) -> String {
+    let mut line = String::new();
+    assert!(
+        from.read_line(&mut line).unwrap() > 0,
+        "a side process ended early"
+    );
+    line.trim_end().to_owned()
+}
+
+/// The split job with each side in its own process.
+fn two_processes_quic(c: &mut Criterion) {
+    let certs = tempfile::tempdir().unwrap();
+    init_cluster_certs(certs.path(), "bench", &[]).unwrap();
+    let mut sources = SideProcess::spawn(certs.path());
+    let mut syncing = SideProcess::spawn(certs.path());
+    let dir = tempfile::tempdir().unwrap();
+    let sink_dir = dir.path().display().to_string();
+    let mut run = 0u64;
+    let mut group = c.benchmark_group("pipeline");
+    configure(&mut group, PACED);
+    group.bench_function("two_processes_quic", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                run += 1;
+                let start = Instant::now();
+                // The consuming side starts its tasks first.
+                syncing.send(&format!("run {run} sync {sink_dir} -"));
+                syncing.expect("started");
+                sources.send(&format!("run {run} sources {sink_dir} {}", syncing.addr));
+                sources.expect("started");
+                sources.expect("done");
+                syncing.expect("done");
+                total += start.elapsed();
+            }
+            total
+        });
+    });
+    group.finish();
+    sources.send("quit");
+    syncing.send("quit");
+    let _ = sources.expect("latency");
+    let latency = syncing.expect("latency");
+    let n: Vec<f64> = latency
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    if n[0] > 0.0 {
+        println!(
+            "pipeline/two_processes_quic: {} records, latency p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs",
+            n[0],
+            n[1] / 1000.0,
+            n[2] / 1000.0,
+            n[3] / 1000.0,
+            n[4] / 1000.0
+        );
+    }
+    for side in [&mut sources, &mut syncing] {
+        side.child.wait().unwrap();
+    }
+}
+
 criterion_group!(
     benches,
     one_engine,
     two_engines_quic,
     two_engines_quic_adaptive_spin,
+    two_processes_quic,
     one_engine_max_rate,
     two_engines_quic_max_rate
 );
-criterion_main!(benches);
+
+fn main() {
+    // A child of `two_processes_quic` serves one side and runs no benchmark.
+    if let Some(certs) = std::env::var_os(SIDE_ENV) {
+        side_process(std::path::Path::new(&certs));
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
