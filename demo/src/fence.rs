@@ -295,6 +295,26 @@ pub(crate) mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"row\nrow\n");
     }
 
+    /// A temporary directory whose files' pages can leave the page cache: the system's
+    /// temporary directory unless it is a tmpfs (where file pages are the files' only copy),
+    /// else one under the workspace's `target/`.
+    pub(crate) fn disk_tempdir() -> tempfile::TempDir {
+        let tmp = std::env::temp_dir();
+        // SAFETY: `statfs` writes one `libc::statfs` into `st`, all-zero being a valid value;
+        // the path is a NUL-terminated copy that outlives the call.
+        let tmpfs = unsafe {
+            let path = std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes()).unwrap();
+            let mut st: libc::statfs = std::mem::zeroed();
+            libc::statfs(path.as_ptr(), &mut st) == 0 && st.f_type == libc::TMPFS_MAGIC
+        };
+        if !tmpfs {
+            return tempfile::tempdir_in(tmp).unwrap();
+        }
+        let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+        std::fs::create_dir_all(&target).unwrap();
+        tempfile::tempdir_in(target).unwrap()
+    }
+
     /// How many of the file's pages are in the page cache (`mincore` over a mapping).
     pub(crate) fn resident_pages(path: &Path) -> usize {
         let file = File::open(path).unwrap();
@@ -326,7 +346,7 @@ pub(crate) mod tests {
 
     #[test]
     fn dropping_cached_pages_frees_clean_ones_and_keeps_the_content() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = disk_tempdir();
         let path = dir.path().join("sink_0.csv");
         let mut file = FencedFile::claim(&path, 1, 0).unwrap();
         let content: Vec<u8> = (0..64 * 4096u32).map(|i| (i % 251) as u8).collect();

@@ -451,7 +451,7 @@ mod tests {
 
     #[test]
     fn written_pages_leave_the_page_cache_by_the_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::fence::tests::disk_tempdir();
         let (snapshots, taken) = Snapshots::in_memory(7);
         let t = target(dir.path(), 1);
         let writer =
