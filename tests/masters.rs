@@ -387,6 +387,19 @@ fn t06_bad_configs_are_refused_at_start_naming_the_problem() {
         "stderr does not name election-timeout-min-ms: {err}"
     );
 
+    // An executor heartbeat (from its flag) too long for the executor TTL (1.5 s).
+    let err = refused(&[
+        "--config".into(),
+        base.clone().into(),
+        "--executor-heartbeat-ms".into(),
+        "1000".into(),
+    ]);
+    // The validation names both keys; an unknown flag would be refused naming only one.
+    assert!(
+        err.contains("executor-ttl-ms") && err.contains("executor-heartbeat-ms"),
+        "stderr does not name executor-ttl-ms and executor-heartbeat-ms: {err}"
+    );
+
     // A data dir that cannot be created (its parent is a regular file; root or not).
     let file = write("not-a-dir", "x");
     let err = refused(&[

@@ -124,8 +124,12 @@ pub struct MasterConfig {
     pub executor_ttl_ms: u64,
 }
 
+/// The heartbeat interval executors are told to keep unless `executor-heartbeat-ms` says
+/// otherwise (ms).
+pub const DEFAULT_EXECUTOR_HEARTBEAT_MS: u64 = 250;
+
 fn default_executor_heartbeat() -> u64 {
-    250
+    DEFAULT_EXECUTOR_HEARTBEAT_MS
 }
 fn default_executor_ttl() -> u64 {
     1500

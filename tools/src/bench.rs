@@ -118,6 +118,8 @@ struct Conditions {
     spin_us: u64,
     /// When executors spin (`adaptive` or `always`; `off` with `spin-us = 0`).
     spin_mode: String,
+    /// The executors' heartbeat interval, as the masters give it (ms).
+    executor_heartbeat_ms: u64,
     warmup_secs: f64,
     duration_secs: f64,
     cluster: &'static str,
@@ -315,6 +317,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         } else {
             args.tuning.spin_mode.unwrap_or_default().to_string()
         },
+        executor_heartbeat_ms: args
+            .tuning
+            .executor_heartbeat_ms
+            .unwrap_or(microcosm_control::master::DEFAULT_EXECUTOR_HEARTBEAT_MS),
         warmup_secs: args.warmup_secs,
         duration_secs: args.duration_secs,
         cluster: "one cluster for the whole sweep, one job per run",

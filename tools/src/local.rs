@@ -117,6 +117,10 @@ pub struct ExecutorTuning {
     /// window) or `always`.
     #[arg(long)]
     pub spin_mode: Option<SpinMode>,
+    /// Heartbeat interval the masters give the executors (ms; default: the masters', 250).
+    /// The TTL stays 1.5 s, so at most 750.
+    #[arg(long)]
+    pub executor_heartbeat_ms: Option<u64>,
 }
 
 /// The temporary directory and certificates of a cluster not started yet.
@@ -181,7 +185,15 @@ impl LocalClusterDir {
                     certs_arg.clone(),
                     "--initial-members".into(),
                     members.join(","),
-                ],
+                ]
+                .into_iter()
+                .chain(
+                    tuning
+                        .executor_heartbeat_ms
+                        .into_iter()
+                        .flat_map(|ms| ["--executor-heartbeat-ms".to_string(), ms.to_string()]),
+                )
+                .collect::<Vec<_>>(),
             )?);
         }
         let masters_arg = master_addrs

@@ -49,6 +49,12 @@ pub struct MasterArgs {
     /// Election timeout upper bound (ms).
     #[arg(long)]
     election_timeout_max_ms: Option<u64>,
+    /// Heartbeat interval the leader gives executors when they register (ms).
+    #[arg(long)]
+    executor_heartbeat_ms: Option<u64>,
+    /// Silence after which the leader declares an executor lost (ms).
+    #[arg(long)]
+    executor_ttl_ms: Option<u64>,
 }
 
 impl MasterArgs {
@@ -64,7 +70,9 @@ impl MasterArgs {
             .list("join", self.join)
             .int("heartbeat-ms", self.heartbeat_ms)
             .int("election-timeout-min-ms", self.election_timeout_min_ms)
-            .int("election-timeout-max-ms", self.election_timeout_max_ms);
+            .int("election-timeout-max-ms", self.election_timeout_max_ms)
+            .int("executor-heartbeat-ms", self.executor_heartbeat_ms)
+            .int("executor-ttl-ms", self.executor_ttl_ms);
         o.load(self.config.as_deref(), MasterConfig::from_toml)
     }
 }
