@@ -144,3 +144,23 @@ fn demo_command_runs_verifies_and_cleans_up() {
         "cluster dir {dir} left behind"
     );
 }
+
+#[test]
+fn demo_refuses_an_executor_heartbeat_the_ttl_cannot_hold_and_names_it() {
+    let out = cli_with_timeout(
+        [
+            "demo",
+            "--executor-heartbeat-ms",
+            "1000",
+            "--rcd-cnt",
+            "100",
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(!out.timed_out() && !out.success(), "{out}");
+    assert!(
+        out.stderr
+            .contains("--executor-heartbeat-ms 1000: must be 1 to 750"),
+        "{out}"
+    );
+}

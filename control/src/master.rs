@@ -131,8 +131,12 @@ pub const DEFAULT_EXECUTOR_HEARTBEAT_MS: u64 = 250;
 fn default_executor_heartbeat() -> u64 {
     DEFAULT_EXECUTOR_HEARTBEAT_MS
 }
+/// How long an executor may stay silent before it is declared lost unless
+/// `executor-ttl-ms` says otherwise (ms).
+pub const DEFAULT_EXECUTOR_TTL_MS: u64 = 1500;
+
 fn default_executor_ttl() -> u64 {
-    1500
+    DEFAULT_EXECUTOR_TTL_MS
 }
 
 fn default_cluster_id() -> String {

@@ -149,6 +149,14 @@ impl LocalClusterDir {
         executors: u32,
         tuning: ExecutorTuning,
     ) -> anyhow::Result<LocalCluster> {
+        if let Some(ms) = tuning.executor_heartbeat_ms {
+            let ttl = microcosm_control::master::DEFAULT_EXECUTOR_TTL_MS;
+            anyhow::ensure!(
+                ms > 0 && ms.saturating_mul(2) <= ttl,
+                "--executor-heartbeat-ms {ms}: must be 1 to {} (at least two heartbeats per executor TTL of {ttl} ms)",
+                ttl / 2
+            );
+        }
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let workers = tuning
             .workers
