@@ -69,6 +69,14 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// `name value` as command-line arguments when `value` is set, nothing otherwise.
+fn flag<T: std::fmt::Display>(name: &str, value: Option<T>) -> impl Iterator<Item = String> {
+    value
+        .map(|v| [name.to_owned(), v.to_string()])
+        .into_iter()
+        .flatten()
+}
+
 fn spawn(exe: &Path, dir: &Path, name: &str, args: &[String]) -> anyhow::Result<Proc> {
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let mut command = Command::new(exe);
@@ -195,12 +203,10 @@ impl LocalClusterDir {
                     members.join(","),
                 ]
                 .into_iter()
-                .chain(
-                    tuning
-                        .executor_heartbeat_ms
-                        .into_iter()
-                        .flat_map(|ms| ["--executor-heartbeat-ms".to_string(), ms.to_string()]),
-                )
+                .chain(flag(
+                    "--executor-heartbeat-ms",
+                    tuning.executor_heartbeat_ms,
+                ))
                 .collect::<Vec<_>>(),
             )?);
         }
@@ -230,18 +236,8 @@ impl LocalClusterDir {
                     workers.to_string(),
                 ]
                 .into_iter()
-                .chain(
-                    tuning
-                        .spin_us
-                        .into_iter()
-                        .flat_map(|us| ["--spin-us".to_string(), us.to_string()]),
-                )
-                .chain(
-                    tuning
-                        .spin_mode
-                        .into_iter()
-                        .flat_map(|mode| ["--spin-mode".to_string(), mode.to_string()]),
-                )
+                .chain(flag("--spin-us", tuning.spin_us))
+                .chain(flag("--spin-mode", tuning.spin_mode))
                 .collect::<Vec<_>>(),
             )?);
         }
@@ -354,5 +350,23 @@ impl LocalCluster {
             p.kill();
         }
         tmp.keep()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flag_is_its_name_and_value_or_nothing() {
+        assert_eq!(
+            flag("--spin-us", Some(0)).collect::<Vec<_>>(),
+            ["--spin-us", "0"]
+        );
+        assert_eq!(
+            flag("--spin-mode", Some(SpinMode::Always)).collect::<Vec<_>>(),
+            ["--spin-mode", "always"]
+        );
+        assert_eq!(flag::<u64>("--executor-heartbeat-ms", None).count(), 0);
     }
 }
