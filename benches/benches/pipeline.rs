@@ -46,7 +46,7 @@ use microcosm_control::reactor::DataPlaneReactor;
 use microcosm_demo::plan::{GROUP_SOURCES, GROUP_SYNC, tasks_in_group};
 use microcosm_demo::{DemoRecord, DemoSpec, StartContext, StartedTasks, plan, start_tasks};
 use microcosm_engine::{
-    Engine, EngineConfig, Exchange, MemoryExchange, MemorySnapshots, SnapshotSink, wait_finished,
+    Engine, EngineConfig, MemoryExchange, MemorySnapshots, SnapshotSink, wait_finished,
 };
 use microcosm_transport::tls::init_cluster_certs;
 use microcosm_transport::{Endpoint, Identity, Role, TransportConfig};
@@ -274,37 +274,11 @@ fn split_over_quic(c: &mut Criterion, name: &str, spin: Duration, load: Load) {
                 run += 1;
                 let spec = spec(dir.path(), &format!("quic-{run}"), load);
                 let graph = plan(&spec);
-                let (g1, g2) = (
-                    tasks_in_group(&graph, GROUP_SOURCES),
-                    tasks_in_group(&graph, GROUP_SYNC),
-                );
-                // Edges leaving group 1 go to the other side's endpoint.
-                let to_sync: HashMap<u32, SocketAddr> = graph
-                    .edges
-                    .iter()
-                    .filter(|e| g1.contains(&e.from) && g2.contains(&e.to))
-                    .map(|e| (e.id, syncing.endpoint.local_addr()))
-                    .collect();
-                let ex_sync = syncing.exchange(run, HashMap::new());
-                let ex_sources = sources.exchange(run, to_sync);
-                let ctx = |local: &[u32], engine: &Engine, exchange: &dyn Exchange<DemoRecord>| {
-                    start_tasks(StartContext {
-                        job: run,
-                        epoch: 1,
-                        spec: &spec,
-                        graph: &graph,
-                        local,
-                        engine,
-                        exchange,
-                        restore: None,
-                        snapshots: &snapshots,
-                    })
-                    .unwrap()
-                };
                 let start = Instant::now();
                 // The consuming side binds first.
-                let b_tasks = ctx(&g2, &syncing.engine, &ex_sync);
-                let a_tasks = ctx(&g1, &sources.engine, &ex_sources);
+                let b_tasks = syncing.start_half(run, &spec, &graph, Half::Sync, &snapshots);
+                let to = Half::Sources(syncing.endpoint.local_addr());
+                let a_tasks = sources.start_half(run, &spec, &graph, to, &snapshots);
                 wait_all_finished(&[&sources.engine, &syncing.engine], &[&a_tasks, &b_tasks]);
                 total += start.elapsed();
                 merge(&mut all, &b_tasks);
@@ -327,48 +301,67 @@ fn split_over_quic(c: &mut Criterion, name: &str, spin: Duration, load: Load) {
 /// then serves as one side instead of running benchmarks.
 const SIDE_ENV: &str = "MICROCOSM_BENCH_SIDE";
 
-/// The tasks of `job` (paced like [`PACED`], sinks under `sink_dir`) that run on one side:
-/// `sources` (producers and binlogs, sending to `peer`) or `sync` (the rest).
-fn side_tasks(
-    side: &Side,
-    job: u64,
-    role: &str,
-    sink_dir: &std::path::Path,
-    peer: Option<SocketAddr>,
-    snapshots: &Arc<dyn SnapshotSink>,
-) -> (DemoSpec, StartedTasks) {
-    let spec = spec(sink_dir, &format!("proc-{job}"), PACED);
-    let graph = plan(&spec);
-    let (g1, g2) = (
-        tasks_in_group(&graph, GROUP_SOURCES),
-        tasks_in_group(&graph, GROUP_SYNC),
-    );
-    let (local, routes) = match (role, peer) {
-        ("sources", Some(peer)) => {
-            let routes: HashMap<u32, SocketAddr> = graph
-                .edges
-                .iter()
-                .filter(|e| g1.contains(&e.from) && g2.contains(&e.to))
-                .map(|e| (e.id, peer))
-                .collect();
-            (g1, routes)
+/// Which half of the split job a side runs.
+#[derive(Debug, Clone, Copy)]
+enum Half {
+    /// Producers and binlogs, sending to the other side's endpoint at this address.
+    Sources(SocketAddr),
+    /// Receivers, syncers and sinks.
+    Sync,
+}
+
+impl Half {
+    /// The half a child is told to run: `sources <peer address>` or `sync -`.
+    fn parse(role: &str, peer: &str) -> Half {
+        match role {
+            "sources" => Half::Sources(peer.parse().unwrap()),
+            "sync" => Half::Sync,
+            other => panic!("side process: unknown half {other:?}"),
         }
-        _ => (g2, HashMap::new()),
-    };
-    let exchange = side.exchange(job, routes);
-    let started = start_tasks(StartContext {
-        job,
-        epoch: 1,
-        spec: &spec,
-        graph: &graph,
-        local: &local,
-        engine: &side.engine,
-        exchange: &exchange,
-        restore: None,
-        snapshots,
-    })
-    .unwrap();
-    (spec, started)
+    }
+}
+
+impl Side {
+    /// Starts `half` of job `job` (`spec`, planned as `graph`) on this side.
+    fn start_half(
+        &self,
+        job: u64,
+        spec: &DemoSpec,
+        graph: &microcosm_engine::graph::JobGraph,
+        half: Half,
+        snapshots: &Arc<dyn SnapshotSink>,
+    ) -> StartedTasks {
+        let (g1, g2) = (
+            tasks_in_group(graph, GROUP_SOURCES),
+            tasks_in_group(graph, GROUP_SYNC),
+        );
+        let (local, routes) = match half {
+            // Edges leaving the sources' half go to the other side's endpoint.
+            Half::Sources(peer) => {
+                let routes: HashMap<u32, SocketAddr> = graph
+                    .edges
+                    .iter()
+                    .filter(|e| g1.contains(&e.from) && g2.contains(&e.to))
+                    .map(|e| (e.id, peer))
+                    .collect();
+                (g1, routes)
+            }
+            Half::Sync => (g2, HashMap::new()),
+        };
+        let exchange = self.exchange(job, routes);
+        start_tasks(StartContext {
+            job,
+            epoch: 1,
+            spec,
+            graph,
+            local: &local,
+            engine: &self.engine,
+            exchange: &exchange,
+            restore: None,
+            snapshots,
+        })
+        .unwrap()
+    }
 }
 
 /// A child process's life: one side, driven by lines on stdin —
@@ -388,19 +381,14 @@ fn side_process(certs: &std::path::Path) {
         match words.as_slice() {
             ["run", job, role, dir, peer] => {
                 let job: u64 = job.parse().unwrap();
-                let peer = peer.parse().ok();
-                let (spec, started) = side_tasks(
-                    &side,
-                    job,
-                    role,
-                    std::path::Path::new(dir),
-                    peer,
-                    &snapshots,
-                );
+                let half = Half::parse(role, peer);
+                let spec = spec(std::path::Path::new(dir), &format!("proc-{job}"), PACED);
+                let graph = plan(&spec);
+                let started = side.start_half(job, &spec, &graph, half, &snapshots);
                 writeln!(out, "started").unwrap();
                 out.flush().unwrap();
                 wait_all_finished(&[&side.engine], &[&started]);
-                if *role == "sync" {
+                if matches!(half, Half::Sync) {
                     merge(&mut all, &started);
                     side.registry.forget_job(job);
                     let _ = std::fs::remove_dir_all(spec.output_dir());
