@@ -124,19 +124,11 @@ pub struct MasterConfig {
     pub executor_ttl_ms: u64,
 }
 
-/// The heartbeat interval executors are told to keep unless `executor-heartbeat-ms` says
-/// otherwise (ms).
-pub const DEFAULT_EXECUTOR_HEARTBEAT_MS: u64 = 250;
-
 fn default_executor_heartbeat() -> u64 {
-    DEFAULT_EXECUTOR_HEARTBEAT_MS
+    millis(LivenessConfig::default().heartbeat_interval)
 }
-/// How long an executor may stay silent before it is declared lost unless
-/// `executor-ttl-ms` says otherwise (ms).
-pub const DEFAULT_EXECUTOR_TTL_MS: u64 = 1500;
-
 fn default_executor_ttl() -> u64 {
-    DEFAULT_EXECUTOR_TTL_MS
+    millis(LivenessConfig::default().ttl)
 }
 
 fn default_cluster_id() -> String {

@@ -317,10 +317,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         } else {
             args.tuning.spin_mode.unwrap_or_default().to_string()
         },
-        executor_heartbeat_ms: args
-            .tuning
-            .executor_heartbeat_ms
-            .unwrap_or(microcosm_control::master::DEFAULT_EXECUTOR_HEARTBEAT_MS),
+        executor_heartbeat_ms: args.tuning.executor_heartbeat_ms.unwrap_or_else(|| {
+            let default = microcosm_control::liveness::LivenessConfig::default();
+            u64::try_from(default.heartbeat_interval.as_millis()).unwrap_or(u64::MAX)
+        }),
         warmup_secs: args.warmup_secs,
         duration_secs: args.duration_secs,
         cluster: "one cluster for the whole sweep, one job per run",

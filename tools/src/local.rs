@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use microcosm_control::client::MasterClient;
+use microcosm_control::liveness::LivenessConfig;
 use microcosm_control::proto::{SubmitJob, SubmitJobRequest};
 use microcosm_demo::DemoSpec;
 use microcosm_engine::SpinMode;
@@ -158,12 +159,17 @@ impl LocalClusterDir {
         tuning: ExecutorTuning,
     ) -> anyhow::Result<LocalCluster> {
         if let Some(ms) = tuning.executor_heartbeat_ms {
-            let ttl = microcosm_control::master::DEFAULT_EXECUTOR_TTL_MS;
-            anyhow::ensure!(
-                ms > 0 && ms.saturating_mul(2) <= ttl,
-                "--executor-heartbeat-ms {ms}: must be 1 to {} (at least two heartbeats per executor TTL of {ttl} ms)",
-                ttl / 2
-            );
+            // The masters' own check, with the default TTL they run with here.
+            let liveness = LivenessConfig {
+                heartbeat_interval: Duration::from_millis(ms),
+                ..LivenessConfig::default()
+            };
+            liveness.validate().map_err(|e| {
+                anyhow!(
+                    "--executor-heartbeat-ms {ms}: must be 1 to {} ({e})",
+                    liveness.ttl.as_millis() / 2
+                )
+            })?;
         }
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let workers = tuning
