@@ -13,6 +13,15 @@
 //! arrive further apart than the window (a trickle, or no job at all) it sleeps at once, as if
 //! spinning were off, so an idle or lightly loaded engine costs no CPU.
 //!
+//! Only idle periods the worker spun through enter the average. A spinning worker sees work
+//! the moment it arrives, so its idle period is the true gap; a sleeping one also measures its
+//! own wake-up (tens of µs on a VM) and, because work piles up meanwhile, wakes less often
+//! for longer gaps. Averaging those would let the mode decide itself: at a rate whose gaps
+//! are near the window, a worker that started out sleeping measured gaps over the window and
+//! kept sleeping, while one that started out spinning kept spinning. So a sleeping worker
+//! instead spins through one idle period in [`PROBE_EVERY`] to sample the gaps as a spinning
+//! one would see them, which costs at most one window per that many idle periods.
+//!
 //! The governor takes durations and returns decisions; the worker measures the time.
 
 use std::time::Duration;
@@ -62,14 +71,25 @@ const NEWEST_SHIFT: u32 = 3;
 /// Idle periods enter the average clamped to this many spin windows, so one long pause (or
 /// the time before a job started) is forgotten after a few dozen short ones.
 const CLAMP_WINDOWS: u32 = 4;
+/// A sleeping adaptive worker spins through one idle period in this many, to keep sampling
+/// the gaps between arrivals (see the module docs).
+pub const PROBE_EVERY: u32 = 16;
 
 /// Decides how long an idle worker spins; see the module docs.
+///
+/// The worker calls [`SpinGovernor::idle_started`] when it runs out of work, spins for the
+/// duration returned, and calls [`SpinGovernor::idle_ended`] with the whole idle period
+/// (spinning and sleeping included) once it has work again.
 #[derive(Debug, Clone)]
 pub struct SpinGovernor {
     window: Duration,
     mode: SpinMode,
-    /// Moving average of idle periods, in ns.
+    /// Moving average of the idle periods spun through, in ns.
     average_idle_ns: u64,
+    /// Idle periods not spun through since the last one that was.
+    slept: u32,
+    /// Whether the current idle period spins.
+    spinning: bool,
 }
 
 impl SpinGovernor {
@@ -80,6 +100,8 @@ impl SpinGovernor {
             window,
             mode,
             average_idle_ns: 0,
+            slept: 0,
+            spinning: false,
         };
         governor.average_idle_ns = governor.clamp(Duration::MAX);
         governor
@@ -90,18 +112,35 @@ impl SpinGovernor {
         self.window
     }
 
-    /// How long to spin now, before sleeping (zero: sleep at once).
-    pub fn spin(&self) -> Duration {
+    /// Whether the worker spins now (through every idle period), rather than sleeping at
+    /// once (apart from a probe in every [`PROBE_EVERY`] idle periods).
+    pub fn spins(&self) -> bool {
         match self.mode {
-            SpinMode::Always => self.window,
-            SpinMode::Adaptive if self.average_idle_ns <= nanos(self.window) => self.window,
-            SpinMode::Adaptive => Duration::ZERO,
+            _ if self.window.is_zero() => false,
+            SpinMode::Always => true,
+            SpinMode::Adaptive => self.average_idle_ns <= nanos(self.window),
         }
     }
 
-    /// Records that an idle period (from running out of work to finding some, spinning and
-    /// sleeping included) lasted `idle`.
+    /// Starts an idle period: how long to spin before sleeping (zero: sleep at once).
+    pub fn idle_started(&mut self) -> Duration {
+        let probe = !self.window.is_zero() && self.slept + 1 >= PROBE_EVERY;
+        self.spinning = self.spins() || probe;
+        if self.spinning {
+            self.slept = 0;
+            self.window
+        } else {
+            self.slept += 1;
+            Duration::ZERO
+        }
+    }
+
+    /// Ends the idle period begun by the last [`SpinGovernor::idle_started`]: it lasted
+    /// `idle`. Only a period spun through is averaged (see the module docs).
     pub fn idle_ended(&mut self, idle: Duration) {
+        if !std::mem::take(&mut self.spinning) {
+            return;
+        }
         let sample = self.clamp(idle);
         let average = self.average_idle_ns;
         self.average_idle_ns = average - (average >> NEWEST_SHIFT) + (sample >> NEWEST_SHIFT);
@@ -126,51 +165,116 @@ mod tests {
         Duration::from_micros(n)
     }
 
+    /// What a sleeping worker adds to a gap: waking up, and the work that piles up meanwhile.
+    const WAKE: Duration = Duration::from_micros(120);
+
+    /// One idle period before work arrives `gap` after the worker ran out: a worker spinning
+    /// long enough sees it at once, one that sleeps (or spins too briefly) also pays `WAKE`.
+    /// Returns whether the period was spun through.
+    fn period(g: &mut SpinGovernor, gap: Duration) -> bool {
+        let spin = g.idle_started();
+        let idle = if spin >= gap { gap } else { gap + WAKE };
+        g.idle_ended(idle);
+        !spin.is_zero()
+    }
+
+    /// Idle periods, at `gap` each, until the governor spins through every one (true) or
+    /// `limit` periods pass (false).
+    fn starts_spinning(g: &mut SpinGovernor, gap: Duration, limit: usize) -> bool {
+        (0..limit).any(|_| {
+            period(g, gap);
+            g.spins()
+        })
+    }
+
     #[test]
     fn adaptive_spins_once_work_arrives_within_the_window_and_stops_when_it_thins_out() {
         let mut g = SpinGovernor::new(WINDOW, SpinMode::Adaptive);
-        assert_eq!(g.spin(), Duration::ZERO, "a fresh worker sleeps");
-        // A dense stream: gaps of 80 µs. Within a few dozen gaps the average is inside the window.
-        let mut gaps = 0;
-        while g.spin().is_zero() {
-            g.idle_ended(us(80));
-            gaps += 1;
-            assert!(gaps < 64, "never started spinning");
-        }
-        assert_eq!(g.spin(), WINDOW);
+        assert!(!g.spins(), "a fresh worker sleeps");
+        assert_eq!(g.idle_started(), Duration::ZERO);
+        g.idle_ended(us(80));
+        // A dense stream: gaps of 80 µs, which a sleeping worker measures as 200 µs, over the
+        // window. Its probes see the true gaps, and within a few hundred gaps it spins.
+        assert!(
+            starts_spinning(&mut g, us(80), 400),
+            "never started spinning"
+        );
         for _ in 0..100 {
-            g.idle_ended(us(80));
+            assert!(
+                period(&mut g, us(80)),
+                "a spinning worker spins every period"
+            );
         }
         // One long pause does not stop it; a trickle (1 ms gaps) does.
-        g.idle_ended(Duration::from_secs(5));
-        assert_eq!(g.spin(), WINDOW, "one pause counts as at most four windows");
+        period(&mut g, Duration::from_secs(5));
+        assert!(g.spins(), "one pause counts as at most four windows");
         let mut gaps = 0;
-        while !g.spin().is_zero() {
-            g.idle_ended(us(1000));
+        while g.spins() {
+            period(&mut g, us(1000));
             gaps += 1;
             assert!(gaps < 64, "never stopped spinning");
         }
     }
 
     #[test]
-    fn gaps_longer_than_the_window_never_make_it_spin() {
+    fn gaps_longer_than_the_window_never_make_it_spin_but_are_probed() {
         let mut g = SpinGovernor::new(WINDOW, SpinMode::Adaptive);
-        for _ in 0..1000 {
-            g.idle_ended(us(200));
-            assert_eq!(g.spin(), Duration::ZERO);
+        let mut spun = 0;
+        for _ in 0..1600 {
+            spun += u32::from(period(&mut g, us(200)));
+            assert!(!g.spins());
         }
+        assert_eq!(
+            spun,
+            1600 / PROBE_EVERY,
+            "one probe per {PROBE_EVERY} periods"
+        );
+    }
+
+    #[test]
+    fn the_mode_follows_the_gaps_not_where_it_started() {
+        // Gaps the window catches, but not once a sleeping worker's wake-up is added: both a
+        // sleeping and a spinning worker end up spinning.
+        let dense = |g: &mut SpinGovernor| starts_spinning(g, us(40), 400);
+        for gap in [us(100), us(140)] {
+            let mut sleeping = SpinGovernor::new(WINDOW, SpinMode::Adaptive);
+            assert!(
+                starts_spinning(&mut sleeping, gap, 800),
+                "{gap:?} from sleeping"
+            );
+            let mut spinning = SpinGovernor::new(WINDOW, SpinMode::Adaptive);
+            assert!(dense(&mut spinning));
+            for _ in 0..800 {
+                period(&mut spinning, gap);
+            }
+            assert!(spinning.spins(), "{gap:?} from spinning");
+        }
+        // Gaps just over the window: both end up sleeping.
+        let mut spinning = SpinGovernor::new(WINDOW, SpinMode::Adaptive);
+        assert!(dense(&mut spinning));
+        for _ in 0..800 {
+            period(&mut spinning, us(170));
+        }
+        assert!(!spinning.spins(), "170 µs gaps from spinning");
+        let mut sleeping = SpinGovernor::new(WINDOW, SpinMode::Adaptive);
+        assert!(!starts_spinning(&mut sleeping, us(170), 800));
     }
 
     #[test]
     fn always_spins_the_window_and_a_zero_window_never_spins() {
         let mut always = SpinGovernor::new(WINDOW, SpinMode::Always);
-        assert_eq!(always.spin(), WINDOW);
-        always.idle_ended(Duration::from_secs(1));
-        assert_eq!(always.spin(), WINDOW);
+        for _ in 0..3 {
+            assert_eq!(always.idle_started(), WINDOW);
+            always.idle_ended(Duration::from_secs(1));
+            assert!(always.spins());
+        }
         for mode in [SpinMode::Adaptive, SpinMode::Always] {
             let mut off = SpinGovernor::new(Duration::ZERO, mode);
-            off.idle_ended(Duration::ZERO);
-            assert_eq!(off.spin(), Duration::ZERO, "{mode}");
+            for _ in 0..2 * PROBE_EVERY {
+                assert_eq!(off.idle_started(), Duration::ZERO, "{mode}");
+                off.idle_ended(Duration::ZERO);
+            }
+            assert!(!off.spins(), "{mode}");
         }
     }
 

@@ -315,7 +315,7 @@ impl Worker {
             Park::Indefinitely => None,
         };
         let idle_from = Instant::now();
-        let spin = self.spin.spin();
+        let spin = self.spin.idle_started();
         if !spin.is_zero() && self.poll_for(spin, deadline, &mut || reactor.turn()) {
             self.spin.idle_ended(idle_from.elapsed());
             return;
