@@ -320,3 +320,74 @@ fn t08_an_executor_heartbeats_at_the_interval_the_leader_gives_it() {
         "{log}"
     );
 }
+
+/// Replaces the value after `flag` in master `id`'s flags (used by its next restart).
+fn set_master_flag(cluster: &mut Cluster, id: u64, flag: &str, value: &str) {
+    let args = &mut cluster.node(id).args;
+    let at = args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("master {id} has no {flag}"));
+    args[at + 1] = value.into();
+}
+
+#[test]
+fn t09_an_executor_takes_a_new_leaders_heartbeat_interval_without_being_lost() {
+    let mut cluster = Cluster::empty(Default::default());
+    let addr = common::free_udp_addr();
+    let flags = [
+        "--initial-members",
+        &format!("1={addr}"),
+        "--executor-heartbeat-ms",
+        "1000",
+        "--executor-ttl-ms",
+        "20000",
+    ]
+    .map(String::from);
+    cluster.spawn_master(1, addr, &flags);
+    cluster.wait_for_leader(&[1], Duration::from_secs(10));
+    let via = [addr];
+    // The executor's own settings are the defaults (250 ms / 1.5 s); the leader has it
+    // heartbeat every 1 s, and every 2 s while it runs nothing.
+    let a = Executor::start(&cluster, "exec-a", 2);
+    let alive = |cluster: &Cluster| match executors(cluster, &via)?.as_slice() {
+        [e] if e["state"] == "alive" => Ok(e["incarnation"].clone()),
+        other => Err(format!("{other:?}")),
+    };
+    let r = wait_until("the executor to register", Duration::from_secs(10), || {
+        alive(&cluster)
+    });
+    let first = cluster.unwrap_or_dump(r);
+    // The master comes back as a leader that declares an executor lost after 1.5 s. It is
+    // down for longer than the executor's heartbeat interval, so a heartbeat is retrying
+    // when it returns and is answered at once. An executor that kept its 2 s interval after
+    // that answer would be declared lost.
+    cluster.kill(1);
+    std::thread::sleep(Duration::from_millis(2500));
+    set_master_flag(&mut cluster, 1, "--executor-heartbeat-ms", "250");
+    set_master_flag(&mut cluster, 1, "--executor-ttl-ms", "1500");
+    cluster.restart(1);
+    cluster.wait_for_leader(&[1], Duration::from_secs(10));
+    let watch_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < watch_until {
+        match alive(&cluster) {
+            Ok(incarnation) => assert_eq!(
+                incarnation,
+                first,
+                "the executor registered again\n{}",
+                a.log_text()
+            ),
+            Err(e) => panic!(
+                "the executor was declared lost: {e}\n{}\n{}",
+                a.log_text(),
+                cluster.node(1).log_tail(40)
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = a.log_text();
+    assert!(
+        log.contains("the leader expects another heartbeat interval and TTL"),
+        "{log}"
+    );
+}

@@ -30,6 +30,12 @@ fn informativeness(e: &RpcError) -> u8 {
 pub struct MasterClient {
     endpoint: Endpoint,
     addrs: Mutex<Vec<SocketAddr>>,
+    timeouts: Mutex<Timeouts>,
+}
+
+/// How long a call keeps retrying, and how long one attempt may take.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
     patience: Duration,
     call_timeout: Duration,
 }
@@ -40,17 +46,32 @@ impl MasterClient {
         Self {
             endpoint,
             addrs: Mutex::new(addrs),
-            patience: Duration::from_secs(6),
-            call_timeout: Duration::from_secs(3),
+            timeouts: Mutex::new(Timeouts {
+                patience: Duration::from_secs(6),
+                call_timeout: Duration::from_secs(3),
+            }),
         }
     }
 
     /// Sets how long a call keeps retrying across masters (default 6 s) and the deadline of
     /// one attempt (default 3 s).
-    pub fn with_timeouts(mut self, patience: Duration, call_timeout: Duration) -> Self {
-        self.patience = patience;
-        self.call_timeout = call_timeout;
+    pub fn with_timeouts(self, patience: Duration, call_timeout: Duration) -> Self {
+        self.set_timeouts(patience, call_timeout);
         self
+    }
+
+    /// [`MasterClient::with_timeouts`] on a shared client; calls already under way keep the
+    /// timeouts they started with.
+    pub fn set_timeouts(&self, patience: Duration, call_timeout: Duration) {
+        // Replaced whole; a poisoned lock still holds valid timeouts.
+        *self.timeouts.lock().unwrap_or_else(|p| p.into_inner()) = Timeouts {
+            patience,
+            call_timeout,
+        };
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        *self.timeouts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The master addresses currently known.
@@ -89,7 +110,11 @@ impl MasterClient {
     where
         M: Method<Service = MasterApi>,
     {
-        let deadline = tokio::time::Instant::now() + self.patience;
+        let Timeouts {
+            patience,
+            call_timeout,
+        } = self.timeouts();
+        let deadline = tokio::time::Instant::now() + patience;
         let mut last: Option<RpcError> = None;
         let mut round = 0u32;
         // The first attempt is always made, even when the patience is below MIN_ATTEMPT (an
@@ -105,7 +130,7 @@ impl MasterClient {
                 attempted = true;
                 match self
                     .endpoint
-                    .call_timeout::<M>(addr, req, remaining.min(self.call_timeout))
+                    .call_timeout::<M>(addr, req, remaining.min(call_timeout))
                     .await
                 {
                     Ok(resp) => {
@@ -130,7 +155,7 @@ impl MasterClient {
             round += 1;
             tokio::time::sleep(Duration::from_millis((50 * u64::from(round)).min(300))).await;
         }
-        Err(last.unwrap_or(RpcError::Timeout(self.patience)))
+        Err(last.unwrap_or(RpcError::Timeout(patience)))
     }
 
     /// Tries `addr` first next time (the master that answered last, usually the leader).
@@ -147,7 +172,7 @@ impl MasterClient {
     /// Asks the master at `addr` (only) for its status.
     pub async fn status_of(&self, addr: SocketAddr) -> Result<NodeStatus, RpcError> {
         // A status probe of a dead master should not hold a caller up for long.
-        let timeout = self.call_timeout.min(Duration::from_secs(1));
+        let timeout = self.timeouts().call_timeout.min(Duration::from_secs(1));
         self.endpoint
             .call_timeout::<GetNodeStatus>(addr, &Nothing::default(), timeout)
             .await

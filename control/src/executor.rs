@@ -111,14 +111,14 @@ pub struct ExecutorConfig {
     pub spin_mode: SpinMode,
     /// Heartbeat interval (ms) while the executor runs tasks; once it has run none for
     /// `ttl-ms` it heartbeats half as often, but at least three times per `ttl-ms` (see
-    /// [`HeartbeatSchedule`]). The leader's interval, from its answer to the registration,
-    /// takes precedence (see [`heartbeat_timing`]); this one applies only where it gives
-    /// none.
+    /// [`HeartbeatSchedule`]). The current leader's interval, from its answers to the
+    /// registration and to every heartbeat, takes precedence (see [`heartbeat_timing`]); this
+    /// one applies only where they give none.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
     /// Time without a successful heartbeat after which the executor warns that it is probably
     /// considered lost (ms); at least two heartbeats. Like `heartbeat-ms`, overridden by the
-    /// leader's `executor-ttl-ms` from the registration answer.
+    /// leader's `executor-ttl-ms` from its answers.
     #[serde(default = "default_ttl")]
     pub ttl_ms: u64,
 }
@@ -152,6 +152,15 @@ impl HeartbeatSchedule {
             idle_interval,
             ttl,
             last_running: None,
+        }
+    }
+
+    /// The same schedule for another interval and TTL (a new leader's), keeping when the
+    /// executor last ran an attempt.
+    pub fn retimed(self, interval: Duration, ttl: Duration) -> Self {
+        Self {
+            last_running: self.last_running,
+            ..Self::new(interval, ttl)
         }
     }
 
@@ -320,24 +329,32 @@ impl SnapshotSink for AttemptSnapshots {
     }
 }
 
-/// The heartbeat interval and TTL an executor keeps: the leader's, from its answer to the
-/// registration, since the leader is the one that declares a silent executor lost; the
-/// executor's own `heartbeat-ms` and `ttl-ms` only where the answer has none (zero). A
-/// difference is logged once per registration.
-pub fn heartbeat_timing(config: &ExecutorConfig, registered: &Registered) -> (Duration, Duration) {
+/// The heartbeat interval and TTL an executor keeps: the current leader's, from its answer to
+/// the registration and then from every heartbeat reply (`leader_heartbeat_ms`,
+/// `leader_ttl_ms`), since the leader is the one that declares a silent executor lost; the
+/// executor's own `heartbeat-ms` and `ttl-ms` only where the answer has none (zero).
+pub fn heartbeat_timing(
+    config: &ExecutorConfig,
+    leader_heartbeat_ms: u64,
+    leader_ttl_ms: u64,
+) -> (Duration, Duration) {
     let pick = |leader: u64, own: u64| if leader > 0 { leader } else { own };
-    let interval = pick(registered.heartbeat_ms, config.heartbeat_ms);
-    let ttl = pick(registered.ttl_ms, config.ttl_ms);
-    if (interval, ttl) != (config.heartbeat_ms, config.ttl_ms) {
-        info!(
-            heartbeat_ms = interval,
-            ttl_ms = ttl,
-            configured_heartbeat_ms = config.heartbeat_ms,
-            configured_ttl_ms = config.ttl_ms,
-            "using the leader's heartbeat interval and TTL"
-        );
-    }
-    (Duration::from_millis(interval), Duration::from_millis(ttl))
+    (
+        Duration::from_millis(pick(leader_heartbeat_ms, config.heartbeat_ms)),
+        Duration::from_millis(pick(leader_ttl_ms, config.ttl_ms)),
+    )
+}
+
+/// The masters client's timeouts for heartbeat `interval` and TTL `ttl`: a heartbeat may try
+/// every master (a dead leader first) but must not outlast half a TTL (its patience), and
+/// each attempt is short (half an interval, at least 100 ms) so that a dead master costs
+/// little. Returns (patience, attempt timeout).
+pub fn heartbeat_call_timeouts(interval: Duration, ttl: Duration) -> (Duration, Duration) {
+    (ttl / 2, (interval / 2).max(Duration::from_millis(100)))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Most reports sent in one call.
@@ -590,11 +607,19 @@ impl State {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let (mut id, mut incarnation) = (registered.executor_id, registered.incarnation);
-        let (interval, ttl) = heartbeat_timing(&self.config, registered);
-        // A heartbeat may try every master (a dead leader first) but must not outlast half a TTL;
-        // each attempt is short so that a dead master costs little.
-        let client =
-            Arc::new(client.with_timeouts(ttl / 2, (interval / 2).max(Duration::from_millis(100))));
+        let (interval, ttl) =
+            heartbeat_timing(&self.config, registered.heartbeat_ms, registered.ttl_ms);
+        if (interval, ttl) != self.configured_timing() {
+            info!(
+                heartbeat_ms = millis(interval),
+                ttl_ms = millis(ttl),
+                configured_heartbeat_ms = self.config.heartbeat_ms,
+                configured_ttl_ms = self.config.ttl_ms,
+                "using the leader's heartbeat interval and TTL"
+            );
+        }
+        let (patience, attempt) = heartbeat_call_timeouts(interval, ttl);
+        let client = Arc::new(client.with_timeouts(patience, attempt));
         let reporter = tokio::spawn(report_checkpoints(
             client.clone(),
             self.executor_id.clone(),
@@ -627,17 +652,20 @@ impl State {
                             client.add(a);
                         }
                     }
+                    // A leader elected since the registration may expect another interval.
+                    self.adopt_timing(&mut schedule, &client, reply.heartbeat_ms, reply.ttl_ms);
                     if let Some(reason) = reply.reregister {
                         warn!(executor = id, %reason, "masters do not know this executor; stopping every task and registering again");
                         self.stop_all();
                         match register(&client, self).await {
                             Ok(again) => {
                                 (id, incarnation) = (again.executor_id, again.incarnation);
-                                // A new leader may expect another interval.
-                                let (interval, ttl) = heartbeat_timing(&self.config, &again);
-                                if (interval, ttl) != (schedule.interval(), schedule.ttl()) {
-                                    schedule = HeartbeatSchedule::new(interval, ttl);
-                                }
+                                self.adopt_timing(
+                                    &mut schedule,
+                                    &client,
+                                    again.heartbeat_ms,
+                                    again.ttl_ms,
+                                );
                                 self.executor_id
                                     .store(id, std::sync::atomic::Ordering::Relaxed);
                             }
@@ -648,7 +676,7 @@ impl State {
                     self.reconcile(&reply.assignments);
                 }
                 Err(e) => {
-                    if last_ok.elapsed() > ttl {
+                    if last_ok.elapsed() > schedule.ttl() {
                         warn!(error = %e, "no heartbeat accepted for longer than the TTL; tasks keep running until a master answers");
                     }
                 }
@@ -656,6 +684,36 @@ impl State {
         }
         self.stop_all();
         reporter.abort();
+    }
+
+    /// The executor's own heartbeat interval and TTL.
+    fn configured_timing(&self) -> (Duration, Duration) {
+        heartbeat_timing(&self.config, 0, 0)
+    }
+
+    /// Switches the heartbeat `schedule` and the masters `client`'s timeouts to the timing a
+    /// leader's answer gives (see [`heartbeat_timing`]), if it differs from the current one.
+    fn adopt_timing(
+        &self,
+        schedule: &mut HeartbeatSchedule,
+        client: &MasterClient,
+        leader_heartbeat_ms: u64,
+        leader_ttl_ms: u64,
+    ) {
+        let (interval, ttl) = heartbeat_timing(&self.config, leader_heartbeat_ms, leader_ttl_ms);
+        if (interval, ttl) == (schedule.interval(), schedule.ttl()) {
+            return;
+        }
+        info!(
+            heartbeat_ms = millis(interval),
+            ttl_ms = millis(ttl),
+            previous_heartbeat_ms = millis(schedule.interval()),
+            previous_ttl_ms = millis(schedule.ttl()),
+            "the leader expects another heartbeat interval and TTL; using them"
+        );
+        *schedule = schedule.retimed(interval, ttl);
+        let (patience, attempt) = heartbeat_call_timeouts(interval, ttl);
+        client.set_timeouts(patience, attempt);
     }
 
     fn reports(&self) -> Vec<TaskReport> {
@@ -987,21 +1045,36 @@ certs-dir = "certs"
     fn the_leaders_heartbeat_interval_and_ttl_win_over_the_executors_own() {
         let c = ExecutorConfig::from_toml(&format!("{BASE}heartbeat-ms = 5000\nttl-ms = 15000\n"))
             .unwrap();
-        let answer = |heartbeat_ms, ttl_ms| Registered {
-            executor_id: 1,
-            incarnation: 1,
-            heartbeat_ms,
-            ttl_ms,
-            masters: Vec::new(),
-        };
         let ms = Duration::from_millis;
-        assert_eq!(
-            heartbeat_timing(&c, &answer(250, 1500)),
-            (ms(250), ms(1500))
-        );
+        assert_eq!(heartbeat_timing(&c, 250, 1500), (ms(250), ms(1500)));
         // A leader that sends no figures leaves the executor's own.
-        assert_eq!(heartbeat_timing(&c, &answer(0, 0)), (ms(5000), ms(15000)));
-        assert_eq!(heartbeat_timing(&c, &answer(100, 0)), (ms(100), ms(15000)));
+        assert_eq!(heartbeat_timing(&c, 0, 0), (ms(5000), ms(15000)));
+        assert_eq!(heartbeat_timing(&c, 100, 0), (ms(100), ms(15000)));
+        // Heartbeats give up within half a TTL, each attempt within half an interval.
+        assert_eq!(
+            heartbeat_call_timeouts(ms(250), ms(1500)),
+            (ms(750), ms(125))
+        );
+        assert_eq!(
+            heartbeat_call_timeouts(ms(50), ms(1500)),
+            (ms(750), ms(100))
+        );
+    }
+
+    #[test]
+    fn a_retimed_schedule_keeps_when_the_executor_last_ran_an_attempt() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut s = HeartbeatSchedule::new(ms(1000), ms(6000));
+        assert_eq!(s.next(t0, t0, true), t0 + ms(1000));
+        // A new leader's shorter interval: the executor ran an attempt 1 s ago, so it keeps
+        // the running interval rather than starting out idle.
+        let mut s = s.retimed(ms(100), ms(600));
+        assert_eq!((s.interval(), s.ttl()), (ms(100), ms(600)));
+        let t1 = t0 + ms(300);
+        assert_eq!(s.next(t1, t1, false), t1 + ms(100));
+        let t2 = t0 + ms(700);
+        assert_eq!(s.next(t2, t2, false), t2 + s.idle_interval());
     }
 
     #[test]

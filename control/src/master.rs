@@ -1064,10 +1064,14 @@ fn heartbeat(shared: &Shared, req: HeartbeatRequest) -> Result<HeartbeatReply, R
         st.executor(crate::meta::ExecutorId(id))
             .map(|e| (e.state == crate::meta::ExecutorState::Alive, e.incarnation))
     });
+    let heartbeat_ms = millis(shared.liveness_config.heartbeat_interval);
+    let ttl_ms = millis(shared.liveness_config.ttl);
     let reregister = |reason: String| HeartbeatReply {
         reregister: Some(reason),
         assignments: Vec::new(),
         masters: shared.masters(),
+        heartbeat_ms,
+        ttl_ms,
     };
     match known {
         None => return Ok(reregister(format!("unknown executor {id}"))),
@@ -1130,6 +1134,8 @@ fn heartbeat(shared: &Shared, req: HeartbeatRequest) -> Result<HeartbeatReply, R
         reregister: None,
         assignments,
         masters: shared.masters(),
+        heartbeat_ms,
+        ttl_ms,
     })
 }
 

@@ -400,6 +400,11 @@ pub struct HeartbeatReply {
     pub assignments: Vec<Assignment>,
     /// Master addresses, for failover.
     pub masters: Vec<String>,
+    /// Heartbeat interval this leader expects (ms), as in [`Registered`]: a leader elected
+    /// since the registration may expect another one than the leader that registered it.
+    pub heartbeat_ms: u64,
+    /// Time without a heartbeat after which this leader declares the executor lost (ms).
+    pub ttl_ms: u64,
 }
 
 const EXECUTORS: &[Role] = &[Role::Executor];

@@ -43,11 +43,11 @@ pub struct ExecutorArgs {
     /// `always`.
     #[arg(long)]
     spin_mode: Option<SpinMode>,
-    /// Heartbeat interval (ms), used only if the leader's registration answer gives none.
+    /// Heartbeat interval (ms), used only if the leader's answers give none.
     #[arg(long)]
     heartbeat_ms: Option<u64>,
     /// Time without a heartbeat before the executor warns it is probably lost (ms); the
-    /// leader's, from its registration answer, takes precedence.
+    /// current leader's, from its answers, takes precedence.
     #[arg(long)]
     ttl_ms: Option<u64>,
 }
