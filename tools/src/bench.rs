@@ -89,7 +89,7 @@ pub struct BenchArgs {
     run_timeout: Duration,
     /// Keep the cluster directory (logs and every run's sink files) afterwards. Without it
     /// the directory is removed when the sweep ends (every run's files stay until then:
-    /// about 2 GB for the default sweep).
+    /// about 1.6 GB for the default sweep).
     #[arg(long)]
     keep: bool,
 }
