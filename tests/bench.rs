@@ -1,0 +1,94 @@
+//! `microcosm bench` end to end with real processes: a two-run sweep on its own local
+//! cluster, its results file, and the sink files it keeps.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::cli_with_timeout;
+
+/// A small sweep (a paced run, then an unthrottled one) with `--keep`: both runs finish
+/// verified, `results.json` holds one entry per run with its latency and processes, and
+/// every run's sink files are in the kept cluster directory when the sweep ends.
+#[test]
+fn a_small_sweep_measures_verifies_and_keeps_every_run_until_the_end() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = cli_with_timeout(
+        [
+            "bench",
+            "--rates",
+            "4000,0",
+            "--ddl-freqs",
+            "100",
+            "--table-num",
+            "4",
+            "--binlog-num",
+            "2",
+            "--warmup-secs",
+            "0.2",
+            "--duration-secs",
+            "0.5",
+            "--max-rate-rcd-cnt",
+            "2000",
+            "--floor-secs",
+            "0",
+            "--idle-secs",
+            "0",
+            "--keep",
+            "--out",
+            out_dir.path().to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    let kept = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("cluster dir kept: "))
+        .map(|d| Path::new(d.trim()).to_path_buf());
+    // Remove the kept cluster directory whatever the assertions below find.
+    struct Cleanup(Option<std::path::PathBuf>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(dir) = &self.0 {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+    let _cleanup = Cleanup(kept.clone());
+    assert!(out.success(), "{out}");
+    let kept = kept.expect("the bench names the kept cluster dir");
+
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.path().join("results.json")).unwrap(),
+    )
+    .unwrap();
+    let runs = results["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2, "{results}");
+    for (run, rate) in runs.iter().zip([4000, 0]) {
+        assert_eq!(run["rate"], rate, "{run}");
+        assert_eq!(run["state"], "Finished", "{run}");
+        assert_eq!(run["verified"], true, "{run}");
+        assert_eq!(
+            run["data_rows"],
+            4 * run["rcd_cnt"].as_u64().unwrap(),
+            "{run}"
+        );
+        assert!(run["latency"]["p50_us"].as_f64().unwrap() > 0.0, "{run}");
+        assert_eq!(run["processes"].as_array().unwrap().len(), 3, "{run}");
+        let flow = run["flow_id"].as_str().unwrap();
+        for stream in 0..2 {
+            let file = kept
+                .join("sink")
+                .join(flow)
+                .join(format!("sink_{stream}.csv"));
+            let len = std::fs::metadata(&file)
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+                .len();
+            assert!(len > 0, "{} is empty", file.display());
+        }
+    }
+    assert!(out_dir.path().join("latency.svg").exists());
+    assert!(out.stdout.contains("rows/s"), "{out}");
+}
