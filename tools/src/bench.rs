@@ -485,9 +485,10 @@ async fn sweep(
             // The run's sink files stay until the cluster directory goes at the end of the
             // sweep. Deleting them here put the cost of freeing their blocks into the next
             // run: after a 1 M records/s run (~450 MB of files) both of the next run's engine
-            // threads stalled for 24–54 ms about 2 s later, with nothing of ours running
-            // (the journal commit that frees the blocks, on a file system mounted with
-            // `discard`); a `syncfs` right after the deletion did not move it.
+            // threads stalled for 24–68 ms about 2 s later, with nothing of ours running (on
+            // a file system mounted with `discard`; deleting as much data that had not
+            // reached the disk did not do it, and a `syncfs` right after the deletion did not
+            // move the stall).
             runs.push(run);
         }
     }
