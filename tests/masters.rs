@@ -650,3 +650,24 @@ fn t11_a_follower_restarted_at_once_catches_up_promptly() {
         "the restarted follower {follower} caught up only {took:?} after its restart (bound {REJOIN_BOUND:?})"
     );
 }
+
+#[test]
+fn t12_a_single_master_killed_right_after_a_write_restarts_with_it() {
+    // A metadata apply is made durable by the next durable write of the log, not by its own
+    // fsync: a master killed right after a write comes back with the entry in its log and
+    // applies it again once it leads.
+    let mut c = Cluster::bootstrap(1);
+    c.wait_for_leader(&[1], ELECTION);
+    let via = [c.addr(1)];
+    let jobs = vec![c.submit_job_ok(&via), c.submit_job_ok(&via)];
+    c.restart(1);
+    c.wait_for_leader_cli(&[1], ELECTION);
+    let listed = c.wait_for_jobs_on(1, &jobs, REPLICATION);
+    assert_eq!(listed, jobs, "jobs after the restart");
+    let next = c.submit_job_ok(&via);
+    assert!(
+        next > jobs[1],
+        "job id {next} after the restart is not above {}",
+        jobs[1]
+    );
+}
