@@ -20,7 +20,7 @@ use microcosm_engine::JobGraph;
 use crate::job::{self, JobEvent, JobState};
 use crate::meta::state::JobRecord;
 use crate::meta::{Command, ExecutorId, ExecutorState, JobId, MetaState, TaskId};
-use crate::proto::{TaskReport, TaskRunState};
+use crate::proto::{Assignment, RestoreState, TaskLocation, TaskReport, TaskRunState};
 use crate::scheduler::{self, ExecutorOffer, GroupId, TaskDemand};
 
 /// How many times a job is restarted after task failures before it is declared Failed.
@@ -391,6 +391,76 @@ pub fn assignments_for(state: &MetaState, executor: u64) -> Vec<(&JobRecord, BTr
     out
 }
 
+/// The job attempts executor `executor` must run, as a heartbeat reply carries them: every
+/// job with all tasks placed and some of them on it, with where every task runs, and the
+/// checkpoint states an attempt resumes from.
+pub fn assignments(state: &MetaState, executor: u64) -> Vec<Assignment> {
+    assignments_for(state, executor)
+        .into_iter()
+        .map(|(job, locations)| Assignment {
+            job: job.id.0,
+            epoch: job.epoch,
+            job_type: job.job_type.clone(),
+            spec: job.spec.clone(),
+            locations: locations
+                .into_iter()
+                .map(|(index, executor)| TaskLocation {
+                    index,
+                    executor,
+                    addr: state
+                        .executor(ExecutorId(executor))
+                        .map(|e| e.addr.clone())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            paused: job.state == JobState::Paused,
+            restore_from: job.restored_from,
+            restore: state
+                .checkpoint(job.id)
+                .filter(|c| Some(c.checkpoint_id) == job.restored_from)
+                .map(|c| RestoreState {
+                    checkpoint: c.checkpoint_id,
+                    states: c
+                        .states
+                        .iter()
+                        .filter_map(|(task, state)| {
+                            let index = job.tasks.iter().position(|t| t == task)?;
+                            Some((index as u32, state.clone()))
+                        })
+                        .collect(),
+                }),
+        })
+        .collect()
+}
+
+/// A digest of an executor's assignments: equal assignments give equal digests within one
+/// build of microcosm (a digest from a build that hashes differently only costs a full
+/// reply).
+pub fn assignments_digest(assignments: &[Assignment]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    assignments.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What a heartbeat reply tells executor `executor`, which runs the assignments of digest
+/// `known`: its assignments and their digest, or `None` and the digest when it runs exactly
+/// them already. Leaving them out keeps a heartbeat small and spares the executor
+/// reconciling what did not change.
+pub fn heartbeat_assignments(
+    state: &MetaState,
+    executor: u64,
+    known: Option<u64>,
+) -> (Option<Vec<Assignment>>, u64) {
+    let current = assignments(state, executor);
+    let digest = assignments_digest(&current);
+    if known == Some(digest) {
+        (None, digest)
+    } else {
+        (Some(current), digest)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -644,5 +714,60 @@ mod tests {
             "{:?}",
             j.history
         );
+    }
+
+    #[test]
+    fn a_heartbeat_reply_leaves_out_assignments_the_executor_already_runs() {
+        let mut sim = Sim::new();
+        let a = sim.register(4);
+        let b = sim.register(4);
+        let job = sim.submit(4);
+        sim.settle(&[]);
+        sim.report_all(TaskRunState::Running);
+        sim.settle(&[]);
+
+        // A fresh executor gets its assignments and their digest.
+        let (first, digest) = heartbeat_assignments(&sim.state, a, None);
+        let first = first.expect("an executor without a digest gets its assignments");
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].job, job);
+        assert_eq!(digest, assignments_digest(&first));
+        // Sent back unchanged, the digest spares the reply its assignments.
+        assert_eq!(
+            heartbeat_assignments(&sim.state, a, Some(digest)),
+            (None, digest)
+        );
+        // A stale or foreign digest gets the whole list.
+        assert_eq!(
+            heartbeat_assignments(&sim.state, a, Some(digest ^ 1)),
+            (Some(first.clone()), digest)
+        );
+
+        // Pausing the job changes what the executor must do: the reply carries it again.
+        sim.apply(Command::SetJobState {
+            job: JobId(job),
+            state: JobState::Paused,
+            reason: "paused by the user".into(),
+            at_ms: 2,
+        });
+        let (paused, paused_digest) = heartbeat_assignments(&sim.state, a, Some(digest));
+        let paused = paused.expect("a paused job is a change");
+        assert!(paused[0].paused);
+        assert_ne!(paused_digest, digest);
+
+        // Losing executor b moves every task to a under a new epoch: a change again.
+        sim.apply(Command::SetJobState {
+            job: JobId(job),
+            state: JobState::Running,
+            reason: "resumed".into(),
+            at_ms: 3,
+        });
+        sim.reports.remove(&b);
+        sim.settle(&[b]);
+        let (moved, moved_digest) = heartbeat_assignments(&sim.state, a, Some(digest));
+        let moved = moved.expect("a new epoch is a change");
+        assert!(moved[0].epoch > first[0].epoch);
+        assert!(moved[0].locations.iter().all(|l| l.executor == a));
+        assert_ne!(moved_digest, digest);
     }
 }

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::checkpoint::{CheckpointTracker, JobView};
 use crate::job::JobState;
-use crate::leader::{JobCatalog, Reports, assignments_for, next_commands};
+use crate::leader::{JobCatalog, Reports, heartbeat_assignments, next_commands};
 use crate::liveness::{LivenessConfig, LivenessTracker};
 use crate::meta::{
     Command, CommandResponse, JobId, MasterNode, MetaConfig, MetaError, MetaNode, MetaRequest,
@@ -29,13 +29,13 @@ use crate::meta::{
     handle_raft_rpc,
 };
 use crate::proto::{
-    Assignment, CheckpointInfo, CheckpointReports, Heartbeat, HeartbeatReply, HeartbeatRequest,
-    RegisterExecutor, RegisterRequest, Registered, ReportCheckpoints, RestoreState, TaskLocation,
-};
-use crate::proto::{
     Blob, ControlJob, ExecutorInfo, ForwardWrite, GetJob, GetNodeStatus, JobAction, JobInfo,
     JobList, JobRef, JobTransitionInfo, JoinCluster, ListJobs, MemberInfo, NodeStatus, Nothing,
     RaftMessage, SubmitJob,
+};
+use crate::proto::{
+    CheckpointInfo, CheckpointReports, Heartbeat, HeartbeatReply, HeartbeatRequest,
+    RegisterExecutor, RegisterRequest, Registered, ReportCheckpoints,
 };
 
 /// Errors starting or configuring a master.
@@ -1003,7 +1003,7 @@ impl Shared {
     fn is_leader(&self) -> bool {
         self.node
             .get()
-            .is_some_and(|n| n.status().role == ServerState::Leader)
+            .is_some_and(|n| n.role() == ServerState::Leader)
     }
 }
 
@@ -1068,7 +1068,8 @@ fn heartbeat(shared: &Shared, req: HeartbeatRequest) -> Result<HeartbeatReply, R
     let ttl_ms = millis(shared.liveness_config.ttl);
     let reregister = |reason: String| HeartbeatReply {
         reregister: Some(reason),
-        assignments: Vec::new(),
+        assignments: None,
+        assignments_digest: 0,
         masters: shared.masters(),
         heartbeat_ms,
         ttl_ms,
@@ -1092,47 +1093,12 @@ fn heartbeat(shared: &Shared, req: HeartbeatRequest) -> Result<HeartbeatReply, R
         }
     }
     lock(&shared.reports).insert(id, req.tasks);
-    let assignments = node.read_local(|st| {
-        assignments_for(st, id)
-            .into_iter()
-            .map(|(job, locations)| Assignment {
-                job: job.id.0,
-                epoch: job.epoch,
-                job_type: job.job_type.clone(),
-                spec: job.spec.clone(),
-                locations: locations
-                    .into_iter()
-                    .map(|(index, executor)| TaskLocation {
-                        index,
-                        executor,
-                        addr: st
-                            .executor(crate::meta::ExecutorId(executor))
-                            .map(|e| e.addr.clone())
-                            .unwrap_or_default(),
-                    })
-                    .collect(),
-                paused: job.state == JobState::Paused,
-                restore_from: job.restored_from,
-                restore: st
-                    .checkpoint(job.id)
-                    .filter(|c| Some(c.checkpoint_id) == job.restored_from)
-                    .map(|c| RestoreState {
-                        checkpoint: c.checkpoint_id,
-                        states: c
-                            .states
-                            .iter()
-                            .filter_map(|(task, state)| {
-                                let index = job.tasks.iter().position(|t| t == task)?;
-                                Some((index as u32, state.clone()))
-                            })
-                            .collect(),
-                    }),
-            })
-            .collect()
-    });
+    let (assignments, assignments_digest) =
+        node.read_local(|st| heartbeat_assignments(st, id, req.assignments_digest));
     Ok(HeartbeatReply {
         reregister: None,
         assignments,
+        assignments_digest,
         masters: shared.masters(),
         heartbeat_ms,
         ttl_ms,

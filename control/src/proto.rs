@@ -320,10 +320,14 @@ pub struct HeartbeatRequest {
     pub incarnation: u64,
     /// Every task it runs or ran for a still-assigned job.
     pub tasks: Vec<TaskReport>,
+    /// [`HeartbeatReply::assignments_digest`] of the assignments it runs, from the last reply
+    /// that carried them; `None` until one did (after registering, or once it stopped
+    /// everything). A leader that finds the same digest leaves the assignments out.
+    pub assignments_digest: Option<u64>,
 }
 
 /// Where one task of a job runs.
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TaskLocation {
     /// Task index in the job graph.
     pub index: u32,
@@ -334,7 +338,7 @@ pub struct TaskLocation {
 }
 
 /// One job attempt an executor must run its share of.
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Assignment {
     /// The job.
     pub job: u64,
@@ -356,7 +360,7 @@ pub struct Assignment {
 }
 
 /// Every task's state of one checkpoint.
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RestoreState {
     /// Checkpoint id.
     pub checkpoint: u64,
@@ -396,8 +400,13 @@ pub struct HeartbeatReply {
     /// Set when the executor is unknown or was declared lost: it must stop every task and
     /// register again. The text says why.
     pub reregister: Option<String>,
-    /// The job attempts with tasks on this executor; run exactly these.
-    pub assignments: Vec<Assignment>,
+    /// The job attempts with tasks on this executor; run exactly these. `None` when they are
+    /// unchanged since the digest the heartbeat carried (the executor keeps running what it
+    /// runs), and in a reply that asks it to register again.
+    pub assignments: Option<Vec<Assignment>>,
+    /// Digest of the assignments this executor has now ([`crate::leader::assignments_digest`]);
+    /// the executor sends it back with its next heartbeats.
+    pub assignments_digest: u64,
     /// Master addresses, for failover.
     pub masters: Vec<String>,
     /// Heartbeat interval this leader expects (ms), as in [`Registered`]: a leader elected

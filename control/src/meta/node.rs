@@ -395,6 +395,12 @@ impl MetaNode {
         }
     }
 
+    /// This node's current raft role. Cheaper than [`MetaNode::status`], which copies the
+    /// membership: every heartbeat and checkpoint report asks it.
+    pub fn role(&self) -> ServerState {
+        self.raft.metrics().borrow().state
+    }
+
     /// This node's current raft status.
     pub fn status(&self) -> MetaStatus {
         let m = self.raft.metrics().borrow().clone();
