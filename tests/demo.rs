@@ -66,17 +66,7 @@ fn records_cross_quic_between_two_executors() {
     let via = [cluster.addr(1)];
     let _a = Executor::start(&cluster, "exec-a", 64);
     let _b = Executor::start(&cluster, "exec-b", 64);
-    let r = wait_until("both executors registered", Duration::from_secs(10), || {
-        let s = cluster
-            .client(&["cluster", "status", "--output", "json"], &via)
-            .json()?;
-        if s["executors"].as_array().map_or(0, |a| a.len()) == 2 {
-            Ok(())
-        } else {
-            Err(s.to_string())
-        }
-    });
-    cluster.unwrap_or_dump(r);
+    common::jobs::wait_for_executors(&cluster, &via, 2);
     let (spec, out_dir) = demo_spec(&cluster, "split", "rate = 50000\n".trim_start());
     // The paced rate keeps the job running long enough to observe its placement.
     let text = std::fs::read_to_string(&spec)

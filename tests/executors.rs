@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::exec::Executor;
-use common::jobs::{executors, job, wait_state};
+use common::jobs::{executors, job, wait_for_executors, wait_state};
 use common::{Cluster, wait_until};
 
 fn write_spec(cluster: &Cluster, name: &str, text: &str) -> String {
@@ -71,6 +71,7 @@ fn t02_killed_executor_tasks_move_within_ttl_plus_one_second() {
     let via = [cluster.addr(1)];
     let mut a = Executor::start(&cluster, "exec-a", 8);
     let b = Executor::start(&cluster, "exec-b", 8);
+    wait_for_executors(&cluster, &via, 2);
     let id = submit_sleep(&cluster, &via, 4, 120_000);
     let before = wait_state(&cluster, &via, id, "Running", Duration::from_secs(10));
     let epoch = before["epoch"].as_u64().unwrap();
@@ -115,6 +116,7 @@ fn t03_leader_loss_restarts_no_task() {
     let all: Vec<SocketAddr> = (1..=3).map(|i| cluster.addr(i)).collect();
     let _a = Executor::start(&cluster, "exec-a", 8);
     let _b = Executor::start(&cluster, "exec-b", 8);
+    wait_for_executors(&cluster, &all, 2);
     let id = submit_sleep(&cluster, &all, 4, 120_000);
     let before = wait_state(&cluster, &all, id, "Running", Duration::from_secs(10));
     cluster.kill(leader);
@@ -139,6 +141,7 @@ fn t04_paused_executor_is_fenced_and_reregisters() {
     let via = [cluster.addr(1)];
     let a = Executor::start(&cluster, "exec-a", 8);
     let _b = Executor::start(&cluster, "exec-b", 8);
+    wait_for_executors(&cluster, &via, 2);
     let id = submit_sleep(&cluster, &via, 4, 120_000);
     let before = wait_state(&cluster, &via, id, "Running", Duration::from_secs(10));
     let epoch = before["epoch"].as_u64().unwrap();

@@ -61,6 +61,7 @@ fn kill_random_executor(seed: u64) {
     let mut executors: Vec<Executor> = (0..3)
         .map(|i| Executor::start(&cluster, &format!("exec-{i}"), 64))
         .collect();
+    common::jobs::wait_for_executors(&cluster, &via, 3);
     let (spec, out) = spec(&cluster);
     let id = common::jobs::submit(&cluster, &via, &spec, &[]);
     wait_state(&cluster, &via, id, "Running", Duration::from_secs(20));
@@ -118,6 +119,7 @@ fn kill_leader_master_mid_job() {
     let all: Vec<SocketAddr> = (1..=3).map(|i| cluster.addr(i)).collect();
     let _a = Executor::start(&cluster, "exec-a", 64);
     let _b = Executor::start(&cluster, "exec-b", 64);
+    common::jobs::wait_for_executors(&cluster, &all, 2);
     let (spec, out) = spec(&cluster);
     let id = common::jobs::submit(&cluster, &all, &spec, &[]);
     let before = wait_state(&cluster, &all, id, "Running", Duration::from_secs(20));
@@ -160,6 +162,7 @@ fn paused_executor_is_replaced_and_its_stale_output_is_fenced() {
     let executors: Vec<Executor> = (0..3)
         .map(|i| Executor::start(&cluster, &format!("exec-{i}"), 64))
         .collect();
+    common::jobs::wait_for_executors(&cluster, &via, 3);
     let (spec, out) = spec(&cluster);
     let id = common::jobs::submit(&cluster, &via, &spec, &[]);
     let before = wait_state(&cluster, &via, id, "Running", Duration::from_secs(20));
@@ -199,6 +202,7 @@ fn rolling_restart_of_every_master_mid_job() {
     let all: Vec<SocketAddr> = (1..=3).map(|i| cluster.addr(i)).collect();
     let _a = Executor::start(&cluster, "exec-a", 64);
     let _b = Executor::start(&cluster, "exec-b", 64);
+    common::jobs::wait_for_executors(&cluster, &all, 2);
     let (spec, out) = spec(&cluster);
     let id = common::jobs::submit(&cluster, &all, &spec, &[]);
     wait_state(&cluster, &all, id, "Running", Duration::from_secs(20));
@@ -219,6 +223,7 @@ fn full_load_is_not_mistaken_for_a_lost_executor() {
     let via = [cluster.addr(1)];
     let _a = Executor::start(&cluster, "exec-a", 64);
     let _b = Executor::start(&cluster, "exec-b", 64);
+    common::jobs::wait_for_executors(&cluster, &via, 2);
     let sink = cluster.dir.path().join("sink");
     let spec = cluster.dir.path().join("full.toml");
     std::fs::write(

@@ -1092,7 +1092,16 @@ fn heartbeat(shared: &Shared, req: HeartbeatRequest) -> Result<HeartbeatReply, R
             live.register(id, now);
         }
     }
-    lock(&shared.reports).insert(id, req.tasks);
+    let reports_changed = {
+        let mut reports = lock(&shared.reports);
+        let changed = reports.get(&id) != Some(&req.tasks);
+        reports.insert(id, req.tasks);
+        changed
+    };
+    if reports_changed {
+        // A task started, finished or failed: the leader loop may have a step to take.
+        shared.step_now.notify_one();
+    }
     let (assignments, assignments_digest) =
         node.read_local(|st| heartbeat_assignments(st, id, req.assignments_digest));
     Ok(HeartbeatReply {
@@ -1105,52 +1114,89 @@ fn heartbeat(shared: &Shared, req: HeartbeatRequest) -> Result<HeartbeatReply, R
     })
 }
 
-/// How often the leader steps jobs and checks executor liveness while some job is not
-/// terminal, or its last turn changed something.
+/// How often a follower whose replica has a job that is not terminal checks whether it took
+/// over (so that it steps running jobs at once), and how soon a leader tries again when a
+/// step was not applied.
 const LEADER_TICK: Duration = Duration::from_millis(100);
 
-/// How often it does so while every job is terminal (an idle cluster). There is nothing to
-/// step then, and an executor lost meanwhile is declared lost up to this much later than
-/// its TTL. A job submitted to the leader wakes the loop at once. (At [`LEADER_TICK`] the
-/// idle loop was ~10 of an idle master's ~50 wake-ups per second.)
+/// The longest the loop sleeps otherwise: on a follower of an idle cluster, and on the leader
+/// when nothing woke it earlier. (At [`LEADER_TICK`] an idle loop was ~10 of an idle
+/// master's ~50 wake-ups per second.)
 const IDLE_LEADER_TICK: Duration = Duration::from_millis(500);
 
-/// The pause before the leader loop's next turn: short while it has work (`busy`).
-fn leader_period(busy: bool) -> Duration {
-    if busy { LEADER_TICK } else { IDLE_LEADER_TICK }
+/// What one turn of [`leader_loop`] found: how long the loop may sleep after it depends on it
+/// ([`next_turn_in`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// The metadata node is not started yet.
+    Starting,
+    /// Not the leader; `active`: the replica has a job that is not terminal.
+    Follower { active: bool },
+    /// The leader. `retry`: a step was not applied; `next_expiry`: how long until the
+    /// earliest tracked executor's heartbeat deadline (`None`: none tracked).
+    Leader {
+        retry: bool,
+        next_expiry: Option<Duration>,
+    },
 }
 
-/// On the leader: expire silent executors and step every job; idle on followers. Every
-/// master turns at [`LEADER_TICK`] while its replica of the metadata has a job that is not
-/// terminal (so a follower that takes over steps running jobs at once), else at
+/// How long the loop sleeps after `turn` unless woken earlier. The leader is woken by what
+/// can move a job: a change of the applied metadata (a placement, a state change, a
+/// checkpoint, an executor registering, a job submitted through any master), task reports that
+/// changed in a heartbeat, a job submitted to it. Otherwise it sleeps until the next executor
+/// could expire, so a lost executor is declared lost when its TTL runs out, and at most
 /// [`IDLE_LEADER_TICK`].
-async fn leader_loop(shared: Arc<Shared>) {
-    let mut was_leader = false;
-    let mut period = LEADER_TICK;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(period) => {}
-            _ = shared.step_now.notified() => {}
-        }
-        let busy = leader_turn(&shared, &mut was_leader).await;
-        period = leader_period(busy);
+fn next_turn_in(turn: Turn) -> Duration {
+    match turn {
+        Turn::Starting | Turn::Follower { active: true } => LEADER_TICK,
+        Turn::Follower { active: false } => IDLE_LEADER_TICK,
+        Turn::Leader { retry: true, .. } => LEADER_TICK,
+        Turn::Leader {
+            retry: false,
+            next_expiry,
+        } => next_expiry.map_or(IDLE_LEADER_TICK, |d| d.min(IDLE_LEADER_TICK)),
     }
 }
 
-/// One turn of [`leader_loop`]; true if it has work: a job that is not terminal, or this
-/// turn changed something.
-async fn leader_turn(shared: &Shared, was_leader: &mut bool) -> bool {
+/// Expire silent executors and step every job on the leader; watch for a takeover on
+/// followers. Each turn is followed by a sleep of [`next_turn_in`], cut short by the
+/// wake-ups it names.
+async fn leader_loop(shared: Arc<Shared>) {
+    let mut was_leader = false;
+    let mut applied: Option<tokio::sync::watch::Receiver<u64>> = None;
+    let mut sleep_for = LEADER_TICK;
+    loop {
+        if applied.is_none() {
+            applied = shared.node.get().map(|n| n.applied_changes());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(sleep_for) => {}
+            _ = shared.step_now.notified() => {}
+            Some(()) = state_changed(&mut applied) => {}
+        }
+        sleep_for = next_turn_in(leader_turn(&shared, &mut was_leader).await);
+    }
+}
+
+/// Completes when the applied metadata changed; `None` at once if it cannot tell (no node
+/// yet, or the node stopped).
+async fn state_changed(applied: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Option<()> {
+    applied.as_mut()?.changed().await.ok()
+}
+
+/// One turn of [`leader_loop`].
+async fn leader_turn(shared: &Shared, was_leader: &mut bool) -> Turn {
     let Some(node) = shared.node.get() else {
-        return true;
+        return Turn::Starting;
     };
-    let active = node.read_local(|st| st.jobs.values().any(|j| !j.state.is_terminal()));
     if !shared.is_leader() {
         if *was_leader {
             lock(&shared.reports).clear();
             lock(&shared.checkpoints).clear();
         }
         *was_leader = false;
-        return active;
+        let active = node.read_local(|st| st.jobs.values().any(|j| !j.state.is_terminal()));
+        return Turn::Follower { active };
     }
     let now = std::time::Instant::now();
     let alive: Vec<u64> = node.read_local(|st| {
@@ -1177,7 +1223,6 @@ async fn leader_turn(shared: &Shared, was_leader: &mut bool) -> bool {
         }
         live.expired(now)
     };
-    let acquired = !*was_leader;
     *was_leader = true;
     for id in &expired {
         warn!(executor = id, "executor lost: no heartbeat within the TTL");
@@ -1197,15 +1242,19 @@ async fn leader_turn(shared: &Shared, was_leader: &mut bool) -> bool {
             next_commands(st, &reports, &expired, shared.catalog.as_ref(), unix_ms())
         })
     };
-    let changed = acquired || !expired.is_empty() || !commands.is_empty();
+    let mut retry = false;
     for command in commands {
         let request = node.request(command);
         if let Err(e) = node.write(request).await {
             warn!(error = %e, "leader step not applied");
+            retry = true;
             break;
         }
     }
-    active || changed
+    let next_expiry = lock(&shared.liveness)
+        .next_deadline()
+        .map(|d| d.saturating_duration_since(std::time::Instant::now()));
+    Turn::Leader { retry, next_expiry }
 }
 
 #[cfg(test)]
@@ -1221,9 +1270,30 @@ initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
 "#;
 
     #[test]
-    fn the_leader_loop_turns_fast_only_while_it_has_work() {
-        assert_eq!(leader_period(true), LEADER_TICK);
-        assert_eq!(leader_period(false), IDLE_LEADER_TICK);
+    fn the_leader_loop_sleeps_until_an_executor_could_expire_or_a_follower_must_watch() {
+        let ms = Duration::from_millis;
+        // A leader wakes when the earliest executor deadline passes, at most IDLE_LEADER_TICK.
+        let leader = |next_expiry| Turn::Leader {
+            retry: false,
+            next_expiry,
+        };
+        assert_eq!(next_turn_in(leader(Some(ms(120)))), ms(120));
+        assert_eq!(next_turn_in(leader(Some(Duration::ZERO))), Duration::ZERO);
+        assert_eq!(next_turn_in(leader(Some(ms(1500)))), IDLE_LEADER_TICK);
+        assert_eq!(next_turn_in(leader(None)), IDLE_LEADER_TICK);
+        // A step that was not applied is tried again soon.
+        let retry = Turn::Leader {
+            retry: true,
+            next_expiry: Some(ms(1500)),
+        };
+        assert_eq!(next_turn_in(retry), LEADER_TICK);
+        // A follower with running jobs watches for a takeover; an idle one barely.
+        assert_eq!(next_turn_in(Turn::Follower { active: true }), LEADER_TICK);
+        assert_eq!(
+            next_turn_in(Turn::Follower { active: false }),
+            IDLE_LEADER_TICK
+        );
+        assert_eq!(next_turn_in(Turn::Starting), LEADER_TICK);
         assert!(IDLE_LEADER_TICK > LEADER_TICK);
     }
 

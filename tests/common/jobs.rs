@@ -53,6 +53,25 @@ pub fn executors(cluster: &Cluster, via: &[SocketAddr]) -> Result<Vec<Value>, St
     Ok(v["executors"].as_array().cloned().unwrap_or_default())
 }
 
+/// Waits until `n` executors are alive, so that a job submitted next is placed over all of
+/// them (`Executor::start` returns before the executor registered).
+pub fn wait_for_executors(cluster: &Cluster, via: &[SocketAddr], n: usize) {
+    let r = wait_until(
+        &format!("{n} executors registered and alive"),
+        Duration::from_secs(10),
+        || {
+            let execs = executors(cluster, via)?;
+            let alive = execs.iter().filter(|e| e["state"] == "alive").count();
+            if alive == n {
+                Ok(())
+            } else {
+                Err(format!("{execs:?}"))
+            }
+        },
+    );
+    cluster.unwrap_or_dump(r);
+}
+
 /// Runs `microcosm verify` on a demo job's output and expects it to pass with `rows` data rows.
 pub fn verify_demo(spec: &str, dir: &str, rows: u64) {
     let out = cli_with_timeout(

@@ -190,6 +190,7 @@ pub struct MetaNode {
     raft: Raft,
     config: MetaConfig,
     state: Arc<RwLock<MetaState>>,
+    applied: tokio::sync::watch::Receiver<u64>,
     watchdog: JoinHandle<()>,
     /// Our handle on the store file: dropped last, on shutdown, so the close is complete when
     /// shutdown returns.
@@ -216,6 +217,7 @@ impl MetaNode {
                 message: e.to_string(),
             })??;
         let state = store.state.clone();
+        let applied = store.applied.clone();
         let file = std::sync::Mutex::new(Some(store.file.clone()));
         let raft = Raft::new(
             config.node_id,
@@ -237,9 +239,16 @@ impl MetaNode {
             raft,
             config,
             state,
+            applied,
             watchdog,
             file,
         })
+    }
+
+    /// A receiver whose `changed()` completes once this node's applied state (what
+    /// [`MetaNode::read_local`] reads) changed since the receiver last looked.
+    pub fn applied_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.clone()
     }
 
     /// The underlying openraft instance (for [`super::handle_raft_rpc`] and metrics).

@@ -154,6 +154,9 @@ pub struct OpenedStore {
     pub state_machine: StateMachineStore,
     /// Shared, read-only view of the applied metadata (updated by the state machine).
     pub state: Arc<RwLock<MetaState>>,
+    /// Changes whenever the state machine applied entries or installed a snapshot: a
+    /// receiver's `changed()` wakes once `state` moved on.
+    pub applied: tokio::sync::watch::Receiver<u64>,
     /// One more handle on the redb file, so that its owner can close it deterministically.
     pub(super) file: Arc<Database>,
 }
@@ -255,6 +258,7 @@ fn open_database(
     drop(read);
     let state = Arc::new(RwLock::new(state));
     let file = db.clone();
+    let (changed, applied) = tokio::sync::watch::channel(0);
     Ok(OpenedStore {
         file,
         log: LogStore { db: db.clone() },
@@ -263,8 +267,10 @@ fn open_database(
             state: state.clone(),
             last_applied,
             membership,
+            changed,
         },
         state,
+        applied,
     })
 }
 
@@ -493,6 +499,8 @@ pub struct StateMachineStore {
     state: Arc<RwLock<MetaState>>,
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, MasterNode>,
+    /// Counts the changes of `state` for [`OpenedStore::applied`].
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// One row change produced by an applied batch.
@@ -617,6 +625,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             w_sm,
         )
         .await?;
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
         Ok(responses)
     }
 
@@ -681,6 +690,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.last_applied = last_applied;
         self.membership = membership;
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = new_state;
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
     }
 
