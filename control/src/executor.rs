@@ -7,8 +7,9 @@
 //! and resuming. A leader change therefore restarts nothing: the new leader hands out the same
 //! assignments. Each heartbeat carries the digest of the assignments the executor runs, and a
 //! reply leaves them out while they are unchanged, so a steady job costs a heartbeat no
-//! assignment encoding, decoding or reconciling. An executor told it is unknown or lost (for example after a long pause)
-//! stops every task at once and registers again as a new incarnation.
+//! assignment encoding, decoding or reconciling. An executor told it is unknown or lost (for
+//! example after a long pause) stops every task at once and registers again as a new
+//! incarnation.
 //!
 //! An executor that has run no job attempt for a TTL heartbeats half as often
 //! ([`HeartbeatSchedule`]): an idle cluster's cost is mostly these round trips and the

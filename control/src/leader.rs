@@ -564,6 +564,17 @@ mod tests {
                 self.reports.insert(e, list);
             }
         }
+        /// Two executors of 4 slots running one 4-task job: (sim, a, b, job).
+        fn running_on_two_executors() -> (Self, u64, u64, u64) {
+            let mut sim = Sim::new();
+            let a = sim.register(4);
+            let b = sim.register(4);
+            let job = sim.submit(4);
+            sim.settle(&[]);
+            sim.report_all(TaskRunState::Running);
+            sim.settle(&[]);
+            (sim, a, b, job)
+        }
         fn submit(&mut self, tasks: u32) -> u64 {
             self.submit_spec(tasks.to_string())
         }
@@ -609,13 +620,7 @@ mod tests {
 
     #[test]
     fn lost_executor_moves_every_task_under_a_new_epoch() {
-        let mut sim = Sim::new();
-        let a = sim.register(4);
-        let b = sim.register(4);
-        let job = sim.submit(4);
-        sim.settle(&[]);
-        sim.report_all(TaskRunState::Running);
-        sim.settle(&[]);
+        let (mut sim, a, b, job) = Sim::running_on_two_executors();
         assert_eq!(sim.job(job).state, JobState::Running);
         let epoch = sim.job(job).epoch;
         sim.reports.remove(&a);
@@ -718,14 +723,7 @@ mod tests {
 
     #[test]
     fn a_heartbeat_reply_leaves_out_assignments_the_executor_already_runs() {
-        let mut sim = Sim::new();
-        let a = sim.register(4);
-        let b = sim.register(4);
-        let job = sim.submit(4);
-        sim.settle(&[]);
-        sim.report_all(TaskRunState::Running);
-        sim.settle(&[]);
-
+        let (mut sim, a, b, job) = Sim::running_on_two_executors();
         // A fresh executor gets its assignments and their digest.
         let (first, digest) = heartbeat_assignments(&sim.state, a, None);
         let first = first.expect("an executor without a digest gets its assignments");

@@ -318,7 +318,8 @@ struct Shared {
     liveness: Mutex<LivenessTracker>,
     liveness_config: LivenessConfig,
     checkpoints: Mutex<CheckpointTracker>,
-    /// Wakes the leader loop before its period ends (a job was submitted).
+    /// Wakes the leader loop before its sleep ends (a heartbeat brought changed task
+    /// reports).
     step_now: tokio::sync::Notify,
 }
 
@@ -617,12 +618,9 @@ fn router(shared: Arc<Shared>) -> Router {
                     },
                 };
                 match shared.propose(request, WRITE_PATIENCE).await? {
-                    CommandResponse::JobSubmitted { id } => {
-                        // Schedule it now, not at the idle loop's next turn. (Submitted
-                        // through a follower, it waits for the leader's next turn.)
-                        shared.step_now.notify_one();
-                        Ok(JobRef { id: id.0 })
-                    }
+                    // The leader's loop wakes when it applies the submission, through
+                    // whichever master it came.
+                    CommandResponse::JobSubmitted { id } => Ok(JobRef { id: id.0 }),
                     other => Err(response_error(other)),
                 }
             }
@@ -1141,9 +1139,9 @@ enum Turn {
 }
 
 /// How long the loop sleeps after `turn` unless woken earlier. The leader is woken by what
-/// can move a job: a change of the applied metadata (a placement, a state change, a
-/// checkpoint, an executor registering, a job submitted through any master), task reports that
-/// changed in a heartbeat, a job submitted to it. Otherwise it sleeps until the next executor
+/// can move a job: a change of the applied metadata (a job submitted through any master, a
+/// placement, a state change, a checkpoint, an executor registering) and task reports that
+/// changed in a heartbeat. Otherwise it sleeps until the next executor
 /// could expire, so a lost executor is declared lost when its TTL runs out, and at most
 /// [`IDLE_LEADER_TICK`].
 fn next_turn_in(turn: Turn) -> Duration {
