@@ -76,7 +76,20 @@ fn a_small_sweep_measures_verifies_and_keeps_every_run_until_the_end() {
             "{run}"
         );
         assert!(run["latency"]["p50_us"].as_f64().unwrap() > 0.0, "{run}");
-        assert_eq!(run["processes"].as_array().unwrap().len(), 3, "{run}");
+        let processes = run["processes"].as_array().unwrap();
+        assert_eq!(processes.len(), 3, "{run}");
+        // Per kind of thread: the executors' engine workers, with what they did in the run.
+        for executor in processes.iter().filter(|p| p["name"] != "master-1") {
+            let worker = executor["threads"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["name"] == "microcosm-worke")
+                .unwrap_or_else(|| panic!("no engine worker in {executor}"));
+            assert!(worker["threads"].as_u64().unwrap() >= 1, "{worker}");
+            assert!(worker["voluntary_switches_per_s"].is_number(), "{worker}");
+            assert!(worker["involuntary_switches_per_s"].is_number(), "{worker}");
+        }
         let flow = run["flow_id"].as_str().unwrap();
         for stream in 0..2 {
             let file = kept
@@ -91,4 +104,5 @@ fn a_small_sweep_measures_verifies_and_keeps_every_run_until_the_end() {
     }
     assert!(out_dir.path().join("latency.svg").exists());
     assert!(out.stdout.contains("rows/s"), "{out}");
+    assert!(out.stdout.contains("engine workers switched out"), "{out}");
 }

@@ -7,7 +7,10 @@
 //! (`sink_ns − produced_ns`) and the two stages the CSV records (`produced → synced`,
 //! `synced → sink`) as HDR histograms, and the achieved throughput. Each process's CPU
 //! time (`/proc/<pid>/stat`) is taken as a delta over the run and its peak RSS (`VmHWM`,
-//! reset through `/proc/<pid>/clear_refs` before the run where the kernel allows it).
+//! reset through `/proc/<pid>/clear_refs` before the run where the kernel allows it), and
+//! per kind of thread (threads grouped by name) the CPU time and context switches over the
+//! run (`/proc/<pid>/task/*`): how often the engine workers were switched out while
+//! runnable, and how often every other thread woke up to take a vCPU from them.
 //! The verifier checks every run. Results go to `results.json`, `latency.svg` and stdout.
 
 use std::fmt::Write as _;
@@ -207,7 +210,32 @@ struct ProcessUsage {
     /// Whether the peak was reset at the start of the window (otherwise it is the peak
     /// since the process started).
     peak_rss_reset: bool,
+    /// Its threads over the window, grouped by name, by name.
+    threads: Vec<ThreadUsage>,
 }
+
+/// The threads of one name in one process over a window.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct ThreadUsage {
+    /// The thread name as the kernel keeps it (`comm`, at most 15 bytes): `microcosm-worke`
+    /// for the engine workers, `sink-N-file` for sink writers, `tokio-rt-worker` for a
+    /// runtime's threads.
+    name: String,
+    /// How many threads of that name were seen at the end of the window.
+    threads: usize,
+    /// utime + stime consumed during the window.
+    cpu_s: f64,
+    /// Times a second they gave their CPU up (blocked, slept, parked): about how often they
+    /// were woken again.
+    voluntary_switches_per_s: f64,
+    /// Times a second they were switched out while still runnable: for the engine workers,
+    /// how often another thread took their CPU, by preempting them or because a spinning
+    /// worker yielded it (`sched_yield` hands the CPU over only when another thread waits).
+    involuntary_switches_per_s: f64,
+}
+
+/// The name the engine gives its worker threads, as `comm` holds it (15 bytes).
+const ENGINE_WORKER_COMM: &str = "microcosm-worke";
 
 /// The idle cluster.
 #[derive(Debug, Clone, Serialize)]
@@ -381,6 +409,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         print!("{}", table(&results.runs));
         println!();
         print!("{}", stage_table(&results.runs));
+        println!();
+        print!("{}", wakeup_table(&results.runs));
         let svg_path = args.out.join("latency.svg");
         std::fs::write(&svg_path, latency_svg(&results.runs))
             .with_context(|| format!("cannot write {}", svg_path.display()))?;
@@ -425,7 +455,7 @@ async fn sweep(
         let pids = cluster.pids();
         let before = Snapshot::take(&pids);
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        let processes = before.usage(&pids);
+        let processes = before.usage(&pids, None);
         let total = processes.iter().map(|p| p.cpu_s).sum::<f64>();
         idle = Some(Idle {
             secs: before.at.elapsed().as_secs_f64(),
@@ -541,9 +571,11 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
         }
     };
     run.job_id = Some(job);
-    run.state = wait_job(cluster, job, args.run_timeout, paced_duration(spec)).await;
+    let (state, threads_end) =
+        wait_job(cluster, &pids, job, args.run_timeout, paced_duration(spec)).await;
+    run.state = state;
     run.wall_s = before.at.elapsed().as_secs_f64();
-    run.processes = before.usage(&pids);
+    run.processes = before.usage(&pids, threads_end);
     for (p, reset) in run.processes.iter_mut().zip(resets) {
         p.peak_rss_reset = reset;
     }
@@ -618,19 +650,29 @@ fn next_poll(elapsed: Duration, expected: Duration) -> Duration {
 }
 
 /// Polls the job until it ends (see [`next_poll`]; `expected` is how long it should run);
-/// cancels it after `timeout` and says "TimedOut".
+/// cancels it after `timeout` and says "TimedOut". A paced job's processes' threads are
+/// read once when the job is due to end, while the threads it started (the sink writers)
+/// still run: they are gone by the time it is reported finished.
 async fn wait_job(
     cluster: &LocalCluster,
+    pids: &[(String, u32)],
     job: u64,
     timeout: Duration,
     expected: Duration,
-) -> String {
+) -> (String, Option<ThreadsAt>) {
     let start = Instant::now();
+    let mut threads_at_end = None;
     loop {
+        if threads_at_end.is_none()
+            && !expected.is_zero()
+            && next_poll(start.elapsed(), expected) == POLL_NEAR_END
+        {
+            threads_at_end = Some(ThreadsAt::take(pids));
+        }
         if let Ok(j) = cluster.client.call::<GetJob>(&JobRef { id: job }).await
             && matches!(j.state.as_str(), "Finished" | "Failed" | "Cancelled")
         {
-            return j.state;
+            return (j.state, threads_at_end);
         }
         if start.elapsed() > timeout {
             let _ = cluster
@@ -642,7 +684,7 @@ async fn wait_job(
                     seq: 1_000_000 + job,
                 })
                 .await;
-            return "TimedOut".into();
+            return ("TimedOut".into(), threads_at_end);
         }
         tokio::time::sleep(next_poll(start.elapsed(), expected)).await;
     }
@@ -922,27 +964,64 @@ fn percentiles(h: &Histogram<u64>) -> Option<Percentiles> {
 // ---------------------------------------------------------------------------------------
 // /proc
 
-/// CPU ticks of every process at one instant.
+/// CPU ticks of every process, and the counters of each of its threads, at one instant.
 struct Snapshot {
     at: Instant,
     ticks: Vec<Option<u64>>,
+    threads: ThreadsAt,
 }
+
+/// The counters of every thread of every process at one instant.
+struct ThreadsAt {
+    at: Instant,
+    threads: Vec<ThreadCounters>,
+}
+
+impl ThreadsAt {
+    fn take(pids: &[(String, u32)]) -> Self {
+        Self {
+            at: Instant::now(),
+            threads: pids.iter().map(|(_, pid)| thread_counters(*pid)).collect(),
+        }
+    }
+}
+
+/// Counters of one thread: its name, CPU ticks, voluntary and involuntary context switches.
+#[derive(Debug, Clone, PartialEq)]
+struct ThreadCount {
+    name: String,
+    ticks: u64,
+    voluntary: u64,
+    involuntary: u64,
+}
+
+/// A process's threads by thread id.
+type ThreadCounters = std::collections::HashMap<u32, ThreadCount>;
 
 impl Snapshot {
     fn take(pids: &[(String, u32)]) -> Self {
         Self {
             at: Instant::now(),
             ticks: pids.iter().map(|(_, pid)| cpu_ticks(*pid)).collect(),
+            threads: ThreadsAt::take(pids),
         }
     }
 
-    /// CPU used since this snapshot and the current peak RSS, per process.
-    fn usage(&self, pids: &[(String, u32)]) -> Vec<ProcessUsage> {
+    /// CPU used since this snapshot and the current peak RSS, per process; its threads'
+    /// usage up to `threads_end` (taken while the job's own threads were still alive), or
+    /// up to now.
+    fn usage(&self, pids: &[(String, u32)], threads_end: Option<ThreadsAt>) -> Vec<ProcessUsage> {
         let wall = self.at.elapsed().as_secs_f64();
         let tck = clock_ticks_per_sec();
+        let threads_end = threads_end.unwrap_or_else(|| ThreadsAt::take(pids));
+        let threads_wall = threads_end
+            .at
+            .saturating_duration_since(self.threads.at)
+            .as_secs_f64();
         pids.iter()
             .zip(&self.ticks)
-            .map(|((name, pid), before)| {
+            .zip(self.threads.threads.iter().zip(&threads_end.threads))
+            .map(|(((name, pid), before), (threads_before, threads_after))| {
                 let cpu_s = match (before, cpu_ticks(*pid)) {
                     (Some(b), Some(a)) => a.saturating_sub(*b) as f64 / tck,
                     _ => 0.0,
@@ -957,10 +1036,111 @@ impl Snapshot {
                     },
                     peak_rss_mb: peak_rss_kb(*pid).map(|kb| kb as f64 / 1024.0),
                     peak_rss_reset: false,
+                    threads: thread_usage(threads_before, threads_after, threads_wall, tck),
                 }
             })
             .collect()
     }
+}
+
+/// The counters of every thread of process `pid` (empty if it is gone).
+fn thread_counters(pid: u32) -> ThreadCounters {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return ThreadCounters::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|entry| {
+            let tid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let dir = entry.path();
+            let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+            let ticks = parse_stat_ticks(&std::fs::read_to_string(dir.join("stat")).ok()?)?;
+            let (voluntary, involuntary) =
+                parse_ctxt_switches(&std::fs::read_to_string(dir.join("status")).ok()?)?;
+            Some((
+                tid,
+                ThreadCount {
+                    name: name.trim_end().to_string(),
+                    ticks,
+                    voluntary,
+                    involuntary,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` from the text of
+/// `/proc/<pid>/task/<tid>/status`.
+fn parse_ctxt_switches(status: &str) -> Option<(u64, u64)> {
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some((
+        field("voluntary_ctxt_switches:")?,
+        field("nonvoluntary_ctxt_switches:")?,
+    ))
+}
+
+/// What the threads present at the end of a window of `wall` seconds did during it, grouped
+/// by name and sorted by name (a thread that started during the window counts from zero).
+fn thread_usage(
+    before: &ThreadCounters,
+    after: &ThreadCounters,
+    wall: f64,
+    ticks_per_s: f64,
+) -> Vec<ThreadUsage> {
+    let mut by_name: std::collections::BTreeMap<&str, (usize, u64, u64, u64)> =
+        std::collections::BTreeMap::new();
+    for (tid, now) in after {
+        let (ticks, voluntary, involuntary) = match before.get(tid) {
+            Some(b) => (
+                now.ticks.saturating_sub(b.ticks),
+                now.voluntary.saturating_sub(b.voluntary),
+                now.involuntary.saturating_sub(b.involuntary),
+            ),
+            None => (now.ticks, now.voluntary, now.involuntary),
+        };
+        let entry = by_name.entry(now.name.as_str()).or_default();
+        entry.0 += 1;
+        entry.1 += ticks;
+        entry.2 += voluntary;
+        entry.3 += involuntary;
+    }
+    let per_s = |n: u64| if wall > 0.0 { n as f64 / wall } else { 0.0 };
+    by_name
+        .into_iter()
+        .map(
+            |(name, (threads, ticks, voluntary, involuntary))| ThreadUsage {
+                name: name.to_string(),
+                threads,
+                cpu_s: ticks as f64 / ticks_per_s,
+                voluntary_switches_per_s: per_s(voluntary),
+                involuntary_switches_per_s: per_s(involuntary),
+            },
+        )
+        .collect()
+}
+
+/// Of one process's threads: how often its engine workers were switched out while runnable,
+/// and how often its other threads woke up (their voluntary switches), per second.
+/// `None` for the first where the process has no engine workers (a master).
+fn switch_outs_and_wakeups(threads: &[ThreadUsage]) -> (Option<f64>, f64) {
+    let (workers, others): (Vec<&ThreadUsage>, Vec<&ThreadUsage>) =
+        threads.iter().partition(|t| t.name == ENGINE_WORKER_COMM);
+    (
+        (!workers.is_empty()).then(|| {
+            workers
+                .iter()
+                .fold(0.0, |sum, t| sum + t.involuntary_switches_per_s)
+        }),
+        others
+            .iter()
+            .fold(0.0, |sum, t| sum + t.voluntary_switches_per_s),
+    )
 }
 
 fn clock_ticks_per_sec() -> f64 {
@@ -1134,6 +1314,47 @@ fn short_name(name: &str) -> String {
     } else {
         name.to_string()
     }
+}
+
+/// Per run: how often each process's engine workers were switched out while runnable (another
+/// thread took their vCPU, while they worked or while they spun idle), and how often its
+/// other threads woke up (on a machine whose vCPUs the engine workers keep busy, each such
+/// wake-up takes a vCPU from one of them).
+fn wakeup_table(runs: &[Run]) -> String {
+    let mut s = String::new();
+    let names: Vec<String> = runs
+        .first()
+        .map(|r| r.processes.iter().map(|p| short_name(&p.name)).collect())
+        .unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "{:<14}   {:<38}   other threads' wake-ups ({})",
+        "per second",
+        format!("engine workers switched out ({})", names.join("/")),
+        names.join("/")
+    );
+    for r in runs {
+        let (switched, woken): (Vec<String>, Vec<String>) = r
+            .processes
+            .iter()
+            .map(|p| {
+                let (switched, woken) = switch_outs_and_wakeups(&p.threads);
+                (
+                    switched.map_or("-".into(), |n| format!("{n:.0}")),
+                    format!("{woken:.0}"),
+                )
+            })
+            .unzip();
+        let _ = writeln!(
+            s,
+            "{:>8} {:>5}   {:<38}   {}",
+            rate_label(r.rate),
+            r.ddl_freq,
+            switched.join("/"),
+            woken.join("/")
+        );
+    }
+    s
 }
 
 /// The per-stage table: produced → synced and synced → sink.
@@ -1797,5 +2018,68 @@ mod tests {
         let all = measure(dir.path(), 1, 60_000_000_000, slots_of(1000)).unwrap();
         assert!(!all.warmup_applied);
         assert_eq!(all.rows, 10);
+    }
+
+    fn count(name: &str, ticks: u64, voluntary: u64, involuntary: u64) -> ThreadCount {
+        ThreadCount {
+            name: name.into(),
+            ticks,
+            voluntary,
+            involuntary,
+        }
+    }
+
+    #[test]
+    fn context_switches_are_read_from_a_task_status() {
+        let status = "Name:\tmicrocosm-worke\nState:\tR (running)\nvoluntary_ctxt_switches:\t17\nnonvoluntary_ctxt_switches:\t4021\n";
+        assert_eq!(parse_ctxt_switches(status), Some((17, 4021)));
+        assert_eq!(
+            parse_ctxt_switches("Name:\tx\nvoluntary_ctxt_switches:\t3\n"),
+            None
+        );
+        assert_eq!(
+            parse_ctxt_switches("voluntary_ctxt_switches:\tmany\nnonvoluntary_ctxt_switches:\t1\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn threads_are_grouped_by_name_over_the_window() {
+        let before: ThreadCounters = [
+            (10, count(ENGINE_WORKER_COMM, 100, 5, 1_000)),
+            (11, count("sink-0-file", 10, 200, 3)),
+            (12, count("sink-1-file", 10, 100, 0)),
+            (13, count("gone", 1, 1, 1)),
+        ]
+        .into_iter()
+        .collect();
+        let after: ThreadCounters = [
+            (10, count(ENGINE_WORKER_COMM, 300, 7, 1_400)),
+            (11, count("sink-0-file", 20, 280, 5)),
+            (12, count("sink-1-file", 14, 140, 1)),
+            // Started during the window: counted from zero.
+            (14, count("sink-1-file", 2, 20, 1)),
+        ]
+        .into_iter()
+        .collect();
+        let usage = thread_usage(&before, &after, 2.0, 100.0);
+        let names: Vec<&str> = usage.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, [ENGINE_WORKER_COMM, "sink-0-file", "sink-1-file"]);
+        assert_eq!(
+            usage[0],
+            ThreadUsage {
+                name: ENGINE_WORKER_COMM.into(),
+                threads: 1,
+                cpu_s: 2.0,
+                voluntary_switches_per_s: 1.0,
+                involuntary_switches_per_s: 200.0,
+            }
+        );
+        assert_eq!(usage[2].threads, 2);
+        assert_eq!(usage[2].voluntary_switches_per_s, 30.0);
+        assert_eq!(usage[2].cpu_s, 0.06);
+        // The workers' preemptions against every other thread's wake-ups.
+        assert_eq!(switch_outs_and_wakeups(&usage), (Some(200.0), 40.0 + 30.0));
+        assert_eq!(switch_outs_and_wakeups(&usage[1..]), (None, 40.0 + 30.0));
     }
 }
