@@ -210,7 +210,7 @@ struct ProcessUsage {
     /// Whether the peak was reset at the start of the window (otherwise it is the peak
     /// since the process started).
     peak_rss_reset: bool,
-    /// Its threads over the window, grouped by name, by name.
+    /// Its threads over the window, grouped and sorted by name.
     threads: Vec<ThreadUsage>,
 }
 
