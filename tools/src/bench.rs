@@ -652,7 +652,9 @@ fn next_poll(elapsed: Duration, expected: Duration) -> Duration {
 /// Polls the job until it ends (see [`next_poll`]; `expected` is how long it should run);
 /// cancels it after `timeout` and says "TimedOut". A paced job's processes' threads are
 /// read once when the job is due to end, while the threads it started (the sink writers)
-/// still run: they are gone by the time it is reported finished.
+/// still run: they are gone by the time it is reported finished. A job due to end within
+/// one near-end poll (or unthrottled) is read at the end instead: read at its start, the
+/// window would be empty.
 async fn wait_job(
     cluster: &LocalCluster,
     pids: &[(String, u32)],
@@ -664,7 +666,7 @@ async fn wait_job(
     let mut threads_at_end = None;
     loop {
         if threads_at_end.is_none()
-            && !expected.is_zero()
+            && expected > POLL_NEAR_END
             && next_poll(start.elapsed(), expected) == POLL_NEAR_END
         {
             threads_at_end = Some(ThreadsAt::take(pids));
