@@ -176,13 +176,47 @@ fn single_input<'a>(
 // Producer
 // ---------------------------------------------------------------------------------------
 
+/// A producer's open-loop schedule (see [`Producer`]): `tables` producers share `rate`
+/// records/s, and this one's records are those with `k % tables == phase`.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    tables: u64,
+    phase: u64,
+    rate: u64,
+}
+
+impl Pace {
+    /// Nanoseconds from the start to data record `pk`'s intended emission:
+    /// `((pk − 1) · tables + phase) · 10⁹ / rate`.
+    ///
+    /// In u64 arithmetic whenever the product fits (any realistic run): the u128 division
+    /// it needs otherwise, once per record, showed in the producing executor's profile.
+    fn offset_ns(self, pk: u64) -> u64 {
+        let k = pk
+            .saturating_sub(1)
+            .saturating_mul(self.tables)
+            .saturating_add(self.phase);
+        let rate = self.rate.max(1);
+        match k.checked_mul(1_000_000_000) {
+            Some(product) => product / rate,
+            None => {
+                let ns = u128::from(k) * 1_000_000_000 / u128::from(rate);
+                u64::try_from(ns).unwrap_or(u64::MAX)
+            }
+        }
+    }
+}
+
 /// Source of table `table`: emits data records with pk `1..=rcd-cnt`, preceded at every
 /// `pk % ddl-freq == 0` by a DDL to every stream, and a checkpoint barrier to every stream
 /// every `checkpoint-interval-ms`.
 ///
 /// Output port `s` must lead to stream `s`'s binlog. Data record `pk` goes to stream
-/// `(pk + table) % S`. Pacing is open loop: with a total rate `r` over `T` producers, data
-/// record `pk` is *intended* at `start + (pk − 1) · T / r` seconds; each run emits every
+/// `(pk + table) % S`. Pacing is open loop: with a total rate `r` over `T` producers, the
+/// job's data records are numbered `k = (pk − 1) · T + table` (every table's first record,
+/// then every table's second, …) and record `k` is *intended* at `start + k / r` seconds, so
+/// the `T` producers together offer one record every `1 / r`, each producer one every
+/// `T / r` at its own phase (not `T` records at once every `T / r`). Each run emits every
 /// record whose intended time has passed and otherwise returns `Status::WaitUntil` the next
 /// one. The record's produced stamp is its intended time, so time spent waiting behind a
 /// slow pipeline counts as latency (no coordinated omission). With rate 0 records are emitted
@@ -197,8 +231,8 @@ pub struct Producer {
     streams: u32,
     rcd_cnt: u64,
     ddl_freq: u64,
-    /// Nanoseconds between intended emissions, as the fraction `num / den`; `None` = unpaced.
-    pace: Option<(u64, u64)>,
+    /// The open-loop schedule; `None` = unpaced.
+    pace: Option<Pace>,
     clock: UnixClock,
     start: Option<Instant>,
     next_pk: u64,
@@ -222,8 +256,11 @@ impl Producer {
     /// The producer of table `table` for `spec`, stamping with `clock` and handing its
     /// checkpoint state to `snapshots`.
     pub fn new(spec: &DemoSpec, table: u32, clock: UnixClock, snapshots: Snapshots) -> Producer {
-        // `u32::MAX × 10⁹` fits a u64.
-        let pace = (spec.rate > 0).then(|| (u64::from(spec.table_num) * 1_000_000_000, spec.rate));
+        let pace = (spec.rate > 0).then(|| Pace {
+            tables: u64::from(spec.table_num.max(1)),
+            phase: u64::from(table % spec.table_num.max(1)),
+            rate: spec.rate,
+        });
         Producer {
             table,
             streams: spec.binlog_num,
@@ -268,20 +305,8 @@ impl Producer {
     }
 
     /// Nanoseconds from the start to record `pk`'s intended emission; `None` if unpaced.
-    ///
-    /// In u64 arithmetic whenever the product fits (any realistic run): the u128 division
-    /// it needs otherwise, once per record, showed in the producing executor's profile.
     fn offset_ns(&self, pk: u64) -> Option<u64> {
-        self.pace.map(|(num, den)| {
-            let n = pk.saturating_sub(1);
-            match n.checked_mul(num) {
-                Some(product) => product / den.max(1),
-                None => {
-                    let ns = u128::from(n) * u128::from(num) / u128::from(den.max(1));
-                    u64::try_from(ns).unwrap_or(u64::MAX)
-                }
-            }
-        })
+        self.pace.map(|pace| pace.offset_ns(pk))
     }
 
     fn version(&self, pk: u64) -> Result<u32, EngineError> {
@@ -1582,7 +1607,11 @@ mod tests {
         assert_eq!(p.offset_ns(1), Some(0));
         assert_eq!(p.offset_ns(2), Some(4_000_000));
         assert_eq!(p.offset_ns(251), Some(1_000_000_000));
-        // A product past u64 (5·10⁹ × 4·10⁹) takes the u128 path; the quotient still fits.
+        // Producer 3 runs 3 ms behind producer 0.
+        let p3 = Producer::new(&spec, 3, UnixClock::system(), Snapshots::in_memory(0).0);
+        assert_eq!(p3.offset_ns(1), Some(3_000_000));
+        assert_eq!(p3.offset_ns(2), Some(7_000_000));
+        // A product past u64 (2·10¹⁰ × 10⁹) takes the u128 path; the quotient still fits.
         let far = 5_000_000_001;
         assert_eq!(p.offset_ns(far), Some(5_000_000_000 * 4_000_000));
         let unpaced = Producer::new(
@@ -1595,5 +1624,26 @@ mod tests {
             Snapshots::in_memory(0).0,
         );
         assert_eq!(unpaced.offset_ns(2), None);
+    }
+
+    #[test]
+    fn producers_together_offer_one_record_every_one_over_rate() {
+        // 7 producers at 100k records/s in total: the union of their schedules is one
+        // record every 10 µs, in table order (record k at k × 10 µs), not 7 at once.
+        let spec = DemoSpec {
+            table_num: 7,
+            rate: 100_000,
+            ..DemoSpec::default()
+        };
+        let producers: Vec<Producer> = (0..7)
+            .map(|t| Producer::new(&spec, t, UnixClock::system(), Snapshots::in_memory(0).0))
+            .collect();
+        let mut offsets: Vec<u64> = producers
+            .iter()
+            .flat_map(|p| (1..=50).map(|pk| p.offset_ns(pk).unwrap()))
+            .collect();
+        offsets.sort_unstable();
+        let expected: Vec<u64> = (0..350).map(|k| k * 10_000).collect();
+        assert_eq!(offsets, expected);
     }
 }
