@@ -103,14 +103,14 @@ impl Default for TransportConfig {
 
 impl TransportConfig {
     /// The defaults, tuned for bulk one-way record streams between executors: peers are asked
-    /// to acknowledge every 16 packets or after 1 ms, a connection starts with a 1 MiB
+    /// to acknowledge every 64 packets or after 1 ms, a connection starts with a 1 MiB
     /// congestion window (a LAN peer needs no slow start), and path MTU discovery may raise
     /// datagrams to [`DATA_PLANE_UDP_PAYLOAD`] bytes. Control traffic keeps
     /// [`TransportConfig::default`], whose replies carry their acknowledgements.
     pub fn data_plane() -> Self {
         Self {
             ack_frequency: Some(AckFrequency {
-                packets: 16,
+                packets: 64,
                 max_delay: Duration::from_millis(1),
             }),
             initial_window: Some(1 << 20),
