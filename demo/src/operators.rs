@@ -1595,49 +1595,38 @@ mod tests {
         }
     }
 
-    #[test]
-    fn producer_paces_records_by_their_intended_times() {
+    /// Producer `table` of `table_num` sharing `rate` records/s.
+    fn paced_producer(table_num: u32, rate: u64, table: u32) -> Producer {
         let spec = DemoSpec {
-            table_num: 4,
-            rate: 1_000,
+            table_num,
+            rate,
             ..DemoSpec::default()
         };
-        let p = Producer::new(&spec, 0, UnixClock::system(), Snapshots::in_memory(0).0);
+        Producer::new(&spec, table, UnixClock::system(), Snapshots::in_memory(0).0)
+    }
+
+    #[test]
+    fn producer_paces_records_by_their_intended_times() {
+        let p = paced_producer(4, 1_000, 0);
         // 4 producers sharing 1000 records/s: 4 ms apart each.
         assert_eq!(p.offset_ns(1), Some(0));
         assert_eq!(p.offset_ns(2), Some(4_000_000));
         assert_eq!(p.offset_ns(251), Some(1_000_000_000));
         // Producer 3 runs 3 ms behind producer 0.
-        let p3 = Producer::new(&spec, 3, UnixClock::system(), Snapshots::in_memory(0).0);
+        let p3 = paced_producer(4, 1_000, 3);
         assert_eq!(p3.offset_ns(1), Some(3_000_000));
         assert_eq!(p3.offset_ns(2), Some(7_000_000));
         // A product past u64 (2·10¹⁰ × 10⁹) takes the u128 path; the quotient still fits.
         let far = 5_000_000_001;
         assert_eq!(p.offset_ns(far), Some(5_000_000_000 * 4_000_000));
-        let unpaced = Producer::new(
-            &DemoSpec {
-                rate: 0,
-                ..DemoSpec::default()
-            },
-            0,
-            UnixClock::system(),
-            Snapshots::in_memory(0).0,
-        );
-        assert_eq!(unpaced.offset_ns(2), None);
+        assert_eq!(paced_producer(4, 0, 0).offset_ns(2), None);
     }
 
     #[test]
     fn producers_together_offer_one_record_every_one_over_rate() {
         // 7 producers at 100k records/s in total: the union of their schedules is one
         // record every 10 µs, in table order (record k at k × 10 µs), not 7 at once.
-        let spec = DemoSpec {
-            table_num: 7,
-            rate: 100_000,
-            ..DemoSpec::default()
-        };
-        let producers: Vec<Producer> = (0..7)
-            .map(|t| Producer::new(&spec, t, UnixClock::system(), Snapshots::in_memory(0).0))
-            .collect();
+        let producers: Vec<Producer> = (0..7).map(|t| paced_producer(7, 100_000, t)).collect();
         let mut offsets: Vec<u64> = producers
             .iter()
             .flat_map(|p| (1..=50).map(|pk| p.offset_ns(pk).unwrap()))
