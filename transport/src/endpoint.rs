@@ -112,7 +112,7 @@ impl Endpoint {
             config.quinn_endpoint()?,
             Some(server),
             socket,
-            Arc::new(quinn::TokioRuntime),
+            Arc::new(crate::socket::DrainingRuntime),
         )
         .map_err(|source| EndpointError::Bind { addr, source })?;
         endpoint.set_default_client_config(client);

@@ -27,6 +27,7 @@ pub mod endpoint;
 pub mod error;
 pub mod frame;
 pub mod rpc;
+mod socket;
 pub mod stream;
 pub mod tls;
 
