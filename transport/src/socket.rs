@@ -193,6 +193,13 @@ mod tests {
             .collect()
     }
 
+    /// [`recv_batch`], failing the test with `why` if nothing wakes the reader within 5 s.
+    async fn recv_batch_soon(socket: &DrainingSocket, batch: usize, why: &str) -> Vec<u8> {
+        tokio::time::timeout(Duration::from_secs(5), recv_batch(socket, batch))
+            .await
+            .unwrap_or_else(|_| panic!("{why}"))
+    }
+
     fn ready_now(socket: &DrainingSocket) -> bool {
         let mut storage = [0u8; DATAGRAM];
         let mut bufs = [IoSliceMut::new(&mut storage)];
@@ -216,10 +223,8 @@ mod tests {
         );
 
         // The datagram's own epoll event wakes the reader: nothing is lost.
-        let got = tokio::time::timeout(Duration::from_secs(5), recv_batch(&socket, 4))
-            .await
-            .expect("the datagram sent after a short batch must wake the reader");
-        assert_eq!(got, vec![2]);
+        let why = "the datagram sent after a short batch must wake the reader";
+        assert_eq!(recv_batch_soon(&socket, 4, why).await, vec![2]);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -231,12 +236,9 @@ mod tests {
         // Two buffers for three datagrams: a full batch, which must leave the socket
         // readable. No datagram follows, so no new epoll event could wake a reader whose
         // readiness had been cleared: the second read would hang.
-        let first = recv_batch(&socket, 2).await;
-        assert_eq!(first, vec![1, 2]);
-        let rest = tokio::time::timeout(Duration::from_secs(5), recv_batch(&socket, 2))
-            .await
-            .expect("a full batch must not clear the readiness");
-        assert_eq!(rest, vec![3]);
+        assert_eq!(recv_batch(&socket, 2).await, vec![1, 2]);
+        let why = "a full batch must not clear the readiness";
+        assert_eq!(recv_batch_soon(&socket, 2, why).await, vec![3]);
     }
 
     #[tokio::test(flavor = "current_thread")]
