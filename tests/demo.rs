@@ -96,6 +96,41 @@ fn records_cross_quic_between_two_executors() {
     cluster.unwrap_or_dump(r);
     wait_state(&cluster, &via, id, "Finished", Duration::from_secs(90));
     common::jobs::verify_demo(&spec, &out_dir, 100000);
+
+    // Both executors report the data connection between them: the binlogs' side dialed it
+    // and sent the records over it, the receivers' side accepted it.
+    let status = cluster
+        .client(
+            &["cluster", "status", "--connections", "--output", "json"],
+            &via,
+        )
+        .json()
+        .unwrap();
+    let mut dialed = Vec::new();
+    let mut accepted = Vec::new();
+    for e in status["executors"].as_array().unwrap() {
+        for c in e["connections"].as_array().expect("connections listed") {
+            if c["role"] == "executor" {
+                let side = if c["dialed"] == true {
+                    &mut dialed
+                } else {
+                    &mut accepted
+                };
+                side.push((e["addr"].clone(), c.clone()));
+            }
+        }
+    }
+    assert_eq!((dialed.len(), accepted.len()), (1, 1), "{status}");
+    let ((sender, out), (receiver, inc)) = (&dialed[0], &accepted[0]);
+    assert_eq!(&out["peer"], receiver, "{status}");
+    assert_eq!(&inc["peer"], sender, "{status}");
+    let sent = out["datagrams_sent"].as_u64().unwrap();
+    assert!(sent > 100, "100,000 records in {sent} datagrams: {status}");
+    assert!(
+        inc["datagrams_received"].as_u64().unwrap() >= sent / 2,
+        "{status}"
+    );
+    assert!(out["rtt_us"].as_u64().unwrap() > 0, "{status}");
 }
 
 /// `microcosm demo` as a newcomer runs it (small job so it stays fast).

@@ -36,15 +36,18 @@ use microcosm_engine::{
     Engine, EngineConfig, JobGraph, RestorePoint, SnapshotSink, SpinMode, TaskHandle, TaskId,
     TaskSnapshot, TaskState,
 };
-use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
+use microcosm_transport::{
+    Endpoint, ErrorCode, Identity, Peer, RemoteError, Role, Router, TransportConfig, WeakEndpoint,
+};
 use serde::Deserialize;
 use tracing::{debug, info, warn};
 
 use crate::client::MasterClient;
 use crate::exchange::{InboundRegistry, QuicExchange};
 use crate::proto::{
-    Assignment, CheckpointReport, CheckpointReports, Heartbeat, HeartbeatRequest, RegisterExecutor,
-    RegisterRequest, Registered, ReportCheckpoints, TaskReport, TaskRunState,
+    Assignment, CheckpointReport, CheckpointReports, DataConnection, ExecutorStatus,
+    GetExecutorStatus, Heartbeat, HeartbeatRequest, Nothing, RegisterExecutor, RegisterRequest,
+    Registered, ReportCheckpoints, TaskReport, TaskRunState,
 };
 use crate::reactor::DataPlaneReactor;
 
@@ -458,15 +461,23 @@ impl ExecutorServer {
         let reactor = DataPlaneReactor::new().map_err(|e| ExecutorError::Engine(e.to_string()))?;
         let data_runtime = reactor.handle();
         let registry = InboundRegistry::default();
+        let status_endpoint = Arc::new(std::sync::OnceLock::new());
+        let router = status_route(
+            registry.router(),
+            config.name.clone(),
+            status_endpoint.clone(),
+        );
         let endpoint = {
             let _guard = data_runtime.enter();
             Endpoint::bind(
                 config.listen_addr,
                 &identity,
                 TransportConfig::data_plane(),
-                registry.router(),
+                router,
             )?
         };
+        // The cell is new and set only here, so this cannot fail.
+        let _ = status_endpoint.set(endpoint.downgrade());
         // Control traffic (registration, heartbeats, checkpoint reports) has its own endpoint
         // on the caller's runtime, so it never waits for the engine thread.
         let control = Endpoint::bind(
@@ -562,14 +573,44 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The executor's name: the configured one, or one made of its data-plane address.
+fn executor_name(configured: Option<&str>, addr: SocketAddr) -> String {
+    configured.map_or_else(|| format!("executor@{addr}"), str::to_owned)
+}
+
+/// Adds [`GetExecutorStatus`] to the data plane's `router`, answered from the endpoint that
+/// `endpoint` is set to once bound.
+fn status_route(
+    router: Router,
+    name: Option<String>,
+    endpoint: Arc<std::sync::OnceLock<WeakEndpoint>>,
+) -> Router {
+    router.route::<GetExecutorStatus, _, _>(move |_peer: Peer, _: Nothing| {
+        let endpoint = endpoint.get().and_then(WeakEndpoint::upgrade);
+        let name = name.clone();
+        async move {
+            let endpoint = endpoint.ok_or_else(|| {
+                RemoteError::new(
+                    ErrorCode::Unavailable,
+                    "the executor is starting or stopping",
+                )
+            })?;
+            Ok(ExecutorStatus {
+                name: executor_name(name.as_deref(), endpoint.local_addr()),
+                connections: endpoint
+                    .connection_stats()
+                    .iter()
+                    .map(DataConnection::from)
+                    .collect(),
+            })
+        }
+    })
+}
+
 async fn register(client: &MasterClient, state: &State) -> Result<Registered, ExecutorError> {
     let req = RegisterRequest {
         addr: state.endpoint.local_addr().to_string(),
-        name: state
-            .config
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("executor@{}", state.endpoint.local_addr())),
+        name: executor_name(state.config.name.as_deref(), state.endpoint.local_addr()),
         slots: state.config.slots,
     };
     let mut last = String::new();

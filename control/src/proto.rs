@@ -249,12 +249,70 @@ method!(
     ControlJob, MasterApi, 23, USERS, JobControlRequest => JobInfo
 );
 
-/// Methods served by executors: none yet besides data streams; masters hand out work in
-/// heartbeat replies, so a leader change never needs to reach executors.
+/// Methods served by executors on their data-plane address, besides the data streams:
+/// status for operators. Masters hand out work in heartbeat replies, so a leader change never
+/// needs to reach executors.
 pub struct ExecutorApi;
 impl Service for ExecutorApi {
     const NAME: &'static str = "executor";
     const SERVED_BY: Role = Role::Executor;
+}
+
+method!(
+    /// An executor's own status: its data-plane connections.
+    GetExecutorStatus, ExecutorApi, 30, USERS, Nothing => ExecutorStatus
+);
+
+/// What [`GetExecutorStatus`] answers.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ExecutorStatus {
+    /// The executor's name.
+    pub name: String,
+    /// Its open data-plane connections (to peer executors, and the caller's own).
+    pub connections: Vec<DataConnection>,
+}
+
+/// One open connection of an executor's data-plane endpoint: the wire form of
+/// [`microcosm_transport::ConnectionStats`]. Counters run from the connection's start.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DataConnection {
+    /// The peer's address.
+    pub peer: String,
+    /// The role the peer's certificate names ("executor", "client", "master").
+    pub role: String,
+    /// True if this executor dialed it (it sends data streams over it), false if the peer did.
+    pub dialed: bool,
+    /// Smoothed round-trip time (µs).
+    pub rtt_us: u64,
+    /// Congestion window (bytes).
+    pub cwnd: u64,
+    /// Times the congestion controller backed off.
+    pub congestion_events: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// QUIC packets sent.
+    pub sent_packets: u64,
+    /// UDP datagrams sent.
+    pub datagrams_sent: u64,
+    /// UDP datagrams received.
+    pub datagrams_received: u64,
+}
+
+impl From<&microcosm_transport::ConnectionStats> for DataConnection {
+    fn from(s: &microcosm_transport::ConnectionStats) -> Self {
+        Self {
+            peer: s.peer.addr.to_string(),
+            role: s.peer.role.to_string(),
+            dialed: s.dialed,
+            rtt_us: u64::try_from(s.rtt.as_micros()).unwrap_or(u64::MAX),
+            cwnd: s.cwnd,
+            congestion_events: s.congestion_events,
+            lost_packets: s.lost_packets,
+            sent_packets: s.sent_packets,
+            datagrams_sent: s.datagrams_sent,
+            datagrams_received: s.datagrams_received,
+        }
+    }
 }
 
 /// An executor announces itself.

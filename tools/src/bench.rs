@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use hdrhistogram::Histogram;
-use microcosm_control::proto::{ControlJob, GetJob, JobAction, JobControlRequest, JobRef};
+use microcosm_control::proto::{
+    ControlJob, DataConnection, ExecutorStatus, GetJob, JobAction, JobControlRequest, JobRef,
+};
 use microcosm_demo::{DemoSpec, RowKind, SinkRow};
 use serde::Serialize;
 
@@ -281,7 +283,68 @@ struct Run {
     /// Measured rows whose sink time precedes their produced time (clock skew).
     negative_latency_rows: u64,
     processes: Vec<ProcessUsage>,
+    /// The executors' connections to each other over the run, seen from both ends.
+    data_plane: Vec<DataLink>,
     error: Option<String>,
+}
+
+/// One executor-to-executor data connection over a run, as one of its ends reports it
+/// (`GetExecutorStatus` before the job and after it ended).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+struct DataLink {
+    /// The reporting executor.
+    executor: String,
+    /// The other end's address.
+    peer: String,
+    /// True on the end that dialed it (the one that sends data streams over it).
+    dialed: bool,
+    /// Smoothed round-trip time at the end of the run (µs).
+    rtt_us: u64,
+    /// Congestion window at the end of the run (bytes).
+    cwnd: u64,
+    /// During the run: times the congestion controller backed off.
+    congestion_events: u64,
+    /// During the run: packets declared lost.
+    lost_packets: u64,
+    /// During the run: QUIC packets sent.
+    sent_packets: u64,
+    /// During the run: UDP datagrams sent.
+    datagrams_sent: u64,
+    /// During the run: UDP datagrams received.
+    datagrams_received: u64,
+}
+
+/// The executor-to-executor connections in `after`, with their counters taken relative to
+/// `before`: a connection absent from `before`, or whose counters went backwards (it was
+/// dialed again), counts from zero.
+fn data_links(before: &[ExecutorStatus], after: &[ExecutorStatus]) -> Vec<DataLink> {
+    let mut links = Vec::new();
+    for status in after {
+        for c in status.connections.iter().filter(|c| c.role == "executor") {
+            let earlier = before
+                .iter()
+                .filter(|b| b.name == status.name)
+                .flat_map(|b| &b.connections)
+                .find(|b| b.peer == c.peer && b.dialed == c.dialed && b.role == c.role)
+                .filter(|b| b.sent_packets <= c.sent_packets);
+            let since = |now: u64, then: fn(&DataConnection) -> u64| {
+                now.saturating_sub(earlier.map_or(0, then))
+            };
+            links.push(DataLink {
+                executor: status.name.clone(),
+                peer: c.peer.clone(),
+                dialed: c.dialed,
+                rtt_us: c.rtt_us,
+                cwnd: c.cwnd,
+                congestion_events: since(c.congestion_events, |b| b.congestion_events),
+                lost_packets: since(c.lost_packets, |b| b.lost_packets),
+                sent_packets: since(c.sent_packets, |b| b.sent_packets),
+                datagrams_sent: since(c.datagrams_sent, |b| b.datagrams_sent),
+                datagrams_received: since(c.datagrams_received, |b| b.datagrams_received),
+            });
+        }
+    }
+    links
 }
 
 /// Everything `results.json` holds.
@@ -411,6 +474,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         print!("{}", stage_table(&results.runs));
         println!();
         print!("{}", wakeup_table(&results.runs));
+        println!();
+        print!("{}", data_plane_table(&results.runs));
         let svg_path = args.out.join("latency.svg");
         std::fs::write(&svg_path, latency_svg(&results.runs))
             .with_context(|| format!("cannot write {}", svg_path.display()))?;
@@ -558,8 +623,10 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
         slow_episodes: None,
         negative_latency_rows: 0,
         processes: Vec::new(),
+        data_plane: Vec::new(),
         error: None,
     };
+    let links_before = cluster.data_plane().await;
     let pids = cluster.pids();
     let resets: Vec<bool> = pids.iter().map(|(_, pid)| reset_peak_rss(*pid)).collect();
     let before = Snapshot::take(&pids);
@@ -579,6 +646,7 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
     for (p, reset) in run.processes.iter_mut().zip(resets) {
         p.peak_rss_reset = reset;
     }
+    run.data_plane = data_links(&links_before, &cluster.data_plane().await);
     if run.state != "Finished" {
         run.error = Some(format!("job ended {}", run.state));
         return run;
@@ -1359,6 +1427,44 @@ fn wakeup_table(runs: &[Run]) -> String {
     s
 }
 
+/// The data connections of each run, summed over their dialing ends (the executors that
+/// send data streams): datagrams out, rows per datagram, losses, congestion back-offs, and
+/// the largest round-trip time and smallest window at the run's end.
+fn data_plane_table(runs: &[Run]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<14}   {:>12} {:>12} {:>8} {:>10} {:>8} {:>10}",
+        "data plane", "datagrams", "rows/dgram", "lost", "cong. evts", "rtt µs", "cwnd KiB"
+    );
+    for r in runs {
+        let out: Vec<&DataLink> = r.data_plane.iter().filter(|l| l.dialed).collect();
+        if out.is_empty() {
+            let _ = writeln!(s, "{:>8} {:>5}   -", rate_label(r.rate), r.ddl_freq);
+            continue;
+        }
+        let datagrams: u64 = out.iter().map(|l| l.datagrams_sent).sum();
+        let per = if datagrams == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.2}", r.data_rows as f64 / datagrams as f64)
+        };
+        let _ = writeln!(
+            s,
+            "{:>8} {:>5}   {:>12} {:>12} {:>8} {:>10} {:>8} {:>10}",
+            rate_label(r.rate),
+            r.ddl_freq,
+            datagrams,
+            per,
+            out.iter().map(|l| l.lost_packets).sum::<u64>(),
+            out.iter().map(|l| l.congestion_events).sum::<u64>(),
+            out.iter().map(|l| l.rtt_us).max().unwrap_or(0),
+            out.iter().map(|l| l.cwnd).min().unwrap_or(0) / 1024,
+        );
+    }
+    s
+}
+
 /// The per-stage table: produced → synced and synced → sink.
 fn stage_table(runs: &[Run]) -> String {
     let mut s = String::new();
@@ -1739,8 +1845,98 @@ mod tests {
             slow_episodes: None,
             negative_latency_rows: 0,
             processes: Vec::new(),
+            data_plane: Vec::new(),
             error: None,
         }
+    }
+
+    fn connection(peer: &str, dialed: bool, sent: u64, lost: u64) -> DataConnection {
+        DataConnection {
+            peer: peer.into(),
+            role: "executor".into(),
+            dialed,
+            rtt_us: 40,
+            cwnd: 1 << 20,
+            congestion_events: lost,
+            lost_packets: lost,
+            sent_packets: sent,
+            datagrams_sent: sent,
+            datagrams_received: sent / 10,
+        }
+    }
+
+    fn status(name: &str, connections: Vec<DataConnection>) -> ExecutorStatus {
+        ExecutorStatus {
+            name: name.into(),
+            connections,
+        }
+    }
+
+    #[test]
+    fn data_links_count_what_happened_during_the_run() {
+        let mut client = connection("127.0.0.1:9", false, 5, 0);
+        client.role = "client".into();
+        let before = vec![status(
+            "executor-1",
+            vec![connection("127.0.0.1:2", true, 1_000, 1), client.clone()],
+        )];
+        let after = vec![
+            status(
+                "executor-1",
+                vec![connection("127.0.0.1:2", true, 101_000, 3), client],
+            ),
+            // A connection the run opened counts from zero.
+            status("executor-2", vec![connection("127.0.0.1:1", false, 500, 0)]),
+        ];
+        let links = data_links(&before, &after);
+        assert_eq!(links.len(), 2, "the client's connection is not a data link");
+        let out = &links[0];
+        assert_eq!((out.executor.as_str(), out.dialed), ("executor-1", true));
+        assert_eq!(out.datagrams_sent, 100_000);
+        assert_eq!(out.datagrams_received, 10_000);
+        assert_eq!((out.lost_packets, out.congestion_events), (2, 2));
+        assert_eq!((out.rtt_us, out.cwnd), (40, 1 << 20), "taken at the end");
+        let inc = &links[1];
+        assert_eq!((inc.executor.as_str(), inc.dialed), ("executor-2", false));
+        assert_eq!(inc.datagrams_sent, 500);
+    }
+
+    #[test]
+    fn a_link_dialed_again_during_the_run_counts_from_zero() {
+        let before = vec![status(
+            "executor-1",
+            vec![connection("127.0.0.1:2", true, 9_000, 4)],
+        )];
+        let after = vec![status(
+            "executor-1",
+            vec![connection("127.0.0.1:2", true, 700, 1)],
+        )];
+        let links = data_links(&before, &after);
+        assert_eq!((links[0].datagrams_sent, links[0].lost_packets), (700, 1));
+    }
+
+    #[test]
+    fn the_data_plane_table_sums_the_dialing_ends() {
+        let mut r = run_with(100_000, 1000, 20.0);
+        r.data_rows = 1_000_000;
+        r.data_plane = data_links(
+            &[],
+            &[
+                status("executor-1", vec![connection("127.0.0.1:2", false, 30, 0)]),
+                status(
+                    "executor-2",
+                    vec![connection("127.0.0.1:1", true, 500_000, 7)],
+                ),
+            ],
+        );
+        let t = data_plane_table(&[r]);
+        let row = t.lines().nth(1).unwrap();
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cells,
+            ["100000", "1000", "500000", "2.00", "7", "7", "40", "1024"],
+            "{t}"
+        );
     }
 
     #[test]

@@ -8,8 +8,8 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use microcosm_control::client::MasterClient;
 use microcosm_control::proto::{
-    ControlJob, GetJob, JobAction, JobControlRequest, JobInfo, JobRef, ListJobs, NodeStatus,
-    Nothing, SubmitJob, SubmitJobRequest,
+    ControlJob, DataConnection, ExecutorInfo, ExecutorStatus, GetExecutorStatus, GetJob, JobAction,
+    JobControlRequest, JobInfo, JobRef, ListJobs, NodeStatus, Nothing, SubmitJob, SubmitJobRequest,
 };
 use microcosm_transport::{Endpoint, Identity, Role, Router, RpcError, TransportConfig};
 use serde_json::json;
@@ -46,19 +46,26 @@ pub struct ClusterArgs {
 impl ClusterArgs {
     /// Connects a failover-aware client.
     pub fn client(&self) -> anyhow::Result<MasterClient> {
+        Ok(MasterClient::new(
+            self.endpoint()?,
+            self.master_addr.clone(),
+        ))
+    }
+
+    /// A client endpoint with the cluster's client certificate, for calls to any node.
+    pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
         let identity = Identity::load(&self.certs_dir, Role::Client).with_context(|| {
             format!(
                 "loading the client certificate from {}",
                 self.certs_dir.display()
             )
         })?;
-        let endpoint = Endpoint::bind(
+        Ok(Endpoint::bind(
             SocketAddr::from(([0, 0, 0, 0], 0)),
             &identity,
             TransportConfig::default(),
             Router::new(),
-        )?;
-        Ok(MasterClient::new(endpoint, self.master_addr.clone()))
+        )?)
     }
 }
 
@@ -87,9 +94,52 @@ fn client_id() -> u64 {
     t ^ (u64::from(std::process::id()) << 32)
 }
 
-/// `microcosm cluster status`.
-pub async fn cluster_status(args: &ClusterArgs) -> anyhow::Result<()> {
-    let client = args.client()?;
+/// Asks every alive executor in `executors` for its status at once; `None` where one did
+/// not answer.
+pub async fn executor_statuses(
+    endpoint: &Endpoint,
+    executors: &[ExecutorInfo],
+) -> Vec<Option<ExecutorStatus>> {
+    let pending: Vec<_> = executors
+        .iter()
+        .map(|e| {
+            let endpoint = endpoint.clone();
+            let addr = (e.state == "alive")
+                .then(|| e.addr.parse::<SocketAddr>().ok())
+                .flatten();
+            tokio::spawn(async move {
+                let addr = addr?;
+                endpoint
+                    .call_timeout::<GetExecutorStatus>(addr, &Nothing::default(), STATUS_TIMEOUT)
+                    .await
+                    .ok()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::with_capacity(pending.len());
+    for task in pending {
+        statuses.push(task.await.ok().flatten());
+    }
+    statuses
+}
+
+/// How long `cluster status --connections` waits for each executor.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One data-plane connection as JSON.
+pub fn connection_json(c: &DataConnection) -> serde_json::Value {
+    json!({
+        "peer": c.peer, "role": c.role, "dialed": c.dialed, "rtt_us": c.rtt_us,
+        "cwnd": c.cwnd, "congestion_events": c.congestion_events,
+        "lost_packets": c.lost_packets, "sent_packets": c.sent_packets,
+        "datagrams_sent": c.datagrams_sent, "datagrams_received": c.datagrams_received,
+    })
+}
+
+/// `microcosm cluster status`; with `connections`, each executor's data-plane connections too.
+pub async fn cluster_status(args: &ClusterArgs, connections: bool) -> anyhow::Result<()> {
+    let endpoint = args.endpoint()?;
+    let client = MasterClient::new(endpoint.clone(), args.master_addr.clone());
     // Learn the members from whichever master answers first.
     let mut first: Option<NodeStatus> = None;
     for addr in client.addrs() {
@@ -137,6 +187,11 @@ pub async fn cluster_status(args: &ClusterArgs) -> anyhow::Result<()> {
         .unwrap_or(&first)
         .executors
         .clone();
+    let statuses = if connections {
+        executor_statuses(&endpoint, &executors).await
+    } else {
+        vec![None; executors.len()]
+    };
     if args.output == Output::Json {
         let masters: Vec<_> = rows
             .iter()
@@ -152,7 +207,16 @@ pub async fn cluster_status(args: &ClusterArgs) -> anyhow::Result<()> {
             .collect();
         let execs: Vec<_> = executors
             .iter()
-            .map(|e| json!({"id": e.id, "name": e.name, "addr": e.addr, "state": e.state, "slots": e.slots, "used": e.used, "incarnation": e.incarnation}))
+            .zip(&statuses)
+            .map(|(e, status)| {
+                let mut v = json!({"id": e.id, "name": e.name, "addr": e.addr, "state": e.state, "slots": e.slots, "used": e.used, "incarnation": e.incarnation});
+                if connections {
+                    v["connections"] = status.as_ref().map_or(serde_json::Value::Null, |s| {
+                        s.connections.iter().map(connection_json).collect()
+                    });
+                }
+                v
+            })
             .collect();
         println!(
             "{}",
@@ -201,7 +265,49 @@ pub async fn cluster_status(args: &ClusterArgs) -> anyhow::Result<()> {
             );
         }
     }
+    if connections {
+        print_connections(&executors, &statuses);
+    }
     Ok(())
+}
+
+fn print_connections(executors: &[ExecutorInfo], statuses: &[Option<ExecutorStatus>]) {
+    println!();
+    println!("data-plane connections:");
+    println!(
+        "{:<12} {:<22} {:<9} {:<4} {:>8} {:>10} {:>6} {:>6} {:>12} {:>12}",
+        "EXECUTOR",
+        "PEER",
+        "ROLE",
+        "DIR",
+        "RTT µs",
+        "CWND",
+        "CONG",
+        "LOST",
+        "DGRAMS OUT",
+        "DGRAMS IN"
+    );
+    for (e, status) in executors.iter().zip(statuses) {
+        let Some(status) = status else {
+            println!("{:<12} (no answer)", e.name);
+            continue;
+        };
+        for c in &status.connections {
+            println!(
+                "{:<12} {:<22} {:<9} {:<4} {:>8} {:>10} {:>6} {:>6} {:>12} {:>12}",
+                e.name,
+                c.peer,
+                c.role,
+                if c.dialed { "out" } else { "in" },
+                c.rtt_us,
+                c.cwnd,
+                c.congestion_events,
+                c.lost_packets,
+                c.datagrams_sent,
+                c.datagrams_received
+            );
+        }
+    }
 }
 
 /// `microcosm submit-job`.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use microcosm_control::client::MasterClient;
 use microcosm_control::liveness::LivenessConfig;
-use microcosm_control::proto::{SubmitJob, SubmitJobRequest};
+use microcosm_control::proto::{ExecutorStatus, SubmitJob, SubmitJobRequest};
 use microcosm_demo::DemoSpec;
 use microcosm_engine::SpinMode;
 use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
@@ -254,13 +254,14 @@ impl LocalClusterDir {
             TransportConfig::default(),
             Router::new(),
         )?;
-        let client = MasterClient::new(endpoint, master_addrs.clone())
+        let client = MasterClient::new(endpoint.clone(), master_addrs.clone())
             .with_timeouts(Duration::from_secs(15), Duration::from_secs(3));
         Ok(LocalCluster {
             masters: master_procs,
             executors: executor_procs,
             master_addrs,
             client,
+            endpoint,
             seq: 0,
             tmp: self.tmp,
         })
@@ -278,6 +279,8 @@ pub struct LocalCluster {
     pub master_addrs: Vec<SocketAddr>,
     /// A client of the masters.
     pub client: MasterClient,
+    /// The client's endpoint, for calls to executors.
+    endpoint: Endpoint,
     seq: u64,
     // Last, so that the processes are killed before the directory is removed.
     tmp: tempfile::TempDir,
@@ -326,6 +329,23 @@ impl LocalCluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Every alive executor's status with its data-plane connections (what `cluster status
+    /// --connections` shows); executors that do not answer are left out.
+    pub async fn data_plane(&self) -> Vec<ExecutorStatus> {
+        for addr in &self.master_addrs {
+            if let Ok(s) = self.client.status_of(*addr).await
+                && s.role == "leader"
+            {
+                return crate::client::executor_statuses(&self.endpoint, &s.executors)
+                    .await
+                    .into_iter()
+                    .flatten()
+                    .collect();
+            }
+        }
+        Vec::new()
     }
 
     /// Every running process as `(name, pid)`, masters first.

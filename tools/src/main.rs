@@ -100,6 +100,10 @@ enum ClusterCommand {
     Status {
         #[command(flatten)]
         cluster: client::ClusterArgs,
+        /// Also ask every alive executor for its data-plane connections: round-trip time,
+        /// congestion window, losses and datagrams sent and received.
+        #[arg(long)]
+        connections: bool,
     },
 }
 
@@ -179,8 +183,12 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Cluster {
-            command: ClusterCommand::Status { cluster },
-        } => runtime().and_then(|rt| rt.block_on(client::cluster_status(&cluster))),
+            command:
+                ClusterCommand::Status {
+                    cluster,
+                    connections,
+                },
+        } => runtime().and_then(|rt| rt.block_on(client::cluster_status(&cluster, connections))),
         Command::SubmitJob {
             cluster,
             config,

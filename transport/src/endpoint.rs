@@ -35,6 +35,20 @@ pub struct Endpoint {
     inner: Arc<Inner>,
 }
 
+/// A handle to an [`Endpoint`] that does not keep it open, for a handler of the endpoint's
+/// own router that needs the endpoint (holding the endpoint itself there would be a cycle).
+#[derive(Clone, Debug)]
+pub struct WeakEndpoint {
+    inner: std::sync::Weak<Inner>,
+}
+
+impl WeakEndpoint {
+    /// The endpoint, unless every [`Endpoint`] handle to it has been dropped.
+    pub fn upgrade(&self) -> Option<Endpoint> {
+        self.inner.upgrade().map(|inner| Endpoint { inner })
+    }
+}
+
 /// Held while dialing one peer; see `Inner::dials`.
 type DialGate = Arc<tokio::sync::Mutex<()>>;
 
@@ -82,6 +96,8 @@ struct Inner {
     config: TransportConfig,
     router: Arc<Router>,
     conns: Mutex<HashMap<(SocketAddr, Role), quinn::Connection>>,
+    /// Connections peers dialed to us, by quinn's stable id, while they are served.
+    accepted: Mutex<HashMap<usize, (Peer, quinn::Connection)>>,
     /// One gate per peer being dialed: callers that find no cached connection queue here, so
     /// concurrent first calls share one dial instead of racing to open a connection each.
     dials: DialGates,
@@ -122,6 +138,7 @@ impl Endpoint {
             config,
             router: Arc::new(router),
             conns: Mutex::new(HashMap::new()),
+            accepted: Mutex::new(HashMap::new()),
             dials: Mutex::new(HashMap::new()),
         });
         tokio::spawn(accept_loop(Arc::downgrade(&inner), inner.quinn.clone()));
@@ -136,6 +153,13 @@ impl Endpoint {
             .quinn
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// A handle that does not keep the endpoint open ([`WeakEndpoint`]).
+    pub fn downgrade(&self) -> WeakEndpoint {
+        WeakEndpoint {
+            inner: Arc::downgrade(&self.inner),
+        }
     }
 
     /// The endpoint's configuration.
@@ -312,6 +336,25 @@ impl Endpoint {
         lock(&self.inner.conns).remove(&(addr, role));
     }
 
+    /// The state of every open connection, dialed or accepted: round-trip time, congestion
+    /// window and losses, and what went over it. For operators and benchmarks; a
+    /// connection that closed is left out.
+    pub fn connection_stats(&self) -> Vec<ConnectionStats> {
+        let mut stats: Vec<ConnectionStats> = lock(&self.inner.conns)
+            .iter()
+            .filter(|(_, c)| c.close_reason().is_none())
+            .map(|(&(addr, role), c)| ConnectionStats::of(Peer { role, addr }, true, c))
+            .collect();
+        stats.extend(
+            lock(&self.inner.accepted)
+                .values()
+                .filter(|(_, c)| c.close_reason().is_none())
+                .map(|(peer, c)| ConnectionStats::of(*peer, false, c)),
+        );
+        stats.sort_by_key(|s| (s.peer.addr, !s.dialed));
+        stats
+    }
+
     /// Closes every connection and stops accepting new ones.
     pub fn close(&self) {
         self.inner.quinn.close(CLOSE_SHUTDOWN.into(), b"shutdown");
@@ -324,6 +367,46 @@ impl Endpoint {
         tokio::time::timeout(patience, self.inner.quinn.wait_idle())
             .await
             .is_ok()
+    }
+}
+
+/// One connection's state and counters, as [`Endpoint::connection_stats`] reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionStats {
+    /// The peer, as its certificate names it.
+    pub peer: Peer,
+    /// True if this endpoint dialed the connection, false if the peer did.
+    pub dialed: bool,
+    /// Smoothed round-trip time.
+    pub rtt: Duration,
+    /// Congestion window (bytes).
+    pub cwnd: u64,
+    /// Times the congestion controller backed off.
+    pub congestion_events: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// Packets sent (QUIC packets, several of which may share a datagram).
+    pub sent_packets: u64,
+    /// UDP datagrams sent.
+    pub datagrams_sent: u64,
+    /// UDP datagrams received.
+    pub datagrams_received: u64,
+}
+
+impl ConnectionStats {
+    fn of(peer: Peer, dialed: bool, conn: &quinn::Connection) -> Self {
+        let stats = conn.stats();
+        Self {
+            peer,
+            dialed,
+            rtt: stats.path.rtt,
+            cwnd: stats.path.cwnd,
+            congestion_events: stats.path.congestion_events,
+            lost_packets: stats.path.lost_packets,
+            sent_packets: stats.path.sent_packets,
+            datagrams_sent: stats.udp_tx.datagrams,
+            datagrams_received: stats.udp_rx.datagrams,
+        }
     }
 }
 
@@ -489,9 +572,11 @@ fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, En
 
 async fn accept_loop(inner: std::sync::Weak<Inner>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
-        let Some(inner) = inner.upgrade() else { break };
-        let router = inner.router.clone();
-        let max_frame = inner.config.max_frame_bytes;
+        let Some(strong) = inner.upgrade() else { break };
+        let router = strong.router.clone();
+        let max_frame = strong.config.max_frame_bytes;
+        drop(strong);
+        let weak = inner.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -510,7 +595,15 @@ async fn accept_loop(inner: std::sync::Weak<Inner>, endpoint: quinn::Endpoint) {
                 return;
             };
             debug!(%addr, %role, "accepted connection");
-            serve_connection(router, conn, Peer { role, addr }, max_frame).await;
+            let peer = Peer { role, addr };
+            let id = conn.stable_id();
+            if let Some(inner) = weak.upgrade() {
+                lock(&inner.accepted).insert(id, (peer, conn.clone()));
+            }
+            serve_connection(router, conn, peer, max_frame).await;
+            if let Some(inner) = weak.upgrade() {
+                lock(&inner.accepted).remove(&id);
+            }
         });
     }
     info!("endpoint stopped accepting");

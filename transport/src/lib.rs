@@ -32,7 +32,7 @@ pub mod stream;
 pub mod tls;
 
 pub use config::{AckFrequency, TransportConfig};
-pub use endpoint::{Connection, Endpoint};
+pub use endpoint::{Connection, ConnectionStats, Endpoint, WeakEndpoint};
 pub use error::{EndpointError, ErrorCode, FrameError, RemoteError, RpcError, TlsError};
 pub use frame::{Frame, Message};
 pub use rpc::{Method, Peer, Router, Service};

@@ -625,3 +625,59 @@ async fn unreachable_peer_is_a_retryable_error() {
         .unwrap_err();
     assert!(err.is_retryable(), "{err:?}");
 }
+
+#[tokio::test]
+async fn connection_stats_name_both_ends_and_forget_closed_connections() {
+    let cluster = Cluster::new();
+    assert!(cluster.server.connection_stats().is_empty());
+    let client = cluster.client(Role::Client);
+    let req = EchoReq {
+        n: 7,
+        text: "stats".into(),
+    };
+    for _ in 0..3 {
+        client.call::<Echo>(cluster.addr(), &req).await.unwrap();
+    }
+
+    let dialed = client.connection_stats();
+    assert_eq!(dialed.len(), 1, "{dialed:?}");
+    let d = &dialed[0];
+    assert_eq!(d.peer.addr, cluster.addr());
+    assert_eq!(d.peer.role, Role::Master);
+    assert!(d.dialed);
+    assert!(d.rtt > Duration::ZERO);
+    assert!(d.cwnd > 0);
+    assert!(
+        d.sent_packets >= 4,
+        "handshake, hello and three calls: {d:?}"
+    );
+    assert!(d.datagrams_sent >= 4 && d.datagrams_received >= 4, "{d:?}");
+    assert_eq!(d.lost_packets, 0, "nothing is lost on the loopback: {d:?}");
+
+    let accepted = cluster.server.connection_stats();
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    let a = &accepted[0];
+    assert_eq!(a.peer.addr, client.local_addr());
+    assert_eq!(
+        a.peer.role,
+        Role::Client,
+        "the role the client's certificate names"
+    );
+    assert!(!a.dialed);
+    // What one end sent, the other received (the last ACKs may still be in flight).
+    assert!(
+        a.datagrams_received >= d.datagrams_sent - 2,
+        "{a:?} vs {d:?}"
+    );
+
+    client.close();
+    assert!(client.connection_stats().is_empty());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cluster.server.connection_stats().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "a closed connection must leave the server's stats"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
