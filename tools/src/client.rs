@@ -127,7 +127,7 @@ pub async fn executor_statuses(
 const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One data-plane connection as JSON.
-pub fn connection_json(c: &DataConnection) -> serde_json::Value {
+fn connection_json(c: &DataConnection) -> serde_json::Value {
     json!({
         "peer": c.peer, "role": c.role, "dialed": c.dialed, "rtt_us": c.rtt_us,
         "cwnd": c.cwnd, "congestion_events": c.congestion_events,
