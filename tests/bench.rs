@@ -90,6 +90,24 @@ fn a_small_sweep_measures_verifies_and_keeps_every_run_until_the_end() {
             assert!(worker["voluntary_switches_per_s"].is_number(), "{worker}");
             assert!(worker["involuntary_switches_per_s"].is_number(), "{worker}");
         }
+        // The executors' link over the run, from both ends: the sender dialed it and sent
+        // the run's records in datagrams the receiver got.
+        let links = run["data_plane"].as_array().expect("data_plane");
+        let sent = links
+            .iter()
+            .find(|l| l["dialed"] == true)
+            .unwrap_or_else(|| panic!("no dialing end in {run}"));
+        let received = links
+            .iter()
+            .find(|l| l["dialed"] == false)
+            .unwrap_or_else(|| panic!("no accepting end in {run}"));
+        assert_ne!(sent["executor"], received["executor"], "{run}");
+        let datagrams = sent["datagrams_sent"].as_u64().unwrap();
+        assert!(datagrams > 0, "{run}");
+        assert!(
+            received["datagrams_received"].as_u64().unwrap() >= datagrams / 2,
+            "{run}"
+        );
         let flow = run["flow_id"].as_str().unwrap();
         for stream in 0..2 {
             let file = kept
@@ -105,4 +123,5 @@ fn a_small_sweep_measures_verifies_and_keeps_every_run_until_the_end() {
     assert!(out_dir.path().join("latency.svg").exists());
     assert!(out.stdout.contains("rows/s"), "{out}");
     assert!(out.stdout.contains("engine workers switched out"), "{out}");
+    assert!(out.stdout.contains("rows/dgram"), "{out}");
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use microcosm_control::client::MasterClient;
 use microcosm_control::liveness::LivenessConfig;
-use microcosm_control::proto::{ExecutorStatus, SubmitJob, SubmitJobRequest};
+use microcosm_control::proto::{ExecutorStatus, NodeStatus, SubmitJob, SubmitJobRequest};
 use microcosm_demo::DemoSpec;
 use microcosm_engine::SpinMode;
 use microcosm_transport::{Endpoint, Identity, Role, Router, TransportConfig};
@@ -313,13 +313,10 @@ impl LocalCluster {
     pub async fn wait_for_executors(&self, count: usize, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            for addr in &self.master_addrs {
-                if let Ok(s) = self.client.status_of(*addr).await
-                    && s.role == "leader"
-                    && s.executors.iter().filter(|e| e.state == "alive").count() >= count
-                {
-                    return Ok(());
-                }
+            if let Some(s) = self.leader_status().await
+                && s.executors.iter().filter(|e| e.state == "alive").count() >= count
+            {
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 anyhow::bail!(
@@ -334,18 +331,26 @@ impl LocalCluster {
     /// Every alive executor's status with its data-plane connections (what `cluster status
     /// --connections` shows); executors that do not answer are left out.
     pub async fn data_plane(&self) -> Vec<ExecutorStatus> {
+        let Some(s) = self.leader_status().await else {
+            return Vec::new();
+        };
+        crate::client::executor_statuses(&self.endpoint, &s.executors)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// The status of the master that answers as the leader, if one does.
+    async fn leader_status(&self) -> Option<NodeStatus> {
         for addr in &self.master_addrs {
             if let Ok(s) = self.client.status_of(*addr).await
                 && s.role == "leader"
             {
-                return crate::client::executor_statuses(&self.endpoint, &s.executors)
-                    .await
-                    .into_iter()
-                    .flatten()
-                    .collect();
+                return Some(s);
             }
         }
-        Vec::new()
+        None
     }
 
     /// Every running process as `(name, pid)`, masters first.
