@@ -89,6 +89,44 @@ fn a_small_sweep_measures_verifies_and_keeps_every_run_until_the_end() {
             assert!(worker["threads"].as_u64().unwrap() >= 1, "{worker}");
             assert!(worker["voluntary_switches_per_s"].is_number(), "{worker}");
             assert!(worker["involuntary_switches_per_s"].is_number(), "{worker}");
+            // How long they waited for a vCPU, where the kernel keeps schedstat.
+            if std::path::Path::new("/proc/self/schedstat").exists() {
+                let waited = worker["waited_ms_per_s"].as_f64().expect("waited_ms_per_s");
+                assert!((0.0..=1000.0 * 64.0).contains(&waited), "{worker}");
+            }
+        }
+        // How each executor's engine workers spent the run: on a CPU, waiting for one,
+        // asleep (the engine's own count, over GetExecutorStatus), and the rest.
+        if std::path::Path::new("/proc/self/schedstat").exists() {
+            let times = run["worker_time"].as_array().expect("worker_time");
+            assert_eq!(times.len(), 2, "{run}");
+            for t in times {
+                assert!(t["workers"].as_u64().unwrap() >= 1, "{t}");
+                let ms = |k: &str| t[k].as_f64().unwrap_or_else(|| panic!("{k} in {t}"));
+                assert!(ms("on_cpu_ms_per_s") > 0.0, "{t}");
+                assert!(
+                    ms("asleep_ms_per_s") >= 0.0 && ms("waited_ms_per_s") >= 0.0,
+                    "{t}"
+                );
+                let accounted =
+                    ms("on_cpu_ms_per_s") + ms("waited_ms_per_s") + ms("asleep_ms_per_s");
+                // The counts are read a few ms apart, in windows of a second or more.
+                assert!(accounted <= 1100.0, "{t}");
+                assert!(
+                    (accounted + ms("stolen_ms_per_s") - 1000.0).abs() < 100.0,
+                    "{t}"
+                );
+            }
+        }
+        // What the host took from the vCPUs over the run (Linux keeps it in /proc/stat).
+        if cfg!(target_os = "linux") {
+            let steal = &run["host_steal"];
+            assert!(
+                steal["steal_ms"].as_f64().expect("steal_ms") >= 0.0,
+                "{run}"
+            );
+            let pct = steal["pct_of_vcpus"].as_f64().expect("pct_of_vcpus");
+            assert!((0.0..=100.0).contains(&pct), "{run}");
         }
         // The executors' link over the run, from both ends: the sender dialed it and sent
         // the run's records in datagrams the receiver got.

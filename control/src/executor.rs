@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use microcosm_engine::{
     Engine, EngineConfig, JobGraph, RestorePoint, SnapshotSink, SpinMode, TaskHandle, TaskId,
-    TaskSnapshot, TaskState,
+    TaskSnapshot, TaskState, WorkerHandle,
 };
 use microcosm_transport::{
     Endpoint, ErrorCode, Identity, Peer, RemoteError, Role, Router, TransportConfig, WeakEndpoint,
@@ -462,10 +462,12 @@ impl ExecutorServer {
         let data_runtime = reactor.handle();
         let registry = InboundRegistry::default();
         let status_endpoint = Arc::new(std::sync::OnceLock::new());
+        let status_workers = Arc::new(std::sync::OnceLock::new());
         let router = status_route(
             registry.router(),
             config.name.clone(),
             status_endpoint.clone(),
+            status_workers.clone(),
         );
         let endpoint = {
             let _guard = data_runtime.enter();
@@ -494,6 +496,12 @@ impl ExecutorServer {
         engine_config.spin_mode = config.spin_mode;
         let engine = Engine::start_with_reactor(engine_config, Box::new(reactor))
             .map_err(|e| ExecutorError::Engine(e.to_string()))?;
+        // The cell is new and set only here, so this cannot fail.
+        let _ = status_workers.set(
+            (0..engine.worker_count())
+                .filter_map(|i| engine.worker(i).cloned())
+                .collect(),
+        );
         let failures = Arc::new(Mutex::new(HashMap::new()));
         {
             let events = engine.events();
@@ -579,15 +587,22 @@ fn executor_name(configured: Option<&str>, addr: SocketAddr) -> String {
 }
 
 /// Adds [`GetExecutorStatus`] to the data plane's `router`, answered from the endpoint that
-/// `endpoint` is set to once bound.
+/// `endpoint` is set to once bound and the engine workers `workers` is set to once started.
 fn status_route(
     router: Router,
     name: Option<String>,
     endpoint: Arc<std::sync::OnceLock<WeakEndpoint>>,
+    workers: Arc<std::sync::OnceLock<Vec<WorkerHandle>>>,
 ) -> Router {
     router.route::<GetExecutorStatus, _, _>(move |_peer: Peer, _: Nothing| {
         let endpoint = endpoint.get().and_then(WeakEndpoint::upgrade);
         let name = name.clone();
+        let workers_asleep_ns = workers.get().map_or_else(Vec::new, |workers| {
+            workers
+                .iter()
+                .map(|w| u64::try_from(w.asleep().as_nanos()).unwrap_or(u64::MAX))
+                .collect()
+        });
         async move {
             let endpoint = endpoint.ok_or_else(|| {
                 RemoteError::new(
@@ -602,6 +617,7 @@ fn status_route(
                     .iter()
                     .map(DataConnection::from)
                     .collect(),
+                workers_asleep_ns,
             })
         }
     })

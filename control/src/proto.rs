@@ -270,6 +270,11 @@ pub struct ExecutorStatus {
     pub name: String,
     /// Its open data-plane connections (to peer executors, and the caller's own).
     pub connections: Vec<DataConnection>,
+    /// Per engine worker, in worker order: nanoseconds its thread has spent asleep waiting
+    /// for work since the executor started (empty until the engine has started). With the
+    /// kernel's counts for the thread (time on a CPU, time waiting for one) it accounts for
+    /// the thread's wall time; the rest is time its vCPU was held outside any thread.
+    pub workers_asleep_ns: Vec<u64>,
 }
 
 /// One open connection of an executor's data-plane endpoint: the wire form of

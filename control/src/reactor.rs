@@ -10,11 +10,15 @@
 //! Blocking uses tokio's I/O driver, whose timers have millisecond resolution; the engine's
 //! deadlines (linger bounds, producer pacing) need microseconds, so a deadline is armed on a
 //! `timerfd` that the driver watches like any socket.
+//!
+//! A park runs the I/O work that arrives while it lasts, so only the runtime's own park
+//! (tokio's park hooks, around the driver's wait) counts as the worker asleep
+//! ([`Reactor::measure_sleep`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use microcosm_engine::{Reactor, Unparker};
+use microcosm_engine::{Reactor, SleepMeter, SleepSlot, Unparker};
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::Notify;
 
@@ -24,6 +28,8 @@ pub struct DataPlaneReactor {
     runtime: Option<Runtime>,
     wake: Arc<Notify>,
     timer: DeadlineTimer,
+    /// The driving worker's sleep meter, marked by the runtime's park hooks.
+    sleep: SleepSlot,
 }
 
 impl DataPlaneReactor {
@@ -31,8 +37,12 @@ impl DataPlaneReactor {
     /// [`Handle::enter`]) with [`DataPlaneReactor::handle`]; nothing runs until a worker
     /// drives it.
     pub fn new() -> std::io::Result<Self> {
+        let sleep = SleepSlot::default();
+        let (sleeping, awake) = (sleep.clone(), sleep.clone());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(move || sleeping.sleeping())
+            .on_thread_unpark(move || awake.awake())
             .build()?;
         let timer = {
             let _guard = runtime.enter();
@@ -42,6 +52,7 @@ impl DataPlaneReactor {
             runtime: Some(runtime),
             wake: Arc::new(Notify::new()),
             timer,
+            sleep,
         })
     }
 
@@ -118,6 +129,10 @@ impl Reactor for DataPlaneReactor {
         // `notify_one` keeps a permit when nobody waits, so a wake-up between the worker's
         // step and its park is not lost.
         Arc::new(move || wake.notify_one())
+    }
+
+    fn measure_sleep(&self, meter: Arc<SleepMeter>) -> bool {
+        self.sleep.set(meter)
     }
 }
 
@@ -278,6 +293,34 @@ mod tests {
         });
         reactor.park(None);
         t.join().unwrap();
+    }
+
+    #[test]
+    fn only_the_runtime_waiting_counts_as_asleep_not_the_work_a_park_runs() {
+        let mut reactor = DataPlaneReactor::new().unwrap();
+        let meter = Arc::new(SleepMeter::default());
+        assert!(reactor.measure_sleep(meter.clone()));
+        assert!(!reactor.measure_sleep(Arc::new(SleepMeter::default())));
+        // A timed park with nothing to do sleeps through it.
+        reactor.park(Some(Duration::from_millis(20)));
+        let slept = meter.asleep();
+        assert!(slept >= Duration::from_millis(15), "{slept:?}");
+        // Turning never sleeps.
+        reactor.turn();
+        reactor.turn();
+        assert!(meter.asleep() - slept < Duration::from_millis(5));
+        // A park that runs 40 ms of work and is then woken by it: the work is not sleep.
+        let unpark = reactor.unparker();
+        reactor.handle().spawn(async move {
+            std::thread::sleep(Duration::from_millis(40));
+            unpark();
+        });
+        let before = meter.asleep();
+        let start = Instant::now();
+        reactor.park(None);
+        assert!(start.elapsed() >= Duration::from_millis(40));
+        let during = meter.asleep() - before;
+        assert!(during < Duration::from_millis(20), "{during:?}");
     }
 
     #[test]

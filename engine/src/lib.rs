@@ -149,7 +149,7 @@ pub use error::EngineError;
 pub use exchange::{EdgeAddress, Exchange, ExchangeSender, MemoryExchange, Rejected};
 pub use graph::{EdgeNode, JobGraph, TaskNode};
 pub use operator::{Context, Operator, Status};
-pub use reactor::{Reactor, ThreadParker, Unparker};
+pub use reactor::{Reactor, SleepMeter, SleepSlot, ThreadParker, Unparker};
 pub use spin::{SpinGovernor, SpinMode};
 pub use task::{
     MetricsSnapshot, TaskEvent, TaskHandle, TaskId, TaskMetrics, TaskSpec, TaskState, TaskWaker,

@@ -24,7 +24,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::clock::Clock;
 use crate::error::EngineError;
 use crate::operator::{Context, Operator, Status};
-use crate::reactor::{Reactor, ThreadParker, Unparker};
+use crate::reactor::{Reactor, SleepMeter, ThreadParker, Unparker};
 use crate::spin::{SpinGovernor, SpinMode};
 use crate::task::{
     CONTROL_CANCEL, CONTROL_PAUSE, CONTROL_RUN, NO_SLOT, Next, Runnable, Task, TaskEvent,
@@ -43,6 +43,12 @@ pub(crate) struct WorkerShared {
     draining: AtomicBool,
     stopping: AtomicBool,
     live: AtomicUsize,
+    /// Time the worker's thread spent blocked waiting for work: marked by the worker around
+    /// each park, or by the reactor around its real blocking when `reactor_measures_sleep`.
+    /// Taken twice per sleep (just before it, so off the hot path) and by readers of
+    /// [`WorkerHandle::asleep`].
+    sleep: Arc<SleepMeter>,
+    reactor_measures_sleep: AtomicBool,
     events: Sender<TaskEvent>,
 }
 
@@ -87,6 +93,14 @@ impl WorkerHandle {
     /// Tasks placed on this worker that have not ended.
     pub fn live_tasks(&self) -> usize {
         self.shared.live.load(Ordering::Acquire)
+    }
+
+    /// How long the worker's thread has been asleep in [`Worker::park_in`] (blocked until work
+    /// or a deadline, after any spinning; a reactor's I/O work in between does not count), in
+    /// total since the worker was created, a sleep in progress counting as far as it went.
+    /// See [`SleepMeter`] for what it is good for.
+    pub fn asleep(&self) -> Duration {
+        self.shared.sleep.asleep()
     }
 
     /// Places a task on this worker. It runs once as soon as the worker picks it up.
@@ -245,6 +259,8 @@ impl Worker {
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             live: AtomicUsize::new(0),
+            sleep: Arc::new(SleepMeter::default()),
+            reactor_measures_sleep: AtomicBool::new(false),
             events,
         });
         Self {
@@ -294,7 +310,14 @@ impl Worker {
     /// it (see [`Worker::park_in`]). Call once, on the worker's thread, before the first
     /// step. Returns false if a thread or reactor was already attached.
     pub fn attach(&self, reactor: &dyn Reactor) -> bool {
-        self.shared.unparker.set(reactor.unparker()).is_ok()
+        if self.shared.unparker.set(reactor.unparker()).is_err() {
+            return false;
+        }
+        let measures = reactor.measure_sleep(self.shared.sleep.clone());
+        self.shared
+            .reactor_measures_sleep
+            .store(measures, Ordering::Release);
+        true
     }
 
     /// The other half of the loop after [`Worker::step`]: turns `reactor` if tasks are
@@ -320,12 +343,25 @@ impl Worker {
             self.spin.idle_ended(idle_from.elapsed());
             return;
         }
-        match deadline {
+        let timeout = match deadline {
             Some(at) => match at.saturating_duration_since(self.clock.now()) {
-                left if left.is_zero() => reactor.turn(),
-                left => reactor.park(Some(left.saturating_sub(spin))),
+                left if left.is_zero() => {
+                    reactor.turn();
+                    self.spin.idle_ended(idle_from.elapsed());
+                    return;
+                }
+                left => Some(left.saturating_sub(spin)),
             },
-            None => reactor.park(None),
+            None => None,
+        };
+        let meter = (!self.shared.reactor_measures_sleep.load(Ordering::Acquire))
+            .then_some(&self.shared.sleep);
+        if let Some(meter) = meter {
+            meter.sleeping();
+        }
+        reactor.park(timeout);
+        if let Some(meter) = meter {
+            meter.awake();
         }
         self.spin.idle_ended(idle_from.elapsed());
     }
@@ -894,6 +930,112 @@ mod tests {
             &mut reactor,
         );
         assert_eq!(reactor.parks, vec![Some(later - clock.now())]);
+    }
+
+    /// Blocks for `block` in every park, then notes what `worker` says it has slept so far;
+    /// turning does nothing.
+    struct SlowReactor {
+        block: Duration,
+        worker: WorkerHandle,
+        seen_in_park: Vec<Duration>,
+    }
+
+    impl Reactor for SlowReactor {
+        fn turn(&mut self) {}
+        fn park(&mut self, _timeout: Option<Duration>) {
+            std::thread::sleep(self.block);
+            self.seen_in_park.push(self.worker.asleep());
+        }
+        fn unparker(&self) -> Unparker {
+            Arc::new(|| {})
+        }
+    }
+
+    #[test]
+    fn only_time_blocked_in_a_park_counts_as_asleep() {
+        let (mut worker, clock, _events) = setup();
+        let handle = worker.handle();
+        let mut reactor = SlowReactor {
+            block: Duration::from_millis(20),
+            worker: handle.clone(),
+            seen_in_park: Vec::new(),
+        };
+        assert!(worker.attach(&reactor));
+        assert_eq!(handle.asleep(), Duration::ZERO);
+        let outcome = |runnable: bool, next_deadline: Option<Instant>| StepOutcome {
+            ran: 0,
+            runnable,
+            next_deadline,
+            tasks: 1,
+        };
+        // Busy, or a deadline already passed: the reactor is only turned.
+        worker.park_in(&outcome(true, None), &mut reactor);
+        worker.park_in(&outcome(false, Some(clock.now())), &mut reactor);
+        assert_eq!(handle.asleep(), Duration::ZERO);
+        // Idle, without a deadline and with one ahead: each block is added.
+        worker.park_in(&outcome(false, None), &mut reactor);
+        let later = clock.now() + Duration::from_secs(1);
+        worker.park_in(&outcome(false, Some(later)), &mut reactor);
+        let asleep = handle.asleep();
+        assert!(asleep >= Duration::from_millis(40), "{asleep:?}");
+        assert!(asleep < Duration::from_secs(10), "{asleep:?}");
+        // A park in progress counts as far as it went.
+        assert_eq!(reactor.seen_in_park.len(), 2);
+        assert!(reactor.seen_in_park[0] >= Duration::from_millis(20));
+        assert!(reactor.seen_in_park[1] >= reactor.seen_in_park[0] + Duration::from_millis(20));
+        assert!(reactor.seen_in_park[1] <= asleep);
+    }
+
+    /// Busy for `work`, then asleep for `block`, in every park; it says so on the worker's
+    /// meter.
+    struct MeasuringReactor {
+        work: Duration,
+        block: Duration,
+        meter: Option<Arc<SleepMeter>>,
+    }
+
+    impl Reactor for MeasuringReactor {
+        fn turn(&mut self) {}
+        fn park(&mut self, _timeout: Option<Duration>) {
+            std::thread::sleep(self.work);
+            if let Some(m) = &self.meter {
+                m.sleeping();
+            }
+            std::thread::sleep(self.block);
+            if let Some(m) = &self.meter {
+                m.awake();
+            }
+        }
+        fn unparker(&self) -> Unparker {
+            Arc::new(|| {})
+        }
+        fn measure_sleep(&self, _meter: Arc<SleepMeter>) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_reactor_that_measures_its_sleep_is_trusted_with_it() {
+        let (mut worker, _clock, _events) = setup();
+        let handle = worker.handle();
+        let mut reactor = MeasuringReactor {
+            work: Duration::from_millis(30),
+            block: Duration::from_millis(5),
+            meter: None,
+        };
+        assert!(worker.attach(&reactor));
+        reactor.meter = Some(worker.shared.sleep.clone());
+        let idle = StepOutcome {
+            ran: 0,
+            runnable: false,
+            next_deadline: None,
+            tasks: 1,
+        };
+        worker.park_in(&idle, &mut reactor);
+        let asleep = handle.asleep();
+        // The 5 ms it slept, not the 35 ms the park took.
+        assert!(asleep >= Duration::from_millis(5), "{asleep:?}");
+        assert!(asleep < Duration::from_millis(30), "{asleep:?}");
     }
 
     #[test]

@@ -8,10 +8,14 @@
 //! `synced → sink`) as HDR histograms, and the achieved throughput. Each process's CPU
 //! time (`/proc/<pid>/stat`) is taken as a delta over the run and its peak RSS (`VmHWM`,
 //! reset through `/proc/<pid>/clear_refs` before the run where the kernel allows it), and
-//! per kind of thread (threads grouped by name) the CPU time and context switches over the
-//! run (`/proc/<pid>/task/*`): how often the engine workers were switched out while
-//! runnable, and how often every other thread woke up to take a vCPU from them.
-//! The verifier checks every run. Results go to `results.json`, `latency.svg` and stdout.
+//! per kind of thread (threads grouped by name) the CPU time, context switches and time spent
+//! waiting for a CPU over the run (`/proc/<pid>/task/*`): how often the engine workers were
+//! switched out while runnable, and how often every other thread woke up to take a vCPU from
+//! them. Each executor's engine workers' wall time is split into time on a CPU, waiting for
+//! one, asleep (the engine's own count, over `GetExecutorStatus`) and the rest, when the
+//! hypervisor or interrupts held their vCPU; the kernel's steal count for the whole machine
+//! is recorded too. The verifier checks every run. Results go to `results.json`,
+//! `latency.svg` and stdout.
 
 use std::fmt::Write as _;
 use std::io::BufRead;
@@ -234,6 +238,23 @@ struct ThreadUsage {
     /// how often another thread took their CPU, by preempting them or because a spinning
     /// worker yielded it (`sched_yield` hands the CPU over only when another thread waits).
     involuntary_switches_per_s: f64,
+    /// Milliseconds a second they were runnable but waited for a vCPU that another thread of
+    /// this machine held (the kernel's `run_delay`, `/proc/<pid>/task/<tid>/schedstat`),
+    /// summed over the threads; `None` where the kernel keeps no such count.
+    waited_ms_per_s: Option<f64>,
+}
+
+/// What the host took from the machine's vCPUs over a window: the kernel's steal time
+/// (`/proc/stat`), time a vCPU wanted to run and the hypervisor ran something else. A thread
+/// on such a vCPU stops without any thread of this machine having taken its place, so the
+/// per-thread counts (switches, `run_delay`) do not show it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+struct HostSteal {
+    /// Steal time over all vCPUs, in ms (the kernel counts it in clock ticks, 10 ms apiece
+    /// at the usual 100 Hz).
+    steal_ms: f64,
+    /// `steal_ms` against the window's wall time times the vCPUs, in %.
+    pct_of_vcpus: f64,
 }
 
 /// The name the engine gives its worker threads, as `comm` holds it (15 bytes).
@@ -245,6 +266,8 @@ struct Idle {
     secs: f64,
     processes: Vec<ProcessUsage>,
     total_cpu_pct_of_core: f64,
+    /// What the host took from the vCPUs meanwhile (`None`: no `/proc/stat`).
+    host_steal: Option<HostSteal>,
 }
 
 /// One (rate, ddl-freq) run.
@@ -283,6 +306,11 @@ struct Run {
     /// Measured rows whose sink time precedes their produced time (clock skew).
     negative_latency_rows: u64,
     processes: Vec<ProcessUsage>,
+    /// What the host took from the vCPUs over the same window as the threads' counts
+    /// (`None`: no `/proc/stat`).
+    host_steal: Option<HostSteal>,
+    /// How each executor's engine workers spent that window.
+    worker_time: Vec<WorkerTime>,
     /// The executors' connections to each other over the run, seen from both ends.
     data_plane: Vec<DataLink>,
     error: Option<String>,
@@ -475,6 +503,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         println!();
         print!("{}", wakeup_table(&results.runs));
         println!();
+        print!("{}", worker_time_table(&results.runs));
+        println!();
         print!("{}", data_plane_table(&results.runs));
         let svg_path = args.out.join("latency.svg");
         std::fs::write(&svg_path, latency_svg(&results.runs))
@@ -520,12 +550,15 @@ async fn sweep(
         let pids = cluster.pids();
         let before = Snapshot::take(&pids);
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        let processes = before.usage(&pids, None);
+        let end = ThreadsAt::take(&pids);
+        let host_steal = host_steal(&before.threads, &end);
+        let processes = before.usage(&pids, Some(end));
         let total = processes.iter().map(|p| p.cpu_s).sum::<f64>();
         idle = Some(Idle {
             secs: before.at.elapsed().as_secs_f64(),
             total_cpu_pct_of_core: 100.0 * total / before.at.elapsed().as_secs_f64(),
             processes,
+            host_steal,
         });
     }
     let mut runs = Vec::new();
@@ -623,13 +656,16 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
         slow_episodes: None,
         negative_latency_rows: 0,
         processes: Vec::new(),
+        host_steal: None,
+        worker_time: Vec::new(),
         data_plane: Vec::new(),
         error: None,
     };
-    let links_before = cluster.data_plane().await;
     let pids = cluster.pids();
     let resets: Vec<bool> = pids.iter().map(|(_, pid)| reset_peak_rss(*pid)).collect();
+    // The threads' counts, then the executors' status, at both ends of the window.
     let before = Snapshot::take(&pids);
+    let links_before = Statuses::take(cluster).await;
     let job = match cluster.submit_demo(spec).await {
         Ok(id) => id,
         Err(e) => {
@@ -638,15 +674,25 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
         }
     };
     run.job_id = Some(job);
-    let (state, threads_end) =
+    let (state, window_end) =
         wait_job(cluster, &pids, job, args.run_timeout, paced_duration(spec)).await;
     run.state = state;
     run.wall_s = before.at.elapsed().as_secs_f64();
-    run.processes = before.usage(&pids, threads_end);
+    let (threads_end, statuses_end) = match window_end {
+        Some(end) => end,
+        None => (ThreadsAt::take(&pids), Statuses::take(cluster).await),
+    };
+    run.host_steal = host_steal(&before.threads, &threads_end);
+    run.worker_time = worker_times(
+        &pids,
+        (&before.threads, &links_before),
+        (&threads_end, &statuses_end),
+    );
+    run.processes = before.usage(&pids, Some(threads_end));
     for (p, reset) in run.processes.iter_mut().zip(resets) {
         p.peak_rss_reset = reset;
     }
-    run.data_plane = data_links(&links_before, &cluster.data_plane().await);
+    run.data_plane = data_links(&links_before.executors, &cluster.data_plane().await);
     if run.state != "Finished" {
         run.error = Some(format!("job ended {}", run.state));
         return run;
@@ -717,19 +763,40 @@ fn next_poll(elapsed: Duration, expected: Duration) -> Duration {
     }
 }
 
+/// The end of a run's measuring window: its processes' threads and the executors' status.
+type WindowEnd = (ThreadsAt, Statuses);
+
+/// Every executor's status, and about when the executors answered: the middle of the call,
+/// which first asks the masters for the executors (a few ms on a loopback cluster).
+struct Statuses {
+    at: Instant,
+    executors: Vec<ExecutorStatus>,
+}
+
+impl Statuses {
+    async fn take(cluster: &LocalCluster) -> Self {
+        let asked = Instant::now();
+        let executors = cluster.data_plane().await;
+        Self {
+            at: asked + asked.elapsed() / 2,
+            executors,
+        }
+    }
+}
+
 /// Polls the job until it ends (see [`next_poll`]; `expected` is how long it should run);
-/// cancels it after `timeout` and says "TimedOut". A paced job's processes' threads are
-/// read once when the job is due to end, while the threads it started (the sink writers)
-/// still run: they are gone by the time it is reported finished. A job due to end within
-/// one near-end poll (or unthrottled) is read at the end instead: read at its start, the
-/// window would be empty.
+/// cancels it after `timeout` and says "TimedOut". A paced job's processes' threads (and the
+/// executors' status) are read once when the job is due to end, while the threads it
+/// started (the sink writers) still run: they are gone by the time it is reported finished.
+/// A job due to end within one near-end poll (or unthrottled) is read at the end instead:
+/// read at its start, the window would be empty.
 async fn wait_job(
     cluster: &LocalCluster,
     pids: &[(String, u32)],
     job: u64,
     timeout: Duration,
     expected: Duration,
-) -> (String, Option<ThreadsAt>) {
+) -> (String, Option<WindowEnd>) {
     let start = Instant::now();
     let mut threads_at_end = None;
     loop {
@@ -737,7 +804,7 @@ async fn wait_job(
             && expected > POLL_NEAR_END
             && next_poll(start.elapsed(), expected) == POLL_NEAR_END
         {
-            threads_at_end = Some(ThreadsAt::take(pids));
+            threads_at_end = Some((ThreadsAt::take(pids), Statuses::take(cluster).await));
         }
         if let Ok(j) = cluster.client.call::<GetJob>(&JobRef { id: job }).await
             && matches!(j.state.as_str(), "Finished" | "Failed" | "Cancelled")
@@ -1041,10 +1108,13 @@ struct Snapshot {
     threads: ThreadsAt,
 }
 
-/// The counters of every thread of every process at one instant.
+/// The counters of every thread of every process, and the machine's steal time, at one
+/// instant.
 struct ThreadsAt {
     at: Instant,
     threads: Vec<ThreadCounters>,
+    /// Steal ticks over all vCPUs and the number of vCPUs (`/proc/stat`).
+    steal: Option<(u64, usize)>,
 }
 
 impl ThreadsAt {
@@ -1052,17 +1122,52 @@ impl ThreadsAt {
         Self {
             at: Instant::now(),
             threads: pids.iter().map(|(_, pid)| thread_counters(*pid)).collect(),
+            steal: std::fs::read_to_string("/proc/stat")
+                .ok()
+                .and_then(|s| parse_proc_stat_steal(&s)),
         }
     }
 }
 
-/// Counters of one thread: its name, CPU ticks, voluntary and involuntary context switches.
+/// The host's steal time between two instants (`None` if either lacks it).
+fn host_steal(before: &ThreadsAt, after: &ThreadsAt) -> Option<HostSteal> {
+    let ((b, _), (a, cpus)) = (before.steal?, after.steal?);
+    let steal_ms = a.saturating_sub(b) as f64 * 1000.0 / clock_ticks_per_sec();
+    let wall_ms = after.at.saturating_duration_since(before.at).as_secs_f64() * 1000.0;
+    Some(HostSteal {
+        steal_ms,
+        pct_of_vcpus: if wall_ms > 0.0 && cpus > 0 {
+            100.0 * steal_ms / (wall_ms * cpus as f64)
+        } else {
+            0.0
+        },
+    })
+}
+
+/// Steal ticks summed over all vCPUs (the 8th value of the `cpu` line) and the number of
+/// vCPUs (`cpuN` lines) from the text of `/proc/stat`.
+fn parse_proc_stat_steal(stat: &str) -> Option<(u64, usize)> {
+    let mut lines = stat.lines();
+    let total = lines.next()?.strip_prefix("cpu ")?;
+    let steal = total.split_whitespace().nth(7)?.parse().ok()?;
+    let cpus = lines
+        .take_while(|l| l.starts_with("cpu"))
+        .filter(|l| l[3..].starts_with(|c: char| c.is_ascii_digit()))
+        .count();
+    Some((steal, cpus))
+}
+
+/// Counters of one thread: its name, CPU ticks, voluntary and involuntary context switches,
+/// and the ns it waited runnable for a CPU (where the kernel keeps `schedstat`).
 #[derive(Debug, Clone, PartialEq)]
 struct ThreadCount {
     name: String,
     ticks: u64,
     voluntary: u64,
     involuntary: u64,
+    /// Time on a CPU and time waiting runnable for one, in ns (`schedstat`).
+    on_cpu_ns: Option<u64>,
+    run_delay_ns: Option<u64>,
 }
 
 /// A process's threads by thread id.
@@ -1127,6 +1232,10 @@ fn thread_counters(pid: u32) -> ThreadCounters {
             let ticks = parse_stat_ticks(&std::fs::read_to_string(dir.join("stat")).ok()?)?;
             let (voluntary, involuntary) =
                 parse_ctxt_switches(&std::fs::read_to_string(dir.join("status")).ok()?)?;
+            let (on_cpu_ns, run_delay_ns) = std::fs::read_to_string(dir.join("schedstat"))
+                .ok()
+                .and_then(|s| parse_schedstat(&s))
+                .unzip();
             Some((
                 tid,
                 ThreadCount {
@@ -1134,6 +1243,8 @@ fn thread_counters(pid: u32) -> ThreadCounters {
                     ticks,
                     voluntary,
                     involuntary,
+                    on_cpu_ns,
+                    run_delay_ns,
                 },
             ))
         })
@@ -1155,6 +1266,113 @@ fn parse_ctxt_switches(status: &str) -> Option<(u64, u64)> {
     ))
 }
 
+/// The ns a thread spent on a CPU and waiting runnable for one: the first two of the three
+/// values in `/proc/<pid>/task/<tid>/schedstat` (the third counts time slices).
+fn parse_schedstat(schedstat: &str) -> Option<(u64, u64)> {
+    let mut values = schedstat.split_whitespace();
+    let (on_cpu, waited, _slices) = (values.next()?, values.next()?, values.next()?);
+    Some((on_cpu.parse().ok()?, waited.parse().ok()?))
+}
+
+/// How one executor's engine workers spent a window, in ms a second per worker. The four
+/// add up to 1000 but for the few ms between the instants the counts were read at.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct WorkerTime {
+    executor: String,
+    workers: usize,
+    /// On a CPU (the kernel's count, `/proc/<pid>/task/<tid>/schedstat`).
+    on_cpu_ms_per_s: f64,
+    /// Runnable, waiting for a CPU that another thread of this machine held (`schedstat`).
+    waited_ms_per_s: f64,
+    /// Asleep, waiting for work (the engine's count, from `GetExecutorStatus`).
+    asleep_ms_per_s: f64,
+    /// The rest of the wall time: the thread wanted to run but its vCPU was held outside
+    /// any thread of this machine (the hypervisor, or interrupt handling). Kernels whose
+    /// steal count covers the hypervisor show it in [`HostSteal`] too; some do not.
+    stolen_ms_per_s: f64,
+}
+
+/// [`WorkerTime`] of every executor in `pids` between two instants, each given as the
+/// threads' counts and the executors' status (each a rate over its own window, read a few
+/// ms apart); executors missing a count are left out.
+fn worker_times(
+    pids: &[(String, u32)],
+    (threads_before, statuses_before): (&ThreadsAt, &Statuses),
+    (threads_after, statuses_after): (&ThreadsAt, &Statuses),
+) -> Vec<WorkerTime> {
+    let wall = threads_after
+        .at
+        .saturating_duration_since(threads_before.at)
+        .as_secs_f64();
+    let asleep_wall = statuses_after
+        .at
+        .saturating_duration_since(statuses_before.at)
+        .as_secs_f64();
+    let asleep = |statuses: &Statuses, name: &str| {
+        statuses
+            .executors
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.workers_asleep_ns.clone())
+    };
+    pids.iter()
+        .zip(threads_before.threads.iter().zip(&threads_after.threads))
+        .filter_map(|((name, _), (before, after))| {
+            worker_time(
+                name,
+                (before, &asleep(statuses_before, name)?),
+                (after, &asleep(statuses_after, name)?),
+                (wall, asleep_wall),
+            )
+        })
+        .collect()
+}
+
+/// One executor's [`WorkerTime`] from its threads' counts and its workers' asleep ns at both
+/// ends, `wall` and `asleep_wall` seconds apart; `None` without engine workers, schedstat,
+/// asleep counts or time between the ends.
+fn worker_time(
+    executor: &str,
+    (before, asleep_before): (&ThreadCounters, &[u64]),
+    (after, asleep_after): (&ThreadCounters, &[u64]),
+    (wall, asleep_wall): (f64, f64),
+) -> Option<WorkerTime> {
+    let (mut workers, mut on_cpu, mut waited) = (0usize, 0u64, 0u64);
+    for (tid, now) in after.iter().filter(|(_, t)| t.name == ENGINE_WORKER_COMM) {
+        let then = before.get(tid)?;
+        on_cpu += now.on_cpu_ns?.saturating_sub(then.on_cpu_ns?);
+        waited += now.run_delay_ns?.saturating_sub(then.run_delay_ns?);
+        workers += 1;
+    }
+    if workers == 0
+        || asleep_after.len() != workers
+        || asleep_before.len() != workers
+        || wall <= 0.0
+        || asleep_wall <= 0.0
+    {
+        return None;
+    }
+    let asleep: u64 = asleep_after
+        .iter()
+        .zip(asleep_before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .sum();
+    let per_worker_ms = |ns: u64, wall: f64| ns as f64 / 1e6 / wall / workers as f64;
+    let (on_cpu, waited, asleep) = (
+        per_worker_ms(on_cpu, wall),
+        per_worker_ms(waited, wall),
+        per_worker_ms(asleep, asleep_wall),
+    );
+    Some(WorkerTime {
+        executor: executor.to_string(),
+        workers,
+        on_cpu_ms_per_s: on_cpu,
+        waited_ms_per_s: waited,
+        asleep_ms_per_s: asleep,
+        stolen_ms_per_s: (1000.0 - on_cpu - waited - asleep).max(0.0),
+    })
+}
+
 /// What the threads present at the end of a window of `wall` seconds did during it, grouped
 /// by name and sorted by name (a thread that started during the window counts from zero).
 fn thread_usage(
@@ -1163,33 +1381,42 @@ fn thread_usage(
     wall: f64,
     ticks_per_s: f64,
 ) -> Vec<ThreadUsage> {
-    let mut by_name: std::collections::BTreeMap<&str, (usize, u64, u64, u64)> =
-        std::collections::BTreeMap::new();
+    /// Per name: threads, ticks, voluntary and involuntary switches, waited ns (`None` once
+    /// a thread of the name lacks it).
+    type Sums = (usize, u64, u64, u64, Option<u64>);
+    let mut by_name: std::collections::BTreeMap<&str, Sums> = std::collections::BTreeMap::new();
     for (tid, now) in after {
-        let (ticks, voluntary, involuntary) = match before.get(tid) {
+        let (ticks, voluntary, involuntary, waited) = match before.get(tid) {
             Some(b) => (
                 now.ticks.saturating_sub(b.ticks),
                 now.voluntary.saturating_sub(b.voluntary),
                 now.involuntary.saturating_sub(b.involuntary),
+                now.run_delay_ns
+                    .zip(b.run_delay_ns)
+                    .map(|(n, b)| n.saturating_sub(b)),
             ),
-            None => (now.ticks, now.voluntary, now.involuntary),
+            None => (now.ticks, now.voluntary, now.involuntary, now.run_delay_ns),
         };
-        let entry = by_name.entry(now.name.as_str()).or_default();
+        let entry = by_name
+            .entry(now.name.as_str())
+            .or_insert((0, 0, 0, 0, Some(0)));
         entry.0 += 1;
         entry.1 += ticks;
         entry.2 += voluntary;
         entry.3 += involuntary;
+        entry.4 = entry.4.zip(waited).map(|(sum, w)| sum + w);
     }
     let per_s = |n: u64| if wall > 0.0 { n as f64 / wall } else { 0.0 };
     by_name
         .into_iter()
         .map(
-            |(name, (threads, ticks, voluntary, involuntary))| ThreadUsage {
+            |(name, (threads, ticks, voluntary, involuntary, waited))| ThreadUsage {
                 name: name.to_string(),
                 threads,
                 cpu_s: ticks as f64 / ticks_per_s,
                 voluntary_switches_per_s: per_s(voluntary),
                 involuntary_switches_per_s: per_s(involuntary),
+                waited_ms_per_s: waited.map(|ns| per_s(ns) / 1e6),
             },
         )
         .collect()
@@ -1387,9 +1614,10 @@ fn short_name(name: &str) -> String {
 }
 
 /// Per run: how often each process's engine workers were switched out while runnable (another
-/// thread took their vCPU, while they worked or while they spun idle), and how often its
-/// other threads woke up (on a machine whose vCPUs the engine workers keep busy, each such
-/// wake-up takes a vCPU from one of them).
+/// thread took their vCPU, while they worked or while they spun idle), how often its other
+/// threads woke up (on a machine whose vCPUs the engine workers keep busy, each such wake-up
+/// takes a vCPU from one of them), and the share of the vCPUs the kernel counted as stolen
+/// by the host.
 fn wakeup_table(runs: &[Run]) -> String {
     let mut s = String::new();
     let names: Vec<String> = runs
@@ -1398,10 +1626,10 @@ fn wakeup_table(runs: &[Run]) -> String {
         .unwrap_or_default();
     let _ = writeln!(
         s,
-        "{:<14}   {:<38}   other threads' wake-ups ({})",
+        "{:<14}   {:<38}   {:<34}   host steal % of vCPUs",
         "per second",
         format!("engine workers switched out ({})", names.join("/")),
-        names.join("/")
+        format!("other threads' wake-ups ({})", names.join("/")),
     );
     for r in runs {
         let (switched, woken): (Vec<String>, Vec<String>) = r
@@ -1417,11 +1645,60 @@ fn wakeup_table(runs: &[Run]) -> String {
             .unzip();
         let _ = writeln!(
             s,
-            "{:>8} {:>5}   {:<38}   {}",
+            "{:>8} {:>5}   {:<38}   {:<34}   {}",
             rate_label(r.rate),
             r.ddl_freq,
             switched.join("/"),
-            woken.join("/")
+            woken.join("/"),
+            r.host_steal
+                .map_or("-".into(), |h| format!("{:.2}", h.pct_of_vcpus)),
+        );
+    }
+    s
+}
+
+/// Per run: how each executor's engine workers spent the run, in ms a second per worker: on a
+/// CPU, waiting for a CPU another thread held, asleep waiting for work, and the rest, when
+/// their vCPU was held outside any thread (the hypervisor, interrupts).
+fn worker_time_table(runs: &[Run]) -> String {
+    let mut s = String::new();
+    let names: Vec<String> = runs
+        .iter()
+        .find(|r| !r.worker_time.is_empty())
+        .map(|r| {
+            r.worker_time
+                .iter()
+                .map(|w| short_name(&w.executor))
+                .collect()
+        })
+        .unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "{:<14}   engine workers' time, ms a second each: on CPU/waited/asleep/stolen ({})",
+        "worker time",
+        names.join(", ")
+    );
+    for r in runs {
+        let cells: Vec<String> = r
+            .worker_time
+            .iter()
+            .map(|w| {
+                format!(
+                    "{:.0}/{:.1}/{:.0}/{:.1}",
+                    w.on_cpu_ms_per_s, w.waited_ms_per_s, w.asleep_ms_per_s, w.stolen_ms_per_s
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "{:>8} {:>5}   {}",
+            rate_label(r.rate),
+            r.ddl_freq,
+            if cells.is_empty() {
+                "-".to_string()
+            } else {
+                cells.join("   ")
+            }
         );
     }
     s
@@ -1845,6 +2122,8 @@ mod tests {
             slow_episodes: None,
             negative_latency_rows: 0,
             processes: Vec::new(),
+            host_steal: None,
+            worker_time: Vec::new(),
             data_plane: Vec::new(),
             error: None,
         }
@@ -1869,6 +2148,7 @@ mod tests {
         ExecutorStatus {
             name: name.into(),
             connections,
+            workers_asleep_ns: Vec::new(),
         }
     }
 
@@ -2224,7 +2504,178 @@ mod tests {
             ticks,
             voluntary,
             involuntary,
+            on_cpu_ns: Some(ticks * 10_000_000),
+            run_delay_ns: Some(ticks * 1_000),
         }
+    }
+
+    #[test]
+    fn schedstat_gives_the_time_on_a_cpu_and_the_time_waiting_for_one() {
+        assert_eq!(
+            parse_schedstat("5034612345 8460012 1877\n"),
+            Some((5_034_612_345, 8_460_012))
+        );
+        assert_eq!(parse_schedstat("5034612345 8460012\n"), None);
+        assert_eq!(parse_schedstat("5034612345 soon 3\n"), None);
+        assert_eq!(parse_schedstat(""), None);
+    }
+
+    fn worker(on_cpu_ms: u64, waited_ms: u64) -> ThreadCount {
+        ThreadCount {
+            name: ENGINE_WORKER_COMM.into(),
+            ticks: 0,
+            voluntary: 0,
+            involuntary: 0,
+            on_cpu_ns: Some(on_cpu_ms * 1_000_000),
+            run_delay_ns: Some(waited_ms * 1_000_000),
+        }
+    }
+
+    #[test]
+    fn worker_time_splits_the_wall_time_and_the_rest_is_stolen() {
+        // Two workers over 2 s: 4000 ms of wall time between them.
+        let before: ThreadCounters = [
+            (1, worker(100, 10)),
+            (2, worker(50, 5)),
+            (3, count("sink-0-file", 1, 1, 1)),
+        ]
+        .into_iter()
+        .collect();
+        let after: ThreadCounters = [
+            (1, worker(100 + 1900, 10 + 40)),
+            (2, worker(50 + 1000, 5 + 20)),
+            (3, count("sink-0-file", 9, 9, 9)),
+        ]
+        .into_iter()
+        .collect();
+        let ms = 1_000_000;
+        let t = worker_time(
+            "executor-1",
+            (&before, &[7 * ms, 0]),
+            (&after, &[7 * ms, 980 * ms]),
+            (2.0, 2.0),
+        )
+        .unwrap();
+        assert_eq!((t.executor.as_str(), t.workers), ("executor-1", 2));
+        // (1900 + 1000) / 4 s on a CPU, (40 + 20) / 4 waited, 980 / 4 asleep.
+        assert!((t.on_cpu_ms_per_s - 725.0).abs() < 1e-9, "{t:?}");
+        assert!((t.waited_ms_per_s - 15.0).abs() < 1e-9, "{t:?}");
+        assert!((t.asleep_ms_per_s - 245.0).abs() < 1e-9, "{t:?}");
+        assert!((t.stolen_ms_per_s - 15.0).abs() < 1e-9, "{t:?}");
+        // Without asleep counts for every worker, schedstat, workers or a window: nothing.
+        assert_eq!(
+            worker_time("e", (&before, &[0]), (&after, &[0]), (2.0, 2.0)),
+            None
+        );
+        let mut blind = after.clone();
+        blind.get_mut(&2).unwrap().on_cpu_ns = None;
+        assert_eq!(
+            worker_time("e", (&before, &[0, 0]), (&blind, &[0, 0]), (2.0, 2.0)),
+            None
+        );
+        let sinks: ThreadCounters = [(3, count("sink-0-file", 9, 9, 9))].into_iter().collect();
+        assert_eq!(
+            worker_time("e", (&sinks, &[]), (&sinks, &[]), (2.0, 2.0)),
+            None
+        );
+        assert_eq!(
+            worker_time("e", (&before, &[0, 0]), (&after, &[0, 0]), (0.0, 2.0)),
+            None
+        );
+        // Counts read a little apart never make the rest negative.
+        let busy: ThreadCounters = [(1, worker(100 + 2100, 10)), (2, worker(50 + 2100, 5))]
+            .into_iter()
+            .collect();
+        let t = worker_time("e", (&before, &[0, 0]), (&busy, &[0, 0]), (2.0, 2.0)).unwrap();
+        assert_eq!(t.stolen_ms_per_s, 0.0);
+    }
+
+    #[test]
+    fn worker_times_match_processes_to_executor_statuses_by_name() {
+        let t0 = Instant::now();
+        let at = |secs: u64, threads: ThreadCounters| ThreadsAt {
+            at: t0 + Duration::from_secs(secs),
+            threads: vec![ThreadCounters::new(), threads],
+            steal: None,
+        };
+        let pids = [("master-1".to_string(), 1), ("executor-1".to_string(), 2)];
+        let before = at(0, [(5, worker(0, 0))].into_iter().collect());
+        let after = at(1, [(5, worker(900, 10))].into_iter().collect());
+        // The statuses' own window (2 s here) gives the asleep rate: 160 ms in 2 s.
+        let statuses = |secs: u64, asleep_ns: u64| {
+            let mut s = status("executor-1", Vec::new());
+            s.workers_asleep_ns = vec![asleep_ns];
+            Statuses {
+                at: t0 + Duration::from_secs(secs),
+                executors: vec![s],
+            }
+        };
+        let times = worker_times(
+            &pids,
+            (&before, &statuses(0, 0)),
+            (&after, &statuses(2, 160_000_000)),
+        );
+        assert_eq!(times.len(), 1, "{times:?}");
+        assert_eq!(times[0].executor, "executor-1");
+        assert!((times[0].asleep_ms_per_s - 80.0).abs() < 1e-6, "{times:?}");
+        assert!((times[0].stolen_ms_per_s - 10.0).abs() < 1e-6, "{times:?}");
+        // An executor that did not answer is left out.
+        let none = |secs| Statuses {
+            at: t0 + Duration::from_secs(secs),
+            executors: Vec::new(),
+        };
+        assert!(worker_times(&pids, (&before, &none(0)), (&after, &none(1))).is_empty());
+        let mut r = run_with(100_000, 1000, 20.0);
+        r.worker_time = times;
+        let table = worker_time_table(&[r]);
+        assert!(table.lines().next().unwrap().ends_with("(e1)"), "{table}");
+        assert!(
+            table.lines().nth(1).unwrap().ends_with("900/10.0/80/10.0"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn steal_is_the_eighth_value_of_the_cpu_line() {
+        let stat = "cpu  2412403 4 497777 1517248 16644 0 29836 2282 0 0\n\
+                    cpu0 1174118 2 243015 800945 4151 0 10074 1106 0 0\n\
+                    cpu1 1235775 1 253995 710741 12491 0 19761 1176 0 0\n\
+                    intr 123 4 5\nctxt 99\ncpus_allowed 3\n";
+        assert_eq!(parse_proc_stat_steal(stat), Some((2282, 2)));
+        // A kernel too old to count steal has fewer values.
+        assert_eq!(
+            parse_proc_stat_steal("cpu  1 2 3 4 5 6 7\ncpu0 1 2 3 4 5 6 7\n"),
+            None
+        );
+        assert_eq!(parse_proc_stat_steal("intr 1\n"), None);
+    }
+
+    #[test]
+    fn host_steal_is_a_share_of_all_vcpus_over_the_window() {
+        let ticks = clock_ticks_per_sec();
+        let t0 = Instant::now();
+        let at = |secs: u64, steal: Option<(u64, usize)>| ThreadsAt {
+            at: t0 + Duration::from_secs(secs),
+            threads: Vec::new(),
+            steal,
+        };
+        // One second of steal ticks over 10 s on 2 vCPUs: 5 %.
+        let steal = host_steal(
+            &at(0, Some((100, 2))),
+            &at(10, Some((100 + ticks as u64, 2))),
+        )
+        .unwrap();
+        assert!((steal.steal_ms - 1000.0).abs() < 1e-9, "{steal:?}");
+        assert!((steal.pct_of_vcpus - 5.0).abs() < 1e-9, "{steal:?}");
+        assert_eq!(host_steal(&at(0, None), &at(10, Some((1, 2)))), None);
+        // An empty window does not divide by zero.
+        assert_eq!(
+            host_steal(&at(3, Some((1, 2))), &at(3, Some((1, 2)))),
+            Some(HostSteal {
+                steal_ms: 0.0,
+                pct_of_vcpus: 0.0
+            })
+        );
     }
 
     #[test]
@@ -2271,6 +2722,8 @@ mod tests {
                 cpu_s: 2.0,
                 voluntary_switches_per_s: 1.0,
                 involuntary_switches_per_s: 200.0,
+                // 200 µs waited (200 ticks × 1 µs) over 2 s.
+                waited_ms_per_s: Some(0.1),
             }
         );
         assert_eq!(usage[2].threads, 2);
@@ -2279,5 +2732,69 @@ mod tests {
         // The workers' preemptions against every other thread's wake-ups.
         assert_eq!(switch_outs_and_wakeups(&usage), (Some(200.0), 40.0 + 30.0));
         assert_eq!(switch_outs_and_wakeups(&usage[1..]), (None, 40.0 + 30.0));
+    }
+
+    #[test]
+    fn a_thread_without_schedstat_leaves_its_group_without_a_wait() {
+        let mut blind = count("sink-0-file", 10, 1, 1);
+        blind.run_delay_ns = None;
+        let before: ThreadCounters = [(1, count(ENGINE_WORKER_COMM, 100, 0, 0))]
+            .into_iter()
+            .collect();
+        let after: ThreadCounters = [
+            (1, count(ENGINE_WORKER_COMM, 300, 0, 0)),
+            (2, count("sink-0-file", 10, 1, 1)),
+            (3, blind),
+        ]
+        .into_iter()
+        .collect();
+        let usage = thread_usage(&before, &after, 1.0, 100.0);
+        assert_eq!(usage[0].waited_ms_per_s, Some(0.2));
+        assert_eq!(usage[1].threads, 2);
+        assert_eq!(usage[1].waited_ms_per_s, None);
+    }
+
+    #[test]
+    fn the_per_second_table_shows_the_host_steal() {
+        let worker = |waited: Option<f64>| ThreadUsage {
+            name: ENGINE_WORKER_COMM.into(),
+            threads: 1,
+            cpu_s: 1.0,
+            voluntary_switches_per_s: 2.0,
+            involuntary_switches_per_s: 300.0,
+            waited_ms_per_s: waited,
+        };
+        let process = |name: &str, threads: Vec<ThreadUsage>| ProcessUsage {
+            name: name.into(),
+            cpu_s: 1.0,
+            cpu_pct_of_core: 10.0,
+            peak_rss_mb: None,
+            peak_rss_reset: false,
+            threads,
+        };
+        let mut r = run_with(100_000, 0, 20.0);
+        r.processes = vec![
+            process("master-1", Vec::new()),
+            process("executor-1", vec![worker(Some(12.34))]),
+            process("executor-2", vec![worker(None)]),
+        ];
+        r.host_steal = Some(HostSteal {
+            steal_ms: 40.0,
+            pct_of_vcpus: 0.2,
+        });
+        let t = wakeup_table(&[r.clone()]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].contains("host steal % of vCPUs"), "{t}");
+        assert!(lines[1].contains("-/300/300"), "{t}");
+        assert!(lines[1].trim_end().ends_with("0.20"), "{t}");
+        r.host_steal = None;
+        assert!(
+            wakeup_table(&[r])
+                .lines()
+                .nth(1)
+                .unwrap()
+                .trim_end()
+                .ends_with('-')
+        );
     }
 }
