@@ -553,7 +553,7 @@ impl BinlogLog {
 
 /// Binlog `stream`: merges the producers' records (per-producer order kept by the edges),
 /// appends each to its [`BinlogLog`], stamps `tracer[TRACE_BINLOG]` and forwards it to its one
-/// output, after a [`RecordKind::StreamStart`](crate::RecordKind::StreamStart) header naming
+/// output, after a [`RecordKind::StreamStart`] header naming
 /// the position it serves from. Finishes when every input has ended and everything is
 /// forwarded.
 ///
@@ -794,7 +794,7 @@ impl Operator for Binlog {
 /// network), stamps `tracer[TRACE_RECEIVE]` and forwards them.
 ///
 /// It counts the log positions it has read. The binlog's stream must begin with a
-/// [`RecordKind::StreamStart`](crate::RecordKind::StreamStart) header at exactly that
+/// [`RecordKind::StreamStart`] header at exactly that
 /// position (0, or the position restored from a checkpoint); anything else fails the task,
 /// as records would be lost or repeated. At each checkpoint barrier it snapshots the
 /// position.

@@ -47,7 +47,7 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Verify the output of a demo job.
     Verify {
-        /// The job's output directory (<sink-dir>/<flow-id>).
+        /// The job's output directory (`<sink-dir>/<flow-id>`).
         #[arg(long)]
         dir: PathBuf,
         /// The job spec the output was produced with.
