@@ -665,7 +665,7 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
     let resets: Vec<bool> = pids.iter().map(|(_, pid)| reset_peak_rss(*pid)).collect();
     // The threads' counts, then the executors' status, at both ends of the window.
     let before = Snapshot::take(&pids);
-    let links_before = Statuses::take(cluster).await;
+    let statuses_before = Statuses::take(cluster).await;
     let job = match cluster.submit_demo(spec).await {
         Ok(id) => id,
         Err(e) => {
@@ -685,14 +685,14 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
     run.host_steal = host_steal(&before.threads, &threads_end);
     run.worker_time = worker_times(
         &pids,
-        (&before.threads, &links_before),
+        (&before.threads, &statuses_before),
         (&threads_end, &statuses_end),
     );
     run.processes = before.usage(&pids, Some(threads_end));
     for (p, reset) in run.processes.iter_mut().zip(resets) {
         p.peak_rss_reset = reset;
     }
-    run.data_plane = data_links(&links_before.executors, &cluster.data_plane().await);
+    run.data_plane = data_links(&statuses_before.executors, &cluster.data_plane().await);
     if run.state != "Finished" {
         run.error = Some(format!("job ended {}", run.state));
         return run;
