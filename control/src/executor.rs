@@ -359,6 +359,40 @@ pub fn heartbeat_call_timeouts(interval: Duration, ttl: Duration) -> (Duration, 
     (ttl / 2, (interval / 2).max(Duration::from_millis(100)))
 }
 
+/// What [`reconcile_plan`] decided: the attempts to stop (and whether the job is gone from
+/// this executor altogether), and the assignments to run (launching those not running).
+#[derive(Debug, PartialEq)]
+struct ReconcilePlan<'a> {
+    stop: Vec<(u64, bool)>,
+    keep: Vec<&'a Assignment>,
+}
+
+/// Compares the running attempts (job → epoch) with a leader's assignments. An assignment of
+/// a newer epoch replaces the running attempt; one of an *older* epoch is ignored and the
+/// running attempt kept: it comes from a master whose state lags (a newly elected leader
+/// before it applied everything), and obeying it would tear down the current attempt for one
+/// the data plane already refuses. A job without an assignment is stopped and forgotten.
+fn reconcile_plan<'a>(
+    running: &HashMap<u64, u64>,
+    assignments: &'a [Assignment],
+) -> ReconcilePlan<'a> {
+    let wanted: HashMap<u64, &Assignment> = assignments.iter().map(|a| (a.job, a)).collect();
+    let mut stop: Vec<(u64, bool)> = running
+        .iter()
+        .filter_map(|(job, epoch)| match wanted.get(job) {
+            Some(a) if a.epoch > *epoch => Some((*job, false)),
+            Some(_) => None,
+            None => Some((*job, true)),
+        })
+        .collect();
+    stop.sort_unstable();
+    let keep = assignments
+        .iter()
+        .filter(|a| running.get(&a.job).is_none_or(|epoch| a.epoch >= *epoch))
+        .collect();
+    ReconcilePlan { stop, keep }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -851,19 +885,19 @@ impl State {
     }
 
     fn reconcile(&mut self, assignments: &[Assignment]) {
-        let wanted: HashMap<u64, &Assignment> = assignments.iter().map(|a| (a.job, a)).collect();
-        let running: Vec<u64> = self.attempts.keys().copied().collect();
-        for job in running {
-            match wanted.get(&job) {
-                Some(a) if a.epoch == self.attempts[&job].epoch => {}
-                Some(_) => self.stop_attempt(job),
-                None => {
-                    self.stop_attempt(job);
-                    self.registry.forget_job(job);
-                }
+        let running: HashMap<u64, u64> = self
+            .attempts
+            .iter()
+            .map(|(job, a)| (*job, a.epoch))
+            .collect();
+        let plan = reconcile_plan(&running, assignments);
+        for (job, forget) in plan.stop {
+            self.stop_attempt(job);
+            if forget {
+                self.registry.forget_job(job);
             }
         }
-        for a in assignments {
+        for a in plan.keep {
             if !self.attempts.contains_key(&a.job) {
                 self.launch(a);
             }
@@ -994,6 +1028,40 @@ certs-dir = "certs"
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    fn assignment(job: u64, epoch: u64) -> Assignment {
+        Assignment {
+            job,
+            epoch,
+            job_type: "demo".into(),
+            spec: String::new(),
+            locations: Vec::new(),
+            paused: false,
+            restore_from: None,
+            restore: None,
+        }
+    }
+
+    #[test]
+    fn an_assignment_of_an_older_epoch_never_replaces_the_running_attempt() {
+        // Job 1 runs at epoch 5, job 2 at epoch 3, job 3 at epoch 1.
+        let running: HashMap<u64, u64> = [(1, 5), (2, 3), (3, 1)].into_iter().collect();
+        let assignments = [
+            assignment(1, 4), // from a lagging leader: ignored
+            assignment(2, 4), // newer: replaces epoch 3
+            assignment(4, 1), // new job: launched
+        ];
+        let plan = reconcile_plan(&running, &assignments);
+        // Job 2's attempt stops for its successor; job 3 is no longer assigned here at all.
+        assert_eq!(plan.stop, vec![(2, false), (3, true)]);
+        let keep: Vec<(u64, u64)> = plan.keep.iter().map(|a| (a.job, a.epoch)).collect();
+        assert_eq!(keep, vec![(2, 4), (4, 1)]);
+        // The same epoch keeps the attempt (and is where pause and resume apply).
+        let same = [assignment(1, 5)];
+        let plan = reconcile_plan(&running, &same);
+        assert_eq!(plan.stop, vec![(2, true), (3, true)]);
+        assert_eq!(plan.keep.len(), 1);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use microcosm_engine::JobGraph;
 
 use crate::job::{self, JobEvent, JobState};
 use crate::meta::state::JobRecord;
+use crate::meta::state::MAX_TASKS_PER_ALLOCATION;
 use crate::meta::{Command, ExecutorId, ExecutorState, JobId, MetaState, TaskId};
 use crate::proto::{Assignment, RestoreState, TaskLocation, TaskReport, TaskRunState};
 use crate::scheduler::{self, ExecutorOffer, GroupId, TaskDemand};
@@ -83,6 +84,7 @@ fn transition(job: &JobRecord, event: JobEvent, now_ms: u64) -> Option<Command> 
                 job.state == t.to && job.history.last().is_some_and(|h| h.reason == t.reason);
             (!same).then_some(Command::SetJobState {
                 job: job.id,
+                from: job.state,
                 state: t.to,
                 reason: t.reason,
                 at_ms: now_ms,
@@ -179,10 +181,22 @@ fn step_job(
             return None;
         }
         return match plan() {
-            Ok(graph) => Some(Command::AllocateTaskIds {
-                job: job.id,
-                count: graph.tasks.len() as u32,
-            }),
+            Ok(graph) => match u32::try_from(graph.tasks.len()) {
+                Ok(count) if (1..=MAX_TASKS_PER_ALLOCATION).contains(&count) => {
+                    Some(Command::AllocateTaskIds { job: job.id, count })
+                }
+                // The metadata would refuse the allocation on every tick: fail the job instead.
+                _ => transition(
+                    job,
+                    JobEvent::Fatal {
+                        reason: format!(
+                            "cannot plan: the plan has {} tasks; a job has 1 to {MAX_TASKS_PER_ALLOCATION}",
+                            graph.tasks.len()
+                        ),
+                    },
+                    now_ms,
+                ),
+            },
             Err(fatal) => fatal,
         };
     }
@@ -273,7 +287,19 @@ fn step_job(
             let still_running = reports.values().flatten().any(|r| {
                 r.job == job.id.0 && matches!(r.state, TaskRunState::Running | TaskRunState::Paused)
             });
-            (!still_running)
+            // A live executor that has not reported since this master began leading may still
+            // run the job's tasks; their slots are free only once it says they stopped.
+            let unheard = job
+                .tasks
+                .iter()
+                .filter_map(|t| state.task(*t)?.executor)
+                .any(|e| {
+                    state
+                        .executor(e)
+                        .is_some_and(|r| r.state == ExecutorState::Alive)
+                        && !reports.contains_key(&e.0)
+                });
+            (!still_running && !unheard)
                 .then(|| transition(job, JobEvent::AllTasksStopped, now_ms))
                 .flatten()
         }
@@ -294,6 +320,7 @@ fn on_failure(job: &JobRecord, msg: String, now_ms: u64) -> Option<Command> {
     // A failed task restarts the whole attempt under a new epoch.
     Some(Command::SetJobState {
         job: job.id,
+        from: job.state,
         state: JobState::Recovering,
         reason: format!(
             "task failed in epoch {}: {msg}; restarting the job (restart {})",
@@ -665,14 +692,61 @@ mod tests {
         assert_eq!(sim.job(second).state, JobState::Pending);
         sim.apply(Command::SetJobState {
             job: JobId(first),
+            from: JobState::Scheduling,
             state: JobState::Cancelling,
             reason: "user".into(),
             at_ms: 0,
         });
+        // The executor says it runs nothing.
         sim.reports.clear();
+        for e in sim.state.executors.keys() {
+            sim.reports.insert(e.0, Vec::new());
+        }
         sim.settle(&[]);
         assert_eq!(sim.job(first).state, JobState::Cancelled);
         assert_eq!(sim.job(second).state, JobState::Scheduling);
+    }
+
+    #[test]
+    fn a_cancel_completes_only_once_every_live_executor_holding_tasks_has_reported() {
+        let mut sim = Sim::new();
+        let a = sim.register(2);
+        let b = sim.register(2);
+        let job = sim.submit(4);
+        sim.settle(&[]);
+        sim.report_all(TaskRunState::Running);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Running);
+        sim.apply(Command::SetJobState {
+            job: JobId(job),
+            from: JobState::Running,
+            state: JobState::Cancelling,
+            reason: "user".into(),
+            at_ms: 0,
+        });
+        // A new leader has heard from no executor yet: the tasks may still run.
+        sim.reports.clear();
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Cancelling);
+        // One executor says it runs nothing; the other is still unheard.
+        sim.reports.insert(a, Vec::new());
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Cancelling);
+        sim.reports.insert(b, Vec::new());
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Cancelled);
+    }
+
+    #[test]
+    fn a_plan_without_tasks_fails_the_job_instead_of_being_refused_forever() {
+        let mut sim = Sim::new();
+        sim.register(2);
+        let job = sim.submit(0);
+        sim.settle(&[]);
+        let j = sim.job(job);
+        assert_eq!(j.state, JobState::Failed);
+        let reason = &j.history.last().unwrap().reason;
+        assert!(reason.contains("0 tasks"), "{reason}");
     }
 
     #[test]
@@ -744,6 +818,7 @@ mod tests {
         // Pausing the job changes what the executor must do: the reply carries it again.
         sim.apply(Command::SetJobState {
             job: JobId(job),
+            from: JobState::Running,
             state: JobState::Paused,
             reason: "paused by the user".into(),
             at_ms: 2,
@@ -756,6 +831,7 @@ mod tests {
         // Losing executor b moves every task to a under a new epoch: a change again.
         sim.apply(Command::SetJobState {
             job: JobId(job),
+            from: JobState::Paused,
             state: JobState::Running,
             reason: "resumed".into(),
             at_ms: 3,

@@ -25,8 +25,8 @@ use crate::leader::{JobCatalog, Reports, heartbeat_assignments, next_commands};
 use crate::liveness::{LivenessConfig, LivenessTracker};
 use crate::meta::{
     Command, CommandResponse, JobId, MasterNode, MetaConfig, MetaError, MetaNode, MetaRequest,
-    MetaState, NodeId, RaftRpc, RaftRpcResponse, RaftTransport, RequestId, TransportFailure,
-    handle_raft_rpc,
+    MetaState, NodeId, RaftRpc, RaftRpcResponse, RaftTransport, Rejection, RequestId,
+    TransportFailure, handle_raft_rpc,
 };
 use crate::proto::{
     Blob, ControlJob, ExecutorInfo, ForwardWrite, GetJob, GetNodeStatus, JobAction, JobInfo,
@@ -665,11 +665,7 @@ async fn report_checkpoints(
     req: CheckpointReports,
 ) -> Result<Nothing, RemoteError> {
     let node = shared.node()?;
-    if !shared.is_leader() {
-        return Err(unavailable(
-            "not the leader; checkpoint reports go to the leader",
-        ));
-    }
+    shared.serving_leader()?;
     let mut complete = Vec::new();
     for report in req.reports {
         let view = node.read_local(|st| {
@@ -728,53 +724,84 @@ async fn report_checkpoints(
     Ok(Nothing::default())
 }
 
+/// How often a pause, resume or cancel is planned again when the job changed state between
+/// the read and the write (a leader step or another user's request got there first).
+const CONTROL_ATTEMPTS: u32 = 5;
+
 async fn control_job(
     shared: &Shared,
     req: crate::proto::JobControlRequest,
 ) -> Result<JobInfo, RemoteError> {
-    let current = shared.job_info(req.id)?;
-    let state = shared
-        .node()?
-        .read_local(|st| st.jobs.get(&JobId(req.id)).map(|j| j.state))
-        .ok_or_else(|| {
-            RemoteError::new(ErrorCode::NotFound, format!("unknown job id {}", req.id))
-        })?;
     let event = match req.action {
         JobAction::Cancel => crate::job::JobEvent::CancelRequested,
         JobAction::Pause => crate::job::JobEvent::PauseRequested,
         JobAction::Resume => crate::job::JobEvent::ResumeRequested,
     };
-    // Asking for the state a job is already in is not an error.
-    match (req.action, state) {
-        (JobAction::Pause, JobState::Paused)
-        | (JobAction::Resume, JobState::Running)
-        | (JobAction::Cancel, JobState::Cancelling | JobState::Cancelled) => return Ok(current),
-        _ => {}
-    }
-    let transition = crate::job::next(state, &event).map_err(|e| {
-        RemoteError::new(
-            ErrorCode::FailedPrecondition,
-            format!("job {}: {e}", req.id),
-        )
-    })?;
-    let (target, reason) = (transition.to, transition.reason);
-    let request = MetaRequest {
-        id: RequestId {
-            client: req.client_id,
-            seq: req.seq,
-        },
-        command: Command::SetJobState {
+    let node = shared.node()?;
+    let mut last_change = None;
+    for attempt in 0..CONTROL_ATTEMPTS {
+        if attempt > 0 {
+            // Let this replica apply what changed the job before planning again.
+            tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+        }
+        let current = shared.job_info(req.id)?;
+        let state = node
+            .read_local(|st| st.jobs.get(&JobId(req.id)).map(|j| j.state))
+            .ok_or_else(|| {
+                RemoteError::new(ErrorCode::NotFound, format!("unknown job id {}", req.id))
+            })?;
+        // Asking for the state a job is already in is not an error.
+        match (req.action, state) {
+            (JobAction::Pause, JobState::Paused)
+            | (JobAction::Resume, JobState::Running)
+            | (JobAction::Cancel, JobState::Cancelling | JobState::Cancelled) => {
+                return Ok(current);
+            }
+            _ => {}
+        }
+        let transition = crate::job::next(state, &event).map_err(|e| {
+            RemoteError::new(
+                ErrorCode::FailedPrecondition,
+                format!("job {}: {e}", req.id),
+            )
+        })?;
+        let command = Command::SetJobState {
             job: JobId(req.id),
-            state: target,
-            reason,
+            from: state,
+            state: transition.to,
+            reason: transition.reason,
             at_ms: unix_ms(),
-        },
-    };
-    match shared.propose(request, WRITE_PATIENCE).await? {
-        CommandResponse::JobStateSet => {}
-        other => return Err(response_error(other)),
+        };
+        // The first attempt carries the client's id, so that the client's own retry of a
+        // lost answer is deduplicated; a new plan after a refusal is a new write.
+        let request = if attempt == 0 {
+            MetaRequest {
+                id: RequestId {
+                    client: req.client_id,
+                    seq: req.seq,
+                },
+                command,
+            }
+        } else {
+            node.request(command)
+        };
+        match shared.propose(request, WRITE_PATIENCE).await? {
+            CommandResponse::JobStateSet => return shared.job_info(req.id),
+            CommandResponse::Rejected(r @ Rejection::StateChanged { .. }) => {
+                debug!(job = req.id, refused = %r, "job changed state meanwhile; planning again");
+                last_change = Some(r);
+            }
+            other => return Err(response_error(other)),
+        }
     }
-    shared.job_info(req.id)
+    Err(RemoteError::new(
+        ErrorCode::Unavailable,
+        format!(
+            "job {} kept changing state; try again ({})",
+            req.id,
+            last_change.map_or_else(String::new, |r| r.to_string())
+        ),
+    ))
 }
 
 use crate::proto::JoinRequest;
@@ -1003,6 +1030,52 @@ impl Shared {
             .get()
             .is_some_and(|n| n.role() == ServerState::Leader)
     }
+
+    /// `Ok` if this master may act as the leader towards executors (answer heartbeats with
+    /// assignments, take checkpoint reports); otherwise why not ([`leader_standing`]).
+    fn serving_leader(&self) -> Result<(), RemoteError> {
+        let node = self.node()?;
+        let patience = 3 * node.config().election_max_ms;
+        let m = node.raft().metrics();
+        let m = m.borrow();
+        leader_standing(
+            m.state,
+            m.current_term,
+            m.last_applied.map(|l| l.leader_id.term),
+            m.millis_since_quorum_ack,
+            patience,
+        )
+        .map_err(unavailable)
+    }
+}
+
+/// Whether a master in raft role `role` may act as the leader towards executors: it must lead,
+/// have applied an entry of its own term `term` (the blank entry a new leader appends), so that
+/// its state holds everything committed before it, and have heard from a quorum within
+/// `patience_ms`. A leader cut off from the other masters is not deposed by raft until it hears
+/// of a newer term; without the last rule it would go on answering the executors it can still
+/// reach, with assignments the real leader has since moved elsewhere.
+fn leader_standing(
+    role: ServerState,
+    term: u64,
+    last_applied_term: Option<u64>,
+    millis_since_quorum_ack: Option<u64>,
+    patience_ms: u64,
+) -> Result<(), String> {
+    if role != ServerState::Leader {
+        return Err("not the leader; this goes to the leader".into());
+    }
+    if last_applied_term != Some(term) {
+        return Err(format!(
+            "elected leader for term {term} but has not applied the term's first entry yet; try again shortly"
+        ));
+    }
+    match millis_since_quorum_ack {
+        Some(ms) if ms <= patience_ms => Ok(()),
+        _ => Err(format!(
+            "this master leads but has not heard from a quorum of masters for over {patience_ms} ms; try another master"
+        )),
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1054,9 +1127,7 @@ async fn register_executor(
 
 fn heartbeat(shared: &Shared, req: HeartbeatRequest) -> Result<HeartbeatReply, RemoteError> {
     let node = shared.node()?;
-    if !shared.is_leader() {
-        return Err(unavailable("not the leader; heartbeats go to the leader"));
-    }
+    shared.serving_leader()?;
     let id = req.executor_id;
     let known = node.read_local(|st| {
         st.executor(crate::meta::ExecutorId(id))
@@ -1196,6 +1267,18 @@ async fn leader_turn(shared: &Shared, was_leader: &mut bool) -> Turn {
         let active = node.read_local(|st| st.jobs.values().any(|j| !j.state.is_terminal()));
         return Turn::Follower { active };
     }
+    let current = {
+        let m = node.raft().metrics();
+        let m = m.borrow();
+        m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
+    };
+    if !current {
+        // Newly elected: steps planned now could miss entries committed by the last leader.
+        return Turn::Leader {
+            retry: true,
+            next_expiry: None,
+        };
+    }
     let now = std::time::Instant::now();
     let alive: Vec<u64> = node.read_local(|st| {
         st.executors
@@ -1243,10 +1326,19 @@ async fn leader_turn(shared: &Shared, was_leader: &mut bool) -> Turn {
     let mut retry = false;
     for command in commands {
         let request = node.request(command);
-        if let Err(e) = node.write(request).await {
-            warn!(error = %e, "leader step not applied");
-            retry = true;
-            break;
+        match node.write(request).await {
+            Ok(CommandResponse::Rejected(r)) => {
+                // Planned against a state that moved on (another step or a user got there
+                // first): the next turn plans from the new state. A refusal wakes no one
+                // (the applied-change count does not move), so this cannot spin.
+                info!(refused = %r, "leader step refused");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "leader step not applied");
+                retry = true;
+                break;
+            }
         }
     }
     let next_expiry = lock(&shared.liveness)
@@ -1266,6 +1358,32 @@ data-dir = "data/m1"
 certs-dir = "certs"
 initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
 "#;
+
+    #[test]
+    fn only_a_current_leader_with_a_recent_quorum_serves_executors() {
+        let leader = ServerState::Leader;
+        assert_eq!(leader_standing(leader, 3, Some(3), Some(40), 900), Ok(()));
+        assert_eq!(leader_standing(leader, 3, Some(3), Some(900), 900), Ok(()));
+        // Followers and candidates never do.
+        for role in [
+            ServerState::Follower,
+            ServerState::Candidate,
+            ServerState::Learner,
+        ] {
+            let e = leader_standing(role, 3, Some(3), Some(0), 900).unwrap_err();
+            assert!(e.contains("not the leader"), "{e}");
+        }
+        // Elected, but its state may still lack entries committed under the previous leader.
+        for applied in [None, Some(2)] {
+            let e = leader_standing(leader, 3, applied, Some(0), 900).unwrap_err();
+            assert!(e.contains("term 3"), "{e}");
+        }
+        // Cut off from the other masters: the real leader may have moved the work elsewhere.
+        for ack in [None, Some(901), Some(u64::MAX)] {
+            let e = leader_standing(leader, 3, Some(3), ack, 900).unwrap_err();
+            assert!(e.contains("quorum"), "{e}");
+        }
+    }
 
     #[test]
     fn the_leader_loop_sleeps_until_an_executor_could_expire_or_a_follower_must_watch() {

@@ -108,6 +108,11 @@ pub enum Command {
     SetJobState {
         /// Which job.
         job: JobId,
+        /// The state the proposer saw the job in. The command is refused
+        /// ([`Rejection::StateChanged`]) if the job has left it since, so that a step planned
+        /// against an older state (a leader's, or a user's on a lagging master) never undoes a
+        /// change applied after it, such as a cancel.
+        from: JobState,
         /// New state.
         state: JobState,
         /// Why.
@@ -218,6 +223,16 @@ pub enum Rejection {
         job: JobId,
         /// Its terminal state.
         state: JobState,
+    },
+    /// The job is no longer in the state the command was planned against.
+    #[error("job {job} is {current}, not {expected} as the command assumed")]
+    StateChanged {
+        /// The job.
+        job: JobId,
+        /// The state named in the command.
+        expected: JobState,
+        /// The job's current state.
+        current: JobState,
     },
     /// The command was planned against an older (or future) job epoch.
     #[error("stale epoch for job {job}: command has {got}, current is {current}")]
@@ -518,10 +533,11 @@ impl MetaState {
             } => Ok(self.submit_job(job_type, spec, *at_ms)),
             Command::SetJobState {
                 job,
+                from,
                 state,
                 reason,
                 at_ms,
-            } => self.set_job_state(*job, *state, reason, *at_ms),
+            } => self.set_job_state(*job, *from, *state, reason, *at_ms),
             Command::AllocateTaskIds { job, count } => self.allocate_tasks(*job, *count),
             Command::SetPlacements {
                 job,
@@ -653,11 +669,19 @@ impl MetaState {
     fn set_job_state(
         &mut self,
         job: JobId,
+        from: JobState,
         state: JobState,
         reason: &str,
         at_ms: u64,
     ) -> Result<CommandResponse, Rejection> {
         let record = self.live_job(job)?;
+        if record.state != from {
+            return Err(Rejection::StateChanged {
+                job,
+                expected: from,
+                current: record.state,
+            });
+        }
         record.state = state;
         record.history.push(JobTransition {
             state,
@@ -946,6 +970,7 @@ mod tests {
             &mut s,
             Command::SetJobState {
                 job: j,
+                from: JobState::Pending,
                 state: JobState::Running,
                 reason: "all placed".to_owned(),
                 at_ms: 99,
@@ -968,6 +993,7 @@ mod tests {
             &mut s,
             Command::SetJobState {
                 job: j,
+                from: JobState::Running,
                 state: JobState::Cancelled,
                 reason: "user".to_owned(),
                 at_ms: 100,
@@ -977,6 +1003,7 @@ mod tests {
             &mut s,
             Command::SetJobState {
                 job: j,
+                from: JobState::Cancelled,
                 state: JobState::Running,
                 reason: "again".to_owned(),
                 at_ms: 101,
@@ -990,6 +1017,47 @@ mod tests {
             })
         );
         assert_eq!(s.job(j).unwrap().history.len(), 3);
+    }
+
+    #[test]
+    fn a_state_change_planned_against_an_older_state_is_refused() {
+        let mut s = MetaState::default();
+        let mut p = Proposer::new(1);
+        let j = job_id(p.run(&mut s, submit()));
+        let set = |from, state, reason: &str| Command::SetJobState {
+            job: j,
+            from,
+            state,
+            reason: reason.to_owned(),
+            at_ms: 7,
+        };
+        assert_eq!(
+            p.run(&mut s, set(JobState::Pending, JobState::Running, "placed")),
+            CommandResponse::JobStateSet
+        );
+        // A user cancels; a step planned before the cancel (the job still Running) then tries
+        // to restart the job. It must not undo the cancel.
+        assert_eq!(
+            p.run(&mut s, set(JobState::Running, JobState::Cancelling, "user")),
+            CommandResponse::JobStateSet
+        );
+        let before = s.job(j).unwrap().clone();
+        assert_eq!(
+            p.run(
+                &mut s,
+                set(JobState::Running, JobState::Recovering, "executor lost")
+            ),
+            CommandResponse::Rejected(Rejection::StateChanged {
+                job: j,
+                expected: JobState::Running,
+                current: JobState::Cancelling,
+            })
+        );
+        assert_eq!(
+            s.job(j).unwrap(),
+            &before,
+            "a refused change changes nothing"
+        );
     }
 
     #[test]

@@ -46,8 +46,10 @@ use super::state::{
 };
 use super::{MasterNode, NodeId, TypeConfig};
 
-/// Version of the on-disk layout; a file with another version is refused.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version of the on-disk layout (tables and the encoding of what they hold, log entries
+/// included); a file with another version is refused. 2: `Command::SetJobState` names the state
+/// it was planned against.
+pub const SCHEMA_VERSION: u32 = 2;
 /// File name of the metadata store inside a master's data dir.
 pub const FILE_NAME: &str = "meta.redb";
 
@@ -154,8 +156,8 @@ pub struct OpenedStore {
     pub state_machine: StateMachineStore,
     /// Shared, read-only view of the applied metadata (updated by the state machine).
     pub state: Arc<RwLock<MetaState>>,
-    /// Changes whenever the state machine applied entries or installed a snapshot: a
-    /// receiver's `changed()` wakes once `state` moved on.
+    /// Changes whenever the state machine applied entries (other than only refused requests)
+    /// or installed a snapshot: a receiver's `changed()` wakes once `state` moved on.
     pub applied: tokio::sync::watch::Receiver<u64>,
     /// One more handle on the redb file, so that its owner can close it deterministically.
     pub(super) file: Arc<Database>,
@@ -625,7 +627,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             w_sm,
         )
         .await?;
-        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        // A refused request changes nothing a watcher acts on (only the dedup table); not
+        // counting it keeps a leader whose step was refused from planning it again at once.
+        if responses
+            .iter()
+            .any(|r| !matches!(r, super::CommandResponse::Rejected(_)))
+        {
+            self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
         Ok(responses)
     }
 
