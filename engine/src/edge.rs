@@ -300,15 +300,13 @@ impl<R> Input<R> {
         self.edge.producer_aborted.load(Ordering::Acquire)
     }
 
-    /// Declares the consumer waiting for data; returns true if data (or end of stream) is
-    /// already there, in which case the task should run again instead of waiting.
+    /// Declares the consumer waiting for data: the next push wakes it. Returns true if a
+    /// batch is already there (queued or put back), in which case a task waiting for input
+    /// should run again instead of waiting.
     pub(crate) fn register_waiting(&self) -> bool {
-        if self.putback.is_some() {
-            return true;
-        }
         self.edge.consumer_waiting.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        !self.rx.is_empty()
+        self.putback.is_some() || !self.rx.is_empty()
     }
 }
 

@@ -496,12 +496,16 @@ impl<O: Operator> Runnable for Task<O> {
             Status::BlockedOnOutput => Next::Wait(WaitKind::Blocked, deadline),
             Status::WaitUntil(at) if at <= now => Next::Requeue,
             other => {
-                // Register as waiting on every input; data that raced in means run again.
-                let mut ready = false;
+                // Register as waiting on every input, so that the next push wakes the task.
+                let mut queued = false;
                 for input in &self.inputs {
-                    ready |= input.register_waiting();
+                    queued |= input.register_waiting();
                 }
-                if ready {
+                // Waiting for input or a timer, data already queued (it raced in after the
+                // operator looked) means run again. An idle task returned `Idle` with that
+                // data there on purpose: it waits for its waker, or for input pushed from
+                // now on, rather than being run again every round for as long as it stalls.
+                if queued && other != Status::Idle {
                     return Next::Requeue;
                 }
                 let deadline = match other {
@@ -535,5 +539,98 @@ impl<O: Operator> Runnable for Task<O> {
         for out in &mut self.outputs {
             out.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use crate::testkit::settle;
+    use crate::{EdgeConfig, Input, Park, Worker, edge};
+
+    /// Takes nothing while `stalled` (returning `Idle` with its input queued, as a sink whose
+    /// writer is full does); otherwise drains its input.
+    struct Stall {
+        stalled: Arc<AtomicBool>,
+        taken: Arc<AtomicUsize>,
+    }
+
+    impl Operator for Stall {
+        type In = u64;
+        type Out = ();
+        fn run(
+            &mut self,
+            inputs: &mut [Input<u64>],
+            _: &mut [Output<()>],
+            _: &mut Context<'_>,
+        ) -> Result<Status, EngineError> {
+            if self.stalled.load(Ordering::SeqCst) {
+                return Ok(Status::Idle);
+            }
+            while inputs[0].pop().is_some() {
+                self.taken.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(Status::BlockedOnInput)
+        }
+    }
+
+    #[test]
+    fn an_idle_task_with_queued_input_waits_for_its_wake_up() {
+        let clock = ManualClock::new();
+        let (tx, _events) = crossbeam_channel::unbounded();
+        let mut worker = Worker::new(0, Arc::new(clock.clone()), tx);
+        let config = EdgeConfig {
+            capacity: 8,
+            batch_size: 1,
+            ..EdgeConfig::default()
+        };
+        let (mut feed, input) = edge::<u64>(&config).unwrap();
+        feed.push(1).unwrap();
+        let stalled = Arc::new(AtomicBool::new(true));
+        let taken = Arc::new(AtomicUsize::new(0));
+        let task = worker
+            .handle()
+            .spawn(
+                TaskSpec::new(
+                    "stall",
+                    Stall {
+                        stalled: stalled.clone(),
+                        taken: taken.clone(),
+                    },
+                )
+                .input(input),
+            )
+            .unwrap();
+
+        let first = worker.step(clock.now());
+        assert_eq!(first.ran, 1, "a new task runs once");
+        assert_eq!(first.park(), Park::Indefinitely, "idle, not requeued");
+        for _ in 0..3 {
+            clock.advance(Duration::from_millis(1));
+            assert_eq!(worker.step(clock.now()).ran, 0, "not run again until woken");
+        }
+        assert_eq!(task.metrics().snapshot().invocations, 1);
+        assert_eq!(task.metrics().queue_depth(), 1, "the input is still queued");
+
+        // Its waker runs it (once).
+        task.waker().wake();
+        assert_eq!(worker.step(clock.now()).ran, 1);
+        assert_eq!(worker.step(clock.now()).ran, 0);
+
+        // Input pushed after it went idle wakes it, as `Status::Idle` says.
+        feed.push(2).unwrap();
+        let pushed = worker.step(clock.now());
+        assert_eq!(pushed.ran, 1, "the new batch woke it");
+        assert_eq!(worker.step(clock.now()).ran, 0);
+
+        // Out of its stall and woken, it takes what waited.
+        stalled.store(false, Ordering::SeqCst);
+        task.waker().wake();
+        settle(&mut worker, clock.now());
+        assert_eq!(taken.load(Ordering::SeqCst), 2);
+        assert_eq!(task.metrics().snapshot().invocations, 4);
     }
 }
