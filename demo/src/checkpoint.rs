@@ -30,10 +30,12 @@
 //! resume at their next pk on their old schedule (the outage shows as latency, not as lost
 //! records), binlogs start an empty log at their checkpointed position, receivers expect
 //! exactly that position ([`RecordKind::StreamStart`](crate::RecordKind::StreamStart) checks
-//! it), and sinks truncate their files to the committed length. Whole-job rather than
-//! regional restart: every binlog is fed by every producer, so a lost executor always
-//! touches a region that spans the whole graph anyway, and one rule keeps recovery simple
-//! to reason about.
+//! it), and sinks truncate their files to the committed length when they claim them (the
+//! fence next to each file names the owning job and epoch, so an older attempt or an older
+//! job writing to the same directory cannot append after that: see [`crate::fence`]).
+//! Whole-job rather than regional restart: every binlog is fed by every producer, so a lost
+//! executor always touches a region that spans the whole graph anyway, and one rule keeps
+//! recovery simple to reason about.
 //!
 //! ## Why the DDL barrier and checkpoint barriers cannot deadlock
 //! Producers send DDLs and checkpoint barriers to every stream in their own order, and

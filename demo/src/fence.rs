@@ -1,24 +1,80 @@
-//! Epoch fencing of sink files: output of a replaced attempt never lands.
+//! Fencing of sink files: output of a replaced attempt, or of an older job, never lands.
 //!
-//! Every sink file `sink_<i>.csv` has a fence file `sink_<i>.csv.fence` holding the epoch of the
-//! attempt that owns the output. A new attempt *claims* the output: under an exclusive lock on
-//! the fence it records its epoch and truncates the data file to the length its checkpoint
-//! committed (0 for a fresh start), dropping whatever an older attempt wrote after it. Every later write of any
-//! attempt takes the same lock, re-reads the fence and refuses to write if a newer epoch has
-//! claimed it. So an old attempt that wakes up after being replaced (a paused or partitioned
-//! executor) fails its sink instead of appending stale rows.
+//! Every sink file `sink_<i>.csv` has a fence file `sink_<i>.csv.fence` naming the
+//! [`Owner`] of the output: the job and the epoch of its attempt, as one line
+//! `job <job> epoch <epoch>`. Epochs count the attempts of one job (every job's first attempt
+//! is epoch 1), so the job is what tells two jobs writing to the same directory (the same
+//! `sink-dir` and `flow-id`) apart.
+//!
+//! An attempt *claims* a file ([`FencedFile::claim`]) under an exclusive lock on its fence:
+//! - the same job: a claim by an epoch older than the owner's is refused ("superseded");
+//!   otherwise the claim records its epoch and truncates the data file to the length its
+//!   checkpoint committed (0 for a fresh start), dropping what an older attempt wrote after it;
+//! - a newer job (a higher job id: ids increase with every submission to a cluster) takes the
+//!   file over: the claim records it and the file starts empty;
+//! - an older job is refused, with an error naming both jobs and the directory.
+//!
+//! Every later write and every checkpoint fsync of any attempt takes the same lock, re-reads
+//! the fence and fails if someone else owns the file now. So an old attempt that wakes up
+//! after being replaced (a paused or partitioned executor), or a job whose files a newer job
+//! took over, fails its sink instead of appending rows.
+//!
+//! A newer job with fewer streams than the one before would leave that job's files of the
+//! streams it does not have next to its own, and the verifier flags every `sink_<n>.csv`
+//! beyond the job's streams. So the sink of stream 0 *retires* them ([`retire`]) when it
+//! claims its own file: the same ownership rules, then the data file is removed. The fence
+//! file stays, naming the new owner, so a writer of the older job still running on it is
+//! fenced out too (removing the fence would let it lock a file nobody else uses).
+//!
+//! A fence file holding only an epoch (written before fences recorded the job) reads as
+//! job 0, older than every job: any job takes such files over. An empty fence (created, not
+//! yet written) has no owner. Anything else that is not exactly the format is an error
+//! naming the fence file, never a panic. Job ids are per cluster: a job of a fresh cluster
+//! (id 1 again) is refused files a job of an earlier cluster with a higher id owns; remove
+//! the directory, or give the job another `flow-id` or `sink-dir`.
+//!
+//! Creating a fence or data file, and retiring one, fsyncs the directory too (once per
+//! claim, not per write), so a committed checkpoint never refers to a file whose directory
+//! entry a power loss could drop.
 
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::sinkfile::parse_u64;
+
 /// The fence file of a data file.
 pub fn fence_path(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".fence");
     PathBuf::from(p)
+}
+
+/// The attempt that owns a sink file: its job and the attempt's epoch within the job.
+///
+/// Ordered by job, then epoch: the greater owner wins a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Owner {
+    /// The job id (ids increase with every job submitted to a cluster).
+    pub job: u64,
+    /// The attempt's epoch within the job (1 for its first attempt).
+    pub epoch: u64,
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "job {} epoch {}", self.job, self.epoch)
+    }
+}
+
+impl Owner {
+    /// The fence file's content for this owner.
+    fn record(self) -> String {
+        format!("{self}\n")
+    }
 }
 
 /// Holds an exclusive `flock` until dropped.
@@ -45,22 +101,24 @@ impl Drop for Locked<'_> {
     }
 }
 
-/// The epoch of the attempt that owns data file `path` (0 if none claimed it yet), read
-/// from its fence file without taking the lock.
-pub fn owner_epoch(path: &Path) -> io::Result<u64> {
-    match File::open(fence_path(path)) {
-        Ok(fence) => read_epoch(&fence),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+/// The owner of data file `path` (`None` if nobody claimed it yet), read from its fence file
+/// without taking the lock.
+pub fn owner(path: &Path) -> io::Result<Option<Owner>> {
+    let fence = fence_path(path);
+    match File::open(&fence) {
+        Ok(file) => read_owner(&file, &fence),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-/// The longest fence a claim writes is a `u64` in decimal: 20 bytes.
-const MAX_FENCE_BYTES: usize = 20;
+/// The longest fence a claim writes: `job <u64> epoch <u64>` and a newline.
+const MAX_FENCE_BYTES: usize = "job ".len() + 20 + " epoch ".len() + 20 + 1;
 
-/// Reads the epoch in `fence` with one positioned read: this runs before every append, so
-/// it avoids the seek, size query and second read that reading the file to its end costs.
-fn read_epoch(fence: &File) -> io::Result<u64> {
+/// Reads the owner in `fence` (at `path`, for errors) with one positioned read: this runs
+/// before every append, so it avoids the seek, size query and second read that reading the
+/// file to its end costs.
+fn read_owner(fence: &File, path: &Path) -> io::Result<Option<Owner>> {
     // One byte more than a fence holds tells a too-long fence from a full-length one.
     let mut buf = [0u8; MAX_FENCE_BYTES + 1];
     // A regular file returns less than asked only at its end.
@@ -71,54 +129,172 @@ fn read_epoch(fence: &File) -> io::Result<u64> {
             Err(e) => return Err(e),
         }
     };
-    let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, format!("bad fence: {why}"));
+    let bad = |why: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad fence {}: {why}", path.display()),
+        )
+    };
     if len > MAX_FENCE_BYTES {
         return Err(bad(format!("longer than {MAX_FENCE_BYTES} bytes")));
     }
-    let text = std::str::from_utf8(&buf[..len])
-        .map_err(|e| bad(format!("not text: {e}")))?
-        .trim();
-    if text.is_empty() {
-        return Ok(0);
-    }
-    text.parse().map_err(|e| bad(format!("{text:?}: {e}")))
+    let text = std::str::from_utf8(&buf[..len]).map_err(|e| bad(format!("not text: {e}")))?;
+    parse_fence(text).map_err(bad)
 }
 
-/// A data file owned by one attempt; writes fail once a newer attempt claims the file.
+/// Parses a fence's text: empty (no owner), `job <job> epoch <epoch>` with an optional final
+/// newline, or a bare epoch (the format before fences recorded the job: job 0).
+fn parse_fence(text: &str) -> Result<Option<Owner>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let line = text.strip_suffix('\n').unwrap_or(text);
+    let number = |field: &str, what: &str| {
+        parse_u64(field).map_err(|problem| format!("{what} {field:?} in {text:?}: {problem}"))
+    };
+    let fields: Vec<&str> = line.split(' ').collect();
+    match fields.as_slice() {
+        ["job", job, "epoch", epoch] => Ok(Some(Owner {
+            job: number(job, "job")?,
+            epoch: number(epoch, "epoch")?,
+        })),
+        [epoch] if !epoch.is_empty() && epoch.bytes().all(|b| b.is_ascii_digit()) => {
+            Ok(Some(Owner {
+                job: 0,
+                epoch: number(epoch, "epoch")?,
+            }))
+        }
+        _ => Err(format!(
+            "{text:?} is not `job <job> epoch <epoch>` (a cut-off or damaged fence)"
+        )),
+    }
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// Makes the entries of `dir` durable: files created in or removed from it since survive a
+/// power loss.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Opens `path` for reading and writing, creating it if missing; says whether it created it.
+fn open_or_create(path: &Path, read: bool) -> io::Result<(File, bool)> {
+    let mut options = OpenOptions::new();
+    options.read(read).write(true);
+    match options.clone().create_new(true).open(path) {
+        Ok(file) => Ok((file, true)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok((options.open(path)?, false)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Why `ours` may not claim a file `current` owns (to keep its first `keep` bytes), if it
+/// may not. `dir` is the file's directory, for the message.
+fn refusal(current: Option<Owner>, ours: Owner, keep: u64, dir: &Path) -> Option<io::Error> {
+    let current = current?;
+    if current.job > ours.job {
+        return Some(io::Error::other(format!(
+            "the sink files in {} belong to job {}, newer than job {}; refusing to write \
+             (the newest job writing to a directory takes its files over: remove the directory \
+             or give job {} another flow-id or sink-dir)",
+            dir.display(),
+            current.job,
+            ours.job,
+            ours.job
+        )));
+    }
+    if current.job == ours.job && current.epoch > ours.epoch {
+        return Some(superseded(ours, current));
+    }
+    if current.job < ours.job && keep > 0 {
+        return Some(io::Error::other(format!(
+            "job {} cannot resume its output in {} from a checkpoint: job {} owns the files now",
+            ours.job,
+            dir.display(),
+            current.job
+        )));
+    }
+    None
+}
+
+/// Writes `owner` into the locked `fence` and makes it durable. The new record is written over
+/// the old one before the file is cut to its length, so a crash in between leaves a damaged
+/// fence (an error) rather than an empty one (no owner).
+fn record_owner(fence: &File, owner: Owner) -> io::Result<()> {
+    let record = owner.record();
+    fence.write_all_at(record.as_bytes(), 0)?;
+    fence.set_len(record.len() as u64)?;
+    fence.sync_all()
+}
+
+/// Retires data file `path` for `owner`: under the fence lock, by the rules of
+/// [`FencedFile::claim`] (with nothing to keep), records `owner` in the fence and removes the
+/// data file; the fence stays, so a writer still running on the file is fenced out. Returns
+/// whether a data file was removed. Used for the files of streams a newer job does not have.
+pub fn retire(path: &Path, owner: Owner) -> io::Result<bool> {
+    let fence_file = fence_path(path);
+    let dir = dir_of(path);
+    let (fence, created) = open_or_create(&fence_file, true)?;
+    let _lock = Locked::new(&fence)?;
+    if let Some(refused) = refusal(read_owner(&fence, &fence_file)?, owner, 0, dir) {
+        return Err(refused);
+    }
+    record_owner(&fence, owner)?;
+    let removed = match std::fs::remove_file(path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    if created || removed {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
+/// A data file owned by one attempt; writes and syncs fail once another attempt or job claims
+/// the file.
 #[derive(Debug)]
 pub struct FencedFile {
     data: File,
     fence: File,
-    epoch: u64,
+    fence_path: PathBuf,
+    owner: Owner,
 }
 
 impl FencedFile {
-    /// Claims `path` for attempt `epoch`: fails if a newer attempt already owns it, otherwise
-    /// records the epoch and truncates the file to its first `keep` bytes (the length a
-    /// checkpoint committed; 0 starts it empty). Fails if the file is shorter than `keep`:
-    /// committed output is missing.
-    pub fn claim(path: &Path, epoch: u64, keep: u64) -> io::Result<Self> {
-        let fence = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(fence_path(path))?;
-        let data = {
+    /// Claims `path` for `owner` by the rules of the [module docs](self): fails if a newer
+    /// attempt of the same job or a newer job owns it; otherwise records `owner` and truncates
+    /// the file to its first `keep` bytes (the length a checkpoint committed; 0 starts it
+    /// empty). Fails if the file is shorter than `keep` (committed output is missing), or if
+    /// `keep` is not 0 while another job owns the file. Fsyncs the directory if it created
+    /// the data or the fence file.
+    pub fn claim(path: &Path, owner: Owner, keep: u64) -> io::Result<Self> {
+        let fence_path = fence_path(path);
+        let dir = dir_of(path);
+        let (fence, fence_created) = open_or_create(&fence_path, true)?;
+        let (data, data_created) = {
             let _lock = Locked::new(&fence)?;
-            let owner = read_epoch(&fence)?;
-            if owner > epoch {
-                return Err(superseded(epoch, owner));
+            let current = read_owner(&fence, &fence_path)?;
+            if let Some(refused) = refusal(current, owner, keep, dir) {
+                return Err(refused);
             }
-            fence.set_len(0)?;
-            (&fence).seek(SeekFrom::Start(0))?;
-            (&fence).write_all(epoch.to_string().as_bytes())?;
-            fence.sync_all()?;
-            let mut data = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(path)?;
+            if let Some(previous) = current.filter(|c| c.job != owner.job) {
+                tracing::info!(
+                    path = %path.display(),
+                    previous = %previous,
+                    owner = %owner,
+                    "a newer job takes the sink file over"
+                );
+            }
+            record_owner(&fence, owner)?;
+            let (mut data, created) = open_or_create(path, false)?;
             let len = data.metadata()?.len();
             if len < keep {
                 return Err(io::Error::new(
@@ -131,14 +307,45 @@ impl FencedFile {
             data.set_len(keep)?;
             data.seek(SeekFrom::Start(keep))?;
             data.sync_all()?;
-            data
+            (data, created)
         };
-        Ok(Self { data, fence, epoch })
+        if fence_created || data_created {
+            sync_dir(dir)?;
+        }
+        Ok(Self {
+            data,
+            fence,
+            fence_path,
+            owner,
+        })
     }
 
-    /// Flushes written data and the file's metadata to disk.
+    /// The owner this file was claimed for.
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    /// Fails unless the fence still names this file's owner (takes the fence lock).
+    fn check_owner(&self) -> io::Result<()> {
+        let _lock = Locked::new(&self.fence)?;
+        self.check_owner_locked()
+    }
+
+    /// [`FencedFile::check_owner`] with the lock already held.
+    fn check_owner_locked(&self) -> io::Result<()> {
+        let current = read_owner(&self.fence, &self.fence_path)?;
+        if current == Some(self.owner) {
+            Ok(())
+        } else {
+            Err(lost(self.owner, current, dir_of(&self.fence_path)))
+        }
+    }
+
+    /// Flushes written data and the file's metadata to disk; fails if another attempt or job
+    /// has claimed the file since (nothing of this owner may then be reported durable).
     pub fn sync(&self) -> io::Result<()> {
-        self.data.sync_all()
+        self.data.sync_all()?;
+        self.check_owner()
     }
 
     /// Starts writing `len` bytes from `offset` back to disk without waiting for it
@@ -191,9 +398,10 @@ impl FencedFile {
     }
 
     /// Flushes written data to disk, and of the metadata only what reading it back needs
-    /// (`fdatasync`).
+    /// (`fdatasync`); fails if another attempt or job has claimed the file since.
     pub fn sync_data(&self) -> io::Result<()> {
-        self.data.sync_data()
+        self.data.sync_data()?;
+        self.check_owner()
     }
 }
 
@@ -204,19 +412,40 @@ fn file_range(offset: u64, len: u64) -> Option<(i64, i64)> {
     Some((i64::try_from(offset).ok()?, i64::try_from(len).ok()?))
 }
 
-fn superseded(epoch: u64, owner: u64) -> io::Error {
+/// The error of a claim by `ours` of a file a later attempt `owner` of the same job owns.
+fn superseded(ours: Owner, owner: Owner) -> io::Error {
     io::Error::other(format!(
-        "attempt of epoch {epoch} was superseded by epoch {owner}; refusing to write"
+        "job {}: attempt of epoch {} was superseded by epoch {}; refusing to write",
+        ours.job, ours.epoch, owner.epoch
     ))
+}
+
+/// The error of a write or sync by `ours` once the fence names `current` instead.
+fn lost(ours: Owner, current: Option<Owner>, dir: &Path) -> io::Error {
+    match current {
+        Some(current) if current.job == ours.job => superseded(ours, current),
+        Some(current) if current.job > ours.job => io::Error::other(format!(
+            "job {}'s sink files in {} were taken over by job {}, a newer job writing to the \
+             same directory; refusing to write",
+            ours.job,
+            dir.display(),
+            current.job
+        )),
+        Some(current) => io::Error::other(format!(
+            "{ours} lost its sink files in {} to {current}; refusing to write",
+            dir.display()
+        )),
+        None => io::Error::other(format!(
+            "the fence of {ours}'s sink file in {} names no owner any more; refusing to write",
+            dir.display()
+        )),
+    }
 }
 
 impl Write for FencedFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let _lock = Locked::new(&self.fence)?;
-        let owner = read_epoch(&self.fence)?;
-        if owner != self.epoch {
-            return Err(superseded(self.epoch, owner));
-        }
+        self.check_owner_locked()?;
         self.data.write_all(buf)?;
         Ok(buf.len())
     }
@@ -230,15 +459,24 @@ impl Write for FencedFile {
 pub(crate) mod tests {
     use super::*;
 
+    fn of(job: u64, epoch: u64) -> Owner {
+        Owner { job, epoch }
+    }
+
     #[test]
-    fn newer_attempt_fences_the_older_one() {
+    fn same_job_newer_attempt_fences_the_older_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sink_0.csv");
-        let mut old = FencedFile::claim(&path, 1, 0).unwrap();
+        assert_eq!(owner(&path).unwrap(), None, "nobody claimed it yet");
+        let mut old = FencedFile::claim(&path, of(4, 1), 0).unwrap();
         old.write_all(b"old row\n").unwrap();
-        assert_eq!(owner_epoch(&path).unwrap(), 1);
-        let mut new = FencedFile::claim(&path, 2, 0).unwrap();
-        assert_eq!(owner_epoch(&path).unwrap(), 2);
+        assert_eq!(owner(&path).unwrap(), Some(of(4, 1)));
+        assert_eq!(
+            std::fs::read_to_string(fence_path(&path)).unwrap(),
+            "job 4 epoch 1\n"
+        );
+        let mut new = FencedFile::claim(&path, of(4, 2), 0).unwrap();
+        assert_eq!(owner(&path).unwrap(), Some(of(4, 2)));
         assert_eq!(
             std::fs::read(&path).unwrap(),
             b"",
@@ -246,53 +484,206 @@ pub(crate) mod tests {
         );
         let err = old.write_all(b"stale row\n").unwrap_err();
         assert!(err.to_string().contains("superseded by epoch 2"), "{err}");
+        let err = old.sync_data().unwrap_err();
+        assert!(err.to_string().contains("superseded by epoch 2"), "{err}");
         new.write_all(b"new row\n").unwrap();
+        new.sync_data().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new row\n");
-        let err = FencedFile::claim(&path, 1, 0).expect_err("an old attempt cannot claim");
+        let err = FencedFile::claim(&path, of(4, 1), 0).expect_err("an old attempt cannot claim");
         assert!(err.to_string().contains("superseded"), "{err}");
         // The same epoch may claim again (a task restarted within its attempt).
-        FencedFile::claim(&path, 2, 0).unwrap();
+        FencedFile::claim(&path, of(4, 2), 0).unwrap();
+    }
+
+    #[test]
+    fn a_newer_job_takes_the_files_over_from_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sink_0.csv");
+        // The first job recovered once: its files are at epoch 2.
+        let mut first = FencedFile::claim(&path, of(3, 2), 0).unwrap();
+        first.write_all(b"first job\n").unwrap();
+        first.sync().unwrap();
+        // The next job's first attempt is epoch 1, lower than 2, yet it is the newer job.
+        let mut second = FencedFile::claim(&path, of(5, 1), 0).unwrap();
+        assert_eq!(owner(&path).unwrap(), Some(of(5, 1)));
+        assert_eq!(std::fs::read(&path).unwrap(), b"", "taken over empty");
+        second.write_all(b"second job\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second job\n");
+        // A newer job cannot resume from a checkpoint of bytes another job wrote.
+        let err = FencedFile::claim(&path, of(6, 2), 5).unwrap_err();
+        assert!(
+            err.to_string().contains("job 6 cannot resume") && err.to_string().contains("job 5"),
+            "{err}"
+        );
+        assert_eq!(
+            owner(&path).unwrap(),
+            Some(of(5, 1)),
+            "a refused claim changes nothing"
+        );
+    }
+
+    #[test]
+    fn an_older_job_is_refused_with_both_jobs_and_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sink_0.csv");
+        let mut newer = FencedFile::claim(&path, of(7, 1), 0).unwrap();
+        newer.write_all(b"job 7\n").unwrap();
+        for older in [of(6, 1), of(6, 9)] {
+            let err = FencedFile::claim(&path, older, 0).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains("belong to job 7, newer than job 6")
+                    && msg.contains(&dir.path().display().to_string()),
+                "{msg}"
+            );
+        }
+        assert_eq!(owner(&path).unwrap(), Some(of(7, 1)));
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"job 7\n",
+            "nothing truncated"
+        );
+        newer.write_all(b"more\n").unwrap();
+    }
+
+    #[test]
+    fn a_running_writer_of_an_older_job_is_fenced_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sink_0.csv");
+        let mut older = FencedFile::claim(&path, of(1, 1), 0).unwrap();
+        older.write_all(b"older\n").unwrap();
+        let mut newer = FencedFile::claim(&path, of(2, 1), 0).unwrap();
+        for err in [
+            older.write_all(b"stale\n").unwrap_err(),
+            older.sync_data().unwrap_err(),
+            older.sync().unwrap_err(),
+        ] {
+            let msg = err.to_string();
+            assert!(
+                msg.contains("job 1's sink files in")
+                    && msg.contains("were taken over by job 2")
+                    && msg.contains(&dir.path().display().to_string()),
+                "{msg}"
+            );
+        }
+        newer.write_all(b"newer\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"newer\n");
+    }
+
+    #[test]
+    fn retiring_a_file_removes_it_and_fences_its_writer_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sink_5.csv");
+        let mut older = FencedFile::claim(&path, of(1, 1), 0).unwrap();
+        older.write_all(b"row\n").unwrap();
+        assert!(retire(&path, of(2, 1)).unwrap());
+        assert!(!path.exists(), "the data file is gone");
+        assert_eq!(owner(&path).unwrap(), Some(of(2, 1)), "the fence stays");
+        let err = older.write_all(b"stale\n").unwrap_err();
+        assert!(err.to_string().contains("taken over by job 2"), "{err}");
+        // Again: nothing left to remove. The same job's later attempt may retire too.
+        assert!(!retire(&path, of(2, 3)).unwrap());
+        // An older job may not retire a newer job's file.
+        FencedFile::claim(&path, of(4, 1), 0).unwrap();
+        let err = retire(&path, of(3, 1)).unwrap_err();
+        assert!(err.to_string().contains("newer than job 3"), "{err}");
+        assert!(path.exists());
     }
 
     #[test]
     fn a_claim_keeps_the_committed_prefix_and_appends_after_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sink_0.csv");
-        let mut first = FencedFile::claim(&path, 1, 0).unwrap();
+        let mut first = FencedFile::claim(&path, of(1, 1), 0).unwrap();
         first
             .write_all(b"committed\nlost after the checkpoint\n")
             .unwrap();
-        let mut second = FencedFile::claim(&path, 2, 10).unwrap();
+        let mut second = FencedFile::claim(&path, of(1, 2), 10).unwrap();
         second.write_all(b"replayed\n").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"committed\nreplayed\n");
-        let err = FencedFile::claim(&path, 3, 1000).unwrap_err();
+        let err = FencedFile::claim(&path, of(1, 3), 1000).unwrap_err();
         assert!(err.to_string().contains("fewer than the 1000"), "{err}");
     }
 
     #[test]
-    fn a_damaged_fence_refuses_writes_and_names_the_problem() {
+    fn a_damaged_fence_refuses_writes_and_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sink_0.csv");
-        let mut file = FencedFile::claim(&path, u64::MAX, 0).unwrap();
+        let max = of(u64::MAX, u64::MAX);
+        let mut file = FencedFile::claim(&path, max, 0).unwrap();
         assert_eq!(
-            owner_epoch(&path).unwrap(),
-            u64::MAX,
-            "a 20-digit epoch reads back"
+            owner(&path).unwrap(),
+            Some(max),
+            "20-digit numbers read back"
         );
         file.write_all(b"row\n").unwrap();
-        for (fence, expected) in [
-            (&b"123456789012345678901"[..], "longer than 20 bytes"),
-            (b"12x", "\"12x\""),
+        let fence = fence_path(&path);
+        for (content, expected) in [
+            (
+                &b"job 1 epoch 123456789012345678901234567890123456789012345"[..],
+                "longer than 52 bytes",
+            ),
+            (b"job 12x epoch 1", "\"12x\""),
+            (b"job 1 epoch 01", "leading zero"),
+            (b"job 1 epoch 99999999999999999999", "too large"),
+            (b"job 1 epoch", "not `job <job> epoch <epoch>`"),
+            (b"job 3", "not `job <job> epoch <epoch>`"),
+            (b"job 1  epoch 1", "not `job <job> epoch <epoch>`"),
+            (b"job 1 epoch 1\n\n", "not a decimal digit string"),
+            (b"\n", "not `job <job> epoch <epoch>`"),
+            (b"12x", "not `job <job> epoch <epoch>`"),
             (&[0xff], "not text"),
         ] {
-            std::fs::write(fence_path(&path), fence).unwrap();
-            let err = file.write_all(b"row\n").unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-            assert!(err.to_string().contains(expected), "{fence:?}: {err}");
+            std::fs::write(&fence, content).unwrap();
+            for err in [
+                file.write_all(b"row\n").unwrap_err(),
+                owner(&path).unwrap_err(),
+                FencedFile::claim(&path, of(9, 1), 0).unwrap_err(),
+            ] {
+                assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{content:?}: {err}");
+                let msg = err.to_string();
+                assert!(
+                    msg.contains(&format!("bad fence {}", fence.display()))
+                        && msg.contains(expected),
+                    "{content:?}: {msg}"
+                );
+            }
         }
-        std::fs::write(fence_path(&path), b"18446744073709551615").unwrap();
+        std::fs::write(&fence, max.record()).unwrap();
         file.write_all(b"row\n").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"row\nrow\n");
+    }
+
+    #[test]
+    fn a_bare_epoch_fence_is_job_zero_and_an_empty_one_has_no_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sink_0.csv");
+        std::fs::write(&path, b"left by an earlier build\n").unwrap();
+        std::fs::write(fence_path(&path), b"3").unwrap();
+        assert_eq!(owner(&path).unwrap(), Some(of(0, 3)));
+        FencedFile::claim(&path, of(1, 1), 0).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        std::fs::write(fence_path(&path), b"").unwrap();
+        assert_eq!(owner(&path).unwrap(), None);
+    }
+
+    #[test]
+    fn claiming_creates_both_files_and_the_claim_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sink_0.csv");
+        FencedFile::claim(&path, of(1, 1), 0).unwrap();
+        assert!(path.exists() && fence_path(&path).exists());
+        // Rewriting a longer record with a shorter one leaves no trailing bytes.
+        FencedFile::claim(&path, of(12_345, 67_890), 0).unwrap();
+        FencedFile::claim(&path, of(12_345, 67_891), 0).unwrap();
+        FencedFile::claim(&path, of(99_999, 1), 0).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(fence_path(&path)).unwrap(),
+            "job 99999 epoch 1\n"
+        );
+        sync_dir(dir.path()).unwrap();
+        let err = sync_dir(&dir.path().join("missing")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 
     /// A temporary directory whose files' pages can leave the page cache: the system's
@@ -348,7 +739,7 @@ pub(crate) mod tests {
     fn dropping_cached_pages_frees_clean_ones_and_keeps_the_content() {
         let dir = disk_tempdir();
         let path = dir.path().join("sink_0.csv");
-        let mut file = FencedFile::claim(&path, 1, 0).unwrap();
+        let mut file = FencedFile::claim(&path, of(1, 1), 0).unwrap();
         let content: Vec<u8> = (0..64 * 4096u32).map(|i| (i % 251) as u8).collect();
         file.write_all(&content).unwrap();
         let written = resident_pages(&path);
@@ -370,7 +761,7 @@ pub(crate) mod tests {
     fn write_back_and_fdatasync_keep_the_content() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sink_0.csv");
-        let mut file = FencedFile::claim(&path, 1, 0).unwrap();
+        let mut file = FencedFile::claim(&path, of(1, 1), 0).unwrap();
         file.write_all(b"one\ntwo\n").unwrap();
         file.start_writeback(0, 8).unwrap();
         // A range past the end is accepted too (the kernel clips it).

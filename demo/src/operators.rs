@@ -30,6 +30,7 @@ use microcosm_engine::{Batch, Context, EngineError, Input, Notify, Operator, Out
 
 use crate::barrier::{Arrival, BarrierCoordinator};
 use crate::checkpoint::{Snapshots, TaskState};
+use crate::fence::Owner;
 use crate::record::{
     DemoRecord, RecordKind, TRACE_BINLOG, TRACE_PRODUCED, TRACE_RECEIVE, TRACE_SINK, TRACE_SYNCED,
     UnixClock,
@@ -1226,7 +1227,10 @@ pub struct Sink {
     stream: u32,
     path: PathBuf,
     clock: UnixClock,
-    epoch: u64,
+    /// The job and attempt the sink writes for (see [`crate::fence`]).
+    owner: Owner,
+    /// The job's number of streams (see [`WriterTarget::streams`]).
+    streams: u32,
     /// Started on the first invocation (it needs the task's waker).
     writer: Option<SinkWriter>,
     /// Formatted rows not yet handed to the writer.
@@ -1278,11 +1282,13 @@ pub fn stages_path(sink_path: &std::path::Path) -> PathBuf {
 }
 
 impl Sink {
-    /// Sink `stream` of attempt `epoch` writing to `path`, reporting latency into `latency`.
+    /// Sink `stream` of a job with `streams` streams, writing to `path` for `owner` (the job
+    /// and its attempt), reporting latency into `latency`.
     pub fn new(
         stream: u32,
         path: PathBuf,
-        epoch: u64,
+        owner: Owner,
+        streams: u32,
         clock: UnixClock,
         latency: LatencyHandle,
         snapshots: Snapshots,
@@ -1290,7 +1296,8 @@ impl Sink {
         Sink {
             stream,
             path,
-            epoch,
+            owner,
+            streams,
             clock,
             writer: None,
             buf: Vec::new(),
@@ -1334,8 +1341,9 @@ impl Sink {
                 let target = WriterTarget {
                     stream: self.stream,
                     path: self.path.clone(),
-                    epoch: self.epoch,
+                    owner: self.owner,
                     keep: self.keep,
+                    streams: self.streams,
                 };
                 let waker: Arc<dyn Notify> = Arc::new(cx.waker().clone());
                 let w = SinkWriter::start(target, self.snapshots.clone(), waker, QUEUE_BUFFERS)?;

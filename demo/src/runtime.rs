@@ -33,6 +33,7 @@ use microcosm_engine::{
 
 use crate::barrier::BarrierCoordinator;
 use crate::checkpoint::{Snapshots, StateError, TaskState};
+use crate::fence::Owner;
 use crate::operators::{
     Binlog, LatencyHandle, LogPosition, Producer, Receive, Sink, Syncer, new_histogram,
 };
@@ -89,9 +90,12 @@ pub enum DemoError {
 /// What [`start_tasks`] needs.
 #[derive(Clone, Copy)]
 pub struct StartContext<'a> {
-    /// The job id (names the job's remote edges).
+    /// The job id: names the job's remote edges, and its sinks' files are fenced by it (a
+    /// newer job writing to the same directory takes them over, an older one is refused; see
+    /// [`crate::fence`]).
     pub job: u64,
-    /// The attempt's epoch: sinks refuse to write once a newer attempt claimed their files.
+    /// The attempt's epoch: sinks refuse to write once a newer attempt of the job claimed
+    /// their files.
     pub epoch: u64,
     /// The job's spec.
     pub spec: &'a DemoSpec,
@@ -352,7 +356,8 @@ pub fn start_tasks(ctx: StartContext<'_>) -> Result<StartedTasks, DemoError> {
                 let mut op = Sink::new(
                     stream,
                     spec.sink_path(stream),
-                    epoch,
+                    Owner { job, epoch },
+                    spec.binlog_num,
                     clock.clone(),
                     latency,
                     snaps,
@@ -568,10 +573,11 @@ fn bump(counters: &mut BTreeMap<u32, u32>, task: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use microcosm_engine::{EngineConfig, MemoryExchange};
+    use microcosm_engine::{EngineConfig, MemoryExchange, MemorySnapshots, wait_finished};
 
     use super::*;
     use crate::plan::plan;
+    use crate::verify::verify;
 
     fn spec() -> DemoSpec {
         DemoSpec {
@@ -680,5 +686,67 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("state of a binlog"), "{err}");
         assert_eq!(engine.live_tasks(), 0, "nothing was spawned");
+    }
+
+    /// Runs every task of `spec` as attempt 1 of job `job` on a fresh engine, to the end.
+    fn run_job(spec: &DemoSpec, job: u64) -> Result<(), EngineError> {
+        let engine = Engine::start(EngineConfig::with_workers(1))?;
+        let graph = plan(spec);
+        let local: Vec<u32> = (0..graph.tasks.len() as u32).collect();
+        let exchange = MemoryExchange::<DemoRecord>::new();
+        let snapshots: Arc<dyn SnapshotSink> = Arc::new(MemorySnapshots::new());
+        let started = start_tasks(StartContext {
+            job,
+            epoch: 1,
+            spec,
+            graph: &graph,
+            local: &local,
+            engine: &engine,
+            exchange: &exchange,
+            restore: None,
+            snapshots: &snapshots,
+        })
+        .map_err(|e| EngineError::operator(e.to_string()))?;
+        // A guard against a hang, not a measurement.
+        let result = wait_finished(&[&engine], started.ids(), Duration::from_secs(120));
+        started.cancel_all();
+        engine.shutdown(Duration::from_secs(10));
+        result
+    }
+
+    #[test]
+    fn a_newer_job_in_the_same_directory_takes_the_output_over_and_an_older_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec_with = |streams| DemoSpec {
+            flow_id: "same".to_owned(),
+            table_num: 2,
+            binlog_num: streams,
+            rcd_cnt: 300,
+            ddl_freq: 50,
+            rate: 0,
+            sink_dir: dir.path().to_owned(),
+            checkpoint_interval_ms: 3_600_000,
+            ..DemoSpec::default()
+        };
+        let four = spec_with(4);
+        run_job(&four, 3).unwrap();
+        assert!(verify(&four.output_dir(), &four).unwrap().passed());
+        // The same flow-id and sink-dir again, as a newer job (its attempt is epoch 1 too)
+        // with fewer streams: it takes the files over and retires those of streams 2 and 3.
+        let two = spec_with(2);
+        run_job(&two, 4).unwrap();
+        let report = verify(&two.output_dir(), &two).unwrap();
+        assert!(report.passed(), "{report}");
+        assert_eq!(report.data_rows, two.total_data_records());
+        // The older job is refused and changes nothing.
+        let err = run_job(&four, 3).unwrap_err().to_string();
+        assert!(
+            err.contains("belong to job 4, newer than job 3")
+                && err.contains(&four.output_dir().display().to_string()),
+            "{err}"
+        );
+        let report = verify(&two.output_dir(), &two).unwrap();
+        assert!(report.passed(), "{report}");
+        assert_eq!(report.data_rows, two.total_data_records());
     }
 }

@@ -9,8 +9,11 @@
 //!
 //! So the [`Sink`](crate::operators::Sink) only formats rows, into buffers of about
 //! [`BUFFER_BYTES`], and hands each full buffer to its writer thread, which:
-//! - claims the file first ([`FencedFile::claim`]: epoch fencing, truncation to the length
-//!   the restored checkpoint committed);
+//! - creates the file's directory if missing (fsyncing each parent of a directory it
+//!   created) and claims the file ([`FencedFile::claim`]: job and epoch fencing, truncation
+//!   to the length the restored checkpoint committed);
+//! - for stream 0, retires the files of streams the job does not have ([`fence::retire`]), left
+//!   by an earlier job with more streams in the same directory;
 //! - appends the buffers in order;
 //! - at a checkpoint ([`After::Checkpoint`]) fsyncs what it wrote and only then reports the
 //!   sink's snapshot;
@@ -40,7 +43,7 @@
 //! worker each time. Parked, a writer costs the worker one wake-up per buffer.
 
 use std::fs;
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -49,7 +52,8 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use microcosm_engine::{EngineError, Notify};
 
 use crate::checkpoint::{Snapshots, TaskState};
-use crate::fence::FencedFile;
+use crate::fence::{self, FencedFile, Owner};
+use crate::operators::stages_path;
 
 /// A sink hands its buffer over once it holds at least this many bytes (or at a checkpoint
 /// or the end).
@@ -162,10 +166,13 @@ pub struct WriterTarget {
     pub stream: u32,
     /// The data file.
     pub path: PathBuf,
-    /// The attempt that writes (see [`crate::fence`]).
-    pub epoch: u64,
+    /// The job and attempt that write (see [`crate::fence`]).
+    pub owner: Owner,
     /// Bytes of the file to keep when claiming it (the committed length).
     pub keep: u64,
+    /// The job's number of streams. The writer of stream 0 retires every `sink_<n>.csv` in
+    /// the file's directory with `n` at least this (see [`fence::retire`]).
+    pub streams: u32,
 }
 
 impl SinkWriter {
@@ -263,8 +270,58 @@ impl std::fmt::Debug for SinkWriter {
     }
 }
 
-fn describe(target: &WriterTarget, what: &str, path: &Path, error: &std::io::Error) -> String {
+fn describe(target: &WriterTarget, what: &str, path: &Path, error: &io::Error) -> String {
     format!("sink {}: {what} {}: {error}", target.stream, path.display())
+}
+
+/// Creates `dir` and its missing parents like [`fs::create_dir_all`], and fsyncs the parent of
+/// every directory it creates, so the new entries survive a power loss.
+fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent {
+        create_dir_all_durable(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => fence::sync_dir(parent.unwrap_or(Path::new("."))),
+        // Created by someone else meanwhile (another sink of the job): they fsync it.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Retires (see [`fence::retire`]) every `sink_<n>.csv` in `dir` with `n >= streams`, and its
+/// stage breakdown: files an earlier job with more streams left there, which the verifier
+/// would flag. Returns the names retired.
+fn retire_stale(dir: &Path, streams: u32, owner: Owner) -> io::Result<Vec<String>> {
+    let mut retired = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        // The names the verifier takes for sink files.
+        let stale = name
+            .strip_prefix("sink_")
+            .and_then(|rest| rest.strip_suffix(".csv"))
+            .and_then(|index| index.parse::<u64>().ok())
+            .is_some_and(|index| index >= u64::from(streams));
+        if !stale {
+            continue;
+        }
+        let path = entry.path();
+        if fence::retire(&path, owner)? {
+            retired.push(name.to_owned());
+        }
+        match fs::remove_file(stages_path(&path)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    retired.sort();
+    Ok(retired)
 }
 
 /// The writer thread: claims the file, then serves jobs until the sink hangs up or a job
@@ -277,12 +334,34 @@ fn write_loop(
     shared: &Shared,
 ) -> Result<(), String> {
     let path = &target.path;
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)
-            .map_err(|e| describe(target, "creating the directory of", path, &e))?;
-    }
-    let mut file = FencedFile::claim(path, target.epoch, target.keep)
+    let dir = path.parent().unwrap_or(Path::new(""));
+    create_dir_all_durable(dir)
+        .map_err(|e| describe(target, "creating the directory of", path, &e))?;
+    let mut file = FencedFile::claim(path, target.owner, target.keep)
         .map_err(|e| describe(target, "claiming", path, &e))?;
+    if target.stream == 0 {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let retired = retire_stale(dir, target.streams, target.owner).map_err(|e| {
+            describe(
+                target,
+                "retiring other jobs' files of streams beyond its own in",
+                dir,
+                &e,
+            )
+        })?;
+        if !retired.is_empty() {
+            tracing::info!(
+                dir = %dir.display(),
+                files = ?retired,
+                owner = %target.owner,
+                "removed sink files of streams this job does not have"
+            );
+        }
+    }
     // File offsets: the end of what was written, and where write-back was last started.
     let mut end = target.keep;
     let mut written_back = target.keep;
@@ -385,8 +464,9 @@ mod tests {
         WriterTarget {
             stream: 3,
             path: dir.join("out/sink_3.csv"),
-            epoch,
+            owner: Owner { job: 1, epoch },
             keep: 0,
+            streams: 4,
         }
     }
 
@@ -559,7 +639,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = target(dir.path(), 1);
         fs::create_dir_all(t.path.parent().unwrap()).unwrap();
-        FencedFile::claim(&t.path, 2, 0).unwrap();
+        FencedFile::claim(&t.path, Owner { job: 1, epoch: 2 }, 0).unwrap();
         let woken = Arc::new(Count::default());
         let writer = SinkWriter::start(t, Snapshots::in_memory(0).0, woken.clone(), 2).unwrap();
         wait_for("the failure", || writer.failure().is_some());
@@ -573,5 +653,115 @@ mod tests {
             Err(e) => e.to_string().contains("superseded"),
             Ok(_) => false,
         });
+    }
+
+    #[test]
+    fn a_claim_refused_to_an_older_job_fails_the_writer_naming_both_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = target(dir.path(), 1);
+        fs::create_dir_all(t.path.parent().unwrap()).unwrap();
+        FencedFile::claim(&t.path, Owner { job: 2, epoch: 1 }, 0).unwrap();
+        let writer =
+            SinkWriter::start(t, Snapshots::in_memory(0).0, Arc::new(Count::default()), 2).unwrap();
+        wait_for("the failure", || writer.failure().is_some());
+        let reason = writer.failure().unwrap();
+        assert!(
+            reason.contains("sink 3: claiming")
+                && reason.contains("belong to job 2, newer than job 1"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn stream_0_retires_the_files_of_streams_the_job_does_not_have() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let earlier = Owner { job: 1, epoch: 2 };
+        // An earlier job with six streams; its writer of stream 5 is still running.
+        let mut running = None;
+        for stream in 0..6 {
+            let path = out.join(format!("sink_{stream}.csv"));
+            fs::create_dir_all(&out).unwrap();
+            let mut file = FencedFile::claim(&path, earlier, 0).unwrap();
+            file.write_all(b"earlier job\n").unwrap();
+            fs::write(stages_path(&path), "stages\n").unwrap();
+            running = Some(file);
+        }
+        fs::write(out.join("notes.txt"), "kept").unwrap();
+        let streams = 2;
+        let owner = Owner { job: 2, epoch: 1 };
+        let mut writers = Vec::new();
+        // Stream 1 first: only stream 0 retires anything.
+        for stream in [1, 0] {
+            let t = WriterTarget {
+                stream,
+                path: out.join(format!("sink_{stream}.csv")),
+                owner,
+                keep: 0,
+                streams,
+            };
+            let (snapshots, taken) = Snapshots::in_memory(stream);
+            let writer = SinkWriter::start(t, snapshots, Arc::new(Count::default()), 2).unwrap();
+            let job = Job {
+                data: b"this job\n".to_vec(),
+                after: After::Checkpoint {
+                    checkpoint: 1,
+                    state: TaskState::Sink { length: 9, rows: 1 },
+                },
+            };
+            assert!(matches!(writer.offer(job).unwrap(), Offer::Taken));
+            wait_for("the checkpoint", || !taken.taken().is_empty());
+            if stream == 1 {
+                assert!(out.join("sink_5.csv").exists(), "stream 1 retires nothing");
+            }
+            writers.push(writer);
+        }
+        let mut names: Vec<String> = fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "notes.txt",
+                "sink_0.csv",
+                "sink_0.csv.fence",
+                "sink_0.csv.stages",
+                "sink_1.csv",
+                "sink_1.csv.fence",
+                "sink_1.csv.stages",
+                "sink_2.csv.fence",
+                "sink_3.csv.fence",
+                "sink_4.csv.fence",
+                "sink_5.csv.fence",
+            ]
+        );
+        for stream in 0..2 {
+            let path = out.join(format!("sink_{stream}.csv"));
+            assert_eq!(fs::read_to_string(&path).unwrap(), "this job\n");
+        }
+        for stream in 2..6 {
+            let path = out.join(format!("sink_{stream}.csv"));
+            assert_eq!(fence::owner(&path).unwrap(), Some(owner));
+        }
+        // The earlier job's writer still running on a retired file is fenced out.
+        let err = running.unwrap().write_all(b"late\n").unwrap_err();
+        assert!(err.to_string().contains("taken over by job 2"), "{err}");
+        for writer in &writers {
+            assert!(writer.failure().is_none(), "{:?}", writer.failure());
+        }
+    }
+
+    #[test]
+    fn missing_directories_are_created_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/c");
+        create_dir_all_durable(&deep).unwrap();
+        assert!(deep.is_dir());
+        // Existing directories are fine, a file in the way is not.
+        create_dir_all_durable(&deep).unwrap();
+        fs::write(dir.path().join("file"), "x").unwrap();
+        assert!(create_dir_all_durable(&dir.path().join("file/d")).is_err());
     }
 }

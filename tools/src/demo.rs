@@ -171,15 +171,16 @@ impl Progress {
         total
     }
 
-    /// Per sink file, its size if an attempt of epoch `epoch` or later has claimed it
-    /// (truncated it to its checkpoint), else `None`.
-    fn claimed_sizes(&self, epoch: u64) -> Vec<Option<u64>> {
+    /// Per sink file, its size if an attempt of job `job` with epoch `epoch` or later has
+    /// claimed it (truncated it to its checkpoint), else `None`.
+    fn claimed_sizes(&self, job: u64, epoch: u64) -> Vec<Option<u64>> {
         self.files
             .iter()
             .map(|file| {
                 let p = &file.path;
-                let owner = microcosm_demo::fence::owner_epoch(p).ok()?;
-                (owner >= epoch).then(|| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+                let owner = microcosm_demo::fence::owner(p).ok()??;
+                (owner.job == job && owner.epoch >= epoch)
+                    .then(|| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
             })
             .collect()
     }
@@ -393,7 +394,7 @@ async fn watch(
             && !recovery_reported
             && epoch > *old_epoch
         {
-            let sizes = progress.claimed_sizes(*old_epoch + 1);
+            let sizes = progress.claimed_sizes(job, *old_epoch + 1);
             for (base, now) in baseline.iter_mut().zip(&sizes) {
                 if base.is_none() {
                     *base = *now;
