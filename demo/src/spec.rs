@@ -7,7 +7,8 @@
 //! table-num = 10              # T producers, table ids 0..T-1       (1..=10000)
 //! binlog-num = 4              # S binlog streams                    (1..=1024)
 //! rcd-cnt = 100000            # data records per table              (1..=10^10)
-//! ddl-freq = 10000            # a DDL before every pk % ddl-freq == 0 (0 = never)
+//! ddl-freq = 10000            # a DDL before every pk % ddl-freq == 0 (0 = never);
+//!                             # rcd-cnt / ddl-freq <= 2^32 - 1 (schema versions)
 //! rate = 100000               # total records/s offered (0 = as fast as possible, <= 10^9)
 //! sink-dir = "/tmp/microcosm-sink"
 //! batch-size = 256            # records per batch                   (1..=65536)
@@ -57,6 +58,21 @@ pub enum SpecError {
     /// `sink-dir` is the empty path.
     #[error("sink-dir must not be empty")]
     EmptySinkDir,
+    /// `rcd-cnt / ddl-freq` is more schema versions per table than a record's 32-bit
+    /// version field holds.
+    #[error(
+        "rcd-cnt / ddl-freq = {rcd_cnt} / {ddl_freq} = {versions} schema versions per table; at most {max} are supported (raise ddl-freq or lower rcd-cnt)"
+    )]
+    TooManyVersions {
+        /// The `rcd-cnt` value.
+        rcd_cnt: u64,
+        /// The `ddl-freq` value.
+        ddl_freq: u64,
+        /// Versions the spec needs.
+        versions: u64,
+        /// The largest supported, [`MAX_SCHEMA_VERSIONS`].
+        max: u64,
+    },
     /// Both `binlog-num` and the legacy `servers` were given and disagree.
     #[error("binlog-num is {binlog_num} but servers lists {servers} entries; give only binlog-num")]
     ServersMismatch {
@@ -150,6 +166,10 @@ const CHECKPOINT_INTERVAL_MS: Bounds = Bounds {
 /// Longest accepted `flow-id`, in bytes (it is a single path component).
 pub const MAX_FLOW_ID_LEN: usize = 128;
 
+/// Most schema versions a table may reach (`rcd-cnt / ddl-freq`): a record carries its
+/// version in 32 bits.
+pub const MAX_SCHEMA_VERSIONS: u64 = u32::MAX as u64;
+
 /// The demo job's parameters, validated.
 ///
 /// Fields are public so a launcher can read them directly; after changing a field by hand
@@ -227,7 +247,8 @@ impl DemoSpec {
         Ok(toml::to_string(self)?)
     }
 
-    /// Checks every field's range, the `flow-id` charset and that `sink-dir` is not empty.
+    /// Checks every field's range, the `flow-id` charset, that `sink-dir` is not empty and
+    /// that `rcd-cnt / ddl-freq` is at most [`MAX_SCHEMA_VERSIONS`].
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_flow_id(&self.flow_id)?;
         TABLE_NUM.check_u64(u64::from(self.table_num))?;
@@ -240,6 +261,15 @@ impl DemoSpec {
         CHECKPOINT_INTERVAL_MS.check_u64(self.checkpoint_interval_ms)?;
         if self.sink_dir.as_os_str().is_empty() {
             return Err(SpecError::EmptySinkDir);
+        }
+        let versions = self.ddls_per_table();
+        if versions > MAX_SCHEMA_VERSIONS {
+            return Err(SpecError::TooManyVersions {
+                rcd_cnt: self.rcd_cnt,
+                ddl_freq: self.ddl_freq,
+                versions,
+                max: MAX_SCHEMA_VERSIONS,
+            });
         }
         Ok(())
     }
@@ -678,6 +708,44 @@ mod tests {
         };
         let err = spec.validate().unwrap_err();
         assert!(err.to_string().contains(&u64::MAX.to_string()), "{err}");
+    }
+
+    #[test]
+    fn more_schema_versions_than_a_record_holds_are_refused_naming_the_keys() {
+        let err = DemoSpec::from_toml_str("rcd-cnt = 10000000000\nddl-freq = 1").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SpecError::TooManyVersions {
+                    rcd_cnt: 10_000_000_000,
+                    ddl_freq: 1,
+                    versions: 10_000_000_000,
+                    max: MAX_SCHEMA_VERSIONS,
+                }
+            ),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("rcd-cnt") && msg.contains("ddl-freq"), "{msg}");
+        // A hand-built spec is caught by validate, and the boundary is accepted.
+        let spec = DemoSpec {
+            rcd_cnt: 2 * MAX_SCHEMA_VERSIONS + 2,
+            ddl_freq: 2,
+            ..DemoSpec::default()
+        };
+        assert!(matches!(
+            spec.validate(),
+            Err(SpecError::TooManyVersions { .. })
+        ));
+        let spec = DemoSpec {
+            rcd_cnt: 2 * MAX_SCHEMA_VERSIONS + 2,
+            ddl_freq: 3,
+            ..DemoSpec::default()
+        };
+        spec.validate().unwrap();
+        let spec = DemoSpec::from_toml_str("rcd-cnt = 4294967295\nddl-freq = 1").unwrap();
+        assert_eq!(spec.ddls_per_table(), MAX_SCHEMA_VERSIONS);
+        DemoSpec::from_toml_str("rcd-cnt = 4294967296\nddl-freq = 1").unwrap_err();
     }
 
     #[test]
