@@ -295,7 +295,12 @@ impl<R> Input<R> {
         self.edge.producer_closed.load(Ordering::Acquire) && self.is_empty()
     }
 
-    /// True if the producer failed or was cancelled (rather than finishing normally).
+    /// True if the producer failed or was cancelled (rather than finishing normally), or the
+    /// network stream feeding this input broke ([`InboundHandle::abort`]). The consuming task
+    /// is woken when this becomes true. An operator that sees it should fail (as
+    /// [`Forward`](crate::operators::Forward) does): what it received is incomplete, and an
+    /// aborted inbound edge does not end ([`Input::is_finished`]) while the network side
+    /// still holds it.
     pub fn upstream_aborted(&self) -> bool {
         self.edge.producer_aborted.load(Ordering::Acquire)
     }
@@ -438,7 +443,9 @@ impl<R: Record> Output<R> {
         self.stalled.is_some()
     }
 
-    /// Whether the consumer is gone; records pushed now are discarded.
+    /// Whether the consumer is gone; records pushed now are discarded. A local consumer that
+    /// ended needs nothing more; a remote edge closed by its receiving side (the consuming
+    /// task or the network stream is gone) also fails this task, as its records were lost.
     pub fn is_closed(&self) -> bool {
         self.closed
     }
@@ -547,7 +554,9 @@ impl<R: Record> Output<R> {
     }
 
     /// Sends one batch; `Err` gives it back when the queue is full. A closed consumer
-    /// swallows the batch.
+    /// swallows the batch; a remote edge closed before this side closed it also records an
+    /// error, which the worker takes after the invocation, settle or flush and fails the task
+    /// with.
     fn send(&mut self, batch: Batch<R>) -> Result<(), Batch<R>> {
         if self.closed {
             return Ok(());
@@ -567,7 +576,18 @@ impl<R: Record> Output<R> {
                 Ok(sealed) => match sender.offer(sealed) {
                     Ok(()) => Ok(true),
                     Err(Rejected::Full(sealed)) => Err(Batch::Sealed(sealed)),
-                    Err(Rejected::Closed(_)) => Ok(false),
+                    // Only `Drop` closes the sender, so the receiving side (the consuming
+                    // task, or the stream to it) went first: this batch and every later one
+                    // would be lost, which a normal finish must not hide.
+                    Err(Rejected::Closed(_)) => {
+                        if self.error.is_none() {
+                            self.error = Some(EngineError::operator(format!(
+                                "the remote edge was closed by its receiving side before this \
+                                 task finished; a batch of {len} records was not delivered"
+                            )));
+                        }
+                        Ok(false)
+                    }
                 },
             },
         };
@@ -668,10 +688,11 @@ impl<R> InboundHandle<R> {
         self.edge.consumer_closed.load(Ordering::Acquire)
     }
 
-    /// Ends the stream as failed (e.g. the connection was lost): the consumer sees
-    /// [`Input::upstream_aborted`].
+    /// Ends the stream as failed (e.g. the connection was lost): the consuming task is woken
+    /// and sees [`Input::upstream_aborted`].
     pub fn abort(&self) {
         self.edge.producer_aborted.store(true, Ordering::Release);
+        self.edge.wake_consumer();
     }
 }
 
@@ -687,5 +708,136 @@ impl<R> fmt::Debug for InboundHandle<R> {
         f.debug_struct("InboundHandle")
             .field("queued", &self.tx.len())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use crate::exchange::{EdgeAddress, Exchange, MemoryExchange};
+    use crate::testkit::{Counter, Manual, drain, settle};
+    use crate::{Context, Operator, Park, Status, TaskEvent, TaskSpec, TaskState, Worker};
+
+    fn worker() -> (Worker, ManualClock, crossbeam_channel::Receiver<TaskEvent>) {
+        let clock = ManualClock::new();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (Worker::new(0, Arc::new(clock.clone()), tx), clock, rx)
+    }
+
+    fn failure_of(events: &crossbeam_channel::Receiver<TaskEvent>, task: crate::TaskId) -> String {
+        drain(events)
+            .into_iter()
+            .find_map(|e| match e {
+                TaskEvent::Failed { task: t, error } if t == task => Some(error.to_string()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
+    /// Drains its input and fails once its upstream is aborted (as the demo's operators do).
+    struct Strict;
+
+    impl Operator for Strict {
+        type In = u64;
+        type Out = ();
+        fn run(
+            &mut self,
+            inputs: &mut [Input<u64>],
+            _: &mut [Output<()>],
+            _: &mut Context<'_>,
+        ) -> Result<Status, EngineError> {
+            if inputs[0].upstream_aborted() {
+                return Err(EngineError::operator("upstream aborted"));
+            }
+            while inputs[0].pop().is_some() {}
+            Ok(if inputs[0].is_finished() {
+                Status::Finished
+            } else {
+                Status::BlockedOnInput
+            })
+        }
+    }
+
+    #[test]
+    fn aborting_an_inbound_edge_wakes_its_blocked_consumer_which_fails() {
+        let (mut worker, clock, events) = worker();
+        let (inbound, input) = inbound_edge::<u64>(4).unwrap();
+        let task = worker
+            .handle()
+            .spawn(TaskSpec::new("strict", Strict).input(input))
+            .unwrap();
+        let out = settle(&mut worker, clock.now());
+        assert_eq!(out.park(), Park::Indefinitely, "blocked on input");
+
+        inbound.abort();
+        let woken = worker.step(clock.now());
+        assert_eq!(woken.ran, 1, "the abort woke the consumer");
+        assert_eq!(task.state(), TaskState::Failed);
+        assert!(failure_of(&events, task.id()).contains("upstream aborted"));
+        drop(inbound);
+    }
+
+    const ADDR: EdgeAddress = EdgeAddress {
+        job: 1,
+        edge: 1,
+        partition: 0,
+    };
+
+    /// A remote output towards an inbound edge whose consumer is already gone.
+    fn remote_to_closed_consumer(config: &EdgeConfig) -> Output<u64> {
+        let exchange = MemoryExchange::<u64>::new();
+        let (inbound, input) = inbound_edge::<u64>(4).unwrap();
+        exchange.bind(ADDR, inbound).unwrap();
+        let output = Output::remote(exchange.connect(ADDR).unwrap(), config).unwrap();
+        drop(input);
+        output
+    }
+
+    #[test]
+    fn a_remote_output_closed_by_the_receiver_fails_its_task_when_it_finishes() {
+        let (mut worker, clock, events) = worker();
+        // Large batches and a long linger: the records go out only in the final flush.
+        let config = EdgeConfig {
+            capacity: 4,
+            batch_size: 100,
+            linger: Duration::from_secs(60),
+        };
+        let source = Counter {
+            next: 0,
+            n: 5,
+            per_run: 100,
+        };
+        let task = worker
+            .handle()
+            .spawn(TaskSpec::new("src", source).output(remote_to_closed_consumer(&config)))
+            .unwrap();
+        settle(&mut worker, clock.now());
+        assert_eq!(task.state(), TaskState::Failed, "not a normal finish");
+        assert!(failure_of(&events, task.id()).contains("5 records was not delivered"));
+    }
+
+    #[test]
+    fn a_remote_output_closed_by_the_receiver_fails_its_task_while_it_runs() {
+        let (mut worker, clock, events) = worker();
+        let config = EdgeConfig {
+            capacity: 4,
+            batch_size: 100,
+            linger: Duration::ZERO,
+        };
+        let queue = Arc::new(Mutex::new(VecDeque::from([1, 2, 3])));
+        let task = worker
+            .handle()
+            .spawn(
+                TaskSpec::new("src", Manual { queue }).output(remote_to_closed_consumer(&config)),
+            )
+            .unwrap();
+        // The source goes idle with a partial batch, which the settle after it sends.
+        settle(&mut worker, clock.now());
+        assert_eq!(task.state(), TaskState::Failed);
+        assert!(failure_of(&events, task.id()).contains("closed by its receiving side"));
     }
 }

@@ -11,7 +11,9 @@ use crate::operator::{Context, Operator, Status};
 const FORWARD_BUDGET: usize = 64;
 
 /// Pass-through: moves every batch from all inputs to output 0 without copying records or
-/// re-serializing sealed batches. Finishes when all inputs have ended.
+/// re-serializing sealed batches. Finishes when all inputs have ended; fails when an
+/// input's producer failed or was cancelled ([`Input::upstream_aborted`]), so that the failure
+/// reaches its own consumer instead of looking like a normal end of stream.
 ///
 /// Inputs take turns one batch at a time (round-robin), and each invocation starts where the
 /// previous one stopped, so a busy input cannot starve the others.
@@ -56,6 +58,11 @@ impl<R: Record> Operator for Forward<R> {
         let Some(out) = outputs.first_mut() else {
             return Err(EngineError::operator("Forward needs one output"));
         };
+        if let Some(i) = inputs.iter().position(Input::upstream_aborted) {
+            return Err(EngineError::operator(format!(
+                "the upstream of input {i} failed, was cancelled or lost its stream"
+            )));
+        }
         let count = inputs.len();
         let mut moved = 0;
         // Turns in a row that found their input empty: a whole round of them ends the pass.
@@ -98,7 +105,8 @@ mod tests {
 
     use super::*;
     use crate::clock::{Clock, ManualClock};
-    use crate::{EdgeConfig, TaskSpec, Worker, edge};
+    use crate::testkit::{Manual, drain, settle};
+    use crate::{EdgeConfig, TaskEvent, TaskSpec, TaskState, Worker, edge};
 
     fn one_per_batch(capacity: usize) -> EdgeConfig {
         EdgeConfig {
@@ -142,5 +150,41 @@ mod tests {
         // 64 is not a multiple of 3: the second invocation continues the rotation.
         let expected: Vec<u64> = (0..from.len() as u64).map(|n| n % INPUTS).collect();
         assert_eq!(from, expected, "inputs take turns");
+    }
+
+    #[test]
+    fn forward_fails_when_its_upstream_is_cancelled() {
+        let clock = ManualClock::new();
+        let (tx, events) = crossbeam_channel::unbounded();
+        let mut worker = Worker::new(0, Arc::new(clock.clone()), tx);
+        let h = worker.handle();
+        let (src_out, fwd_in) = edge::<u64>(&one_per_batch(4)).unwrap();
+        let (fwd_out, _tap) = edge::<u64>(&one_per_batch(4)).unwrap();
+        let queue = Arc::new(std::sync::Mutex::new([1, 2].into()));
+        let source = h
+            .spawn(TaskSpec::new("src", Manual { queue }).output(src_out))
+            .unwrap();
+        let forward = h
+            .spawn(
+                TaskSpec::new("forward", Forward::<u64>::new())
+                    .input(fwd_in)
+                    .output(fwd_out),
+            )
+            .unwrap();
+        settle(&mut worker, clock.now());
+        assert_eq!(forward.state(), TaskState::Running);
+        source.cancel();
+        settle(&mut worker, clock.now());
+        assert_eq!(source.state(), TaskState::Cancelled);
+        assert_eq!(
+            forward.state(),
+            TaskState::Failed,
+            "an aborted stream is not a normal end"
+        );
+        assert!(
+            drain(&events)
+                .iter()
+                .any(|e| matches!(e, TaskEvent::Failed { task, .. } if *task == forward.id()))
+        );
     }
 }

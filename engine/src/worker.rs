@@ -571,7 +571,11 @@ impl Worker {
                 .add_wait(kind, now.saturating_duration_since(since));
         }
         if slot.state == TaskState::Finishing {
-            if slot.task.flush_all(now) {
+            let flushed = slot.task.flush_all(now);
+            if let Some(error) = slot.task.take_error() {
+                return self.fail(index, error);
+            }
+            if flushed {
                 self.end(index, End::Finished);
             } else {
                 slot.waiting = Some((now, WaitKind::Blocked));
@@ -610,14 +614,23 @@ impl Worker {
         if status == Status::Finished {
             slot.state = TaskState::Finishing;
             slot.shared.set_state(TaskState::Finishing);
-            if slot.task.flush_all(now) {
+            let flushed = slot.task.flush_all(now);
+            if let Some(error) = slot.task.take_error() {
+                return self.fail(index, error);
+            }
+            if flushed {
                 self.end(index, End::Finished);
             } else {
                 slot.waiting = Some((now, WaitKind::Blocked));
             }
             return true;
         }
-        match slot.task.settle(now, status) {
+        let next = slot.task.settle(now, status);
+        // Sending what the invocation left buffered can fail too (a remote edge closed).
+        if let Some(error) = slot.task.take_error() {
+            return self.fail(index, error);
+        }
+        match next {
             Next::Requeue => waker.wake(),
             Next::Wait(kind, deadline) => {
                 slot.waiting = Some((now, kind));
