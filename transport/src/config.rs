@@ -53,6 +53,9 @@ pub struct TransportConfig {
     pub connect_timeout: Duration,
     /// Deadline used by calls that do not name one.
     pub default_call_timeout: Duration,
+    /// How long a request (or a data stream's header) may take to arrive whole once its
+    /// stream is open; a peer that opens streams and then stalls holds nothing past it.
+    pub request_read_timeout: Duration,
     /// Acknowledgement frequency this endpoint asks its peers for (QUIC ACK-frequency
     /// extension); `None` keeps QUIC's default of an ACK for every second packet.
     pub ack_frequency: Option<AckFrequency>,
@@ -94,6 +97,7 @@ impl Default for TransportConfig {
             udp_buffer_bytes: 4 << 20,
             connect_timeout: Duration::from_secs(3),
             default_call_timeout: Duration::from_secs(3),
+            request_read_timeout: Duration::from_secs(10),
             ack_frequency: None,
             initial_window: None,
             max_udp_payload: 1472,
@@ -130,6 +134,9 @@ impl TransportConfig {
         }
         if self.max_concurrent_calls == 0 {
             return bad("max_concurrent_calls must be at least 1".into());
+        }
+        if self.request_read_timeout.is_zero() {
+            return bad("request_read_timeout must be above zero".into());
         }
         if self.keep_alive >= self.idle_timeout {
             return bad(format!(

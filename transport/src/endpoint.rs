@@ -274,7 +274,10 @@ impl Endpoint {
             self.inner.router.clone(),
             conn.conn.clone(),
             conn.peer,
-            self.inner.config.max_frame_bytes,
+            ServeLimits {
+                max_frame: self.inner.config.max_frame_bytes,
+                read_timeout: self.inner.config.request_read_timeout,
+            },
         ));
         lock(&self.inner.conns).insert((addr, role), conn.conn.clone());
         Ok(conn)
@@ -574,7 +577,10 @@ async fn accept_loop(inner: std::sync::Weak<Inner>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
         let Some(strong) = inner.upgrade() else { break };
         let router = strong.router.clone();
-        let max_frame = strong.config.max_frame_bytes;
+        let limits = ServeLimits {
+            max_frame: strong.config.max_frame_bytes,
+            read_timeout: strong.config.request_read_timeout,
+        };
         drop(strong);
         let weak = inner.clone();
         tokio::spawn(async move {
@@ -600,7 +606,7 @@ async fn accept_loop(inner: std::sync::Weak<Inner>, endpoint: quinn::Endpoint) {
             if let Some(inner) = weak.upgrade() {
                 lock(&inner.accepted).insert(id, (peer, conn.clone()));
             }
-            serve_connection(router, conn, peer, max_frame).await;
+            serve_connection(router, conn, peer, limits).await;
             if let Some(inner) = weak.upgrade() {
                 lock(&inner.accepted).remove(&id);
             }
@@ -615,25 +621,34 @@ fn peer_role(conn: &quinn::Connection) -> Option<Role> {
     role_of_cert(certs.first()?).ok()
 }
 
+/// What an accepting endpoint enforces on what its peers send.
+#[derive(Debug, Clone, Copy)]
+struct ServeLimits {
+    /// [`TransportConfig::max_frame_bytes`].
+    max_frame: u32,
+    /// [`TransportConfig::request_read_timeout`].
+    read_timeout: Duration,
+}
+
 /// Serves calls and data streams the peer opens on `conn` until it closes.
 async fn serve_connection(
     router: Arc<Router>,
     conn: quinn::Connection,
     peer: Peer,
-    max_frame: u32,
+    limits: ServeLimits,
 ) {
     let uni = {
         let router = router.clone();
         let conn = conn.clone();
         async move {
             while let Ok(recv) = conn.accept_uni().await {
-                tokio::spawn(serve_data_stream(router.clone(), peer, recv, max_frame));
+                tokio::spawn(serve_data_stream(router.clone(), peer, recv, limits));
             }
         }
     };
     let bi = async move {
         while let Ok((send, recv)) = conn.accept_bi().await {
-            tokio::spawn(serve_call(router.clone(), peer, send, recv, max_frame));
+            tokio::spawn(serve_call(router.clone(), peer, send, recv, limits));
         }
     };
     tokio::join!(uni, bi);
@@ -643,8 +658,9 @@ async fn serve_data_stream(
     router: Arc<Router>,
     peer: Peer,
     mut recv: quinn::RecvStream,
-    max_frame: u32,
+    limits: ServeLimits,
 ) {
+    let max_frame = limits.max_frame;
     let Some((callers, handler)) = router.streams.as_ref() else {
         let _ = recv.stop(STOP_REFUSED.into());
         return;
@@ -655,11 +671,17 @@ async fn serve_data_stream(
         return;
     }
     let mut header = Frame::new();
-    match frame::read_frame(&mut recv, max_frame, &mut header).await {
-        Ok(true) => {}
-        Ok(false) => return,
-        Err(e) => {
+    let read = frame::read_frame(&mut recv, max_frame, &mut header);
+    match tokio::time::timeout(limits.read_timeout, read).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => return,
+        Ok(Err(e)) => {
             warn!(addr = %peer.addr, error = %e, "bad data stream header");
+            let _ = recv.stop(STOP_BAD_FRAME.into());
+            return;
+        }
+        Err(_) => {
+            warn!(addr = %peer.addr, timeout = ?limits.read_timeout, "data stream header did not arrive in time");
             let _ = recv.stop(STOP_BAD_FRAME.into());
             return;
         }
@@ -681,9 +703,10 @@ async fn serve_call(
     peer: Peer,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    max_frame: u32,
+    limits: ServeLimits,
 ) {
-    let result = handle_call(&router, peer, &mut recv, max_frame).await;
+    let max_frame = limits.max_frame;
+    let result = handle_call(&router, peer, &mut recv, limits).await;
     let (status, body) = match result {
         Ok(Some(body)) => (STATUS_OK, body),
         Ok(None) => return,
@@ -707,8 +730,31 @@ async fn serve_call(
             }
         }
     };
+    let (status, body) = match frame::len_prefix(body.len(), max_frame) {
+        Ok(_) => (status, body),
+        Err(_) => {
+            // Tell the caller what happened rather than resetting the stream, which it would
+            // take for a lost connection and retry.
+            warn!(addr = %peer.addr, len = body.len(), max_frame, "response exceeds the frame limit");
+            let wire = WireError {
+                code: ErrorCode::Internal as u32,
+                message: format!(
+                    "the response ({} bytes) is larger than the frame limit ({max_frame} bytes)",
+                    body.len()
+                ),
+            };
+            match wire.encode() {
+                Ok(b) => (STATUS_ERR, b),
+                Err(e) => {
+                    warn!(error = %e, "cannot encode error response");
+                    let _ = send.reset(STOP_BAD_FRAME.into());
+                    return;
+                }
+            }
+        }
+    };
     let Ok(len) = frame::len_prefix(body.len(), max_frame) else {
-        warn!(addr = %peer.addr, len = body.len(), "response exceeds the frame limit");
+        // Only with a frame limit smaller than the error message itself (it may be 64 bytes).
         let _ = send.reset(STOP_BAD_FRAME.into());
         return;
     };
@@ -721,13 +767,21 @@ async fn serve_call(
     }
 }
 
-/// Reads, checks and runs one call. `Ok(None)`: the stream ended before a request.
-async fn handle_call(
-    router: &Router,
+/// A request read off its stream: its route (`None`: the hello), its body and the caller's
+/// deadline.
+struct Request<'r> {
+    route: Option<&'r crate::rpc::Route>,
+    body: Frame,
+    timeout_ms: u32,
+}
+
+/// Reads and checks one request. `Ok(None)`: the stream ended before a request.
+async fn read_request<'r>(
+    router: &'r Router,
     peer: Peer,
     recv: &mut quinn::RecvStream,
     max_frame: u32,
-) -> Result<Option<rkyv::util::AlignedVec>, RemoteError> {
+) -> Result<Option<Request<'r>>, RemoteError> {
     let bad = |e: FrameError| RemoteError::new(ErrorCode::BadRequest, e.to_string());
     let Some(head) = frame::read_header::<12>(recv).await.map_err(bad)? else {
         return Ok(None);
@@ -756,13 +810,46 @@ async fn handle_call(
     let mut body = Frame::new();
     frame::read_body(recv, len, &mut body).await.map_err(bad)?;
     frame::expect_end(recv).await.map_err(bad)?;
-    let Some(route) = route else {
-        let version = u32::decode(&body).map_err(bad)?;
+    Ok(Some(Request {
+        route,
+        body,
+        timeout_ms,
+    }))
+}
+
+/// Reads, checks and runs one call. `Ok(None)`: the stream ended before a request.
+async fn handle_call(
+    router: &Router,
+    peer: Peer,
+    recv: &mut quinn::RecvStream,
+    limits: ServeLimits,
+) -> Result<Option<rkyv::util::AlignedVec>, RemoteError> {
+    let read = tokio::time::timeout(
+        limits.read_timeout,
+        read_request(router, peer, recv, limits.max_frame),
+    );
+    let request = match read.await {
+        Ok(Ok(Some(request))) => request,
+        Ok(Ok(None)) => return Ok(None),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(RemoteError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "the request did not arrive whole within {:?}",
+                    limits.read_timeout
+                ),
+            ));
+        }
+    };
+    let bad = |e: FrameError| RemoteError::new(ErrorCode::BadRequest, e.to_string());
+    let Some(route) = request.route else {
+        let version = u32::decode(&request.body).map_err(bad)?;
         debug!(addr = %peer.addr, version, "hello");
         return PROTOCOL_VERSION.encode().map(Some).map_err(bad);
     };
-    let deadline = Duration::from_millis(timeout_ms.into());
-    match tokio::time::timeout(deadline, (route.handler)(peer, body)).await {
+    let deadline = Duration::from_millis(request.timeout_ms.into());
+    match tokio::time::timeout(deadline, (route.handler)(peer, request.body)).await {
         Ok(result) => result.map(Some),
         Err(_) => Err(RemoteError::new(
             ErrorCode::DeadlineExceeded,

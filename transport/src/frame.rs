@@ -53,9 +53,9 @@ pub(crate) async fn read_header<const N: usize>(
 
 /// Reads a body of `len` (already checked) bytes into `buf`, growing it as data arrives.
 ///
-/// The bytes are appended chunk by chunk as QUIC hands them over: at most [`FIRST_STEP`]
-/// is reserved before any arrives, and the buffer then grows with what did arrive, never
-/// ahead of it by more than doubling. (Sizing the buffer with zeros and reading into it
+/// The bytes are appended chunk by chunk as QUIC hands them over: nothing is reserved before
+/// the first chunk arrives, then at most [`FIRST_STEP`] (or that chunk), and the buffer then
+/// grows with what did arrive, never ahead of it by more than doubling. (Sizing the buffer with zeros and reading into it
 /// wrote every body twice: ~1 % of a receiving engine thread at maximum rate in `memset`.)
 pub(crate) async fn read_body(
     recv: &mut quinn::RecvStream,
@@ -63,11 +63,17 @@ pub(crate) async fn read_body(
     buf: &mut Frame,
 ) -> Result<(), FrameError> {
     buf.clear();
-    buf.reserve(len.min(FIRST_STEP));
     while buf.len() < len {
         let remaining = len - buf.len();
         match recv.read_chunk(remaining, true).await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(Some(chunk)) => {
+                if buf.capacity() == 0 {
+                    // Nothing is reserved until data arrives: a length prefix alone costs
+                    // the receiver no memory.
+                    buf.reserve(len.min(FIRST_STEP.max(chunk.bytes.len())));
+                }
+                buf.extend_from_slice(&chunk.bytes);
+            }
             Ok(None) => {
                 return Err(FrameError::Truncated {
                     got: buf.len(),

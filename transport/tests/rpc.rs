@@ -46,6 +46,7 @@ method!(Echo, 1, ALL, EchoReq, EchoReq);
 method!(Sleep, 2, ALL, u64, u64);
 method!(Fail, 3, ALL, u32, u32);
 method!(MasterOnly, 4, &[Role::Master], u32, u32);
+method!(Grow, 5, ALL, u32, Vec<u8>);
 
 fn router() -> Router {
     Router::new()
@@ -61,6 +62,7 @@ fn router() -> Router {
             })
         })
         .route::<MasterOnly, _, _>(|_, x: u32| async move { Ok(x + 1) })
+        .route::<Grow, _, _>(|_, n: u32| async move { Ok(vec![7u8; n as usize]) })
 }
 
 struct Cluster {
@@ -680,4 +682,66 @@ async fn connection_stats_name_both_ends_and_forget_closed_connections() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_stalls_is_answered_once_the_read_timeout_passes() {
+    let config = TransportConfig {
+        request_read_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let cluster = Cluster::with_config(config);
+    let client = cluster.client(Role::Client);
+    let addr = cluster.addr();
+    let conn = client
+        .connection(addr, Role::Master, Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    let q = conn.quinn().clone();
+    // A header announcing 1000 bytes, 10 of them sent, and the stream left open.
+    let err = raw_request("stalled", &q, request(1000, 1, &[0; 10]), false).await;
+    let remote = err.remote().unwrap();
+    assert_eq!(remote.code, ErrorCode::BadRequest as u32);
+    assert!(
+        remote.message.contains("did not arrive whole within 300ms"),
+        "{}",
+        remote.message
+    );
+    // The connection still serves calls.
+    let ok = client
+        .call::<Echo>(
+            addr,
+            &EchoReq {
+                n: 1,
+                text: "after".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.text, "after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_over_the_frame_limit_is_an_error_not_a_lost_connection() {
+    let config = TransportConfig {
+        max_frame_bytes: 64 << 10,
+        ..Default::default()
+    };
+    let cluster = Cluster::with_config(config);
+    let client = cluster.client(Role::Client);
+    let addr = cluster.addr();
+    let err = client.call::<Grow>(addr, &(128 << 10)).await.unwrap_err();
+    let remote = err
+        .remote()
+        .unwrap_or_else(|| panic!("not a remote error: {err}"));
+    assert_eq!(remote.code, ErrorCode::Internal as u32);
+    assert!(
+        remote
+            .message
+            .contains("larger than the frame limit (65536 bytes)"),
+        "{}",
+        remote.message
+    );
+    assert!(!err.is_retryable(), "{err}");
+    assert_eq!(client.call::<Grow>(addr, &16).await.unwrap(), vec![7u8; 16]);
 }
