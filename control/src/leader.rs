@@ -420,29 +420,12 @@ pub fn assignments_for(state: &MetaState, executor: u64) -> Vec<(&JobRecord, BTr
 
 /// The job attempts executor `executor` must run, as a heartbeat reply carries them: every
 /// job with all tasks placed and some of them on it, with where every task runs, and the
-/// checkpoint states an attempt resumes from.
+/// checkpoint states its own tasks resume from.
 pub fn assignments(state: &MetaState, executor: u64) -> Vec<Assignment> {
     assignments_for(state, executor)
         .into_iter()
-        .map(|(job, locations)| Assignment {
-            job: job.id.0,
-            epoch: job.epoch,
-            job_type: job.job_type.clone(),
-            spec: job.spec.clone(),
-            locations: locations
-                .into_iter()
-                .map(|(index, executor)| TaskLocation {
-                    index,
-                    executor,
-                    addr: state
-                        .executor(ExecutorId(executor))
-                        .map(|e| e.addr.clone())
-                        .unwrap_or_default(),
-                })
-                .collect(),
-            paused: job.state == JobState::Paused,
-            restore_from: job.restored_from,
-            restore: state
+        .map(|(job, locations)| {
+            let restore = state
                 .checkpoint(job.id)
                 .filter(|c| Some(c.checkpoint_id) == job.restored_from)
                 .map(|c| RestoreState {
@@ -451,11 +434,35 @@ pub fn assignments(state: &MetaState, executor: u64) -> Vec<Assignment> {
                         .states
                         .iter()
                         .filter_map(|(task, state)| {
-                            let index = job.tasks.iter().position(|t| t == task)?;
-                            Some((index as u32, state.clone()))
+                            let index =
+                                u32::try_from(job.tasks.iter().position(|t| t == task)?).ok()?;
+                            // Only the states of the tasks that run on this executor: every
+                            // reply carries them until the attempt's first checkpoint.
+                            (locations.get(&index) == Some(&executor))
+                                .then(|| (index, state.clone()))
                         })
                         .collect(),
-                }),
+                });
+            Assignment {
+                job: job.id.0,
+                epoch: job.epoch,
+                job_type: job.job_type.clone(),
+                spec: job.spec.clone(),
+                locations: locations
+                    .into_iter()
+                    .map(|(index, executor)| TaskLocation {
+                        index,
+                        executor,
+                        addr: state
+                            .executor(ExecutorId(executor))
+                            .map(|e| e.addr.clone())
+                            .unwrap_or_default(),
+                    })
+                    .collect(),
+                paused: job.state == JobState::Paused,
+                restore_from: job.restored_from,
+                restore,
+            }
         })
         .collect()
 }
@@ -615,6 +622,50 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn each_executor_is_sent_the_restore_states_of_its_own_tasks_only() {
+        let (mut sim, a, b, job) = Sim::running_on_two_executors();
+        let record = sim.job(job).clone();
+        let states = record
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (*t, vec![i as u8]))
+            .collect();
+        let committed = sim.apply(Command::CommitCheckpoint {
+            job: JobId(job),
+            epoch: record.epoch,
+            checkpoint_id: 7,
+            states,
+            at_ms: 0,
+        });
+        assert_eq!(committed, CommandResponse::CheckpointCommitted);
+        sim.report_all(TaskRunState::Failed);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).restored_from, Some(7));
+        let mut covered = Vec::new();
+        for e in [a, b] {
+            for assignment in assignments(&sim.state, e) {
+                let own: Vec<u32> = assignment
+                    .locations
+                    .iter()
+                    .filter(|l| l.executor == e)
+                    .map(|l| l.index)
+                    .collect();
+                assert!(own.len() < 4, "the test needs tasks on both executors");
+                let restore = assignment.restore.expect("the attempt resumes from 7");
+                let sent: Vec<u32> = restore.states.iter().map(|(i, _)| *i).collect();
+                assert_eq!(sent, own, "executor {e}");
+                for (index, state) in &restore.states {
+                    assert_eq!(state, &vec![*index as u8]);
+                }
+                covered.extend(sent);
+            }
+        }
+        covered.sort_unstable();
+        assert_eq!(covered, vec![0, 1, 2, 3]);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use crate::checkpoint::{CheckpointTracker, JobView};
 use crate::job::JobState;
 use crate::leader::{JobCatalog, Reports, heartbeat_assignments, next_commands};
 use crate::liveness::{LivenessConfig, LivenessTracker};
+use crate::meta::state::MAX_CHECKPOINT_BYTES;
 use crate::meta::{
     Command, CommandResponse, JobId, MasterNode, MetaConfig, MetaError, MetaNode, MetaRequest,
     MetaState, NodeId, RaftRpc, RaftRpcResponse, RaftTransport, Rejection, RequestId,
@@ -602,6 +603,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route::<SubmitJob, _, _>(move |_peer, req: crate::proto::SubmitJobRequest| {
             let shared = s5.clone();
             async move {
+                crate::meta::state::check_submission(&req.job_type, &req.spec)
+                    .map_err(|r| RemoteError::new(ErrorCode::InvalidArgument, r.to_string()))?;
                 shared
                     .catalog
                     .validate(&req.job_type, &req.spec)
@@ -693,6 +696,17 @@ async fn report_checkpoints(
         }
     }
     for (done, tasks) in complete {
+        let bytes: usize = done.states.iter().map(|(_, s)| s.len()).sum();
+        if bytes > MAX_CHECKPOINT_BYTES {
+            warn!(
+                job = done.job,
+                checkpoint = done.checkpoint,
+                bytes,
+                limit = MAX_CHECKPOINT_BYTES,
+                "checkpoint not committed: its task state is larger than the masters keep"
+            );
+            continue;
+        }
         let states = done
             .states
             .into_iter()

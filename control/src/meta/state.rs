@@ -21,8 +21,34 @@ use crate::job::JobState;
 pub const MAX_DEDUP_CLIENTS: usize = 1024;
 /// Most task ids one [`Command::AllocateTaskIds`] may ask for.
 pub const MAX_TASKS_PER_ALLOCATION: u32 = 100_000;
+/// Largest job spec accepted, in bytes: the metadata keeps it for the job's life and every
+/// heartbeat reply to an executor of the job carries it.
+pub const MAX_SPEC_BYTES: usize = 64 * 1024;
+/// Longest job type name accepted, in bytes.
+pub const MAX_JOB_TYPE_BYTES: usize = 256;
+/// Most bytes of task state one checkpoint may hold, all tasks together: every master keeps
+/// each job's latest checkpoint and sends it to the executors of a restarted attempt.
+pub const MAX_CHECKPOINT_BYTES: usize = 1 << 20;
 /// Most history entries kept per job (older ones are dropped first).
 pub const MAX_JOB_HISTORY: usize = 256;
+
+/// Checks a job submission's sizes ([`MAX_JOB_TYPE_BYTES`], [`MAX_SPEC_BYTES`]); masters check
+/// before proposing and the state machine again when applying.
+pub fn check_submission(job_type: &str, spec: &str) -> Result<(), Rejection> {
+    if job_type.len() > MAX_JOB_TYPE_BYTES {
+        return Err(Rejection::InvalidArgument(format!(
+            "job type is {} bytes long; at most {MAX_JOB_TYPE_BYTES}",
+            job_type.len()
+        )));
+    }
+    if spec.len() > MAX_SPEC_BYTES {
+        return Err(Rejection::InvalidArgument(format!(
+            "job spec is {} bytes; at most {MAX_SPEC_BYTES}",
+            spec.len()
+        )));
+    }
+    Ok(())
+}
 
 /// Identifies an executor registration; never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -530,7 +556,7 @@ impl MetaState {
                 job_type,
                 spec,
                 at_ms,
-            } => Ok(self.submit_job(job_type, spec, *at_ms)),
+            } => self.submit_job(job_type, spec, *at_ms),
             Command::SetJobState {
                 job,
                 from,
@@ -631,7 +657,13 @@ impl MetaState {
         Ok(CommandResponse::ExecutorLost { unplaced })
     }
 
-    fn submit_job(&mut self, job_type: &str, spec: &str, at_ms: u64) -> CommandResponse {
+    fn submit_job(
+        &mut self,
+        job_type: &str,
+        spec: &str,
+        at_ms: u64,
+    ) -> Result<CommandResponse, Rejection> {
+        check_submission(job_type, spec)?;
         let id = JobId(self.counters.next_job);
         self.counters.next_job += 1;
         self.jobs.insert(
@@ -652,7 +684,7 @@ impl MetaState {
             },
         );
         self.dirty.jobs.insert(id);
-        CommandResponse::JobSubmitted { id }
+        Ok(CommandResponse::JobSubmitted { id })
     }
 
     fn live_job(&mut self, job: JobId) -> Result<&mut JobRecord, Rejection> {
@@ -796,6 +828,12 @@ impl MetaState {
                 got: checkpoint_id,
                 latest: latest.checkpoint_id,
             });
+        }
+        let bytes: usize = states.iter().map(|(_, s)| s.len()).sum();
+        if bytes > MAX_CHECKPOINT_BYTES {
+            return Err(Rejection::InvalidArgument(format!(
+                "checkpoint {checkpoint_id} of {job} holds {bytes} bytes of task state; at most {MAX_CHECKPOINT_BYTES}"
+            )));
         }
         let mut seen = BTreeSet::new();
         for (task, _) in states {
@@ -1057,6 +1095,70 @@ mod tests {
             s.job(j).unwrap(),
             &before,
             "a refused change changes nothing"
+        );
+    }
+
+    #[test]
+    fn oversized_specs_and_checkpoints_are_refused_without_change() {
+        let mut s = MetaState::default();
+        let mut p = Proposer::new(1);
+        let before = s.clone();
+        let huge = Command::SubmitJob {
+            job_type: "pipeline".to_owned(),
+            spec: "#".repeat(MAX_SPEC_BYTES + 1),
+            at_ms: 1,
+        };
+        match p.run(&mut s, huge) {
+            CommandResponse::Rejected(Rejection::InvalidArgument(m)) => {
+                assert!(m.contains("job spec is 65537 bytes"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let long_type = Command::SubmitJob {
+            job_type: "t".repeat(MAX_JOB_TYPE_BYTES + 1),
+            spec: String::new(),
+            at_ms: 1,
+        };
+        assert!(matches!(
+            p.run(&mut s, long_type),
+            CommandResponse::Rejected(Rejection::InvalidArgument(_))
+        ));
+        assert_eq!(s.jobs, before.jobs);
+        assert_eq!(s.counters.next_job, before.counters.next_job);
+
+        // A job of two tasks whose checkpoint state is one byte over the limit.
+        let e = executor_id(p.run(&mut s, register("a:1")));
+        let j = job_id(p.run(&mut s, submit()));
+        let first = match p.run(&mut s, Command::AllocateTaskIds { job: j, count: 2 }) {
+            CommandResponse::TaskIdsAllocated { first, .. } => first,
+            other => panic!("{other:?}"),
+        };
+        let tasks = [first, TaskId(first.0 + 1)];
+        let placed = p.run(
+            &mut s,
+            Command::SetPlacements {
+                job: j,
+                epoch: 0,
+                placements: tasks.iter().map(|t| (*t, e)).collect(),
+            },
+        );
+        assert_eq!(placed, CommandResponse::PlacementsSet { epoch: 1 });
+        let half = MAX_CHECKPOINT_BYTES / 2;
+        let commit = |extra: usize| Command::CommitCheckpoint {
+            job: j,
+            epoch: 1,
+            checkpoint_id: 5,
+            states: vec![(tasks[0], vec![0; half]), (tasks[1], vec![0; half + extra])],
+            at_ms: 2,
+        };
+        assert!(matches!(
+            p.run(&mut s, commit(1)),
+            CommandResponse::Rejected(Rejection::InvalidArgument(_))
+        ));
+        assert!(s.checkpoint(j).is_none());
+        assert_eq!(
+            p.run(&mut s, commit(0)),
+            CommandResponse::CheckpointCommitted
         );
     }
 
