@@ -15,7 +15,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,21 @@ impl WorkerShared {
         // Nobody listening is fine: events are informational.
         let _ = self.events.send(event);
     }
+
+    /// Ends every task still waiting in the inbox as cancelled, without placing it: for
+    /// tasks spawned while the worker stopped, which its loop may never pick up. Safe from
+    /// any thread, and concurrently with the worker's own `accept` (each task is taken once).
+    fn cancel_unplaced(&self) {
+        while let Ok(NewTask { shared, mut task }) = self.inbox_rx.try_recv() {
+            tracing::debug!(task = %shared.id, name = %shared.name, worker = self.index, "task cancelled before it was placed");
+            task.abort();
+            shared.set_state(TaskState::Cancelled);
+            // Its edges close here, so its peers see the aborted end.
+            drop(task);
+            self.live.fetch_sub(1, Ordering::AcqRel);
+            self.emit(TaskEvent::Cancelled { task: shared.id });
+        }
+    }
 }
 
 struct NewTask {
@@ -104,10 +119,21 @@ impl WorkerHandle {
     }
 
     /// Places a task on this worker. It runs once as soon as the worker picks it up.
+    ///
+    /// Fails with [`EngineError::ShutDown`] once the worker is stopping. A spawn that races
+    /// with the stop may instead return a handle whose task is cancelled
+    /// ([`TaskEvent::Cancelled`]); either way no task is left behind unended.
     pub fn spawn<O: Operator>(&self, spec: TaskSpec<O>) -> Result<TaskHandle, EngineError> {
         if self.shared.stopping.load(Ordering::Acquire) {
             return Err(EngineError::ShutDown);
         }
+        let (task, handle) = self.prepare(spec);
+        self.submit(task);
+        Ok(handle)
+    }
+
+    /// Builds a task and counts it as live; [`WorkerHandle::submit`] hands it to the worker.
+    fn prepare<O: Operator>(&self, spec: TaskSpec<O>) -> (NewTask, TaskHandle) {
         let TaskSpec {
             name,
             operator,
@@ -146,10 +172,21 @@ impl WorkerHandle {
         let handle = TaskHandle {
             shared: shared.clone(),
         };
+        (NewTask { shared, task }, handle)
+    }
+
+    /// Puts a prepared task in the worker's inbox. If the worker stopped meanwhile (its last
+    /// drain of the inbox may have come before this send), ends what is left there.
+    fn submit(&self, task: NewTask) {
         // The receiver lives in `self.shared`, so the inbox cannot be disconnected.
-        let _ = self.shared.inbox_tx.send(NewTask { shared, task });
+        let _ = self.shared.inbox_tx.send(task);
+        // Pairs with the fence in `Worker::drop`: either the worker's final drain sees this
+        // task, or this sees `stopping` and cancels it.
+        fence(Ordering::SeqCst);
+        if self.shared.stopping.load(Ordering::Relaxed) {
+            self.shared.cancel_unplaced();
+        }
         self.shared.unpark();
-        Ok(handle)
     }
 
     pub(crate) fn set_draining(&self) {
@@ -693,6 +730,10 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        // Refuse new spawns; pairs with the fence in `WorkerHandle::submit`, so a task sent
+        // after the drain below is cancelled by its spawner.
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         self.cancel_all();
         // Break `TaskShared -> WorkerShared -> run queue -> TaskShared` cycles.
         while self.shared.run_rx.try_recv().is_ok() {}
@@ -1469,5 +1510,61 @@ mod tests {
             h.spawn(TaskSpec::new("late", sink)).err(),
             Some(EngineError::ShutDown)
         );
+    }
+
+    #[test]
+    fn a_spawn_racing_with_the_end_of_its_worker_is_cancelled_not_left_starting() {
+        let (mut worker, clock, events) = setup();
+        let h = worker.handle();
+        let spec = |out| {
+            let queue = Arc::new(Mutex::new(VecDeque::new()));
+            TaskSpec::new("late", Manual { queue }).output(out)
+        };
+
+        // The spawn passed its `stopping` check, then the worker stopped and made its final
+        // drain, and only then did the task reach the inbox.
+        let (out, late_in) = edge::<u64>(&cfg(2, 3, 50)).unwrap();
+        assert!(!worker.is_stopping());
+        let (task, late) = h.prepare(spec(out));
+        h.stop();
+        assert_eq!(settle(&mut worker, clock.now()).tasks, 0);
+        worker.cancel_all();
+        h.submit(task);
+        assert_eq!(late.state(), TaskState::Cancelled);
+        assert_eq!(h.live_tasks(), 0);
+        assert!(late_in.upstream_aborted() && late_in.is_finished());
+        assert_eq!(
+            drain(&events),
+            vec![TaskEvent::Cancelled { task: late.id() }]
+        );
+
+        // The same when the worker was dropped rather than stopped.
+        let (mut worker, _clock, events) = setup();
+        let h = worker.handle();
+        let (out, late_in) = edge::<u64>(&cfg(2, 3, 50)).unwrap();
+        let (task, late) = h.prepare(spec(out));
+        worker.cancel_all();
+        drop(worker);
+        h.submit(task);
+        assert_eq!(late.state(), TaskState::Cancelled);
+        assert_eq!(h.live_tasks(), 0);
+        assert!(late_in.is_finished());
+        assert_eq!(
+            drain(&events),
+            vec![TaskEvent::Cancelled { task: late.id() }]
+        );
+        let (out, _) = edge::<u64>(&cfg(2, 3, 50)).unwrap();
+        assert_eq!(h.spawn(spec(out)).err(), Some(EngineError::ShutDown));
+
+        // A task that reached the inbox before the final drain is cancelled by the worker.
+        let (worker, _clock, events) = setup();
+        let h = worker.handle();
+        let (out, late_in) = edge::<u64>(&cfg(2, 3, 50)).unwrap();
+        let late = h.spawn(spec(out)).unwrap();
+        drop(worker);
+        assert_eq!(late.state(), TaskState::Cancelled);
+        assert_eq!(h.live_tasks(), 0);
+        assert!(late_in.is_finished());
+        assert!(drain(&events).contains(&TaskEvent::Cancelled { task: late.id() }));
     }
 }
