@@ -4,7 +4,10 @@
 //! runs the consuming task, opened with a [`StreamHeader`] naming job, epoch and edge. Batches
 //! go through a small bounded queue to an async sender; a full queue is reported to the engine
 //! as `Full` (the producing task blocks) and the sender notifies the task when room frees, so
-//! QUIC flow control ends up as the backpressure.
+//! QUIC flow control ends up as the backpressure. A producer that finishes finishes its stream
+//! (the consumer's input ends); one that fails or is cancelled resets it, so the consumer sees
+//! an aborted stream rather than a normal end. A stream that broke makes the producer's next
+//! offer fail, which fails the producing task.
 //!
 //! Inbound, executors register each remote edge's [`InboundHandle`] in an [`InboundRegistry`].
 //! An arriving stream is matched by (job, epoch, edge, partition); a stream from an older epoch
@@ -34,6 +37,8 @@ const OUTBOUND_QUEUE: usize = 8;
 const BIND_WAIT: Duration = Duration::from_secs(10);
 /// Stream stop code: stale epoch or unknown edge.
 const STOP_REFUSED: u32 = 10;
+/// Stream reset code: the producing task failed or was cancelled.
+const RESET_ABORTED: u32 = 11;
 
 /// A type-erased inbound edge: takes validated frames.
 trait InboundPort: Send + Sync {
@@ -316,6 +321,8 @@ struct SenderShared {
     wants_notify: AtomicBool,
     in_flight: AtomicUsize,
     failed: AtomicBool,
+    /// The producer failed or was cancelled: reset the stream instead of finishing it.
+    aborted: AtomicBool,
 }
 
 impl SenderShared {
@@ -374,6 +381,12 @@ impl<R: Record> ExchangeSender<R> for QuicSender<R> {
     fn close(&mut self) {
         self.tx = None;
     }
+
+    fn abort(&mut self) {
+        // Set before the queue closes, so the sender sees it when its queue ends.
+        self.shared.aborted.store(true, Ordering::Release);
+        self.tx = None;
+    }
 }
 
 /// Most queued batches written to a data stream at once.
@@ -422,7 +435,130 @@ async fn run_sender(
         shared.in_flight.fetch_sub(n, Ordering::AcqRel);
         shared.notify();
     }
-    if let Err(e) = sender.finish() {
+    if shared.aborted.load(Ordering::Acquire) {
+        // The consumer must not take what it got for the whole stream.
+        debug!(%addr, ?header, "producer aborted: resetting its data stream");
+        sender.reset(RESET_ABORTED);
+    } else if let Err(e) = sender.finish() {
         debug!(%addr, error = %e, "finishing data stream");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc as std_mpsc;
+
+    use microcosm_engine::{
+        Context, Engine, EngineConfig, Input, Operator, Output, OwnedBatch, Status, TaskEvent,
+        TaskSpec, inbound_edge,
+    };
+    use microcosm_transport::tls::init_cluster_certs;
+    use microcosm_transport::{Identity, TransportConfig};
+
+    use super::*;
+
+    /// Reports every record it receives; fails if its upstream aborted, finishes at the end
+    /// of the stream.
+    struct Strict {
+        received: std_mpsc::Sender<u64>,
+    }
+
+    impl Operator for Strict {
+        type In = u64;
+        type Out = ();
+        fn run(
+            &mut self,
+            inputs: &mut [Input<u64>],
+            _: &mut [Output<()>],
+            _: &mut Context<'_>,
+        ) -> Result<Status, EngineError> {
+            while let Some(batch) = inputs[0].pop() {
+                for &x in batch.into_owned()?.iter() {
+                    let _ = self.received.send(x);
+                }
+            }
+            if inputs[0].upstream_aborted() {
+                return Err(EngineError::operator("upstream aborted"));
+            }
+            Ok(if inputs[0].is_finished() {
+                Status::Finished
+            } else {
+                Status::BlockedOnInput
+            })
+        }
+    }
+
+    /// One batch over a real data stream, then the producer aborts: the consumer must fail,
+    /// not finish as if the stream had ended normally.
+    #[test]
+    fn an_aborted_sender_fails_the_remote_consumer_instead_of_ending_its_stream() {
+        const PATIENCE: Duration = Duration::from_secs(30);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _inside = runtime.enter();
+        let dir = tempfile::tempdir().unwrap();
+        init_cluster_certs(dir.path(), "test", &[]).unwrap();
+        let identity = Identity::load(dir.path(), Role::Executor).unwrap();
+        let localhost: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let registry = InboundRegistry::default();
+        let bind = |router| {
+            Endpoint::bind(localhost, &identity, TransportConfig::default(), router).unwrap()
+        };
+        let receiving = bind(registry.router());
+        let sending = bind(Router::new());
+        let to = EdgeAddress {
+            job: 1,
+            edge: 2,
+            partition: 0,
+        };
+        let inbound_side = QuicExchange::new(
+            1,
+            1,
+            receiving.clone(),
+            runtime.handle().clone(),
+            HashMap::new(),
+            registry,
+        );
+        let outbound_side = QuicExchange::new(
+            1,
+            1,
+            sending.clone(),
+            runtime.handle().clone(),
+            HashMap::from([(to.edge, receiving.local_addr())]),
+            InboundRegistry::default(),
+        );
+
+        let engine = Engine::start(EngineConfig::with_workers(1)).unwrap();
+        let events = engine.events();
+        let (inbound, input) = inbound_edge::<u64>(4).unwrap();
+        Exchange::<u64>::bind(&inbound_side, to, inbound).unwrap();
+        let (received, arrivals) = std_mpsc::channel();
+        let consumer = engine
+            .spawn(TaskSpec::new("consumer", Strict { received }).input(input))
+            .unwrap();
+        let mut sender = Exchange::<u64>::connect(&outbound_side, to).unwrap();
+        let batch = OwnedBatch::from_vec(vec![1u64, 2, 3]).seal().unwrap();
+        assert!(sender.offer(batch).is_ok());
+        // The stream is up and its first batch through before the producer aborts.
+        let first: Vec<u64> = (0..3)
+            .map(|_| arrivals.recv_timeout(PATIENCE).unwrap())
+            .collect();
+        assert_eq!(first, vec![1, 2, 3]);
+        sender.abort();
+
+        let ended = loop {
+            let event = events.recv_timeout(PATIENCE).expect("the consumer ends");
+            if event.task() == consumer.id() && !matches!(event, TaskEvent::Started { .. }) {
+                break event;
+            }
+        };
+        assert!(
+            matches!(&ended, TaskEvent::Failed { error, .. } if error.to_string().contains("upstream aborted")),
+            "{ended:?}"
+        );
+        assert!(engine.shutdown(Duration::from_secs(5)).drained);
     }
 }
