@@ -114,6 +114,20 @@ impl MasterClient {
             patience,
             call_timeout,
         } = self.timeouts();
+        self.call_with::<M>(req, patience, call_timeout).await
+    }
+
+    /// [`MasterClient::call`] with this call's own patience and attempt deadline instead of
+    /// the client's (e.g. a call the leader answers only after a replicated write).
+    pub async fn call_with<M>(
+        &self,
+        req: &M::Request,
+        patience: Duration,
+        call_timeout: Duration,
+    ) -> Result<M::Response, RpcError>
+    where
+        M: Method<Service = MasterApi>,
+    {
         let deadline = tokio::time::Instant::now() + patience;
         let mut last: Option<RpcError> = None;
         let mut round = 0u32;

@@ -426,6 +426,14 @@ async fn next_report_batch(
     Some(reports)
 }
 
+/// The masters client's timeouts for checkpoint reports under heartbeat TTL `ttl`: the leader
+/// answers a report that completes a checkpoint only once the commit is replicated (a
+/// follower's fsync included), so an attempt may take half a TTL, and a batch is retried for
+/// a whole TTL before it is dropped. Returns (patience, attempt timeout).
+pub fn report_call_timeouts(ttl: Duration) -> (Duration, Duration) {
+    (ttl, (ttl / 2).max(Duration::from_millis(100)))
+}
+
 /// Sends queued checkpoint reports to the leader, batched ([`REPORT_LINGER`]), until the
 /// queue closes. A batch that cannot be delivered is dropped: its checkpoint never completes
 /// and a later one does.
@@ -433,13 +441,18 @@ async fn report_checkpoints(
     client: Arc<MasterClient>,
     executor: Arc<std::sync::atomic::AtomicU64>,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<CheckpointReport>,
+    ttl: Duration,
 ) {
+    let (patience, attempt) = report_call_timeouts(ttl);
     while let Some(reports) = next_report_batch(&mut queue, REPORT_LINGER).await {
         let req = CheckpointReports {
             executor_id: executor.load(std::sync::atomic::Ordering::Relaxed),
             reports,
         };
-        if let Err(e) = client.call::<ReportCheckpoints>(&req).await {
+        if let Err(e) = client
+            .call_with::<ReportCheckpoints>(&req, patience, attempt)
+            .await
+        {
             warn!(error = %e, reports = req.reports.len(), "checkpoint reports not delivered; a later checkpoint will complete instead");
         }
     }
@@ -722,6 +735,7 @@ impl State {
             client.clone(),
             self.executor_id.clone(),
             report_queue,
+            ttl,
         ));
         let mut schedule = HeartbeatSchedule::new(interval, ttl);
         let mut due: Option<Instant> = None;

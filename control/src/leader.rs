@@ -331,11 +331,14 @@ fn on_failure(job: &JobRecord, msg: String, now_ms: u64) -> Option<Command> {
     })
 }
 
-/// Slots used on each executor by tasks of live jobs other than `except`.
+/// Slots used on each executor by tasks of live jobs other than `except`. Only a job whose
+/// every task is placed on a live executor holds slots: executors run no part of a job that is
+/// not wholly placed, so the slots of a job waiting for capacity (its placement failed after
+/// an executor loss) are free for others.
 fn used_slots(state: &MetaState, except: JobId) -> HashMap<ExecutorId, u64> {
     let mut used = HashMap::new();
     for job in state.jobs.values() {
-        if job.id == except || job.state.is_terminal() {
+        if job.id == except || job.state.is_terminal() || !all_placed_on_alive(state, job) {
             continue;
         }
         for t in &job.tasks {
@@ -666,6 +669,35 @@ mod tests {
         }
         covered.sort_unstable();
         assert_eq!(covered, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_job_whose_placement_failed_holds_no_slots() {
+        let mut sim = Sim::new();
+        let a = sim.register(4);
+        let b = sim.register(4);
+        let first = sim.submit(6);
+        sim.settle(&[]);
+        sim.report_all(TaskRunState::Running);
+        sim.settle(&[]);
+        assert_eq!(sim.job(first).state, JobState::Running);
+        // Two slots are left: a job of three waits.
+        let second = sim.submit(3);
+        sim.settle(&[]);
+        assert_eq!(sim.job(second).state, JobState::Pending);
+        // b is lost: the first job (six tasks) cannot be placed again on a's four slots, so
+        // it runs nowhere, and the second job may use a.
+        sim.reports.remove(&b);
+        sim.settle(&[b]);
+        assert_eq!(sim.job(first).state, JobState::Recovering);
+        assert_eq!(sim.job(second).state, JobState::Scheduling);
+        let on_a = sim
+            .job(second)
+            .tasks
+            .iter()
+            .filter(|t| sim.state.task(**t).and_then(|r| r.executor) == Some(ExecutorId(a)))
+            .count();
+        assert_eq!(on_a, 3);
     }
 
     #[test]

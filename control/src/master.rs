@@ -388,10 +388,15 @@ impl Shared {
         let endpoint = self
             .endpoint
             .get()
-            .ok_or_else(|| RpcError::Encode("endpoint not ready".into()))?;
-        let addr: SocketAddr = addr
-            .parse()
-            .map_err(|e| RpcError::Encode(format!("bad leader address {addr:?}: {e}")))?;
+            .ok_or_else(|| RpcError::Remote(unavailable("this master is still starting")))?;
+        let addr: SocketAddr = addr.parse().map_err(|e| {
+            RpcError::Remote(RemoteError::new(
+                ErrorCode::Internal,
+                format!(
+                    "the leader's address {addr:?} in the membership is not a socket address: {e}"
+                ),
+            ))
+        })?;
         let bytes = postcard::to_stdvec(request).map_err(|e| RpcError::Encode(e.to_string()))?;
         // Short attempts: a connection to a leader that just restarted looks alive until a call
         // on it times out (which drops it); the retry then dials the new process. Retries are
@@ -402,8 +407,12 @@ impl Shared {
         let blob = endpoint
             .call_timeout::<ForwardWrite>(addr, &Blob { bytes }, timeout)
             .await?;
-        postcard::from_bytes(&blob.bytes)
-            .map_err(|e| RpcError::Encode(format!("bad forwarded response: {e}")))
+        postcard::from_bytes(&blob.bytes).map_err(|e| {
+            RpcError::Remote(RemoteError::new(
+                ErrorCode::Internal,
+                format!("the leader's answer to a forwarded write cannot be decoded: {e}"),
+            ))
+        })
     }
 
     fn status(&self) -> Result<NodeStatus, RemoteError> {

@@ -24,9 +24,11 @@
 //! Placement costs `O(u log e)` for `u` units on `e` executors (a [`BinaryHeap`] keyed by free
 //! slots, or a [`BTreeSet`] for best fit), plus sorting the units.
 //!
-//! [`Reservations`] is the ledger of slots held per executor and job, from which the leader
-//! derives each executor's free slots ([`Reservations::free_slots`]) and which it releases when
-//! a job ends, is cancelled or loses an executor.
+//! The masters' leader derives each executor's free slots from the placements in the
+//! replicated metadata (a job holds slots only while every one of its tasks is placed on a live
+//! executor), so a newly elected leader needs no ledger of its own. [`Reservations`] is such a
+//! ledger for callers that schedule without that metadata (reserve after [`schedule`], release
+//! when a job ends, is cancelled, or its placement fails).
 
 use std::cmp::Reverse;
 use std::collections::binary_heap::PeekMut;
@@ -630,11 +632,12 @@ impl Pool {
     }
 }
 
-/// The ledger of slots held on each executor by each job.
+/// A ledger of slots held on each executor by each job, for scheduling without the masters'
+/// metadata (the leader counts placements in the metadata instead; see the module docs).
 ///
-/// The leader reserves a job's placements after [`schedule`] succeeds and releases them when
-/// the job ends, is cancelled, or a placement fails; when an executor is lost its reservations
-/// go with it. Each executor's free slots for the next [`ExecutorOffer`] come from
+/// Reserve a job's placements after [`schedule`] succeeds and release them when the job ends,
+/// is cancelled, or a placement fails; when an executor is lost its reservations go with it.
+/// Each executor's free slots for the next [`ExecutorOffer`] come from
 /// [`Reservations::free_slots`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reservations {

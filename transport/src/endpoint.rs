@@ -512,9 +512,10 @@ impl Connection {
             reason,
         };
         // open_uni waits for stream credit; bound it by the deadline.
+        let waited = deadline.saturating_duration_since(Instant::now());
         let send = tokio::time::timeout_at(deadline, self.conn.open_uni())
             .await
-            .map_err(|_| RpcError::Timeout(Duration::ZERO))?
+            .map_err(|_| RpcError::Timeout(waited))?
             .map_err(|e| lost(e.to_string()))?;
         let mut sender = DataSender {
             send,
