@@ -6,7 +6,7 @@
 //! joining a running one (learner first, then voter). A master restarted from its data dir
 //! rejoins with its state and never bootstraps again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -1254,7 +1254,7 @@ fn next_turn_in(turn: Turn) -> Duration {
 /// followers. Each turn is followed by a sleep of [`next_turn_in`], cut short by the
 /// wake-ups it names.
 async fn leader_loop(shared: Arc<Shared>) {
-    let mut was_leader = false;
+    let mut memory = LeaderMemory::default();
     let mut applied: Option<tokio::sync::watch::Receiver<u64>> = None;
     let mut sleep_for = LEADER_TICK;
     loop {
@@ -1266,7 +1266,7 @@ async fn leader_loop(shared: Arc<Shared>) {
             _ = shared.step_now.notified() => {}
             Some(()) = state_changed(&mut applied) => {}
         }
-        sleep_for = next_turn_in(leader_turn(&shared, &mut was_leader).await);
+        sleep_for = next_turn_in(leader_turn(&shared, &mut memory).await);
     }
 }
 
@@ -1276,24 +1276,74 @@ async fn state_changed(applied: &mut Option<tokio::sync::watch::Receiver<u64>>) 
     applied.as_mut()?.changed().await.ok()
 }
 
+/// What the leader loop remembers between turns.
+#[derive(Debug, Default)]
+struct LeaderMemory {
+    /// The raft term this master led in at its last turn (`None`: it was not leading).
+    term: Option<u64>,
+    /// Executors found expired whose loss is not applied yet: declared again on every turn
+    /// until it is (a failed write is retried), and never given a new TTL meanwhile.
+    lost: BTreeSet<u64>,
+}
+
+/// The liveness part of a leader's turn in raft term `term`. `alive`: the executors the
+/// metadata holds alive. On the first turn of a term every executor gets one full TTL of grace
+/// (this master cannot know when they last reported to the previous leader). Returns the
+/// executors to declare lost and whether this master led in an older term at its last turn
+/// (it lost and won the leadership between two turns).
+fn track_liveness(
+    memory: &mut LeaderMemory,
+    live: &mut LivenessTracker,
+    term: u64,
+    alive: &[u64],
+    now: std::time::Instant,
+) -> (Vec<u64>, bool) {
+    let regained = memory.term.is_some_and(|t| t != term);
+    if memory.term != Some(term) {
+        for id in alive {
+            live.register(*id, now);
+        }
+        live.on_leadership_acquired(now);
+        memory.lost.clear();
+        memory.term = Some(term);
+        info!(term, "leading: tracking {} executors", alive.len());
+    }
+    // A loss once applied leaves the executor out of `alive`.
+    memory.lost.retain(|id| alive.contains(id));
+    for id in alive {
+        if !live.contains(*id) && !memory.lost.contains(id) {
+            live.register(*id, now);
+        }
+    }
+    for id in live.expired(now) {
+        if alive.contains(&id) && memory.lost.insert(id) {
+            warn!(executor = id, "executor lost: no heartbeat within the TTL");
+        }
+    }
+    (memory.lost.iter().copied().collect(), regained)
+}
+
 /// One turn of [`leader_loop`].
-async fn leader_turn(shared: &Shared, was_leader: &mut bool) -> Turn {
+async fn leader_turn(shared: &Shared, memory: &mut LeaderMemory) -> Turn {
     let Some(node) = shared.node.get() else {
         return Turn::Starting;
     };
     if !shared.is_leader() {
-        if *was_leader {
+        if memory.term.is_some() {
             lock(&shared.reports).clear();
             lock(&shared.checkpoints).clear();
         }
-        *was_leader = false;
+        *memory = LeaderMemory::default();
         let active = node.read_local(|st| st.jobs.values().any(|j| !j.state.is_terminal()));
         return Turn::Follower { active };
     }
-    let current = {
+    let (term, current) = {
         let m = node.raft().metrics();
         let m = m.borrow();
-        m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
+        (
+            m.current_term,
+            m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term),
+        )
     };
     if !current {
         // Newly elected: steps planned now could miss entries committed by the last leader.
@@ -1310,26 +1360,17 @@ async fn leader_turn(shared: &Shared, was_leader: &mut bool) -> Turn {
             .map(|e| e.id.0)
             .collect()
     });
-    let expired = {
+    let (expired, regained) = {
         let mut live = lock(&shared.liveness);
-        if !*was_leader {
-            // A new leader gives every executor one full TTL of grace.
-            for id in &alive {
-                live.register(*id, now);
-            }
-            live.on_leadership_acquired(now);
-            info!("leading: tracking {} executors", alive.len());
-        }
-        for id in &alive {
-            if !live.contains(*id) {
-                live.register(*id, now);
-            }
-        }
-        live.expired(now)
+        track_liveness(memory, &mut live, term, &alive, now)
     };
-    *was_leader = true;
+    if regained {
+        // Lost and won the leadership again between two turns: what executors reported to
+        // this master before belongs to an older term.
+        lock(&shared.reports).clear();
+        lock(&shared.checkpoints).clear();
+    }
     for id in &expired {
-        warn!(executor = id, "executor lost: no heartbeat within the TTL");
         lock(&shared.reports).remove(id);
     }
     // Checkpoints of jobs that ended will never be committed.
@@ -1381,6 +1422,50 @@ data-dir = "data/m1"
 certs-dir = "certs"
 initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
 "#;
+
+    #[test]
+    fn an_executor_found_lost_is_declared_until_the_loss_applies_and_gets_no_new_ttl() {
+        let ttl = Duration::from_millis(1500);
+        let mut live = LivenessTracker::new(LivenessConfig {
+            heartbeat_interval: Duration::from_millis(250),
+            ttl,
+        })
+        .unwrap();
+        let mut memory = LeaderMemory::default();
+        let t0 = std::time::Instant::now();
+        // First turn of term 4: both executors get a TTL of grace.
+        assert_eq!(
+            track_liveness(&mut memory, &mut live, 4, &[1, 2], t0),
+            (vec![], false)
+        );
+        live.heartbeat(2, t0 + ttl);
+        let late = t0 + ttl + Duration::from_millis(1);
+        assert_eq!(
+            track_liveness(&mut memory, &mut live, 4, &[1, 2], late),
+            (vec![1], false)
+        );
+        // The write of the loss failed: executor 1 is still alive in the metadata. It is
+        // declared again, not given a fresh TTL.
+        let later = late + Duration::from_millis(100);
+        assert_eq!(
+            track_liveness(&mut memory, &mut live, 4, &[1, 2], later),
+            (vec![1], false)
+        );
+        assert!(!live.contains(1));
+        // Applied: executor 1 is no longer alive, and nothing is declared.
+        assert_eq!(
+            track_liveness(&mut memory, &mut live, 4, &[2], later),
+            (vec![], false)
+        );
+        // Leading again in a later term (without a turn as follower between): everyone gets
+        // grace again, and the caller learns that its reports are from an older term.
+        let much_later = later + 3 * ttl;
+        assert_eq!(
+            track_liveness(&mut memory, &mut live, 6, &[2], much_later),
+            (vec![], true)
+        );
+        assert!(live.deadline(2).is_some_and(|d| d > much_later));
+    }
 
     #[test]
     fn only_a_current_leader_with_a_recent_quorum_serves_executors() {
