@@ -298,6 +298,14 @@ impl RaftTransport for QuicRaft {
             .parse()
             .map_err(|e| unreachable(format!("bad address {addr:?}: {e}")))?;
         let bytes = postcard::to_stdvec(&req).map_err(|e| network(e.to_string()))?;
+        // The frame limit applies to the archived request: a little more than the blob.
+        let limit = self.endpoint.config().max_frame_bytes as usize;
+        if bytes.len() + 1024 > limit {
+            return Err(TransportFailure::TooLarge {
+                target,
+                reason: format!("{} bytes, the frame limit is {limit} bytes", bytes.len()),
+            });
+        }
         match self
             .endpoint
             .call_timeout::<RaftMessage>(addr, &Blob { bytes }, timeout)

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -68,12 +69,23 @@ pub enum TransportFailure {
         /// Why.
         reason: String,
     },
+    /// The request is larger than the transport carries; nothing was sent. openraft then
+    /// replicates fewer entries per request.
+    #[error("rpc to peer {target} too large: {reason}")]
+    TooLarge {
+        /// The peer.
+        target: NodeId,
+        /// Sizes.
+        reason: String,
+    },
 }
 
 /// A request/response transport between masters.
 ///
-/// Implementations must answer within `timeout` or fail with [`TransportFailure::Network`], and
-/// must make sure they reach the master with id `target` (e.g. by checking its certificate).
+/// Implementations must answer within `timeout` or fail with [`TransportFailure::Network`], fail
+/// with [`TransportFailure::TooLarge`] (sending nothing) a request larger than they carry, and
+/// reach a master (e.g. by checking that its certificate names the master role; the addresses
+/// come from the replicated membership, so `target` is the master at `addr`).
 pub trait RaftTransport: Send + Sync + 'static {
     /// Sends `req` to master `target` at `addr` and returns its response.
     fn call(
@@ -156,7 +168,9 @@ impl<T: RaftTransport> PeerClient<T> {
             .await
             .map_err(|f| match &f {
                 TransportFailure::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&f)),
-                TransportFailure::Network { .. } => RPCError::Network(NetworkError::new(&f)),
+                TransportFailure::Network { .. } | TransportFailure::TooLarge { .. } => {
+                    RPCError::Network(NetworkError::new(&f))
+                }
             })
     }
 
@@ -182,9 +196,27 @@ impl<T: RaftTransport> RaftNetwork<TypeConfig> for PeerClient<T> {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, MasterNode, RaftError<NodeId>>>
     {
-        match self.call(RaftRpc::AppendEntries(rpc), &option).await? {
-            RaftRpcResponse::AppendEntries(r) => r.map_err(|e| self.remote(e)),
-            other => Err(mismatch("append-entries", &other)),
+        let entries = rpc.entries.len() as u64;
+        let response = self
+            .transport
+            .call(
+                self.target,
+                &self.addr,
+                RaftRpc::AppendEntries(rpc),
+                option.hard_ttl(),
+            )
+            .await;
+        match response {
+            Ok(RaftRpcResponse::AppendEntries(r)) => r.map_err(|e| self.remote(e)),
+            Ok(other) => Err(mismatch("append-entries", &other)),
+            // Halve the batch; one entry too large for the transport cannot be split.
+            Err(TransportFailure::TooLarge { .. }) if entries > 1 => Err(
+                RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(entries / 2)),
+            ),
+            Err(f @ TransportFailure::Unreachable { .. }) => {
+                Err(RPCError::Unreachable(Unreachable::new(&f)))
+            }
+            Err(f) => Err(RPCError::Network(NetworkError::new(&f))),
         }
     }
 

@@ -16,6 +16,7 @@ use super::{NodeId, Raft};
 struct Inner {
     nodes: BTreeMap<NodeId, Raft>,
     disconnected: BTreeSet<NodeId>,
+    max_request_bytes: Option<usize>,
 }
 
 /// Routes raft RPCs between in-process nodes.
@@ -56,6 +57,12 @@ impl MemRouter {
     /// Undoes [`MemRouter::disconnect`].
     pub fn reconnect(&self, id: NodeId) {
         self.lock().disconnected.remove(&id);
+    }
+
+    /// Refuses (as [`TransportFailure::TooLarge`]) every request whose encoding is larger than
+    /// `max` bytes, like a transport's frame limit; `None` lifts the limit.
+    pub fn limit_request_bytes(&self, max: Option<usize>) {
+        self.lock().max_request_bytes = max;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -110,6 +117,15 @@ impl RaftTransport for MemTransport {
         timeout: Duration,
     ) -> Result<RaftRpcResponse, TransportFailure> {
         let raft = self.router.route(self.from, target)?;
+        if let Some(max) = self.router.lock().max_request_bytes {
+            let len = postcard::to_allocvec(&req).map_or(0, |b| b.len());
+            if len > max {
+                return Err(TransportFailure::TooLarge {
+                    target,
+                    reason: format!("{len} bytes, the limit is {max}"),
+                });
+            }
+        }
         let req = wire(target, &req)?;
         let resp = tokio::time::timeout(timeout, handle_raft_rpc(&raft, req))
             .await

@@ -398,6 +398,32 @@ async fn t08_lagging_follower_catches_up_and_restarts_with_state() {
     assert_eq!(c.nodes[&lagger].read_local(|s| s.jobs.len()), 5);
 }
 
+/// A follower that fell behind catches up even when the entries it misses do not fit in one
+/// request: the transport refuses the oversized batch and openraft sends smaller ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_a_batch_too_large_for_the_transport_is_split() {
+    let c = Cluster::start(&[1, 2, 3]).await;
+    c.bootstrap(1).await;
+    let leader = c.leader().await;
+    let lagger = *c.nodes.keys().find(|id| **id != leader).unwrap();
+    c.router.disconnect(lagger);
+    let mut applied = 0;
+    for n in 0..40 {
+        let l = &c.nodes[&leader];
+        let big = Command::SubmitJob {
+            job_type: "pipeline".into(),
+            spec: format!("# {n}\n{}", "x".repeat(2000)),
+            at_ms: n,
+        };
+        applied = l.write_indexed(l.request(big)).await.unwrap().0;
+    }
+    // About four of these entries fit in one request.
+    c.router.limit_request_bytes(Some(10_000));
+    c.router.reconnect(lagger);
+    c.wait_applied(applied).await;
+    assert_eq!(c.nodes[&lagger].read_local(|s| s.jobs.len()), 40);
+}
+
 /// Writes a node creates are independent: a master creates requests in one order and they
 /// may reach the log in another (registrations, leader steps and checkpoint commits run
 /// concurrently). None may be refused as an out-of-order retry of another.
