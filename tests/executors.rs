@@ -394,3 +394,58 @@ fn t09_an_executor_takes_a_new_leaders_heartbeat_interval_without_being_lost() {
         "{log}"
     );
 }
+
+#[test]
+fn t10_a_leader_cut_off_from_the_other_masters_stops_serving_executors() {
+    let mut cluster = Cluster::bootstrap(3);
+    let leader = cluster.wait_for_leader(&[1, 2, 3], Duration::from_secs(10));
+    let all: Vec<SocketAddr> = (1..=3).map(|i| cluster.addr(i)).collect();
+    let a = Executor::start(&cluster, "exec-a", 8);
+    wait_for_executors(&cluster, &all, 1);
+    let id = submit_sleep(&cluster, &all, 2, 120_000);
+    let before = wait_state(&cluster, &all, id, "Running", Duration::from_secs(10));
+    // Freeze both followers: the leader still runs and the executor still reaches it, but
+    // it no longer hears from a quorum. It must stop answering heartbeats (the others could
+    // have elected a leader that moved the work).
+    let followers: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
+    for f in &followers {
+        cluster.node(*f).signal("STOP");
+    }
+    let r = wait_until(
+        "the executor is told the leader lost its quorum",
+        Duration::from_secs(10),
+        || {
+            let log = a.log_text();
+            if log.contains("has not heard from a quorum") {
+                Ok(())
+            } else {
+                Err(common::tail(&log, 10))
+            }
+        },
+    );
+    for f in &followers {
+        cluster.node(*f).signal("CONT");
+    }
+    cluster.unwrap_or_dump(r);
+    // Once the masters are back, the job carries on where it was.
+    cluster.wait_for_leader(&[1, 2, 3], Duration::from_secs(10));
+    let r = wait_until(
+        "the executor is alive again and the job still runs",
+        Duration::from_secs(10),
+        || {
+            let j = job(&cluster, &all, id)?;
+            let execs = executors(&cluster, &all)?;
+            let alive = execs.iter().any(|e| e["state"] == "alive");
+            if alive && j["state"] == "Running" {
+                Ok(j)
+            } else {
+                Err(format!("{j} {execs:?}"))
+            }
+        },
+    );
+    let after = cluster.unwrap_or_dump(r);
+    assert!(
+        after["epoch"].as_u64() >= before["epoch"].as_u64(),
+        "{after}"
+    );
+}

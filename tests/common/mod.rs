@@ -404,6 +404,17 @@ impl Node {
         }
     }
 
+    /// Sends `kill -<sig>` to the running process (e.g. `STOP`, `CONT`).
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("master is running").id();
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(ok.success(), "kill -{sig} {pid} failed");
+    }
+
     /// Starts the process again with the same flags and data dir.
     pub fn restart(&mut self) {
         self.kill();
