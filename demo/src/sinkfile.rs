@@ -11,8 +11,11 @@
 //!
 //! [`SinkRow::write_to`] appends a line to a reusable buffer without allocating (beyond
 //! the buffer's own growth); [`SinkRow::parse`] is strict and says which column is wrong.
+//! [`read_line_bounded`] reads a file's lines as bytes with a bounded length, for readers
+//! that must not trust what is on disk.
 
 use std::fmt;
+use std::io::{self, BufRead};
 
 /// Number of comma-separated fields in a sink line.
 pub const FIELD_COUNT: usize = 7;
@@ -362,9 +365,123 @@ fn quote(text: &str) -> String {
     text[..end].to_owned()
 }
 
+/// What [`read_line_bounded`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineRead {
+    /// The input has ended; nothing was read.
+    Eof,
+    /// A line is in the buffer, without its `\n`; `terminated` is false for a last line that
+    /// has none (a file cut off mid-line).
+    Line {
+        /// Whether the line ended with `\n`.
+        terminated: bool,
+    },
+    /// The line was longer than the limit: it was consumed to its end but not kept (the
+    /// buffer is empty).
+    TooLong,
+}
+
+/// Reads the next line of `reader` into `buf` (cleared first; the `\n` is consumed, not
+/// kept), keeping at most `max` bytes of it. A longer line is skipped whole and reported as
+/// [`LineRead::TooLong`], so a file with a huge line, or none at all, never buffers more than
+/// `max` bytes. Works on bytes: whether a line is UTF-8 is the caller's question. Only I/O
+/// errors are errors.
+pub fn read_line_bounded<R: BufRead>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<LineRead> {
+    buf.clear();
+    let mut any = false;
+    let mut too_long = false;
+    loop {
+        let chunk = match reader.fill_buf() {
+            Ok(chunk) => chunk,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            return Ok(match (any, too_long) {
+                (false, _) => LineRead::Eof,
+                (true, true) => LineRead::TooLong,
+                (true, false) => LineRead::Line { terminated: false },
+            });
+        }
+        any = true;
+        let (body, used, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (&chunk[..i], i + 1, true),
+            None => (chunk, chunk.len(), false),
+        };
+        if !too_long {
+            if buf.len() + body.len() > max {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(body);
+            }
+        }
+        reader.consume(used);
+        if done {
+            return Ok(if too_long {
+                LineRead::TooLong
+            } else {
+                LineRead::Line { terminated: true }
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_are_read_as_bytes_with_a_bounded_length() {
+        let mut input = Vec::new();
+        input.extend_from_slice(b"short\n");
+        input.extend_from_slice(&[0xff, 0xfe, b'\n']);
+        input.extend_from_slice(&[b'x'; 100]);
+        input.push(b'\n');
+        input.extend_from_slice(b"\n");
+        input.extend_from_slice(&[b'y'; 10]);
+        input.push(b'\n');
+        input.extend_from_slice(b"cut off");
+        // A reader buffer smaller than a line: lines span several fills.
+        let mut reader = io::BufReader::with_capacity(4, &input[..]);
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        loop {
+            let read = read_line_bounded(&mut reader, &mut buf, 10).unwrap();
+            if read == LineRead::Eof {
+                break;
+            }
+            got.push((read, buf.clone()));
+        }
+        let line = |terminated, bytes: &[u8]| (LineRead::Line { terminated }, bytes.to_vec());
+        assert_eq!(
+            got,
+            [
+                line(true, b"short"),
+                line(true, &[0xff, 0xfe]),
+                (LineRead::TooLong, Vec::new()),
+                line(true, b""),
+                line(true, &[b'y'; 10]),
+                line(false, b"cut off"),
+            ]
+        );
+        // A huge line without a newline is skipped whole, holding at most the limit.
+        let huge = vec![b'z'; 1 << 20];
+        let mut reader = io::BufReader::new(&huge[..]);
+        assert_eq!(
+            read_line_bounded(&mut reader, &mut buf, 150).unwrap(),
+            LineRead::TooLong
+        );
+        assert!(buf.capacity() <= 1024, "{}", buf.capacity());
+        assert_eq!(
+            read_line_bounded(&mut reader, &mut buf, 150).unwrap(),
+            LineRead::Eof
+        );
+    }
 
     const EDGES: [u64; 8] = [
         0,

@@ -18,7 +18,6 @@
 //! `latency.svg` and stdout.
 
 use std::fmt::Write as _;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -400,6 +399,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     if !valid {
         bail!("--warmup-secs, --idle-secs and --floor-secs must be >= 0 and --duration-secs > 0");
     }
+    let floor_time = secs_flag("--floor-secs", args.floor_secs)?;
+    secs_flag("--idle-secs", args.idle_secs)?;
     if !args.idle_only && (args.rates.is_empty() || args.ddl_freqs.is_empty()) {
         bail!("--rates and --ddl-freqs must not be empty");
     }
@@ -456,7 +457,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
             "measuring the machine's latency floor for {:.1} s ...",
             args.floor_secs
         );
-        let floor = crate::floor::measure(Duration::from_secs_f64(args.floor_secs));
+        let floor = crate::floor::measure(floor_time);
         print_floor(&floor);
         floor
     });
@@ -549,7 +550,7 @@ async fn sweep(
         println!("measuring the idle cluster for {secs:.1} s ...");
         let pids = cluster.pids();
         let before = Snapshot::take(&pids);
-        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        tokio::time::sleep(secs_flag("--idle-secs", secs)?).await;
         let end = ThreadsAt::take(&pids);
         let host_steal = host_steal(&before.threads, &end);
         let processes = before.usage(&pids, Some(end));
@@ -983,21 +984,37 @@ fn ns_histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 3_600_000_000_000, 3).context("histogram bounds")
 }
 
+/// `secs` seconds (the value of flag `flag`) as a [`Duration`]; an error naming the flag when
+/// it is negative, not a number or too long for one (`Duration::from_secs_f64` would panic).
+fn secs_flag(flag: &str, secs: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(secs)
+        .map_err(|e| anyhow::anyhow!("{flag} {secs} is not a usable number of seconds: {e}"))
+}
+
 /// Visits every data row of the sink files of `streams` streams in `dir`.
+///
+/// Malformed lines (not UTF-8, longer than any row, not a row) are the verifier's business:
+/// they are skipped, not measured. Lines are read as bytes, at most
+/// [`MAX_LINE_BYTES`](microcosm_demo::sinkfile::MAX_LINE_BYTES) of each kept, so a damaged
+/// file never aborts the measurement nor fills memory. Only I/O errors are errors.
 fn for_each_data_row(dir: &Path, streams: u32, mut f: impl FnMut(&SinkRow)) -> anyhow::Result<()> {
+    use microcosm_demo::sinkfile::{LineRead, MAX_LINE_BYTES, read_line_bounded};
+    let mut line = Vec::with_capacity(MAX_LINE_BYTES);
     for s in 0..streams {
         let path = microcosm_demo::spec::sink_file_in(dir, s);
         let file = std::fs::File::open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-        let mut line = String::new();
         loop {
-            line.clear();
-            if reader.read_line(&mut line)? == 0 {
-                break;
+            let read = read_line_bounded(&mut reader, &mut line, MAX_LINE_BYTES)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            match read {
+                LineRead::Eof => break,
+                LineRead::TooLong => continue,
+                LineRead::Line { .. } => {}
             }
-            // Malformed lines are the verifier's business; they are not measured.
-            if let Ok(row) = SinkRow::parse(line.trim_end_matches('\n'))
+            if let Ok(text) = std::str::from_utf8(&line)
+                && let Ok(row) = SinkRow::parse(text)
                 && row.kind == RowKind::Data
             {
                 f(&row);
@@ -2466,6 +2483,56 @@ mod tests {
         // The rest of the five: the earliest of the equal ones.
         assert!((e.largest[1].at_s - 0.0).abs() < 1e-9 && (e.largest[4].at_s - 0.03).abs() < 1e-9);
         assert!((e.largest_pct_of_slow_rows - 7.0 * 100.0 / 13.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn seconds_flags_too_long_for_a_duration_are_errors_naming_the_flag() {
+        assert_eq!(
+            secs_flag("--floor-secs", 2.5).unwrap(),
+            Duration::from_millis(2500)
+        );
+        assert_eq!(secs_flag("--idle-secs", 0.0).unwrap(), Duration::ZERO);
+        for (flag, secs) in [
+            ("--floor-secs", 1e20),
+            ("--idle-secs", f64::MAX),
+            ("--idle-secs", f64::INFINITY),
+            ("--floor-secs", f64::NAN),
+            ("--floor-secs", -1.0),
+        ] {
+            let err = secs_flag(flag, secs).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{flag} {secs} ")), "{err}");
+        }
+    }
+
+    #[test]
+    fn measuring_skips_malformed_lines_instead_of_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let row = |pk: u64| SinkRow {
+            kind: RowKind::Data,
+            table_id: 0,
+            schema_ver: 0,
+            pk,
+            produced_ns: pk * 1_000_000,
+            synced_ns: pk * 1_000_000 + 10_000,
+            sink_ns: pk * 1_000_000 + 30_000,
+        };
+        let mut buf = Vec::new();
+        row(1).write_to(&mut buf);
+        buf.extend_from_slice(b"data,0,0,\xff\xfe,1,2,3\n");
+        row(2).write_to(&mut buf);
+        buf.extend_from_slice(&[b'9'; 1 << 20]);
+        buf.push(b'\n');
+        buf.extend_from_slice(b"not a row\n");
+        row(3).write_to(&mut buf);
+        // The last line, cut off before its newline, still parses.
+        row(4).write_to(&mut buf);
+        buf.pop();
+        std::fs::write(microcosm_demo::spec::sink_file_in(dir.path(), 0), &buf).unwrap();
+        let mut pks = Vec::new();
+        for_each_data_row(dir.path(), 1, |r| pks.push(r.pk)).unwrap();
+        assert_eq!(pks, [1, 2, 3, 4]);
+        let m = measure(dir.path(), 1, 0, slots_of(1000)).unwrap();
+        assert_eq!(m.rows, 4);
     }
 
     #[test]
