@@ -184,7 +184,8 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Opens `path` for reading and writing, creating it if missing; says whether it created it.
+/// Opens `path` for writing (and reading if `read`), creating it if missing; says whether
+/// it created it.
 fn open_or_create(path: &Path, read: bool) -> io::Result<(File, bool)> {
     let mut options = OpenOptions::new();
     options.read(read).write(true);

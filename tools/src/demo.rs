@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use microcosm_control::client::MasterClient;
 use microcosm_control::proto::{GetJob, JobRef};
+use microcosm_demo::fence::Owner;
 use microcosm_demo::{DemoSpec, DemoSpecOverrides};
 
 use crate::local::{LocalCluster, LocalClusterDir, Proc};
@@ -25,7 +26,8 @@ pub struct DemoArgs {
     executors: u32,
     #[command(flatten)]
     tuning: crate::local::ExecutorTuning,
-    /// Job spec file to start from (defaults are used otherwise).
+    /// Job spec file to start from (defaults are used otherwise). Its keys apply, sink-dir
+    /// included, unless the flag of the same name overrides them.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Job name; also the output sub-directory.
@@ -46,7 +48,8 @@ pub struct DemoArgs {
     /// Offered records per second in total (0 = as fast as possible).
     #[arg(long)]
     rate: Option<i64>,
-    /// Where sinks write (default: inside the cluster's temporary directory).
+    /// Where sinks write (default: the --config file's sink-dir if it sets one, else inside
+    /// the cluster's temporary directory).
     #[arg(long)]
     sink_dir: Option<PathBuf>,
     /// Records per batch.
@@ -91,7 +94,40 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("invalid duration {s:?}"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("duration {s:?} is too long"))
+}
+
+/// The demo's job spec: the defaults, then the keys of the `config` file (its path and text)
+/// if given, then the flags. `sink-dir` defaults to `default_sink_dir` only when neither the
+/// file nor a flag sets it.
+fn job_spec(
+    config: Option<(&Path, &str)>,
+    flags: &DemoSpecOverrides,
+    default_sink_dir: PathBuf,
+) -> anyhow::Result<DemoSpec> {
+    let file = match config {
+        Some((path, text)) => toml::from_str::<DemoSpecOverrides>(text)
+            .map_err(microcosm_demo::SpecError::from)
+            .with_context(|| format!("job spec {}", path.display()))?,
+        None => DemoSpecOverrides::default(),
+    };
+    let mut spec = DemoSpec::default();
+    if file.sink_dir.is_none() && flags.sink_dir.is_none() {
+        spec.sink_dir = default_sink_dir;
+    }
+    if let Some((path, _)) = config {
+        file.apply(&mut spec)
+            .with_context(|| format!("job spec {}", path.display()))?;
+    }
+    flags.apply(&mut spec)?;
+    Ok(spec)
+}
+
+/// Whether the time since `last` (`None`: never) is at least `every`. An `Option` rather than
+/// a made-up instant in the past: `Instant::now() - d` panics while the monotonic clock is
+/// below `d` (a freshly booted machine).
+fn due(last: Option<Instant>, every: Duration) -> bool {
+    last.is_none_or(|at| at.elapsed() >= every)
 }
 
 /// Follows the sinks' output while the job runs.
@@ -209,15 +245,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let cluster_dir = LocalClusterDir::create("microcosm-demo-")?;
     let dir = cluster_dir.path().to_path_buf();
 
-    // The job spec: defaults or a file, then flags.
-    let mut spec = match &args.config {
-        Some(p) => DemoSpec::from_toml_str(
-            &std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
-        )?,
-        None => DemoSpec::default(),
+    // The job spec: defaults, then a file, then flags.
+    let config = match &args.config {
+        Some(p) => Some((
+            p.as_path(),
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        )),
+        None => None,
     };
-    spec.sink_dir = dir.join("sink");
-    DemoSpecOverrides {
+    let flags = DemoSpecOverrides {
         flow_id: args.flow_id.clone(),
         table_num: args.table_num,
         binlog_num: args.binlog_num,
@@ -229,8 +265,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         batch_size: args.batch_size,
         linger_us: args.linger_us,
         checkpoint_interval_ms: args.checkpoint_interval_ms,
+    };
+    let spec = job_spec(
+        config.as_ref().map(|(p, text)| (*p, text.as_str())),
+        &flags,
+        dir.join("sink"),
+    )?;
+    // The job of a fresh cluster is job 1: files an attempt of a higher job id, or a later
+    // attempt of a job 1, owns are refused to it.
+    if let Some(owner) = latest_owner(&spec.output_dir())
+        && owner > (Owner { job: 1, epoch: 1 })
+    {
+        println!(
+            "note: {} holds output of {owner} of an earlier cluster; this cluster's job may be \
+             refused its files (remove the directory, or use another --flow-id or --sink-dir)",
+            spec.output_dir().display()
+        );
     }
-    .apply(&mut spec)?;
 
     println!(
         "microcosm demo: {} master(s), {} executor(s), cluster dir {}",
@@ -326,7 +377,7 @@ async fn watch(
     let mut progress = Progress::new(spec);
     let start = Instant::now();
     let mut running_since: Option<Instant> = None;
-    let mut last_print = Instant::now() - Duration::from_secs(10);
+    let mut last_print: Option<Instant> = None;
     let mut last_rows = 0u64;
     let mut last_rate_at = Instant::now();
     let mut rate = 0.0;
@@ -416,7 +467,10 @@ async fn watch(
                 recovery_reported = true;
             }
         }
-        if last_print.elapsed() >= Duration::from_millis(if tty { 200 } else { 2000 }) {
+        if due(
+            last_print,
+            Duration::from_millis(if tty { 200 } else { 2000 }),
+        ) {
             // An estimate: never shown past the expected total.
             let rows = progress.estimated_rows().min(expected);
             let dt = last_rate_at.elapsed().as_secs_f64();
@@ -436,7 +490,7 @@ async fn watch(
             } else {
                 println!("{line}");
             }
-            last_print = Instant::now();
+            last_print = Some(Instant::now());
         }
         let watching = (args.kill_executor_after.is_some() && killed_executor.is_none())
             || (killed_executor.is_some() && !recovery_reported)
@@ -482,6 +536,20 @@ async fn busy_executor<'a>(
             .find(|p| p.child.is_some() && busy.contains(&p.name));
     }
     None
+}
+
+/// The greatest owner the sink fences in `dir` name (the output of a job that already ran
+/// there), if any; unreadable fences are left to the sinks to report.
+fn latest_owner(dir: &Path) -> Option<Owner> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|entry| {
+            let path = entry.path();
+            let data = path.to_str()?.strip_suffix(".fence")?;
+            microcosm_demo::fence::owner(Path::new(data)).ok()?
+        })
+        .max()
 }
 
 /// Prints each sink's per-stage latency breakdown (from the records' time tracer).
@@ -538,5 +606,101 @@ mod tests {
         let mut fresh = Progress::of_files(vec![b]);
         assert_eq!(fresh.estimated_rows(), 0);
         assert_eq!(fresh.counted_rows(), 1);
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        args: DemoArgs,
+    }
+
+    #[test]
+    fn durations_too_long_for_a_duration_are_errors_naming_the_flag() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        for huge in ["100000000000000000000", "99999999999999999999m", "1e400"] {
+            let err = parse_duration(huge).unwrap_err();
+            assert!(err.contains(huge), "{err}");
+        }
+        assert!(
+            parse_duration("100000000000000000000")
+                .unwrap_err()
+                .contains("too long")
+        );
+        use clap::Parser;
+        for flag in ["--timeout", "--kill-executor-after", "--kill-leader-after"] {
+            let err = Cli::try_parse_from(["demo", flag, "100000000000000000000"]).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(flag) && msg.contains("too long"), "{msg}");
+        }
+        let cli = Cli::try_parse_from(["demo", "--timeout", "90s"]).unwrap();
+        assert_eq!(cli.args.timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn the_first_progress_line_is_due_at_once() {
+        assert!(due(None, Duration::from_secs(3600)));
+        assert!(!due(Some(Instant::now()), Duration::from_secs(3600)));
+        assert!(due(Some(Instant::now()), Duration::ZERO));
+    }
+
+    #[test]
+    fn the_config_files_sink_dir_is_kept_and_only_a_flag_overrides_it() {
+        let file = Path::new("job.toml");
+        let default = PathBuf::from("/cluster/sink");
+        let none = DemoSpecOverrides::default();
+        let flag = DemoSpecOverrides {
+            sink_dir: Some(PathBuf::from("/flag")),
+            rate: Some(7),
+            ..DemoSpecOverrides::default()
+        };
+        let with_dir = "sink-dir = \"/from/file\"\nrate = 5\n";
+        let without_dir = "rate = 5\n";
+        let spec = job_spec(Some((file, with_dir)), &none, default.clone()).unwrap();
+        assert_eq!(
+            (spec.sink_dir.as_path(), spec.rate),
+            (Path::new("/from/file"), 5)
+        );
+        let spec = job_spec(Some((file, with_dir)), &flag, default.clone()).unwrap();
+        assert_eq!(
+            (spec.sink_dir.as_path(), spec.rate),
+            (Path::new("/flag"), 7)
+        );
+        let spec = job_spec(Some((file, without_dir)), &none, default.clone()).unwrap();
+        assert_eq!((spec.sink_dir.as_path(), spec.rate), (default.as_path(), 5));
+        let spec = job_spec(None, &none, default.clone()).unwrap();
+        assert_eq!(spec.sink_dir, default);
+        assert_eq!(spec.rate, DemoSpec::default().rate);
+        let spec = job_spec(None, &flag, default.clone()).unwrap();
+        assert_eq!(spec.sink_dir, Path::new("/flag"));
+        // Errors of the file name it and the key.
+        for (bad, key) in [
+            ("table-num = -3", "table-num"),
+            ("table-nums = 3", "table-nums"),
+            ("rate = \"x\"", "rate"),
+        ] {
+            let err = job_spec(Some((file, bad)), &none, default.clone()).unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(
+                msg.starts_with("job spec job.toml: ") && msg.contains(key),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn recovery_looks_only_at_files_this_job_claimed() {
+        use microcosm_demo::fence::FencedFile;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("sink_0.csv"), dir.path().join("sink_1.csv"));
+        let progress = Progress::of_files(vec![a.clone(), b.clone()]);
+        assert_eq!(latest_owner(dir.path()), None);
+        let mut file = FencedFile::claim(&a, Owner { job: 3, epoch: 2 }, 0).unwrap();
+        std::io::Write::write_all(&mut file, b"row\n").unwrap();
+        FencedFile::claim(&b, Owner { job: 2, epoch: 5 }, 0).unwrap();
+        assert_eq!(progress.claimed_sizes(3, 2), [Some(4), None]);
+        assert_eq!(progress.claimed_sizes(3, 3), [None, None]);
+        assert_eq!(progress.claimed_sizes(2, 1), [None, Some(0)]);
+        assert_eq!(latest_owner(dir.path()), Some(Owner { job: 3, epoch: 2 }));
     }
 }
