@@ -49,6 +49,9 @@ pub struct MasterArgs {
     /// Election timeout upper bound (ms).
     #[arg(long)]
     election_timeout_max_ms: Option<u64>,
+    /// How long a write may wait for a quorum before it fails with "no quorum" (ms).
+    #[arg(long)]
+    write_timeout_ms: Option<u64>,
     /// Heartbeat interval the leader gives executors when they register (ms).
     #[arg(long)]
     executor_heartbeat_ms: Option<u64>,
@@ -71,6 +74,7 @@ impl MasterArgs {
             .int("heartbeat-ms", self.heartbeat_ms)
             .int("election-timeout-min-ms", self.election_timeout_min_ms)
             .int("election-timeout-max-ms", self.election_timeout_max_ms)
+            .int("write-timeout-ms", self.write_timeout_ms)
             .int("executor-heartbeat-ms", self.executor_heartbeat_ms)
             .int("executor-ttl-ms", self.executor_ttl_ms);
         o.load(self.config.as_deref(), MasterConfig::from_toml)
@@ -100,6 +104,102 @@ pub async fn shutdown_signal() {
         }
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        args: MasterArgs,
+    }
+
+    fn config(args: &[&str]) -> anyhow::Result<MasterConfig> {
+        let cli = Cli::try_parse_from(std::iter::once("master").chain(args.iter().copied()))?;
+        cli.args.config()
+    }
+
+    /// Every key of the example configs has a flag that overrides it.
+    #[test]
+    fn every_key_of_the_example_configs_has_a_flag_that_overrides_it() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/master-single.toml");
+        let from_file = config(&["--config", file]).unwrap();
+        assert_eq!(from_file.write_timeout_ms, 2000);
+        let flags = config(&[
+            "--config",
+            file,
+            "--node-id",
+            "7",
+            "--name",
+            "m7",
+            "--listen-addr",
+            "127.0.0.1:7999",
+            "--data-dir",
+            "/d",
+            "--certs-dir",
+            "/c",
+            "--cluster-id",
+            "other",
+            "--initial-members",
+            "7=127.0.0.1:7999",
+            "--heartbeat-ms",
+            "60",
+            "--election-timeout-min-ms",
+            "200",
+            "--election-timeout-max-ms",
+            "400",
+            "--write-timeout-ms",
+            "5000",
+            "--executor-heartbeat-ms",
+            "300",
+            "--executor-ttl-ms",
+            "2000",
+        ])
+        .unwrap();
+        assert_eq!(flags.write_timeout_ms, 5000);
+        assert_eq!(
+            (
+                flags.node_id,
+                flags.name.as_deref(),
+                flags.cluster_id.as_str()
+            ),
+            (7, Some("m7"), "other")
+        );
+        assert_eq!(
+            (flags.heartbeat_ms, flags.election_timeout_min_ms),
+            (60, 200)
+        );
+        assert_eq!(
+            (flags.executor_heartbeat_ms, flags.executor_ttl_ms),
+            (300, 2000)
+        );
+        // Every key the example configs set is one the flags above override.
+        for name in [
+            "master-single.toml",
+            "master-1.toml",
+            "master-2.toml",
+            "master-3.toml",
+            "master-4-join.toml",
+        ] {
+            let path = format!("{}/../config/{name}", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let doc: toml::Table = text.parse().unwrap();
+            let help = {
+                use clap::CommandFactory;
+                Cli::command().render_long_help().to_string()
+            };
+            for key in doc.keys() {
+                assert!(
+                    help.contains(&format!("--{key}")),
+                    "{name}: no flag --{key}"
+                );
+            }
         }
     }
 }
