@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 
 use hdrhistogram::Histogram;
 
-use crate::sinkfile::{RowError, RowKind, SinkRow};
+use crate::sinkfile::{LineRead, RowError, RowKind, SinkRow, read_line_bounded};
 use crate::spec::{DemoSpec, SpecError, sink_file_in};
 
 /// How many violations a [`Report`] keeps (the total is always counted).
@@ -453,56 +453,6 @@ impl SyncSpan {
     }
 }
 
-/// Outcome of reading one line.
-enum LineRead {
-    Eof,
-    Line { terminated: bool },
-    TooLong,
-}
-
-/// Reads up to and including the next `\n` into `buf` (without the `\n`), keeping at most
-/// [`MAX_LINE_LEN`] bytes; a longer line is skipped whole.
-fn read_line_bounded<R: BufRead>(reader: &mut R, buf: &mut Vec<u8>) -> io::Result<LineRead> {
-    buf.clear();
-    let mut any = false;
-    let mut too_long = false;
-    loop {
-        let chunk = match reader.fill_buf() {
-            Ok(chunk) => chunk,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if chunk.is_empty() {
-            return Ok(match (any, too_long) {
-                (false, _) => LineRead::Eof,
-                (true, true) => LineRead::TooLong,
-                (true, false) => LineRead::Line { terminated: false },
-            });
-        }
-        any = true;
-        let (body, used, done) = match chunk.iter().position(|&b| b == b'\n') {
-            Some(i) => (&chunk[..i], i + 1, true),
-            None => (chunk, chunk.len(), false),
-        };
-        if !too_long {
-            if buf.len() + body.len() > MAX_LINE_LEN {
-                too_long = true;
-                buf.clear();
-            } else {
-                buf.extend_from_slice(body);
-            }
-        }
-        reader.consume(used);
-        if done {
-            return Ok(if too_long {
-                LineRead::TooLong
-            } else {
-                LineRead::Line { terminated: true }
-            });
-        }
-    }
-}
-
 /// The verification state, fed one stream at a time.
 struct Checker {
     tables: u32,
@@ -643,7 +593,7 @@ impl Checker {
         };
         let mut buf = Vec::with_capacity(256);
         loop {
-            let read = read_line_bounded(&mut reader, &mut buf)?;
+            let read = read_line_bounded(&mut reader, &mut buf, MAX_LINE_LEN)?;
             let terminated = match read {
                 LineRead::Eof => break,
                 LineRead::Line { terminated } => terminated,
