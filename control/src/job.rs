@@ -173,6 +173,24 @@ pub struct InvalidTransition {
     pub action: &'static str,
 }
 
+/// How the reasons of the [`JobEvent::NoCapacity`] transitions begin, by the state they
+/// leave.
+const PENDING_NO_CAPACITY: &str = "waiting for capacity";
+const SCHEDULING_NO_CAPACITY: &str = "placement failed, capacity released";
+const RECOVERING_NO_CAPACITY: &str = "lost tasks wait for capacity";
+
+/// Whether `reason` (of a job's latest transition) says that its last placement attempt found
+/// no capacity: such a job runs nowhere and holds no slots until it is placed again.
+pub fn waits_for_capacity(reason: &str) -> bool {
+    [
+        PENDING_NO_CAPACITY,
+        SCHEDULING_NO_CAPACITY,
+        RECOVERING_NO_CAPACITY,
+    ]
+    .iter()
+    .any(|p| reason.starts_with(p))
+}
+
 /// Decides where `event` takes a job in `state`.
 ///
 /// | from | event | to |
@@ -212,7 +230,7 @@ pub fn next(state: JobState, event: &JobEvent) -> Result<Transition, InvalidTran
 
         (S::Pending, E::Scheduled) => (S::Scheduling, "placed every task".to_owned()),
         (S::Pending, E::NoCapacity { reason }) => {
-            (S::Pending, format!("waiting for capacity: {reason}"))
+            (S::Pending, format!("{PENDING_NO_CAPACITY}: {reason}"))
         }
         (S::Pending, E::CancelRequested) => (
             S::Cancelled,
@@ -224,10 +242,9 @@ pub fn next(state: JobState, event: &JobEvent) -> Result<Transition, InvalidTran
             "every executor accepted its tasks".to_owned(),
         ),
         (S::Scheduling, E::AllTasksRunning) => (S::Running, "every task is running".to_owned()),
-        (S::Scheduling, E::NoCapacity { reason }) => (
-            S::Pending,
-            format!("placement failed, capacity released: {reason}"),
-        ),
+        (S::Scheduling, E::NoCapacity { reason }) => {
+            (S::Pending, format!("{SCHEDULING_NO_CAPACITY}: {reason}"))
+        }
 
         (S::Scheduling | S::Running | S::Recovering | S::Paused, E::ExecutorLost { executor }) => (
             S::Recovering,
@@ -238,10 +255,9 @@ pub fn next(state: JobState, event: &JobEvent) -> Result<Transition, InvalidTran
             S::Recovering,
             "executors accepted the re-placed tasks".to_owned(),
         ),
-        (S::Recovering, E::NoCapacity { reason }) => (
-            S::Recovering,
-            format!("lost tasks wait for capacity: {reason}"),
-        ),
+        (S::Recovering, E::NoCapacity { reason }) => {
+            (S::Recovering, format!("{RECOVERING_NO_CAPACITY}: {reason}"))
+        }
         (S::Recovering, E::AllTasksRunning) => {
             (S::Running, "recovered; every task is running".to_owned())
         }

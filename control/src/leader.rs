@@ -331,14 +331,21 @@ fn on_failure(job: &JobRecord, msg: String, now_ms: u64) -> Option<Command> {
     })
 }
 
-/// Slots used on each executor by tasks of live jobs other than `except`. Only a job whose
-/// every task is placed on a live executor holds slots: executors run no part of a job that is
-/// not wholly placed, so the slots of a job waiting for capacity (its placement failed after
-/// an executor loss) are free for others.
+/// Slots used on each executor by tasks of live jobs other than `except`. A job that lost
+/// part of its placement (an executor was lost) keeps the slots of its surviving tasks until
+/// its own placement has been tried again; once that found no capacity, the job runs nowhere
+/// and its slots are free for others until it is placed again.
 fn used_slots(state: &MetaState, except: JobId) -> HashMap<ExecutorId, u64> {
     let mut used = HashMap::new();
     for job in state.jobs.values() {
-        if job.id == except || job.state.is_terminal() || !all_placed_on_alive(state, job) {
+        let waits = || {
+            !all_placed_on_alive(state, job)
+                && job
+                    .history
+                    .last()
+                    .is_some_and(|h| job::waits_for_capacity(&h.reason))
+        };
+        if job.id == except || job.state.is_terminal() || waits() {
             continue;
         }
         for t in &job.tasks {
@@ -698,6 +705,35 @@ mod tests {
             .filter(|t| sim.state.task(**t).and_then(|r| r.executor) == Some(ExecutorId(a)))
             .count();
         assert_eq!(on_a, 3);
+    }
+
+    #[test]
+    fn a_running_job_that_lost_an_executor_is_placed_again_before_a_waiting_job() {
+        let mut sim = Sim::new();
+        let x = sim.register(4);
+        let y = sim.register(4);
+        let first = sim.submit(8);
+        sim.settle(&[]);
+        sim.report_all(TaskRunState::Running);
+        sim.settle(&[]);
+        assert_eq!(sim.job(first).state, JobState::Running);
+        let z = sim.register(4);
+        // A job of eight waits: only z's four slots are free.
+        let second = sim.submit(8);
+        sim.settle(&[]);
+        assert_eq!(sim.job(second).state, JobState::Pending);
+        // y is lost: the first job still holds x while it is placed again, on x and z.
+        sim.reports.remove(&y);
+        sim.settle(&[y]);
+        assert_eq!(sim.job(second).state, JobState::Pending);
+        let executors: HashSet<u64> = sim
+            .job(first)
+            .tasks
+            .iter()
+            .filter_map(|t| sim.state.task(*t).and_then(|r| r.executor))
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(executors, HashSet::from([x, z]));
     }
 
     #[test]

@@ -1295,18 +1295,28 @@ struct LeaderMemory {
 }
 
 /// The liveness part of a leader's turn in raft term `term`. `alive`: the executors the
-/// metadata holds alive. On the first turn of a term every executor gets one full TTL of grace
-/// (this master cannot know when they last reported to the previous leader). Returns the
-/// executors to declare lost and whether this master led in an older term at its last turn
-/// (it lost and won the leadership between two turns).
+/// metadata holds alive; `standing`: whether this master serves executors now
+/// ([`leader_standing`]). While it does not (it lost touch with its quorum), it refuses their
+/// heartbeats, so it finds no executor lost either; the first standing turn after that, like
+/// the first turn of a term, gives every executor one full TTL of grace (this master cannot
+/// know when they last reported). Returns the executors to declare lost and whether this
+/// master led in an older term at its last turn (it lost and won the leadership between two
+/// turns).
 fn track_liveness(
     memory: &mut LeaderMemory,
     live: &mut LivenessTracker,
     term: u64,
+    standing: bool,
     alive: &[u64],
     now: std::time::Instant,
 ) -> (Vec<u64>, bool) {
     let regained = memory.term.is_some_and(|t| t != term);
+    if !standing {
+        // Forget the term too, so that the next standing turn starts with grace.
+        memory.term = None;
+        memory.lost.clear();
+        return (Vec::new(), regained);
+    }
     if memory.term != Some(term) {
         for id in alive {
             live.register(*id, now);
@@ -1368,15 +1378,24 @@ async fn leader_turn(shared: &Shared, memory: &mut LeaderMemory) -> Turn {
             .map(|e| e.id.0)
             .collect()
     });
+    let standing = shared.serving_leader();
     let (expired, regained) = {
         let mut live = lock(&shared.liveness);
-        track_liveness(memory, &mut live, term, &alive, now)
+        track_liveness(memory, &mut live, term, standing.is_ok(), &alive, now)
     };
     if regained {
         // Lost and won the leadership again between two turns: what executors reported to
         // this master before belongs to an older term.
         lock(&shared.reports).clear();
         lock(&shared.checkpoints).clear();
+    }
+    if let Err(why) = standing {
+        // Steps planned now could not commit, and would commit later from a stale plan.
+        debug!(reason = %why.message, "leader loop waits for its quorum");
+        return Turn::Leader {
+            retry: true,
+            next_expiry: None,
+        };
     }
     for id in &expired {
         lock(&shared.reports).remove(id);
@@ -1443,36 +1462,70 @@ initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
         let t0 = std::time::Instant::now();
         // First turn of term 4: both executors get a TTL of grace.
         assert_eq!(
-            track_liveness(&mut memory, &mut live, 4, &[1, 2], t0),
+            track_liveness(&mut memory, &mut live, 4, true, &[1, 2], t0),
             (vec![], false)
         );
         live.heartbeat(2, t0 + ttl);
         let late = t0 + ttl + Duration::from_millis(1);
         assert_eq!(
-            track_liveness(&mut memory, &mut live, 4, &[1, 2], late),
+            track_liveness(&mut memory, &mut live, 4, true, &[1, 2], late),
             (vec![1], false)
         );
         // The write of the loss failed: executor 1 is still alive in the metadata. It is
         // declared again, not given a fresh TTL.
         let later = late + Duration::from_millis(100);
         assert_eq!(
-            track_liveness(&mut memory, &mut live, 4, &[1, 2], later),
+            track_liveness(&mut memory, &mut live, 4, true, &[1, 2], later),
             (vec![1], false)
         );
         assert!(!live.contains(1));
         // Applied: executor 1 is no longer alive, and nothing is declared.
         assert_eq!(
-            track_liveness(&mut memory, &mut live, 4, &[2], later),
+            track_liveness(&mut memory, &mut live, 4, true, &[2], later),
             (vec![], false)
         );
         // Leading again in a later term (without a turn as follower between): everyone gets
         // grace again, and the caller learns that its reports are from an older term.
         let much_later = later + 3 * ttl;
         assert_eq!(
-            track_liveness(&mut memory, &mut live, 6, &[2], much_later),
+            track_liveness(&mut memory, &mut live, 6, true, &[2], much_later),
             (vec![], true)
         );
         assert!(live.deadline(2).is_some_and(|d| d > much_later));
+    }
+
+    #[test]
+    fn no_executor_is_found_lost_while_the_leader_has_no_quorum() {
+        let ttl = Duration::from_millis(1500);
+        let mut live = LivenessTracker::new(LivenessConfig {
+            heartbeat_interval: Duration::from_millis(250),
+            ttl,
+        })
+        .unwrap();
+        let mut memory = LeaderMemory::default();
+        let t0 = std::time::Instant::now();
+        track_liveness(&mut memory, &mut live, 2, true, &[1, 2], t0);
+        // The quorum is gone for longer than a TTL: heartbeats are refused, nobody is lost.
+        for ms in [500, 1000, 2000, 4000] {
+            let at = t0 + Duration::from_millis(ms);
+            assert_eq!(
+                track_liveness(&mut memory, &mut live, 2, false, &[1, 2], at),
+                (vec![], false)
+            );
+        }
+        // Back in the same term: every executor gets a full TTL from now.
+        let back = t0 + Duration::from_millis(4100);
+        assert_eq!(
+            track_liveness(&mut memory, &mut live, 2, true, &[1, 2], back),
+            (vec![], false)
+        );
+        assert!(live.deadline(1).is_some_and(|d| d >= back + ttl));
+        // And is found lost one TTL later if it stays silent.
+        live.heartbeat(2, back + ttl);
+        assert_eq!(
+            track_liveness(&mut memory, &mut live, 2, true, &[1, 2], back + ttl),
+            (vec![1], false)
+        );
     }
 
     #[test]
