@@ -71,9 +71,11 @@ impl fmt::Display for Owner {
 }
 
 impl Owner {
-    /// The fence file's content for this owner.
+    /// The fence file's content for this owner: fixed width (both numbers zero-padded to 20
+    /// digits, [`MAX_FENCE_BYTES`] in all), so that a new record always overwrites the whole of
+    /// the old one in a single small write and a crash never leaves a mix of the two.
     fn record(self) -> String {
-        format!("{self}\n")
+        format!("job {:020} epoch {:020}\n", self.job, self.epoch)
     }
 }
 
@@ -150,7 +152,14 @@ fn parse_fence(text: &str) -> Result<Option<Owner>, String> {
     }
     let line = text.strip_suffix('\n').unwrap_or(text);
     let number = |field: &str, what: &str| {
-        parse_u64(field).map_err(|problem| format!("{what} {field:?} in {text:?}: {problem}"))
+        // Records are zero-padded (older ones were not): the digits after the padding.
+        let digits = field.trim_start_matches('0');
+        let digits = if digits.is_empty() && !field.is_empty() {
+            "0"
+        } else {
+            digits
+        };
+        parse_u64(digits).map_err(|problem| format!("{what} {field:?} in {text:?}: {problem}"))
     };
     let fields: Vec<&str> = line.split(' ').collect();
     match fields.as_slice() {
@@ -225,9 +234,10 @@ fn refusal(current: Option<Owner>, ours: Owner, keep: u64, dir: &Path) -> Option
     None
 }
 
-/// Writes `owner` into the locked `fence` and makes it durable. The new record is written over
-/// the old one before the file is cut to its length, so a crash in between leaves a damaged
-/// fence (an error) rather than an empty one (no owner).
+/// Writes `owner` into the locked `fence` and makes it durable. Records have a fixed length
+/// and no fence is longer, so the write replaces the old record whole and the length is already
+/// right (the cut only matters for a fence of the older, shorter format, which the write then
+/// covers entirely).
 fn record_owner(fence: &File, owner: Owner) -> io::Result<()> {
     let record = owner.record();
     fence.write_all_at(record.as_bytes(), 0)?;
@@ -474,7 +484,7 @@ pub(crate) mod tests {
         assert_eq!(owner(&path).unwrap(), Some(of(4, 1)));
         assert_eq!(
             std::fs::read_to_string(fence_path(&path)).unwrap(),
-            "job 4 epoch 1\n"
+            "job 00000000000000000004 epoch 00000000000000000001\n"
         );
         let mut new = FencedFile::claim(&path, of(4, 2), 0).unwrap();
         assert_eq!(owner(&path).unwrap(), Some(of(4, 2)));
@@ -625,7 +635,7 @@ pub(crate) mod tests {
                 "longer than 52 bytes",
             ),
             (b"job 12x epoch 1", "\"12x\""),
-            (b"job 1 epoch 01", "leading zero"),
+            (b"job 1 epoch 0x1", "\"0x1\""),
             (b"job 1 epoch 99999999999999999999", "too large"),
             (b"job 1 epoch", "not `job <job> epoch <epoch>`"),
             (b"job 3", "not `job <job> epoch <epoch>`"),
@@ -674,14 +684,20 @@ pub(crate) mod tests {
         let path = dir.path().join("sink_0.csv");
         FencedFile::claim(&path, of(1, 1), 0).unwrap();
         assert!(path.exists() && fence_path(&path).exists());
-        // Rewriting a longer record with a shorter one leaves no trailing bytes.
+        // Every record has the same length, so a rewrite replaces the old one whole.
         FencedFile::claim(&path, of(12_345, 67_890), 0).unwrap();
         FencedFile::claim(&path, of(12_345, 67_891), 0).unwrap();
         FencedFile::claim(&path, of(99_999, 1), 0).unwrap();
         assert_eq!(
             std::fs::read_to_string(fence_path(&path)).unwrap(),
-            "job 99999 epoch 1\n"
+            "job 00000000000000099999 epoch 00000000000000000001\n"
         );
+        for o in [of(0, 0), of(1, 1), of(u64::MAX, u64::MAX)] {
+            assert_eq!(o.record().len(), MAX_FENCE_BYTES, "{o}");
+        }
+        // A record of the unpadded format still reads.
+        std::fs::write(fence_path(&path), b"job 99999 epoch 2\n").unwrap();
+        assert_eq!(owner(&path).unwrap(), Some(of(99_999, 2)));
         sync_dir(dir.path()).unwrap();
         let err = sync_dir(&dir.path().join("missing")).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);

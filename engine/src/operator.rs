@@ -19,7 +19,10 @@ pub enum Status {
     BlockedOnOutput,
     /// Run again at this instant (or earlier, if input arrives or a wake-up comes).
     WaitUntil(Instant),
-    /// Run again only when woken through the [`TaskWaker`] (or when input arrives).
+    /// Run again only when woken through the [`TaskWaker`], or when input is pushed after
+    /// this return. Input already queued does not run the task again: an operator that leaves
+    /// its input on purpose (waiting for room elsewhere, or for a barrier) waits for its waker
+    /// instead of being run every round.
     Idle,
     /// Done: buffered output is flushed, then the task ends and downstream inputs finish.
     Finished,

@@ -271,17 +271,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         &flags,
         dir.join("sink"),
     )?;
-    // The job of a fresh cluster is job 1: files an attempt of a higher job id, or a later
-    // attempt of a job 1, owns are refused to it.
-    if let Some(owner) = latest_owner(&spec.output_dir())
-        && owner > (Owner { job: 1, epoch: 1 })
-    {
-        println!(
-            "note: {} holds output of {owner} of an earlier cluster; this cluster's job may be \
-             refused its files (remove the directory, or use another --flow-id or --sink-dir)",
-            spec.output_dir().display()
-        );
-    }
+    check_output_dir(&spec.output_dir())?;
 
     println!(
         "microcosm demo: {} master(s), {} executor(s), cluster dir {}",
@@ -538,6 +528,22 @@ async fn busy_executor<'a>(
     None
 }
 
+/// Refuses an output directory this demo's job cannot write: the job of a fresh cluster is job
+/// 1 in its first attempt, and sink files that a higher job id, or a later attempt of a job 1,
+/// of an earlier cluster owns would be refused to it (the job would fail after its restarts).
+/// Output of an earlier first attempt of job 1 is taken over (overwritten).
+fn check_output_dir(dir: &Path) -> anyhow::Result<()> {
+    match latest_owner(dir) {
+        Some(owner) if owner > (Owner { job: 1, epoch: 1 }) => anyhow::bail!(
+            "{} holds the output of {owner} of an earlier cluster, which this demo's fresh \
+             cluster (job 1) may not take over; remove the directory, or use another \
+             --flow-id or --sink-dir",
+            dir.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// The greatest owner the sink fences in `dir` name (the output of a job that already ran
 /// there), if any; unreadable fences are left to the sinks to report.
 fn latest_owner(dir: &Path) -> Option<Owner> {
@@ -642,6 +648,27 @@ mod tests {
         assert!(due(None, Duration::from_secs(3600)));
         assert!(!due(Some(Instant::now()), Duration::from_secs(3600)));
         assert!(due(Some(Instant::now()), Duration::ZERO));
+    }
+
+    #[test]
+    fn an_output_dir_the_fresh_cluster_cannot_take_over_is_refused_up_front() {
+        use microcosm_demo::fence::FencedFile;
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing there yet, or the output of an earlier first attempt of job 1: fine.
+        check_output_dir(dir.path()).unwrap();
+        check_output_dir(&dir.path().join("missing")).unwrap();
+        let sink = dir.path().join("sink_0.csv");
+        drop(FencedFile::claim(&sink, Owner { job: 1, epoch: 1 }, 0).unwrap());
+        check_output_dir(dir.path()).unwrap();
+        // A recovered job 1, or a later job, of an earlier cluster: refused, naming both.
+        for owner in [Owner { job: 1, epoch: 2 }, Owner { job: 3, epoch: 1 }] {
+            drop(FencedFile::claim(&sink, owner, 0).unwrap());
+            let err = check_output_dir(dir.path()).unwrap_err().to_string();
+            assert!(
+                err.contains(&dir.path().display().to_string()) && err.contains(&owner.to_string()),
+                "{err}"
+            );
+        }
     }
 
     #[test]
