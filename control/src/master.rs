@@ -1450,16 +1450,25 @@ certs-dir = "certs"
 initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
 "#;
 
-    #[test]
-    fn an_executor_found_lost_is_declared_until_the_loss_applies_and_gets_no_new_ttl() {
+    /// A TTL of 1.5 s, an empty tracker and leader memory, and a start time.
+    fn liveness_at_start() -> (Duration, LivenessTracker, LeaderMemory, std::time::Instant) {
         let ttl = Duration::from_millis(1500);
-        let mut live = LivenessTracker::new(LivenessConfig {
+        let live = LivenessTracker::new(LivenessConfig {
             heartbeat_interval: Duration::from_millis(250),
             ttl,
         })
         .unwrap();
-        let mut memory = LeaderMemory::default();
-        let t0 = std::time::Instant::now();
+        (
+            ttl,
+            live,
+            LeaderMemory::default(),
+            std::time::Instant::now(),
+        )
+    }
+
+    #[test]
+    fn an_executor_found_lost_is_declared_until_the_loss_applies_and_gets_no_new_ttl() {
+        let (ttl, mut live, mut memory, t0) = liveness_at_start();
         // First turn of term 4: both executors get a TTL of grace.
         assert_eq!(
             track_liveness(&mut memory, &mut live, 4, true, &[1, 2], t0),
@@ -1496,14 +1505,7 @@ initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
 
     #[test]
     fn no_executor_is_found_lost_while_the_leader_has_no_quorum() {
-        let ttl = Duration::from_millis(1500);
-        let mut live = LivenessTracker::new(LivenessConfig {
-            heartbeat_interval: Duration::from_millis(250),
-            ttl,
-        })
-        .unwrap();
-        let mut memory = LeaderMemory::default();
-        let t0 = std::time::Instant::now();
+        let (ttl, mut live, mut memory, t0) = liveness_at_start();
         track_liveness(&mut memory, &mut live, 2, true, &[1, 2], t0);
         // The quorum is gone for longer than a TTL: heartbeats are refused, nobody is lost.
         for ms in [500, 1000, 2000, 4000] {
