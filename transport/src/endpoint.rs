@@ -699,6 +699,22 @@ async fn serve_data_stream(
     .await;
 }
 
+/// An error response's body; `None` (and the stream reset) if it cannot be encoded.
+fn error_body(
+    send: &mut quinn::SendStream,
+    code: u32,
+    message: String,
+) -> Option<rkyv::util::AlignedVec> {
+    match (WireError { code, message }).encode() {
+        Ok(body) => Some(body),
+        Err(e) => {
+            warn!(error = %e, "cannot encode error response");
+            let _ = send.reset(STOP_BAD_FRAME.into());
+            None
+        }
+    }
+}
+
 async fn serve_call(
     router: Arc<Router>,
     peer: Peer,
@@ -717,18 +733,10 @@ async fn serve_call(
                 // Stop reading the rest of a bad request; the connection carries on.
                 let _ = recv.stop(STOP_BAD_FRAME.into());
             }
-            let wire = WireError {
-                code: err.code,
-                message: err.message,
+            let Some(body) = error_body(&mut send, err.code, err.message) else {
+                return;
             };
-            match wire.encode() {
-                Ok(b) => (STATUS_ERR, b),
-                Err(e) => {
-                    warn!(error = %e, "cannot encode error response");
-                    let _ = send.reset(STOP_BAD_FRAME.into());
-                    return;
-                }
-            }
+            (STATUS_ERR, body)
         }
     };
     let (status, body) = match frame::len_prefix(body.len(), max_frame) {
@@ -737,21 +745,14 @@ async fn serve_call(
             // Tell the caller what happened rather than resetting the stream, which it would
             // take for a lost connection and retry.
             warn!(addr = %peer.addr, len = body.len(), max_frame, "response exceeds the frame limit");
-            let wire = WireError {
-                code: ErrorCode::Internal as u32,
-                message: format!(
-                    "the response ({} bytes) is larger than the frame limit ({max_frame} bytes)",
-                    body.len()
-                ),
+            let message = format!(
+                "the response ({} bytes) is larger than the frame limit ({max_frame} bytes)",
+                body.len()
+            );
+            let Some(body) = error_body(&mut send, ErrorCode::Internal as u32, message) else {
+                return;
             };
-            match wire.encode() {
-                Ok(b) => (STATUS_ERR, b),
-                Err(e) => {
-                    warn!(error = %e, "cannot encode error response");
-                    let _ = send.reset(STOP_BAD_FRAME.into());
-                    return;
-                }
-            }
+            (STATUS_ERR, body)
         }
     };
     let Ok(len) = frame::len_prefix(body.len(), max_frame) else {

@@ -323,6 +323,19 @@ async fn raw_request(
     })
 }
 
+/// A client of `cluster`'s server, its address, and the raw QUIC connection to it (for
+/// writing frames by hand).
+async fn raw_connection(cluster: &Cluster) -> (Endpoint, SocketAddr, quinn::Connection) {
+    let client = cluster.client(Role::Client);
+    let addr = cluster.addr();
+    let conn = client
+        .connection(addr, Role::Master, Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    let q = conn.quinn().clone();
+    (client, addr, q)
+}
+
 fn request(len: u32, method: u32, body: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
     v.extend_from_slice(&len.to_le_bytes());
@@ -339,13 +352,7 @@ async fn bad_frames_fail_their_stream_only() {
         ..Default::default()
     };
     let cluster = Cluster::with_config(config);
-    let client = cluster.client(Role::Client);
-    let addr = cluster.addr();
-    let conn = client
-        .connection(addr, Role::Master, Instant::now() + Duration::from_secs(5))
-        .await
-        .unwrap();
-    let q = conn.quinn().clone();
+    let (client, addr, q) = raw_connection(&cluster).await;
     let good = microcosm_transport::Message::encode(&EchoReq {
         n: 3,
         text: "ok".into(),
@@ -423,10 +430,7 @@ async fn bad_frames_fail_their_stream_only() {
         assert_eq!(ok.text, name);
     }
     assert_eq!(parallel.await.unwrap().unwrap(), 300);
-    assert!(
-        conn.quinn().close_reason().is_none(),
-        "connection was closed"
-    );
+    assert!(q.close_reason().is_none(), "connection was closed");
 }
 
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -691,13 +695,7 @@ async fn a_request_that_stalls_is_answered_once_the_read_timeout_passes() {
         ..Default::default()
     };
     let cluster = Cluster::with_config(config);
-    let client = cluster.client(Role::Client);
-    let addr = cluster.addr();
-    let conn = client
-        .connection(addr, Role::Master, Instant::now() + Duration::from_secs(5))
-        .await
-        .unwrap();
-    let q = conn.quinn().clone();
+    let (client, addr, q) = raw_connection(&cluster).await;
     // A header announcing 1000 bytes, 10 of them sent, and the stream left open.
     let err = raw_request("stalled", &q, request(1000, 1, &[0; 10]), false).await;
     let remote = err.remote().unwrap();
