@@ -243,3 +243,31 @@ fn full_load_is_not_mistaken_for_a_lost_executor() {
     );
     common::jobs::verify_demo(&spec, &sink.join("full").to_string_lossy(), 300_000);
 }
+
+/// The same job file submitted twice while the first job runs: both write to the same
+/// `<sink-dir>/<flow-id>`. The newer job takes the files over and its output verifies; the
+/// older one's sinks are refused, so it fails instead of mixing its lines in.
+#[test]
+fn the_same_job_submitted_twice_leaves_the_newer_jobs_output_whole() {
+    let mut cluster = Cluster::bootstrap(1);
+    cluster.wait_for_leader(&[1], Duration::from_secs(10));
+    let via = [cluster.addr(1)];
+    let _executors: Vec<Executor> = (0..2)
+        .map(|i| Executor::start(&cluster, &format!("exec-{i}"), 64))
+        .collect();
+    common::jobs::wait_for_executors(&cluster, &via, 2);
+    let (spec, out) = spec(&cluster);
+    let first = common::jobs::submit(&cluster, &via, &spec, &[]);
+    wait_state(&cluster, &via, first, "Running", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    let second = common::jobs::submit(&cluster, &via, &spec, &[]);
+    let done = wait_state(&cluster, &via, second, "Finished", Duration::from_secs(60));
+    let failed = wait_state(&cluster, &via, first, "Failed", Duration::from_secs(60));
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("job {second}")),
+        "the older job failed for another reason: {failed}"
+    );
+    eprintln!("job {second}: {done}\njob {first}: {reason}");
+    common::jobs::verify_demo(&spec, &out, 80000);
+}
