@@ -247,6 +247,14 @@ impl ExecutorConfig {
     /// Checks values that parsing cannot.
     pub fn validate(&self) -> Result<(), ExecutorError> {
         let bad = |m: String| Err(ExecutorError::Config(m));
+        if self.listen_addr.ip().is_unspecified() {
+            // The address is also what the executor tells masters and peers to dial.
+            return bad(format!(
+                "listen-addr {} is not an address masters and peer executors can reach; give \
+                 this host's own address (e.g. its LAN IP, or 127.0.0.1 for a local cluster)",
+                self.listen_addr
+            ));
+        }
         if self.slots == 0 {
             return bad("slots must be at least 1".into());
         }
@@ -770,7 +778,12 @@ impl State {
                     if let Some(reason) = reply.reregister {
                         warn!(executor = id, %reason, "masters do not know this executor; stopping every task and registering again");
                         self.stop_all();
-                        match register(&client, self).await {
+                        let again = tokio::select! {
+                            r = register(&client, self) => r,
+                            // Registration retries for ~10 s; a stop must not wait for it.
+                            _ = stop.changed() => break,
+                        };
+                        match again {
                             Ok(again) => {
                                 (id, incarnation) = (again.executor_id, again.incarnation);
                                 self.adopt_timing(
@@ -881,9 +894,13 @@ impl State {
 
     fn stop_attempt(&mut self, job: u64) {
         if let Some(attempt) = self.attempts.remove(&job) {
+            let mut failures = lock(&self.failures);
             for (_, handle) in &attempt.tasks {
                 handle.cancel();
+                // Its failure was reported with the attempt; the attempt is gone.
+                failures.remove(&handle.id());
             }
+            drop(failures);
             self.registry.retire(job, attempt.epoch);
             info!(job, epoch = attempt.epoch, "stopped job attempt");
         }
@@ -1191,6 +1208,19 @@ certs-dir = "certs"
             (c.spin_us, c.spin_mode),
             (DEFAULT_SPIN_US, SpinMode::Adaptive)
         );
+    }
+
+    #[test]
+    fn a_listen_address_nobody_can_dial_is_refused() {
+        for addr in ["0.0.0.0:7201", "[::]:7201"] {
+            let text = BASE.replace("127.0.0.1:7201", addr);
+            let c = ExecutorConfig::from_toml(&text).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("listen-addr {}", c.listen_addr)),
+                "{err}"
+            );
+        }
     }
 
     #[test]

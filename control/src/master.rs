@@ -182,6 +182,15 @@ impl MasterConfig {
     /// Checks values that parsing cannot.
     pub fn validate(&self) -> Result<(), MasterError> {
         let bad = |m: String| Err(MasterError::Config(m));
+        if self.listen_addr.ip().is_unspecified() {
+            // The address is also what the master tells the other masters and clients.
+            return bad(format!(
+                "listen-addr {} is not an address other masters, executors and clients can \
+                 reach; give this host's own address (e.g. its LAN IP, or 127.0.0.1 for a \
+                 local cluster)",
+                self.listen_addr
+            ));
+        }
         if self.heartbeat_ms == 0 {
             return bad("heartbeat-ms must be > 0".into());
         }
@@ -1590,6 +1599,19 @@ initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
         c.validate().unwrap();
         assert_eq!(c.heartbeat_ms, 50);
         assert_eq!(c.name(), "master-1");
+    }
+
+    #[test]
+    fn a_listen_address_nobody_can_dial_is_refused() {
+        let text = BASE
+            .replace(
+                "listen-addr = \"127.0.0.1:7101\"",
+                "listen-addr = \"0.0.0.0:7101\"",
+            )
+            .replace("1=127.0.0.1:7101", "1=0.0.0.0:7101");
+        let c = MasterConfig::from_toml(&text).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("listen-addr 0.0.0.0:7101"), "{err}");
     }
 
     #[test]
