@@ -327,7 +327,7 @@ struct SenderShared {
 
 impl SenderShared {
     fn notify(&self) {
-        if self.wants_notify.swap(false, Ordering::AcqRel) {
+        if self.wants_notify.swap(false, Ordering::SeqCst) {
             // A poisoned lock still holds a valid Option.
             let n = self
                 .notify
@@ -376,6 +376,27 @@ impl<R: Record> ExchangeSender<R> for QuicSender<R> {
 
     fn is_idle(&self) -> bool {
         self.shared.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    fn drained(&mut self) -> Result<bool, EngineError> {
+        if self.shared.failed.load(Ordering::Acquire) {
+            return Err(EngineError::operator(
+                "the data stream to the consuming executor failed or could not be opened; \
+                 records offered to it were not delivered",
+            ));
+        }
+        // Announce interest first: the sender notifies after it hands a write to the stream
+        // (and when it fails), so a drain in between is not missed. The store and the loads
+        // below must not pass each other (the sender writes the same two the other way).
+        self.shared.wants_notify.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.shared.in_flight.load(Ordering::SeqCst) == 0
+            && !self.shared.failed.load(Ordering::SeqCst)
+        {
+            self.shared.wants_notify.store(false, Ordering::Release);
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     fn close(&mut self) {
@@ -432,7 +453,7 @@ async fn run_sender(
         if let Err(e) = sender.send_many(std::mem::take(&mut batch)).await {
             return fail(&shared, e.to_string());
         }
-        shared.in_flight.fetch_sub(n, Ordering::AcqRel);
+        shared.in_flight.fetch_sub(n, Ordering::SeqCst);
         shared.notify();
     }
     if shared.aborted.load(Ordering::Acquire) {
@@ -560,5 +581,71 @@ mod tests {
             "{ended:?}"
         );
         assert!(engine.shutdown(Duration::from_secs(5)).drained);
+    }
+
+    struct Signal(std_mpsc::Sender<()>);
+
+    impl microcosm_engine::Notify for Signal {
+        fn notify(&self) {
+            let _ = self.0.send(());
+        }
+    }
+
+    /// A producer whose data stream never opens (nothing answers at the consumer's address)
+    /// must not be told its records left: `drained` waits, then fails.
+    #[test]
+    fn a_sender_whose_stream_never_opens_is_not_drained_but_fails() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _inside = runtime.enter();
+        let dir = tempfile::tempdir().unwrap();
+        init_cluster_certs(dir.path(), "test", &[]).unwrap();
+        let identity = Identity::load(dir.path(), Role::Executor).unwrap();
+        let config = TransportConfig {
+            connect_timeout: Duration::from_millis(300),
+            ..TransportConfig::default()
+        };
+        let sending = Endpoint::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &identity,
+            config,
+            Router::new(),
+        )
+        .unwrap();
+        // A socket that takes datagrams and never answers.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = EdgeAddress {
+            job: 1,
+            edge: 2,
+            partition: 0,
+        };
+        let exchange = QuicExchange::new(
+            1,
+            1,
+            sending,
+            runtime.handle().clone(),
+            HashMap::from([(to.edge, silent.local_addr().unwrap())]),
+            InboundRegistry::default(),
+        );
+        let mut sender = Exchange::<u64>::connect(&exchange, to).unwrap();
+        let (signal, signals) = std_mpsc::channel();
+        sender.set_notify(Arc::new(Signal(signal)));
+        let batch = OwnedBatch::from_vec(vec![1u64, 2, 3]).seal().unwrap();
+        assert!(sender.offer(batch).is_ok(), "queued while the stream opens");
+        assert!(!sender.drained().unwrap(), "nothing has left yet");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let error = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            signals.recv_timeout(left).expect("the sender notifies");
+            match sender.drained() {
+                Ok(false) => continue,
+                Ok(true) => panic!("drained although the stream never opened"),
+                Err(e) => break e,
+            }
+        };
+        assert!(error.to_string().contains("not delivered"), "{error}");
     }
 }

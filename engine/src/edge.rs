@@ -484,6 +484,27 @@ impl<R: Record> Output<R> {
         self.stalled.is_none() && self.current.is_empty()
     }
 
+    /// [`Output::flush`], and for a remote edge also that the sender holds nothing more: what
+    /// a finishing task waits for before it ends (false: retry after a wake-up). A sender that
+    /// can no longer deliver records an error, which fails the task.
+    pub(crate) fn flush_to_the_end(&mut self) -> bool {
+        if !self.flush() {
+            return false;
+        }
+        match &mut self.route {
+            Route::Local { .. } => true,
+            Route::Remote(sender) => match sender.drained() {
+                Ok(done) => done,
+                Err(error) => {
+                    if self.error.is_none() {
+                        self.error = Some(error);
+                    }
+                    false
+                }
+            },
+        }
+    }
+
     /// Retries a batch stuck on a full queue; true if none is stuck any more.
     pub(crate) fn flush_stalled(&mut self) -> bool {
         self.drain_stalled()
@@ -839,5 +860,66 @@ mod tests {
         settle(&mut worker, clock.now());
         assert_eq!(task.state(), TaskState::Failed);
         assert!(failure_of(&events, task.id()).contains("closed by its receiving side"));
+    }
+
+    /// A remote sender that takes every batch and reports them gone only when told to
+    /// (`Some(true)`), or that it failed (`None`).
+    struct Holding {
+        state: Arc<Mutex<Option<bool>>>,
+        notify: Option<Arc<dyn Notify>>,
+    }
+
+    impl ExchangeSender<u64> for Holding {
+        fn offer(&mut self, _: crate::SealedBatch<u64>) -> Result<(), Rejected<u64>> {
+            Ok(())
+        }
+        fn set_notify(&mut self, notify: Arc<dyn Notify>) {
+            self.notify = Some(notify);
+        }
+        fn is_idle(&self) -> bool {
+            false
+        }
+        fn drained(&mut self) -> Result<bool, EngineError> {
+            match *self.state.lock().unwrap() {
+                Some(done) => Ok(done),
+                None => Err(EngineError::operator("the stream failed")),
+            }
+        }
+        fn close(&mut self) {}
+    }
+
+    #[test]
+    fn a_finishing_producer_waits_until_its_remote_sender_has_sent_everything() {
+        for outcome in [Some(true), None] {
+            let (mut worker, clock, events) = worker();
+            let state = Arc::new(Mutex::new(Some(false)));
+            let sender = Holding {
+                state: state.clone(),
+                notify: None,
+            };
+            let source = Counter {
+                next: 0,
+                n: 5,
+                per_run: 100,
+            };
+            let output = Output::remote(Box::new(sender), &EdgeConfig::default()).unwrap();
+            let task = worker
+                .handle()
+                .spawn(TaskSpec::new("src", source).output(output))
+                .unwrap();
+            settle(&mut worker, clock.now());
+            assert_eq!(task.state(), TaskState::Finishing, "records still held");
+            *state.lock().unwrap() = outcome;
+            // The sender's notify is the task's waker; wake it as the sender would.
+            task.waker().wake();
+            settle(&mut worker, clock.now());
+            match outcome {
+                Some(_) => assert_eq!(task.state(), TaskState::Finished),
+                None => {
+                    assert_eq!(task.state(), TaskState::Failed);
+                    assert!(failure_of(&events, task.id()).contains("the stream failed"));
+                }
+            }
+        }
     }
 }

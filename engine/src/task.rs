@@ -526,7 +526,7 @@ impl<O: Operator> Runnable for Task<O> {
         let mut done = true;
         for out in &mut self.outputs {
             out.set_now(now);
-            done &= out.flush();
+            done &= out.flush_to_the_end();
         }
         done
     }
