@@ -189,3 +189,28 @@ fn demo_refuses_an_executor_heartbeat_the_ttl_cannot_hold_and_names_it() {
         "{out}"
     );
 }
+
+/// An executor that cannot start (its config is refused) ends the demo at once with that
+/// executor's own error, and the cluster directory with its logs is kept.
+#[test]
+fn demo_stops_when_a_node_exits_naming_it_and_keeping_the_logs() {
+    let out = cli_with_timeout(
+        ["demo", "--executor-workers", "0", "--rcd-cnt", "100"],
+        Duration::from_secs(60),
+    );
+    assert!(!out.timed_out() && !out.success(), "{out}");
+    assert!(
+        out.stderr.contains("executor-1 exited")
+            && out.stderr.contains("workers must be at least 1"),
+        "{out}"
+    );
+    let kept = out
+        .stderr
+        .split("cluster logs kept in ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .expect("the error names the kept directory");
+    let kept = std::path::Path::new(kept.trim());
+    assert!(kept.join("executor-1.log").exists(), "{out}");
+    std::fs::remove_dir_all(kept).unwrap();
+}

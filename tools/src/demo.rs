@@ -297,12 +297,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     );
 
     let mut cluster = cluster_dir.launch(args.masters, args.executors, args.tuning)?;
+    // On an error the cluster's logs are what explains it: keep them.
+    let keep_on_error = |mut cluster: LocalCluster, e: anyhow::Error| {
+        cluster.shutdown();
+        let kept = cluster.keep();
+        e.context(format!("cluster logs kept in {}", kept.display()))
+    };
     // Submitting before every executor registered would place the whole job on the first
     // one: no record would cross the network, and the placement would differ between runs.
-    cluster
-        .wait_for_executors(args.executors as usize, Duration::from_secs(30))
-        .await?;
-    let job = cluster.submit_demo(&spec).await?;
+    let started = async {
+        cluster
+            .wait_for_executors(args.executors as usize, Duration::from_secs(30))
+            .await?;
+        cluster.submit_demo(&spec).await
+    };
+    let job = match started.await {
+        Ok(job) => job,
+        Err(e) => return Err(keep_on_error(cluster, e)),
+    };
     println!(
         "submitted job {job}; output in {}",
         spec.output_dir().display()
@@ -312,11 +324,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         r = watch(&mut cluster, job, &spec, &args) => r,
         _ = tokio::signal::ctrl_c() => {
             println!("\ninterrupted; shutting the cluster down");
-            Err(anyhow::anyhow!("interrupted"))
+            cluster.shutdown();
+            anyhow::bail!("interrupted");
         }
     };
+    let state = match outcome {
+        Ok(state) => state,
+        Err(e) => return Err(keep_on_error(cluster, e)),
+    };
     cluster.shutdown();
-    let state = outcome?;
     if state != "Finished" {
         println!(
             "job {job} ended {state}; cluster logs kept in {}",
@@ -326,7 +342,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         return Ok(false);
     }
     println!("\nverifying {} ...", spec.output_dir().display());
-    let report = microcosm_demo::verify(&spec.output_dir(), &spec)?;
+    let report = match microcosm_demo::verify(&spec.output_dir(), &spec) {
+        Ok(report) => report,
+        Err(e) => return Err(keep_on_error(cluster, e.into())),
+    };
     println!("{report}");
     print_stages(&spec);
     let passed = report.passed();

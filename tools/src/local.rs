@@ -39,11 +39,17 @@ impl Proc {
 
     /// SIGTERM, wait up to 3 s for a clean exit, then SIGKILL.
     pub fn terminate(&mut self) {
-        if let Some(c) = &self.child {
+        if let Some(c) = &mut self.child {
+            if let Ok(Some(_)) = c.try_wait() {
+                // Already exited (and now reaped): nothing to signal.
+                self.child = None;
+                return;
+            }
             // SIGTERM lets the node shut down cleanly; fall back to SIGKILL.
             let _ = Command::new("kill")
                 .arg("-TERM")
                 .arg(c.id().to_string())
+                .stderr(std::process::Stdio::null())
                 .status();
         }
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -309,14 +315,45 @@ impl LocalCluster {
             .id)
     }
 
-    /// Waits until a master reports `count` alive executors.
-    pub async fn wait_for_executors(&self, count: usize, timeout: Duration) -> anyhow::Result<()> {
+    /// The first node process that has exited, with how it ended and the end of its log.
+    pub fn exited(&mut self) -> Option<String> {
+        let dir = self.tmp.path().to_path_buf();
+        for p in self.masters.iter_mut().chain(self.executors.iter_mut()) {
+            let Some(child) = p.child.as_mut() else {
+                continue;
+            };
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = dir.join(format!("{}.log", p.name));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(5).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                return Some(format!(
+                    "{} exited ({status}); the end of {}:\n{}",
+                    p.name,
+                    log.display(),
+                    tail.join("\n")
+                ));
+            }
+        }
+        None
+    }
+
+    /// Waits until a master reports `count` alive executors; fails at once if a node process
+    /// exits meanwhile.
+    pub async fn wait_for_executors(
+        &mut self,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.leader_status().await
                 && s.executors.iter().filter(|e| e.state == "alive").count() >= count
             {
                 return Ok(());
+            }
+            if let Some(exited) = self.exited() {
+                anyhow::bail!("{exited}");
             }
             if Instant::now() >= deadline {
                 anyhow::bail!(
