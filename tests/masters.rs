@@ -189,6 +189,16 @@ fn t03_without_quorum_a_follower_refuses_writes_until_a_master_returns() {
         out.stderr.contains("warning: no leader"),
         "a read without quorum does not say so: {out}"
     );
+    // And so does the JSON output, for scripts.
+    let out = c.client(&["job", "list", "--output", "json"], &[c.addr(survivor)]);
+    let jobs = c.unwrap_or_dump(out.json());
+    let first = &jobs.as_array().expect("a list of jobs")[0];
+    assert!(
+        first["stale"]
+            .as_str()
+            .is_some_and(|w| w.contains("no leader")),
+        "{jobs}"
+    );
 
     // The old leader comes back from its data dir (same flags, so it must not re-bootstrap):
     // quorum again, writes work.

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 use microcosm_control::client::MasterClient;
 use microcosm_control::proto::{
@@ -60,8 +60,13 @@ impl ClusterArgs {
                 self.certs_dir.display()
             )
         })?;
+        // The masters' address family: an IPv4 socket cannot reach an IPv6 master.
+        let any = match self.master_addr.first() {
+            Some(SocketAddr::V6(_)) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+            _ => SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
         Ok(Endpoint::bind(
-            SocketAddr::from(([0, 0, 0, 0], 0)),
+            any,
             &identity,
             TransportConfig::default(),
             Router::new(),
@@ -142,22 +147,22 @@ pub async fn cluster_status(args: &ClusterArgs, connections: bool) -> anyhow::Re
     let client = MasterClient::new(endpoint.clone(), args.master_addr.clone());
     // Learn the members from whichever master answers first.
     let mut first: Option<NodeStatus> = None;
+    let mut last_error = None;
     for addr in client.addrs() {
-        if let Ok(s) = client.status_of(addr).await {
-            client.learn(&s);
-            first = Some(s);
-            break;
+        match client.status_of(addr).await {
+            Ok(s) => {
+                client.learn(&s);
+                first = Some(s);
+                break;
+            }
+            Err(e) => last_error = Some(e),
         }
     }
     let Some(first) = first else {
-        bail!(
-            "cluster unreachable at {}",
-            args.master_addr
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
+        return Err(match last_error {
+            Some(e) => explain(e, &args.master_addr),
+            None => anyhow::anyhow!("no master address given"),
+        });
     };
     // Ask every member at once, so that dead ones cost one timeout in total, not one each.
     let client = std::sync::Arc::new(client);
@@ -344,6 +349,7 @@ fn job_json(j: &JobInfo) -> serde_json::Value {
         "checkpoint": j.checkpoint.map(|c| json!({"id": c.id, "epoch": c.epoch, "at_ms": c.at_ms})),
         "restored_from": j.restored_from,
         "history": j.history.iter().map(|h| json!({"state": h.state, "reason": h.reason, "at_ms": h.at_ms})).collect::<Vec<_>>(),
+        "stale": j.stale,
     })
 }
 
@@ -358,9 +364,19 @@ pub async fn job_list(args: &ClusterArgs) -> anyhow::Result<()> {
         eprintln!("warning: {why}");
     }
     if args.output == Output::Json {
+        // Each job carries the list's staleness warning (null when current).
         println!(
             "{}",
-            serde_json::Value::Array(list.jobs.iter().map(job_json).collect())
+            serde_json::Value::Array(
+                list.jobs
+                    .iter()
+                    .map(|j| {
+                        let mut v = job_json(j);
+                        v["stale"] = json!(list.stale);
+                        v
+                    })
+                    .collect()
+            )
         );
         return Ok(());
     }
