@@ -311,7 +311,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
             .await?;
         cluster.submit_demo(&spec).await
     };
-    let job = match started.await {
+    // Ctrl-C shuts the cluster down in every phase, starting now.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let started = tokio::select! {
+        r = started => r,
+        _ = &mut ctrl_c => {
+            println!("\ninterrupted; shutting the cluster down");
+            cluster.shutdown();
+            anyhow::bail!("interrupted");
+        }
+    };
+    let job = match started {
         Ok(job) => job,
         Err(e) => return Err(keep_on_error(cluster, e)),
     };
@@ -322,7 +333,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
 
     let outcome = tokio::select! {
         r = watch(&mut cluster, job, &spec, &args) => r,
-        _ = tokio::signal::ctrl_c() => {
+        _ = &mut ctrl_c => {
             println!("\ninterrupted; shutting the cluster down");
             cluster.shutdown();
             anyhow::bail!("interrupted");
