@@ -33,7 +33,8 @@ use crate::proto::StreamHeader;
 
 /// Batches queued per outbound edge before the producer is told the edge is full.
 const OUTBOUND_QUEUE: usize = 8;
-/// How long an arriving stream waits for its consumer to be registered.
+/// How long an arriving stream waits for its consumer to be registered before a warning says
+/// so (it goes on waiting while its epoch is current).
 const BIND_WAIT: Duration = Duration::from_secs(10);
 /// Stream stop code: stale epoch or unknown edge.
 const STOP_REFUSED: u32 = 10;
@@ -91,6 +92,9 @@ struct RegistryInner {
     ports: HashMap<PortKey, Arc<dyn InboundPort>>,
     /// Newest epoch registered per job: streams of older epochs are refused.
     epochs: HashMap<u64, u64>,
+    /// Highest epoch retired per job: its streams are refused too (the attempt was stopped
+    /// here, so its consumers will not come back).
+    retired: HashMap<u64, u64>,
 }
 
 impl InboundRegistry {
@@ -123,9 +127,12 @@ impl InboundRegistry {
         })
     }
 
-    /// Forgets every inbound edge of `job` at epochs up to `epoch` (aborting them).
+    /// Forgets every inbound edge of `job` at epochs up to `epoch` (aborting them); streams
+    /// of those epochs that arrive later are refused.
     pub fn retire(&self, job: u64, epoch: u64) {
         let mut inner = self.lock();
+        let retired = inner.retired.entry(job).or_insert(epoch);
+        *retired = (*retired).max(epoch);
         let stale: Vec<PortKey> = inner
             .ports
             .keys()
@@ -139,10 +146,13 @@ impl InboundRegistry {
         }
     }
 
-    /// Forgets a job entirely.
+    /// Forgets a job's attempts here: every inbound edge, up to the newest epoch registered
+    /// (a later attempt of the job may still come here).
     pub fn forget_job(&self, job: u64) {
-        self.retire(job, u64::MAX);
-        self.lock().epochs.remove(&job);
+        let newest = self.lock().epochs.get(&job).copied();
+        if let Some(newest) = newest {
+            self.retire(job, newest);
+        }
     }
 
     fn lookup(&self, key: PortKey) -> Lookup {
@@ -150,13 +160,23 @@ impl InboundRegistry {
         if let Some(p) = inner.ports.get(&key) {
             return Lookup::Found(p.clone());
         }
-        match inner.epochs.get(&key.0) {
-            Some(newest) if key.1 < *newest => Lookup::Stale(*newest),
-            _ => Lookup::NotYet,
+        let newest = inner.epochs.get(&key.0).copied().unwrap_or(0);
+        let retired = inner.retired.get(&key.0).copied();
+        if key.1 < newest || retired.is_some_and(|r| key.1 <= r) {
+            Lookup::Stale(newest.max(retired.unwrap_or(0)))
+        } else {
+            Lookup::NotYet
         }
     }
 
     /// Serves one incoming data stream until it ends.
+    ///
+    /// A stream may arrive before its consumer's attempt is launched here (the executors
+    /// learn of a new attempt at their own heartbeats). It waits for the consumer as long as
+    /// its epoch is current: refusing it after a while would lose what the producer sent,
+    /// and a producer that has finished would never send it again. Meanwhile the first frame
+    /// (or the end of the stream) is read ahead, so that a producer that gives up (its
+    /// attempt was stopped: the stream is reset) ends the wait too.
     pub async fn serve(&self, mut stream: DataStream) {
         let header = match StreamHeader::decode(stream.header()) {
             Ok(h) => h,
@@ -167,48 +187,83 @@ impl InboundRegistry {
             }
         };
         let key = (header.job, header.epoch, header.edge, header.partition);
-        let deadline = tokio::time::Instant::now() + BIND_WAIT;
-        let port = loop {
-            match self.lookup(key) {
-                Lookup::Found(p) => break p,
-                Lookup::Stale(newest) => {
+        let mut first: Option<Frame> = None;
+        let mut ended = false;
+        let found = {
+            let mut next = std::pin::pin!(stream.recv());
+            let mut read_ahead = false;
+            let mut pause = Duration::from_millis(1);
+            let since = tokio::time::Instant::now();
+            let mut warned = false;
+            loop {
+                match self.lookup(key) {
+                    Lookup::Found(p) => break Ok(p),
+                    Lookup::Stale(newest) => break Err(newest),
+                    Lookup::NotYet => {}
+                }
+                if !warned && since.elapsed() >= BIND_WAIT {
+                    warned = true;
                     warn!(
-                        job = header.job,
-                        epoch = header.epoch,
-                        newest,
-                        "refusing a data stream of a stale epoch"
+                        ?header,
+                        "a data stream has waited {BIND_WAIT:?} for its consumer"
                     );
-                    stream.stop(STOP_REFUSED);
-                    return;
                 }
-                Lookup::NotYet if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::select! {
+                    r = &mut next, if !read_ahead => {
+                        read_ahead = true;
+                        match r {
+                            Ok(Some(frame)) => first = Some(frame),
+                            Ok(None) => ended = true,
+                            Err(e) => {
+                                debug!(?header, error = %e, "data stream ended before its consumer registered");
+                                return;
+                            }
+                        }
+                    }
+                    _ = tokio::time::sleep(pause) => {
+                        pause = (pause * 2).min(Duration::from_millis(100));
+                    }
                 }
-                Lookup::NotYet => {
-                    warn!(?header, "no consumer registered for data stream");
-                    stream.stop(STOP_REFUSED);
-                    return;
-                }
+            }
+        };
+        let port = match found {
+            Ok(port) => port,
+            Err(newest) => {
+                warn!(
+                    job = header.job,
+                    epoch = header.epoch,
+                    newest,
+                    "refusing a data stream of a stale epoch"
+                );
+                stream.stop(STOP_REFUSED);
+                return;
             }
         };
         let space = Arc::new(TokioNotify(tokio::sync::Notify::new()));
         port.set_space_notify(space.clone());
+        let mut pending = first;
         loop {
-            let frame = match stream.recv().await {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => {
-                    debug!(?header, error = %e, "data stream failed");
-                    port.abort();
-                    return;
-                }
+            if pending.is_none() && !ended {
+                pending = match stream.recv().await {
+                    Ok(Some(f)) => Some(f),
+                    Ok(None) => None,
+                    Err(e) => {
+                        debug!(?header, error = %e, "data stream failed");
+                        port.abort();
+                        return;
+                    }
+                };
+                ended = pending.is_none();
+            }
+            let Some(frame) = pending.take() else {
+                break;
             };
-            let mut pending = frame;
+            let mut frame = frame;
             loop {
-                match port.push(pending) {
+                match port.push(frame) {
                     Ok(()) => break,
                     Err(PushError::Full(f)) => {
-                        pending = f;
+                        frame = f;
                         // Wait for room, re-checking now and then in case a notify raced.
                         let _ = tokio::time::timeout(Duration::from_millis(20), space.0.notified())
                             .await;
@@ -321,6 +376,9 @@ struct SenderShared {
     wants_notify: AtomicBool,
     in_flight: AtomicUsize,
     failed: AtomicBool,
+    /// The stream is open (its header sent): until then a producer with nothing queued has
+    /// still not reached its consumer, not even with the end of its stream.
+    opened: AtomicBool,
     /// The producer failed or was cancelled: reset the stream instead of finishing it.
     aborted: AtomicBool,
 }
@@ -390,7 +448,8 @@ impl<R: Record> ExchangeSender<R> for QuicSender<R> {
         // below must not pass each other (the sender writes the same two the other way).
         self.shared.wants_notify.store(true, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
-        if self.shared.in_flight.load(Ordering::SeqCst) == 0
+        if self.shared.opened.load(Ordering::SeqCst)
+            && self.shared.in_flight.load(Ordering::SeqCst) == 0
             && !self.shared.failed.load(Ordering::SeqCst)
         {
             self.shared.wants_notify.store(false, Ordering::Release);
@@ -438,6 +497,8 @@ async fn run_sender(
         Ok(s) => s,
         Err(e) => return fail(&shared, e.to_string()),
     };
+    shared.opened.store(true, Ordering::SeqCst);
+    shared.notify();
     // Everything already queued goes out in one write, so that a burst of small batches
     // shares packets instead of costing one each.
     let mut batch = Vec::new();
@@ -509,17 +570,11 @@ mod tests {
         }
     }
 
-    /// One batch over a real data stream, then the producer aborts: the consumer must fail,
-    /// not finish as if the stream had ended normally.
-    #[test]
-    fn an_aborted_sender_fails_the_remote_consumer_instead_of_ending_its_stream() {
-        const PATIENCE: Duration = Duration::from_secs(30);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let _inside = runtime.enter();
+    /// Two executors' exchanges for job 1 epoch 1 on loopback: the receiving side (with its
+    /// registry serving its endpoint) and the sending side, routing edge 2 to it.
+    fn two_sides(
+        runtime: &tokio::runtime::Runtime,
+    ) -> (tempfile::TempDir, QuicExchange, QuicExchange, EdgeAddress) {
         let dir = tempfile::tempdir().unwrap();
         init_cluster_certs(dir.path(), "test", &[]).unwrap();
         let identity = Identity::load(dir.path(), Role::Executor).unwrap();
@@ -546,11 +601,72 @@ mod tests {
         let outbound_side = QuicExchange::new(
             1,
             1,
-            sending.clone(),
+            sending,
             runtime.handle().clone(),
             HashMap::from([(to.edge, receiving.local_addr())]),
             InboundRegistry::default(),
         );
+        (dir, inbound_side, outbound_side, to)
+    }
+
+    /// The consumer's attempt starts here only after the producer has sent everything and
+    /// finished (longer than the wait that used to refuse such a stream): every record still
+    /// arrives, and so does the end of the stream.
+    #[test]
+    fn a_stream_waits_for_a_consumer_that_registers_late() {
+        const PATIENCE: Duration = Duration::from_secs(30);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _inside = runtime.enter();
+        let (_dir, inbound_side, outbound_side, to) = two_sides(&runtime);
+        let mut sender = Exchange::<u64>::connect(&outbound_side, to).unwrap();
+        let (signal, signals) = std_mpsc::channel();
+        sender.set_notify(Arc::new(Signal(signal)));
+        let batch = OwnedBatch::from_vec(vec![1u64, 2, 3]).seal().unwrap();
+        assert!(sender.offer(batch).is_ok());
+        while !sender.drained().unwrap() {
+            signals.recv_timeout(PATIENCE).expect("the sender notifies");
+        }
+        sender.close();
+        std::thread::sleep(BIND_WAIT + Duration::from_secs(1));
+
+        let engine = Engine::start(EngineConfig::with_workers(1)).unwrap();
+        let events = engine.events();
+        let (inbound, input) = inbound_edge::<u64>(4).unwrap();
+        Exchange::<u64>::bind(&inbound_side, to, inbound).unwrap();
+        let (received, arrivals) = std_mpsc::channel();
+        let consumer = engine
+            .spawn(TaskSpec::new("consumer", Strict { received }).input(input))
+            .unwrap();
+        let got: Vec<u64> = (0..3)
+            .map(|_| arrivals.recv_timeout(PATIENCE).unwrap())
+            .collect();
+        assert_eq!(got, vec![1, 2, 3]);
+        let ended = loop {
+            let event = events.recv_timeout(PATIENCE).expect("the consumer ends");
+            if event.task() == consumer.id() && !matches!(event, TaskEvent::Started { .. }) {
+                break event;
+            }
+        };
+        assert!(matches!(ended, TaskEvent::Finished { .. }), "{ended:?}");
+        assert!(engine.shutdown(Duration::from_secs(5)).drained);
+    }
+
+    /// One batch over a real data stream, then the producer aborts: the consumer must fail,
+    /// not finish as if the stream had ended normally.
+    #[test]
+    fn an_aborted_sender_fails_the_remote_consumer_instead_of_ending_its_stream() {
+        const PATIENCE: Duration = Duration::from_secs(30);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _inside = runtime.enter();
+        let (_dir, inbound_side, outbound_side, to) = two_sides(&runtime);
 
         let engine = Engine::start(EngineConfig::with_workers(1)).unwrap();
         let events = engine.events();
@@ -647,5 +763,32 @@ mod tests {
             }
         };
         assert!(error.to_string().contains("not delivered"), "{error}");
+    }
+
+    #[test]
+    fn retired_and_forgotten_epochs_are_stale_and_later_ones_wait() {
+        let registry = InboundRegistry::default();
+        let stale =
+            |r: &InboundRegistry, epoch| matches!(r.lookup((7, epoch, 1, 0)), Lookup::Stale(_));
+        let waits =
+            |r: &InboundRegistry, epoch| matches!(r.lookup((7, epoch, 1, 0)), Lookup::NotYet);
+        // Nothing known of job 7 yet: any epoch may still come.
+        assert!(waits(&registry, 1));
+        let (inbound, _input) = inbound_edge::<u64>(4).unwrap();
+        registry.register((7, 2, 1, 0), Arc::new(inbound)).unwrap();
+        assert!(matches!(registry.lookup((7, 2, 1, 0)), Lookup::Found(_)));
+        assert!(stale(&registry, 1), "older than the registered epoch");
+        assert!(
+            matches!(registry.lookup((7, 2, 2, 0)), Lookup::NotYet),
+            "another edge of the registered epoch may still be bound"
+        );
+        // The attempt is stopped here: its epoch is refused from now on, later ones wait.
+        registry.retire(7, 2);
+        assert!(stale(&registry, 2));
+        assert!(waits(&registry, 3));
+        // Forgetting the job refuses everything up to what was registered, not later epochs.
+        registry.forget_job(7);
+        assert!(stale(&registry, 2));
+        assert!(waits(&registry, 3));
     }
 }
