@@ -199,8 +199,9 @@ fn demo_stops_when_a_node_exits_naming_it_and_keeping_the_logs() {
         Duration::from_secs(60),
     );
     assert!(!out.timed_out() && !out.success(), "{out}");
+    // Both executors fail the same check; whichever exited first is named.
     assert!(
-        out.stderr.contains("executor-1 exited")
+        (out.stderr.contains("executor-1 exited") || out.stderr.contains("executor-2 exited"))
             && out.stderr.contains("workers must be at least 1"),
         "{out}"
     );
@@ -212,5 +213,6 @@ fn demo_stops_when_a_node_exits_naming_it_and_keeping_the_logs() {
         .expect("the error names the kept directory");
     let kept = std::path::Path::new(kept.trim());
     assert!(kept.join("executor-1.log").exists(), "{out}");
+    assert!(kept.join("executor-2.log").exists(), "{out}");
     std::fs::remove_dir_all(kept).unwrap();
 }

@@ -1298,6 +1298,9 @@ async fn state_changed(applied: &mut Option<tokio::sync::watch::Receiver<u64>>) 
 struct LeaderMemory {
     /// The raft term this master led in at its last turn (`None`: it was not leading).
     term: Option<u64>,
+    /// It led at its last turn without serving executors (no quorum): the next turn that
+    /// serves them starts with grace, as a new term does.
+    suspended: bool,
     /// Executors found expired whose loss is not applied yet: declared again on every turn
     /// until it is (a failed write is retried), and never given a new TTL meanwhile.
     lost: BTreeSet<u64>,
@@ -1321,12 +1324,13 @@ fn track_liveness(
 ) -> (Vec<u64>, bool) {
     let regained = memory.term.is_some_and(|t| t != term);
     if !standing {
-        // Forget the term too, so that the next standing turn starts with grace.
-        memory.term = None;
+        memory.term = Some(term);
+        memory.suspended = true;
         memory.lost.clear();
         return (Vec::new(), regained);
     }
-    if memory.term != Some(term) {
+    if memory.term != Some(term) || memory.suspended {
+        memory.suspended = false;
         for id in alive {
             live.register(*id, now);
         }
@@ -1536,6 +1540,13 @@ initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
         assert_eq!(
             track_liveness(&mut memory, &mut live, 2, true, &[1, 2], back + ttl),
             (vec![1], false)
+        );
+        // Suspended again, then leading in a later term: the older term's reports must go.
+        let later = back + 2 * ttl;
+        track_liveness(&mut memory, &mut live, 2, false, &[1, 2], later);
+        assert_eq!(
+            track_liveness(&mut memory, &mut live, 5, true, &[1, 2], later),
+            (vec![], true)
         );
     }
 

@@ -909,6 +909,10 @@ mod tests {
                 .unwrap();
             settle(&mut worker, clock.now());
             assert_eq!(task.state(), TaskState::Finishing, "records still held");
+            // A pause does not apply to a task that only waits for its outputs.
+            task.pause();
+            settle(&mut worker, clock.now());
+            assert_eq!(task.state(), TaskState::Finishing, "not paused");
             *state.lock().unwrap() = outcome;
             // The sender's notify is the task's waker; wake it as the sender would.
             task.waker().wake();

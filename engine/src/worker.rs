@@ -582,7 +582,9 @@ impl Worker {
                 self.end(index, End::Cancelled);
                 return false;
             }
-            CONTROL_PAUSE => {
+            // A finishing task has returned `Finished` already: it only waits for its outputs
+            // to drain, and pausing it would run its operator again on resume.
+            CONTROL_PAUSE if slot.state != TaskState::Finishing => {
                 if slot.state != TaskState::Paused {
                     slot.state = TaskState::Paused;
                     slot.shared.set_state(TaskState::Paused);
