@@ -72,8 +72,27 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Ports picked for the nodes of a cluster, each held by a bound socket until just before
+/// its node starts: no two nodes get the same port, and nothing else takes one meanwhile.
+#[derive(Default)]
+struct Ports {
+    held: Vec<UdpSocket>,
+}
+
+impl Ports {
+    /// A free loopback UDP port, held until [`Ports::release`].
+    fn pick(&mut self) -> anyhow::Result<u16> {
+        let socket = UdpSocket::bind("127.0.0.1:0")?;
+        let port = socket.local_addr()?.port();
+        self.held.push(socket);
+        Ok(port)
+    }
+
+    /// Lets the node that will listen on `port` bind it.
+    fn release(&mut self, port: u16) {
+        self.held
+            .retain(|s| s.local_addr().map_or(true, |a| a.port() != port));
+    }
 }
 
 /// `name value` as command-line arguments when `value` is set, nothing otherwise.
@@ -184,10 +203,14 @@ impl LocalClusterDir {
         let exe = std::env::current_exe().context("cannot find the microcosm executable")?;
         let dir = self.tmp.path().to_path_buf();
         let certs = dir.join("certs");
+        let mut ports = Ports::default();
         let mut master_addrs = Vec::new();
         for _ in 0..masters {
-            master_addrs.push(SocketAddr::from(([127, 0, 0, 1], free_port()?)));
+            master_addrs.push(SocketAddr::from(([127, 0, 0, 1], ports.pick()?)));
         }
+        let executor_ports = (0..executors)
+            .map(|_| ports.pick())
+            .collect::<anyhow::Result<Vec<u16>>>()?;
         let members: Vec<String> = master_addrs
             .iter()
             .enumerate()
@@ -197,6 +220,7 @@ impl LocalClusterDir {
         let mut master_procs = Vec::new();
         for (i, addr) in master_addrs.iter().enumerate() {
             let id = i + 1;
+            ports.release(addr.port());
             master_procs.push(spawn(
                 &exe,
                 &dir,
@@ -228,8 +252,8 @@ impl LocalClusterDir {
             .collect::<Vec<_>>()
             .join(",");
         let mut executor_procs = Vec::new();
-        for i in 0..executors {
-            let port = free_port()?;
+        for (i, &port) in executor_ports.iter().enumerate() {
+            ports.release(port);
             executor_procs.push(spawn(
                 &exe,
                 &dir,
