@@ -570,6 +570,15 @@ mod tests {
         }
     }
 
+    /// A multi-threaded runtime for the data-plane tasks of a test.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     /// Two executors' exchanges for job 1 epoch 1 on loopback: the receiving side (with its
     /// registry serving its endpoint) and the sending side, routing edge 2 to it.
     fn two_sides(
@@ -615,11 +624,7 @@ mod tests {
     #[test]
     fn a_stream_waits_for_a_consumer_that_registers_late() {
         const PATIENCE: Duration = Duration::from_secs(30);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         let _inside = runtime.enter();
         let (_dir, inbound_side, outbound_side, to) = two_sides(&runtime);
         let mut sender = Exchange::<u64>::connect(&outbound_side, to).unwrap();
@@ -660,11 +665,7 @@ mod tests {
     #[test]
     fn an_aborted_sender_fails_the_remote_consumer_instead_of_ending_its_stream() {
         const PATIENCE: Duration = Duration::from_secs(30);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         let _inside = runtime.enter();
         let (_dir, inbound_side, outbound_side, to) = two_sides(&runtime);
 
@@ -711,11 +712,7 @@ mod tests {
     /// must not be told its records left: `drained` waits, then fails.
     #[test]
     fn a_sender_whose_stream_never_opens_is_not_drained_but_fails() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         let _inside = runtime.enter();
         let dir = tempfile::tempdir().unwrap();
         init_cluster_certs(dir.path(), "test", &[]).unwrap();
