@@ -570,6 +570,41 @@ mod tests {
         }
     }
 
+    /// An engine running a [`Strict`] consumer bound to the inbound edge `to` of `side`; the
+    /// records it receives arrive on the returned channel.
+    fn consume(
+        side: &QuicExchange,
+        to: EdgeAddress,
+    ) -> (
+        Engine,
+        microcosm_engine::TaskHandle,
+        std_mpsc::Receiver<u64>,
+    ) {
+        let engine = Engine::start(EngineConfig::with_workers(1)).unwrap();
+        let (inbound, input) = inbound_edge::<u64>(4).unwrap();
+        Exchange::<u64>::bind(side, to, inbound).unwrap();
+        let (received, arrivals) = std_mpsc::channel();
+        let consumer = engine
+            .spawn(TaskSpec::new("consumer", Strict { received }).input(input))
+            .unwrap();
+        (engine, consumer, arrivals)
+    }
+
+    /// The event with which `task` of `engine` ended.
+    fn end_of(
+        engine: &Engine,
+        task: &microcosm_engine::TaskHandle,
+        patience: Duration,
+    ) -> TaskEvent {
+        let events = engine.events();
+        loop {
+            let event = events.recv_timeout(patience).expect("the task ends");
+            if event.task() == task.id() && !matches!(event, TaskEvent::Started { .. }) {
+                return event;
+            }
+        }
+    }
+
     /// A multi-threaded runtime for the data-plane tasks of a test.
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
@@ -638,24 +673,12 @@ mod tests {
         sender.close();
         std::thread::sleep(BIND_WAIT + Duration::from_secs(1));
 
-        let engine = Engine::start(EngineConfig::with_workers(1)).unwrap();
-        let events = engine.events();
-        let (inbound, input) = inbound_edge::<u64>(4).unwrap();
-        Exchange::<u64>::bind(&inbound_side, to, inbound).unwrap();
-        let (received, arrivals) = std_mpsc::channel();
-        let consumer = engine
-            .spawn(TaskSpec::new("consumer", Strict { received }).input(input))
-            .unwrap();
+        let (engine, consumer, arrivals) = consume(&inbound_side, to);
         let got: Vec<u64> = (0..3)
             .map(|_| arrivals.recv_timeout(PATIENCE).unwrap())
             .collect();
         assert_eq!(got, vec![1, 2, 3]);
-        let ended = loop {
-            let event = events.recv_timeout(PATIENCE).expect("the consumer ends");
-            if event.task() == consumer.id() && !matches!(event, TaskEvent::Started { .. }) {
-                break event;
-            }
-        };
+        let ended = end_of(&engine, &consumer, PATIENCE);
         assert!(matches!(ended, TaskEvent::Finished { .. }), "{ended:?}");
         assert!(engine.shutdown(Duration::from_secs(5)).drained);
     }
@@ -669,14 +692,7 @@ mod tests {
         let _inside = runtime.enter();
         let (_dir, inbound_side, outbound_side, to) = two_sides(&runtime);
 
-        let engine = Engine::start(EngineConfig::with_workers(1)).unwrap();
-        let events = engine.events();
-        let (inbound, input) = inbound_edge::<u64>(4).unwrap();
-        Exchange::<u64>::bind(&inbound_side, to, inbound).unwrap();
-        let (received, arrivals) = std_mpsc::channel();
-        let consumer = engine
-            .spawn(TaskSpec::new("consumer", Strict { received }).input(input))
-            .unwrap();
+        let (engine, consumer, arrivals) = consume(&inbound_side, to);
         let mut sender = Exchange::<u64>::connect(&outbound_side, to).unwrap();
         let batch = OwnedBatch::from_vec(vec![1u64, 2, 3]).seal().unwrap();
         assert!(sender.offer(batch).is_ok());
@@ -687,12 +703,7 @@ mod tests {
         assert_eq!(first, vec![1, 2, 3]);
         sender.abort();
 
-        let ended = loop {
-            let event = events.recv_timeout(PATIENCE).expect("the consumer ends");
-            if event.task() == consumer.id() && !matches!(event, TaskEvent::Started { .. }) {
-                break event;
-            }
-        };
+        let ended = end_of(&engine, &consumer, PATIENCE);
         assert!(
             matches!(&ended, TaskEvent::Failed { error, .. } if error.to_string().contains("upstream aborted")),
             "{ended:?}"
