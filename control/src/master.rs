@@ -1308,7 +1308,8 @@ struct LeaderMemory {
 
 /// The liveness part of a leader's turn in raft term `term`. `alive`: the executors the
 /// metadata holds alive; `standing`: whether this master serves executors now
-/// ([`leader_standing`]). While it does not (it lost touch with its quorum), it refuses their
+/// ([`leader_standing`]). While it does not (newly elected, or out of touch with its quorum),
+/// it refuses their
 /// heartbeats, so it finds no executor lost either; the first standing turn after that, like
 /// the first turn of a term, gives every executor one full TTL of grace (this master cannot
 /// know when they last reported). Returns the executors to declare lost and whether this
@@ -1368,21 +1369,7 @@ async fn leader_turn(shared: &Shared, memory: &mut LeaderMemory) -> Turn {
         let active = node.read_local(|st| st.jobs.values().any(|j| !j.state.is_terminal()));
         return Turn::Follower { active };
     }
-    let (term, current) = {
-        let m = node.raft().metrics();
-        let m = m.borrow();
-        (
-            m.current_term,
-            m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term),
-        )
-    };
-    if !current {
-        // Newly elected: steps planned now could miss entries committed by the last leader.
-        return Turn::Leader {
-            retry: true,
-            next_expiry: None,
-        };
-    }
+    let term = node.raft().metrics().borrow().current_term;
     let now = std::time::Instant::now();
     let alive: Vec<u64> = node.read_local(|st| {
         st.executors
@@ -1403,7 +1390,8 @@ async fn leader_turn(shared: &Shared, memory: &mut LeaderMemory) -> Turn {
         lock(&shared.checkpoints).clear();
     }
     if let Err(why) = standing {
-        // Steps planned now could not commit, and would commit later from a stale plan.
+        // Newly elected (the state may lack entries the last leader committed) or without a
+        // quorum: steps planned now could be wrong, or commit later from a stale plan.
         debug!(reason = %why.message, "leader loop waits for its quorum");
         return Turn::Leader {
             retry: true,
