@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::exec::Executor;
 use common::jobs::wait_state;
-use common::{Cluster, cli_with_timeout, wait_until};
+use common::{Cluster, cli, cli_with_timeout, wait_until};
 
 fn demo_spec(cluster: &Cluster, flow: &str, extra: &str) -> (String, String) {
     let sink = cluster.dir.path().join("sink");
@@ -215,4 +215,33 @@ fn demo_stops_when_a_node_exits_naming_it_and_keeping_the_logs() {
     assert!(kept.join("executor-1.log").exists(), "{out}");
     assert!(kept.join("executor-2.log").exists(), "{out}");
     std::fs::remove_dir_all(kept).unwrap();
+}
+
+/// `microcosm verify` tells output that failed verification (exit status 3) from an error
+/// (1) and from a usage error (2), so a script can tell a bad run from a bad invocation.
+#[test]
+fn verify_exit_status_tells_failed_output_from_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        "flow-id = \"x\"\ntable-num = 2\nbinlog-num = 2\nrcd-cnt = 10\nddl-freq = 0\n",
+    )
+    .unwrap();
+    let job = job.to_string_lossy().into_owned();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let empty = empty.to_string_lossy().into_owned();
+    let absent = dir.path().join("absent").to_string_lossy().into_owned();
+
+    let failed = cli(["verify", "--dir", &empty, "--job", &job]);
+    assert_eq!(failed.status.and_then(|s| s.code()), Some(3), "{failed}");
+    assert!(failed.stderr.contains("verification FAILED"), "{failed}");
+
+    let error = cli(["verify", "--dir", &absent, "--job", &job]);
+    assert_eq!(error.status.and_then(|s| s.code()), Some(1), "{error}");
+    assert!(error.stderr.contains("absent"), "{error}");
+
+    let usage = cli(["verify", "--dir", &empty]);
+    assert_eq!(usage.status.and_then(|s| s.code()), Some(2), "{usage}");
 }

@@ -353,9 +353,35 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         return Ok(false);
     }
     println!("\nverifying {} ...", spec.output_dir().display());
-    let report = match microcosm_demo::verify(&spec.output_dir(), &spec) {
-        Ok(report) => report,
-        Err(e) => return Err(keep_on_error(cluster, e.into())),
+    // On its own thread, so that Ctrl-C still ends a long verification. A thread rather
+    // than the blocking pool: the runtime's shutdown would wait for a blocking task.
+    let (verified_tx, verified) = tokio::sync::oneshot::channel();
+    let verify_spec = spec.clone();
+    std::thread::Builder::new()
+        .name("verify".into())
+        .spawn(move || {
+            let report = microcosm_demo::verify(&verify_spec.output_dir(), &verify_spec);
+            let _ = verified_tx.send(report);
+        })
+        .context("cannot start the verifier thread")?;
+    let report = tokio::select! {
+        r = verified => match r {
+            Ok(Ok(report)) => report,
+            Ok(Err(e)) => return Err(keep_on_error(cluster, e.into())),
+            Err(_) => {
+                let e = anyhow::anyhow!("the verifier ended without a report");
+                return Err(keep_on_error(cluster, e));
+            }
+        },
+        _ = &mut ctrl_c => {
+            let kept = cluster.keep();
+            bail!(
+                "interrupted during verification; cluster dir kept in {} (the job's output is \
+                 in {})",
+                kept.display(),
+                spec.output_dir().display()
+            );
+        }
     };
     println!("{report}");
     print_stages(&spec);

@@ -21,9 +21,22 @@ mod master;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Exit status of `demo`, `bench` and `verify` when they ran to the end but the output did
+/// not pass verification (or a job did not finish). Distinct from 1 (any other error) and
+/// from 2, which clap uses for a usage error.
+const NOT_VERIFIED: u8 = 3;
+
 /// microcosm: a distributed dataflow engine and task scheduler.
 #[derive(Parser)]
-#[command(name = "microcosm", version, about, propagate_version = true)]
+#[command(
+    name = "microcosm",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "Exit status: 0 on success; 1 on an error; 2 on a usage error; 3 when `demo`, \
+                  `bench` or `verify` ran but the output failed verification (or a job did not \
+                  finish)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -169,17 +182,17 @@ fn main() -> ExitCode {
         Command::Executor(args) => runtime_with(1).and_then(|rt| rt.block_on(executor::run(args))),
         Command::Demo(args) => match runtime().and_then(|rt| rt.block_on(demo::run(args))) {
             Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::from(2),
+            Ok(false) => return ExitCode::from(NOT_VERIFIED),
             Err(e) => Err(e),
         },
         Command::Bench(args) => match runtime().and_then(|rt| rt.block_on(bench::run(args))) {
             Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::from(2),
+            Ok(false) => return ExitCode::from(NOT_VERIFIED),
             Err(e) => Err(e),
         },
         Command::Verify { dir, job } => match verify(&dir, &job) {
             Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::from(2),
+            Ok(false) => return ExitCode::from(NOT_VERIFIED),
             Err(e) => Err(e),
         },
         Command::Cluster {
