@@ -318,6 +318,8 @@ impl Endpoint {
             Err(RpcError::Remote(e)) if e.is(ErrorCode::DeadlineExceeded) => {
                 Err(RpcError::Timeout(timeout))
             }
+            // The connection's own timer started after connecting; the caller set `timeout`.
+            Err(RpcError::Timeout(_)) => Err(RpcError::Timeout(timeout)),
             other => other,
         }
     }
