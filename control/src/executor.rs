@@ -29,12 +29,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use microcosm_engine::{
-    Engine, EngineConfig, JobGraph, RestorePoint, SnapshotSink, SpinMode, TaskHandle, TaskId,
-    TaskSnapshot, TaskState, WorkerHandle,
+    Engine, EngineConfig, JobGraph, RestorePoint, SnapshotSink, SpinMode, TaskHandle, TaskSnapshot,
+    TaskState, WorkerHandle,
 };
 use microcosm_transport::{
     Endpoint, ErrorCode, Identity, Peer, RemoteError, Role, Router, TransportConfig, WeakEndpoint,
@@ -498,7 +498,6 @@ struct State {
     /// Digest of the assignments `attempts` were last reconciled with (see
     /// [`HeartbeatRequest::assignments_digest`]); `None` after stopping everything.
     assignments_digest: Option<u64>,
-    failures: Arc<Mutex<HashMap<TaskId, String>>>,
     reports: tokio::sync::mpsc::UnboundedSender<CheckpointReport>,
     executor_id: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -557,20 +556,15 @@ impl ExecutorServer {
                 .filter_map(|i| engine.worker(i).cloned())
                 .collect(),
         );
-        let failures = Arc::new(Mutex::new(HashMap::new()));
         {
+            // The engine's event channel is unbounded and kept open by the engine itself:
+            // drained here so it does not grow. A failure's reason is read from the task's
+            // handle (`TaskHandle::failure`), which has it as soon as the state says Failed;
+            // the worker logs each failure.
             let events = engine.events();
-            let failures = failures.clone();
             std::thread::Builder::new()
                 .name("microcosm-task-events".into())
-                .spawn(move || {
-                    while let Ok(event) = events.recv() {
-                        if let microcosm_engine::TaskEvent::Failed { task, error } = event {
-                            warn!(task = ?task, error = %error, "task failed");
-                            lock(&failures).insert(task, error.to_string());
-                        }
-                    }
-                })
+                .spawn(move || while events.recv().is_ok() {})
                 .map_err(|e| ExecutorError::Engine(e.to_string()))?;
         }
         let masters: Vec<SocketAddr> = config
@@ -589,7 +583,6 @@ impl ExecutorServer {
             launcher,
             attempts: BTreeMap::new(),
             assignments_digest: None,
-            failures,
             reports,
             executor_id: Arc::default(),
         };
@@ -629,11 +622,6 @@ impl ExecutorServer {
         self.endpoint.close();
         self.control.close();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A map of messages: still consistent if a holder panicked.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The executor's name: the configured one, or one made of its data-plane address.
@@ -847,7 +835,6 @@ impl State {
     }
 
     fn reports(&self) -> Vec<TaskReport> {
-        let failures = lock(&self.failures);
         let mut out = Vec::new();
         for (job, attempt) in &self.attempts {
             if let Some((indices, message)) = &attempt.launch_error {
@@ -871,10 +858,7 @@ impl State {
                     TaskState::Cancelled => continue,
                 };
                 let message = if state == TaskRunState::Failed {
-                    failures
-                        .get(&handle.id())
-                        .cloned()
-                        .unwrap_or_else(|| "task failed".into())
+                    handle.failure().unwrap_or("task failed").to_string()
                 } else {
                     String::new()
                 };
@@ -894,13 +878,9 @@ impl State {
 
     fn stop_attempt(&mut self, job: u64) {
         if let Some(attempt) = self.attempts.remove(&job) {
-            let mut failures = lock(&self.failures);
             for (_, handle) in &attempt.tasks {
                 handle.cancel();
-                // Its failure was reported with the attempt; the attempt is gone.
-                failures.remove(&handle.id());
             }
-            drop(failures);
             self.registry.retire(job, attempt.epoch);
             info!(job, epoch = attempt.epoch, "stopped job attempt");
         }

@@ -2,8 +2,8 @@
 //! used to control and observe it from other threads.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::edge::{EdgeShared, Input, Notify, Output, OutputState};
@@ -261,6 +261,8 @@ pub(crate) struct TaskShared {
     pub(crate) slot: AtomicUsize,
     pub(crate) control: AtomicU8,
     pub(crate) state: AtomicU8,
+    /// Why the task failed; set before `state` becomes [`TaskState::Failed`].
+    pub(crate) failure: OnceLock<String>,
     pub(crate) metrics: Arc<TaskMetrics>,
 }
 
@@ -328,6 +330,13 @@ impl TaskHandle {
     /// Current lifecycle state.
     pub fn state(&self) -> TaskState {
         TaskState::from_u8(self.shared.state.load(Ordering::Acquire))
+    }
+
+    /// Why the task failed: the error's message, present whenever [`TaskHandle::state`]
+    /// returned [`TaskState::Failed`] (it is set first), so a reader of the state never has
+    /// to wait for the [`TaskEvent::Failed`] event to say why.
+    pub fn failure(&self) -> Option<&str> {
+        self.shared.failure.get().map(String::as_str)
     }
 
     /// Stops invoking the operator until [`TaskHandle::resume`]. Queued input stays queued

@@ -152,6 +152,7 @@ impl WorkerHandle {
             slot: AtomicUsize::new(NO_SLOT),
             control: AtomicU8::new(CONTROL_RUN),
             state: AtomicU8::new(TaskState::Starting as u8),
+            failure: OnceLock::new(),
             metrics: metrics.clone(),
         });
         let waker = TaskWaker {
@@ -694,6 +695,8 @@ impl Worker {
         tracing::warn!(task = %slot.shared.id, name = %slot.shared.name, %error, "task failed");
         slot.task.abort();
         let task = slot.shared.id;
+        // Before the state: whoever sees `Failed` finds the reason.
+        let _ = slot.shared.failure.set(error.to_string());
         self.release(index, slot, TaskState::Failed);
         self.shared.emit(TaskEvent::Failed { task, error });
         true
@@ -1356,6 +1359,11 @@ mod tests {
         assert_eq!(out.tasks, 0, "every task ended");
         assert_eq!(bad.state(), TaskState::Failed);
         assert_eq!(panicky.state(), TaskState::Failed);
+        // The reason is on the handle as soon as the state says Failed; no event needed.
+        let reason = bad.failure().expect("a failed task has a reason");
+        assert!(reason.contains("bad input"), "{reason}");
+        let reason = panicky.failure().expect("a failed task has a reason");
+        assert!(reason.contains("panicked"), "{reason}");
         assert!(bad_seen.lock().unwrap().aborted);
         assert_eq!(
             good_seen.lock().unwrap().records,
