@@ -128,6 +128,24 @@ impl JobEvent {
     }
 }
 
+/// What a recorded transition means to the scheduler, beyond its human-readable reason.
+/// Stored with each history entry, so that no decision depends on the reason's wording.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Cause {
+    /// Any other step.
+    #[default]
+    Step,
+    /// The job's last placement attempt found no capacity ([`JobEvent::NoCapacity`]): it runs
+    /// nowhere and holds no slots until it is placed again.
+    NoCapacity,
+    /// A task of the attempt at `epoch` failed; the whole job is placed again under a new
+    /// epoch (a restart, counted against the job's restart limit).
+    Restart {
+        /// The epoch of the attempt that failed.
+        epoch: u64,
+    },
+}
+
 /// The outcome of a valid event: the job's new state (possibly the same) and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transition {
@@ -135,6 +153,9 @@ pub struct Transition {
     pub to: JobState,
     /// A human-readable reason, stored in the job's history.
     pub reason: String,
+    /// What the transition means to the scheduler: [`Cause::NoCapacity`] for
+    /// [`JobEvent::NoCapacity`], [`Cause::Step`] for every other event.
+    pub cause: Cause,
 }
 
 impl Transition {
@@ -171,24 +192,6 @@ pub struct InvalidTransition {
     pub state: JobState,
     /// The rejected event's [`JobEvent::action`].
     pub action: &'static str,
-}
-
-/// How the reasons of the [`JobEvent::NoCapacity`] transitions begin, by the state they
-/// leave.
-const PENDING_NO_CAPACITY: &str = "waiting for capacity";
-const SCHEDULING_NO_CAPACITY: &str = "placement failed, capacity released";
-const RECOVERING_NO_CAPACITY: &str = "lost tasks wait for capacity";
-
-/// Whether `reason` (of a job's latest transition) says that its last placement attempt found
-/// no capacity: such a job runs nowhere and holds no slots until it is placed again.
-pub fn waits_for_capacity(reason: &str) -> bool {
-    [
-        PENDING_NO_CAPACITY,
-        SCHEDULING_NO_CAPACITY,
-        RECOVERING_NO_CAPACITY,
-    ]
-    .iter()
-    .any(|p| reason.starts_with(p))
 }
 
 /// Decides where `event` takes a job in `state`.
@@ -230,7 +233,7 @@ pub fn next(state: JobState, event: &JobEvent) -> Result<Transition, InvalidTran
 
         (S::Pending, E::Scheduled) => (S::Scheduling, "placed every task".to_owned()),
         (S::Pending, E::NoCapacity { reason }) => {
-            (S::Pending, format!("{PENDING_NO_CAPACITY}: {reason}"))
+            (S::Pending, format!("waiting for capacity: {reason}"))
         }
         (S::Pending, E::CancelRequested) => (
             S::Cancelled,
@@ -242,9 +245,10 @@ pub fn next(state: JobState, event: &JobEvent) -> Result<Transition, InvalidTran
             "every executor accepted its tasks".to_owned(),
         ),
         (S::Scheduling, E::AllTasksRunning) => (S::Running, "every task is running".to_owned()),
-        (S::Scheduling, E::NoCapacity { reason }) => {
-            (S::Pending, format!("{SCHEDULING_NO_CAPACITY}: {reason}"))
-        }
+        (S::Scheduling, E::NoCapacity { reason }) => (
+            S::Pending,
+            format!("placement failed, capacity released: {reason}"),
+        ),
 
         (S::Scheduling | S::Running | S::Recovering | S::Paused, E::ExecutorLost { executor }) => (
             S::Recovering,
@@ -255,9 +259,10 @@ pub fn next(state: JobState, event: &JobEvent) -> Result<Transition, InvalidTran
             S::Recovering,
             "executors accepted the re-placed tasks".to_owned(),
         ),
-        (S::Recovering, E::NoCapacity { reason }) => {
-            (S::Recovering, format!("{RECOVERING_NO_CAPACITY}: {reason}"))
-        }
+        (S::Recovering, E::NoCapacity { reason }) => (
+            S::Recovering,
+            format!("lost tasks wait for capacity: {reason}"),
+        ),
         (S::Recovering, E::AllTasksRunning) => {
             (S::Running, "recovered; every task is running".to_owned())
         }
@@ -289,7 +294,11 @@ pub fn next(state: JobState, event: &JobEvent) -> Result<Transition, InvalidTran
 
         _ => return Err(invalid(state, event)),
     };
-    Ok(Transition { to, reason })
+    let cause = match event {
+        E::NoCapacity { .. } => Cause::NoCapacity,
+        _ => Cause::Step,
+    };
+    Ok(Transition { to, reason, cause })
 }
 
 fn invalid(state: JobState, event: &JobEvent) -> InvalidTransition {

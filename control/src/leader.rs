@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use microcosm_engine::JobGraph;
 
-use crate::job::{self, JobEvent, JobState};
+use crate::job::{self, Cause, JobEvent, JobState};
 use crate::meta::state::JobRecord;
 use crate::meta::state::MAX_TASKS_PER_ALLOCATION;
 use crate::meta::{Command, ExecutorId, ExecutorState, JobId, MetaState, TaskId};
@@ -25,7 +25,7 @@ use crate::proto::{Assignment, RestoreState, TaskLocation, TaskReport, TaskRunSt
 use crate::scheduler::{self, ExecutorOffer, GroupId, TaskDemand};
 
 /// How many times a job is restarted after task failures before it is declared Failed.
-pub const MAX_RESTARTS: usize = 5;
+pub const MAX_RESTARTS: u32 = 5;
 
 /// Turns job specs into task graphs.
 pub trait JobCatalog: Send + Sync + 'static {
@@ -80,13 +80,17 @@ pub fn next_commands(
 fn transition(job: &JobRecord, event: JobEvent, now_ms: u64) -> Option<Command> {
     match job::next(job.state, &event) {
         Ok(t) => {
-            let same =
-                job.state == t.to && job.history.last().is_some_and(|h| h.reason == t.reason);
+            let same = job.state == t.to
+                && job
+                    .history
+                    .last()
+                    .is_some_and(|h| h.reason == t.reason && h.cause == t.cause);
             (!same).then_some(Command::SetJobState {
                 job: job.id,
                 from: job.state,
                 state: t.to,
                 reason: t.reason,
+                cause: t.cause,
                 at_ms: now_ms,
             })
         }
@@ -139,17 +143,9 @@ fn all_placed_on_alive(state: &MetaState, job: &JobRecord) -> bool {
 /// Whether the latest history entry records a restart for the job's current epoch (so the
 /// next step is to place the job again under a new epoch).
 fn restart_recorded_for(job: &JobRecord) -> bool {
-    let marker = format!("task failed in epoch {}:", job.epoch);
-    job.history
-        .last()
-        .is_some_and(|h| h.state == JobState::Recovering && h.reason.starts_with(&marker))
-}
-
-fn restarts(job: &JobRecord) -> usize {
-    job.history
-        .iter()
-        .filter(|h| h.state == JobState::Recovering && h.reason.starts_with("task failed"))
-        .count()
+    job.history.last().is_some_and(|h| {
+        h.state == JobState::Recovering && h.cause == Cause::Restart { epoch: job.epoch }
+    })
 }
 
 fn step_job(
@@ -308,7 +304,7 @@ fn step_job(
 }
 
 fn on_failure(job: &JobRecord, msg: String, now_ms: u64) -> Option<Command> {
-    if restarts(job) >= MAX_RESTARTS {
+    if job.restarts >= MAX_RESTARTS {
         return transition(
             job,
             JobEvent::TaskFailed {
@@ -325,8 +321,9 @@ fn on_failure(job: &JobRecord, msg: String, now_ms: u64) -> Option<Command> {
         reason: format!(
             "task failed in epoch {}: {msg}; restarting the job (restart {})",
             job.epoch,
-            restarts(job) + 1
+            job.restarts + 1
         ),
+        cause: Cause::Restart { epoch: job.epoch },
         at_ms: now_ms,
     })
 }
@@ -343,7 +340,7 @@ fn used_slots(state: &MetaState, except: JobId) -> HashMap<ExecutorId, u64> {
                 && job
                     .history
                     .last()
-                    .is_some_and(|h| job::waits_for_capacity(&h.reason))
+                    .is_some_and(|h| h.cause == Cause::NoCapacity)
         };
         if job.id == except || job.state.is_terminal() || waits() {
             continue;
@@ -800,6 +797,56 @@ mod tests {
         assert_eq!(sim.job(job).state, JobState::Failed);
     }
 
+    /// The restart limit counts every restart, also those the bounded history no longer
+    /// holds.
+    #[test]
+    fn the_restart_limit_outlasts_the_history() {
+        let mut sim = Sim::new();
+        sim.register(4);
+        let job = sim.submit(2);
+        sim.settle(&[]);
+        sim.report_all(TaskRunState::Failed);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).restarts, 1);
+        sim.report_all(TaskRunState::Running);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Running);
+        // Enough pauses and resumes to push the restart out of the history.
+        for _ in 0..=crate::meta::state::MAX_JOB_HISTORY / 2 {
+            for (from, to) in [
+                (JobState::Running, JobState::Paused),
+                (JobState::Paused, JobState::Running),
+            ] {
+                sim.apply(Command::SetJobState {
+                    job: JobId(job),
+                    from,
+                    state: to,
+                    reason: "user".into(),
+                    cause: Cause::Step,
+                    at_ms: 0,
+                });
+            }
+        }
+        assert!(
+            sim.job(job)
+                .history
+                .iter()
+                .all(|h| !matches!(h.cause, Cause::Restart { .. })),
+            "the first restart left the history"
+        );
+        for _ in 1..MAX_RESTARTS {
+            sim.report_all(TaskRunState::Failed);
+            sim.settle(&[]);
+            assert_eq!(sim.job(job).state, JobState::Recovering);
+        }
+        assert_eq!(sim.job(job).restarts, MAX_RESTARTS);
+        sim.report_all(TaskRunState::Failed);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Failed);
+        let last = &sim.job(job).history.last().expect("a history").reason;
+        assert!(last.contains("after 5 restarts"), "{last}");
+    }
+
     #[test]
     fn capacity_is_shared_between_jobs_and_freed_by_cancel() {
         let mut sim = Sim::new();
@@ -814,6 +861,7 @@ mod tests {
             from: JobState::Scheduling,
             state: JobState::Cancelling,
             reason: "user".into(),
+            cause: Cause::Step,
             at_ms: 0,
         });
         // The executor says it runs nothing.
@@ -841,6 +889,7 @@ mod tests {
             from: JobState::Running,
             state: JobState::Cancelling,
             reason: "user".into(),
+            cause: Cause::Step,
             at_ms: 0,
         });
         // A new leader has heard from no executor yet: the tasks may still run.
@@ -940,6 +989,7 @@ mod tests {
             from: JobState::Running,
             state: JobState::Paused,
             reason: "paused by the user".into(),
+            cause: Cause::Step,
             at_ms: 2,
         });
         let (paused, paused_digest) = heartbeat_assignments(&sim.state, a, Some(digest));
@@ -953,6 +1003,7 @@ mod tests {
             from: JobState::Paused,
             state: JobState::Running,
             reason: "resumed".into(),
+            cause: Cause::Step,
             at_ms: 3,
         });
         sim.reports.remove(&b);

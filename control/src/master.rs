@@ -810,6 +810,7 @@ async fn control_job(
             from: state,
             state: transition.to,
             reason: transition.reason,
+            cause: transition.cause,
             at_ms: unix_ms(),
         };
         // The first attempt carries the client's id, so that the client's own retry of a

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::JobState;
+use crate::job::{Cause, JobState};
 
 /// Most clients whose last request id (and response) is remembered for deduplication; when more
 /// clients write, the one that wrote least recently is forgotten.
@@ -143,6 +143,9 @@ pub enum Command {
         state: JobState,
         /// Why.
         reason: String,
+        /// What the change means to the scheduler; a [`Cause::Restart`] also counts in
+        /// [`JobRecord::restarts`].
+        cause: Cause,
         /// Proposer's wall-clock time.
         at_ms: u64,
     },
@@ -342,6 +345,8 @@ pub struct JobTransition {
     pub reason: String,
     /// When (proposer time, ms).
     pub at_ms: u64,
+    /// What it means to the scheduler (the reason is for people).
+    pub cause: Cause,
 }
 
 /// A submitted job.
@@ -357,6 +362,9 @@ pub struct JobRecord {
     pub state: JobState,
     /// State changes, oldest first (at most [`MAX_JOB_HISTORY`]).
     pub history: Vec<JobTransition>,
+    /// How many times the job was restarted after a task failed (transitions with
+    /// [`Cause::Restart`]); counted here because the history keeps only its latest entries.
+    pub restarts: u32,
     /// Placement epoch: increases with every [`Command::SetPlacements`].
     pub epoch: u64,
     /// The job's tasks, in allocation order.
@@ -562,8 +570,9 @@ impl MetaState {
                 from,
                 state,
                 reason,
+                cause,
                 at_ms,
-            } => self.set_job_state(*job, *from, *state, reason, *at_ms),
+            } => self.set_job_state(*job, *from, *state, reason, *cause, *at_ms),
             Command::AllocateTaskIds { job, count } => self.allocate_tasks(*job, *count),
             Command::SetPlacements {
                 job,
@@ -677,7 +686,9 @@ impl MetaState {
                     state: JobState::Pending,
                     reason: "submitted".to_owned(),
                     at_ms,
+                    cause: Cause::Step,
                 }],
+                restarts: 0,
                 epoch: 0,
                 tasks: Vec::new(),
                 restored_from: None,
@@ -704,6 +715,7 @@ impl MetaState {
         from: JobState,
         state: JobState,
         reason: &str,
+        cause: Cause,
         at_ms: u64,
     ) -> Result<CommandResponse, Rejection> {
         let record = self.live_job(job)?;
@@ -715,10 +727,14 @@ impl MetaState {
             });
         }
         record.state = state;
+        if matches!(cause, Cause::Restart { .. }) {
+            record.restarts = record.restarts.saturating_add(1);
+        }
         record.history.push(JobTransition {
             state,
             reason: reason.to_owned(),
             at_ms,
+            cause,
         });
         if record.history.len() > MAX_JOB_HISTORY {
             let excess = record.history.len() - MAX_JOB_HISTORY;
@@ -1011,6 +1027,7 @@ mod tests {
                 from: JobState::Pending,
                 state: JobState::Running,
                 reason: "all placed".to_owned(),
+                cause: Cause::Step,
                 at_ms: 99,
             },
         );
@@ -1024,6 +1041,7 @@ mod tests {
             JobTransition {
                 state: JobState::Running,
                 reason: "all placed".to_owned(),
+                cause: Cause::Step,
                 at_ms: 99
             }
         );
@@ -1034,6 +1052,7 @@ mod tests {
                 from: JobState::Running,
                 state: JobState::Cancelled,
                 reason: "user".to_owned(),
+                cause: Cause::Step,
                 at_ms: 100,
             },
         );
@@ -1044,6 +1063,7 @@ mod tests {
                 from: JobState::Cancelled,
                 state: JobState::Running,
                 reason: "again".to_owned(),
+                cause: Cause::Step,
                 at_ms: 101,
             },
         );
@@ -1067,6 +1087,7 @@ mod tests {
             from,
             state,
             reason: reason.to_owned(),
+            cause: Cause::Step,
             at_ms: 7,
         };
         assert_eq!(

@@ -48,8 +48,9 @@ use super::{MasterNode, NodeId, TypeConfig};
 
 /// Version of the on-disk layout (tables and the encoding of what they hold, log entries
 /// included); a file with another version is refused. 2: `Command::SetJobState` names the state
-/// it was planned against.
-pub const SCHEMA_VERSION: u32 = 2;
+/// it was planned against. 3: job history entries and `Command::SetJobState` carry a
+/// [`Cause`](crate::job::Cause), and job records count their restarts.
+pub const SCHEMA_VERSION: u32 = 3;
 /// File name of the metadata store inside a master's data dir.
 pub const FILE_NAME: &str = "meta.redb";
 
