@@ -280,9 +280,20 @@ fn step_job(
                 .flatten()
         }
         JobState::Cancelling => {
-            let still_running = reports.values().flatten().any(|r| {
-                r.job == job.id.0 && matches!(r.state, TaskRunState::Running | TaskRunState::Paused)
-            });
+            // Only live executors count: a lost one's last report (it may have been lost
+            // while it still ran the job) says nothing about what runs now.
+            let still_running = reports
+                .iter()
+                .filter(|(e, _)| {
+                    state
+                        .executor(ExecutorId(**e))
+                        .is_some_and(|r| r.state == ExecutorState::Alive)
+                })
+                .flat_map(|(_, tasks)| tasks)
+                .any(|r| {
+                    r.job == job.id.0
+                        && matches!(r.state, TaskRunState::Running | TaskRunState::Paused)
+                });
             // A live executor that has not reported since this master began leading may still
             // run the job's tasks; their slots are free only once it says they stopped.
             let unheard = job
@@ -872,6 +883,35 @@ mod tests {
         sim.settle(&[]);
         assert_eq!(sim.job(first).state, JobState::Cancelled);
         assert_eq!(sim.job(second).state, JobState::Scheduling);
+    }
+
+    /// The last report of an executor lost while it ran the job does not hold up a cancel.
+    #[test]
+    fn a_cancel_ignores_what_a_lost_executor_last_reported() {
+        let (mut sim, a, b, job) = Sim::running_on_two_executors();
+        let last_of_a = sim.reports[&a].clone();
+        assert!(last_of_a.iter().any(|r| r.state == TaskRunState::Running));
+        sim.apply(Command::ExecutorLost {
+            id: ExecutorId(a),
+            reason: "superseded by a new registration".into(),
+            at_ms: 0,
+        });
+        sim.settle(&[]);
+        sim.report_all(TaskRunState::Running);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Running);
+        sim.apply(Command::SetJobState {
+            job: JobId(job),
+            from: JobState::Running,
+            state: JobState::Cancelling,
+            reason: "user".into(),
+            cause: Cause::Step,
+            at_ms: 0,
+        });
+        // b stopped everything; a's entry is what it said before it was lost.
+        sim.reports = HashMap::from([(a, last_of_a), (b, Vec::new())]);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Cancelled);
     }
 
     #[test]

@@ -1402,6 +1402,13 @@ async fn leader_turn(shared: &Shared, memory: &mut LeaderMemory) -> Turn {
     for id in &expired {
         lock(&shared.reports).remove(id);
     }
+    // Nor do reports of executors lost otherwise (superseded by a new registration).
+    node.read_local(|st| {
+        lock(&shared.reports).retain(|id, _| {
+            st.executor(crate::meta::ExecutorId(*id))
+                .is_some_and(|e| e.state == crate::meta::ExecutorState::Alive)
+        });
+    });
     // Checkpoints of jobs that ended will never be committed.
     node.read_local(|st| {
         lock(&shared.checkpoints).retain(|job| {
