@@ -336,9 +336,14 @@ impl Endpoint {
         conn.open_data_stream(header, deadline).await
     }
 
-    /// Drops the cached connection to `addr`, so the next call dials again.
+    /// Closes the cached connection to `addr` and drops it, so the next call dials again.
+    /// Calls and streams still in flight on it fail with [`RpcError::ConnectionLost`].
+    /// (Only dropping it would leave it open: the task serving the peer's streams on it
+    /// holds it, and keep-alives keep it from ever timing out.)
     pub fn forget(&self, addr: SocketAddr, role: Role) {
-        lock(&self.inner.conns).remove(&(addr, role));
+        if let Some(conn) = lock(&self.inner.conns).remove(&(addr, role)) {
+            conn.close(CLOSE_SHUTDOWN.into(), b"forgotten after a failed call");
+        }
     }
 
     /// The state of every open connection, dialed or accepted: round-trip time, congestion

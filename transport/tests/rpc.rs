@@ -192,6 +192,35 @@ async fn concurrent_first_dials_share_one_connection() {
     );
 }
 
+/// A call that timed out closes its connection (the next call dials afresh) instead of
+/// leaving it open on both sides for good.
+#[tokio::test]
+async fn a_timed_out_call_closes_its_connection() {
+    let cluster = Cluster::new();
+    let client = cluster.client(Role::Client);
+    let err = client
+        .call_timeout::<Sleep>(cluster.addr(), &5_000, Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RpcError::Timeout(_)), "{err:?}");
+    assert_eq!(client.call::<Sleep>(cluster.addr(), &1).await.unwrap(), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (ours, theirs) = (
+            client.connection_stats().len(),
+            cluster.server.connection_stats().len(),
+        );
+        if (ours, theirs) == (1, 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ours} connections on the client, {theirs} on the server; want 1 and 1"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn deadline_expires() {
     let cluster = Cluster::new();
