@@ -190,6 +190,8 @@ impl InboundRegistry {
         let mut first: Option<Frame> = None;
         let mut ended = false;
         let found = {
+            // `recv` is cancel-safe: dropped part-way through a frame when the consumer is
+            // found, it leaves the bytes it read to the loop below.
             let mut next = std::pin::pin!(stream.recv());
             let mut read_ahead = false;
             let mut pause = Duration::from_millis(1);

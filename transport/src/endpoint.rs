@@ -17,7 +17,7 @@ use crate::frame::{self, Frame, Message};
 use crate::rpc::{
     HELLO_ID, Method, PROTOCOL_VERSION, Peer, Router, STATUS_ERR, STATUS_OK, Service, WireError,
 };
-use crate::stream::{DataSender, DataStream};
+use crate::stream::{DataSender, DataStream, PartialFrame};
 use crate::tls::{Identity, Role, role_of_cert};
 
 /// Application close code: the peer's certificate names no valid role.
@@ -701,6 +701,7 @@ async fn serve_data_stream(
             header,
             recv,
             max_frame,
+            partial: PartialFrame::default(),
         },
     )
     .await;

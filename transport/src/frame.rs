@@ -63,6 +63,16 @@ pub(crate) async fn read_body(
     buf: &mut Frame,
 ) -> Result<(), FrameError> {
     buf.clear();
+    append_body(recv, len, buf).await
+}
+
+/// Reads the rest of a body of `len` bytes of which `buf` holds the first ones, as
+/// [`read_body`] does. Cancel-safe: dropped part-way, `buf` keeps every byte read so far.
+pub(crate) async fn append_body(
+    recv: &mut quinn::RecvStream,
+    len: usize,
+    buf: &mut Frame,
+) -> Result<(), FrameError> {
     while buf.len() < len {
         let remaining = len - buf.len();
         match recv.read_chunk(remaining, true).await {

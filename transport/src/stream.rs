@@ -72,6 +72,18 @@ pub struct DataStream {
     pub(crate) header: Frame,
     pub(crate) recv: quinn::RecvStream,
     pub(crate) max_frame: u32,
+    pub(crate) partial: PartialFrame,
+}
+
+/// The frame a [`DataStream`] is reading, kept between calls so that a receive dropped
+/// part-way (in a `select!`, say) loses no bytes: the next one goes on where it stopped.
+#[derive(Default)]
+pub(crate) struct PartialFrame {
+    /// The length prefix, `prefix_len` bytes of it read.
+    prefix: [u8; 4],
+    prefix_len: usize,
+    /// The body read so far, once the prefix is whole.
+    body: Frame,
 }
 
 impl DataStream {
@@ -85,13 +97,41 @@ impl DataStream {
         &self.header
     }
 
-    /// Receives the next frame into `buf` (reusing its allocation). Returns `Ok(false)` when
-    /// the sender finished the stream.
+    /// Receives the next frame into `buf` (whose allocation the stream keeps for the next
+    /// frame). Returns `Ok(false)` when the sender finished the stream.
+    ///
+    /// Cancel-safe: if the future is dropped before it is ready, the bytes of the frame
+    /// read so far stay with the stream and the next call completes that frame.
     pub async fn recv_into(&mut self, buf: &mut Frame) -> Result<bool, FrameError> {
-        frame::read_frame(&mut self.recv, self.max_frame, buf).await
+        let partial = &mut self.partial;
+        while partial.prefix_len < partial.prefix.len() {
+            // `read` returns as soon as any bytes arrived: cancel-safe.
+            match self
+                .recv
+                .read(&mut partial.prefix[partial.prefix_len..])
+                .await
+            {
+                Ok(Some(n)) => partial.prefix_len += n,
+                Ok(None) if partial.prefix_len == 0 => return Ok(false),
+                Ok(None) => {
+                    return Err(FrameError::Truncated {
+                        got: partial.prefix_len,
+                        want: partial.prefix.len(),
+                    });
+                }
+                Err(e) => return Err(FrameError::Stream(e.to_string())),
+            }
+        }
+        let len = frame::check_len(u32::from_le_bytes(partial.prefix), self.max_frame)?;
+        frame::append_body(&mut self.recv, len, &mut partial.body).await?;
+        std::mem::swap(buf, &mut partial.body);
+        partial.body.clear();
+        partial.prefix_len = 0;
+        Ok(true)
     }
 
     /// Receives the next frame in a new buffer; `Ok(None)` when the stream is finished.
+    /// Cancel-safe, like [`DataStream::recv_into`].
     pub async fn recv(&mut self) -> Result<Option<Frame>, FrameError> {
         let mut buf = Frame::new();
         Ok(self.recv_into(&mut buf).await?.then_some(buf))
