@@ -140,12 +140,12 @@ fn all_placed_on_alive(state: &MetaState, job: &JobRecord) -> bool {
         })
 }
 
-/// Whether the latest history entry records a restart for the job's current epoch (so the
-/// next step is to place the job again under a new epoch).
+/// Whether a restart is recorded for the job's current epoch, so the next step is to place
+/// the job again under a new epoch (also after a placement that found no capacity: the
+/// failed attempt must not run on, and the failure must not count twice).
 fn restart_recorded_for(job: &JobRecord) -> bool {
-    job.history.last().is_some_and(|h| {
-        h.state == JobState::Recovering && h.cause == Cause::Restart { epoch: job.epoch }
-    })
+    let restart = Cause::Restart { epoch: job.epoch };
+    job.state == JobState::Recovering && job.history.iter().rev().any(|h| h.cause == restart)
 }
 
 fn step_job(
@@ -205,7 +205,7 @@ fn step_job(
         .map(|(_, m)| m.clone());
     match job.state {
         JobState::Pending | JobState::Recovering | JobState::Scheduling => {
-            let restart_pending = job.state == JobState::Recovering && restart_recorded_for(job);
+            let restart_pending = restart_recorded_for(job);
             let needs_placement = !placed || job.epoch == 0 || restart_pending;
             if needs_placement {
                 if !may_place {
@@ -516,6 +516,7 @@ pub fn heartbeat_assignments(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::meta::state::Rejection;
     use crate::meta::{CommandResponse, MetaRequest, RequestId};
 
     /// Plans `spec` = a task count; counts its calls.
@@ -806,6 +807,86 @@ mod tests {
         sim.report_all(TaskRunState::Failed);
         sim.settle(&[]);
         assert_eq!(sim.job(job).state, JobState::Failed);
+    }
+
+    /// An allocation planned twice (the first write's outcome was unknown when the next
+    /// turn planned) gives the job its tasks once.
+    #[test]
+    fn a_repeated_allocation_is_refused() {
+        let mut sim = Sim::new();
+        sim.register(4);
+        let job = sim.submit(4);
+        let alloc = next_commands(&sim.state, &sim.reports, &[], &sim.catalog, 1)
+            .into_iter()
+            .find(|c| matches!(c, Command::AllocateTaskIds { .. }))
+            .expect("the first step allocates");
+        sim.apply(alloc.clone());
+        assert!(matches!(
+            sim.apply(alloc),
+            CommandResponse::Rejected(Rejection::TasksAllocated { count: 4, .. })
+        ));
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).tasks.len(), 4);
+        assert_eq!(sim.job(job).state, JobState::Scheduling);
+    }
+
+    /// A restart planned twice counts once, and a restart whose placement found no capacity
+    /// is placed again instead of restarted again.
+    #[test]
+    fn a_restart_counts_once() {
+        let (mut sim, _, _, job) = Sim::running_on_two_executors();
+        sim.report_all(TaskRunState::Failed);
+        let restart = next_commands(&sim.state, &sim.reports, &[], &sim.catalog, 1)
+            .into_iter()
+            .find(|c| {
+                matches!(
+                    c,
+                    Command::SetJobState {
+                        cause: Cause::Restart { .. },
+                        ..
+                    }
+                )
+            })
+            .expect("a failed task restarts the job");
+        sim.apply(restart.clone());
+        // The same restart planned from Recovering (as after an executor loss) passes the
+        // state check; the restart must not count again.
+        let Command::SetJobState {
+            job: id,
+            reason,
+            cause,
+            ..
+        } = restart
+        else {
+            unreachable!("matched above")
+        };
+        let again = Command::SetJobState {
+            job: id,
+            from: JobState::Recovering,
+            state: JobState::Recovering,
+            reason,
+            cause,
+            at_ms: 2,
+        };
+        assert!(matches!(
+            sim.apply(again),
+            CommandResponse::Rejected(Rejection::AlreadyRestarted { .. })
+        ));
+        assert_eq!(sim.job(job).restarts, 1);
+        let epoch = sim.job(job).epoch;
+        // The placement of the restart found no capacity (another job took the slots).
+        sim.apply(Command::SetJobState {
+            job: JobId(job),
+            from: JobState::Recovering,
+            state: JobState::Recovering,
+            reason: "lost tasks wait for capacity: none free".into(),
+            cause: Cause::NoCapacity,
+            at_ms: 0,
+        });
+        // The executors still report the failed attempt: it is placed again, not restarted.
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).restarts, 1);
+        assert!(sim.job(job).epoch > epoch);
     }
 
     /// The restart limit counts every restart, also those the bounded history no longer

@@ -149,7 +149,8 @@ pub enum Command {
         /// Proposer's wall-clock time.
         at_ms: u64,
     },
-    /// Create `count` new tasks for a job.
+    /// Create a job's `count` tasks; refused ([`Rejection::TasksAllocated`]) if it has
+    /// them already.
     AllocateTaskIds {
         /// Which job.
         job: JobId,
@@ -272,6 +273,24 @@ pub enum Rejection {
         got: u64,
         /// Current epoch.
         current: u64,
+    },
+    /// The job's tasks were allocated already (a job gets its tasks once; a repeated
+    /// allocation, planned before the first one applied, would double them).
+    #[error("job {job} already has its {count} tasks")]
+    TasksAllocated {
+        /// The job.
+        job: JobId,
+        /// How many tasks it has.
+        count: usize,
+    },
+    /// The restart is recorded already for this epoch (planned again before the first one
+    /// applied, it would count twice).
+    #[error("job {job} was already restarted after its attempt at epoch {epoch} failed")]
+    AlreadyRestarted {
+        /// The job.
+        job: JobId,
+        /// The epoch whose failure the restart answers.
+        epoch: u64,
     },
     /// The checkpoint id is not newer than the latest committed one.
     #[error("checkpoint {got} of job {job} is not newer than {latest}")]
@@ -726,10 +745,22 @@ impl MetaState {
                 current: record.state,
             });
         }
-        record.state = state;
-        if matches!(cause, Cause::Restart { .. }) {
+        if let Cause::Restart { epoch } = cause {
+            if epoch != record.epoch {
+                return Err(Rejection::StaleEpoch {
+                    job,
+                    got: epoch,
+                    current: record.epoch,
+                });
+            }
+            // Recovering -> Recovering passes the state check: a restart planned twice
+            // (the first write's outcome unknown) must not count twice.
+            if record.history.iter().any(|h| h.cause == cause) {
+                return Err(Rejection::AlreadyRestarted { job, epoch });
+            }
             record.restarts = record.restarts.saturating_add(1);
         }
+        record.state = state;
         record.history.push(JobTransition {
             state,
             reason: reason.to_owned(),
@@ -752,6 +783,12 @@ impl MetaState {
         }
         let first = self.counters.next_task;
         let record = self.live_job(job)?;
+        if !record.tasks.is_empty() {
+            return Err(Rejection::TasksAllocated {
+                job,
+                count: record.tasks.len(),
+            });
+        }
         let ids: Vec<TaskId> = (first..first + u64::from(count)).map(TaskId).collect();
         record.tasks.extend(ids.iter().copied());
         self.counters.next_task += u64::from(count);
