@@ -446,14 +446,24 @@ pub fn assignments(state: &MetaState, executor: u64) -> Vec<Assignment> {
             let restore = state
                 .checkpoint(job.id)
                 .filter(|c| Some(c.checkpoint_id) == job.restored_from)
-                .map(|c| RestoreState {
+                .map(|c| {
+                    // Linear in the job's tasks (a search per state would be quadratic, on
+                    // every heartbeat of a restored job with thousands of tasks).
+                    let indices: HashMap<TaskId, u32> = job
+                        .tasks
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, t)| Some((*t, u32::try_from(i).ok()?)))
+                        .collect();
+                    (c, indices)
+                })
+                .map(|(c, indices)| RestoreState {
                     checkpoint: c.checkpoint_id,
                     states: c
                         .states
                         .iter()
                         .filter_map(|(task, state)| {
-                            let index =
-                                u32::try_from(job.tasks.iter().position(|t| t == task)?).ok()?;
+                            let index = *indices.get(task)?;
                             // Only the states of the tasks that run on this executor: every
                             // reply carries them until the attempt's first checkpoint.
                             (locations.get(&index) == Some(&executor))
