@@ -410,6 +410,34 @@ fn t06_bad_configs_are_refused_at_start_naming_the_problem() {
         "stderr does not name executor-ttl-ms and executor-heartbeat-ms: {err}"
     );
 
+    // An executor TTL that a leader cut off from the other masters could outlast: it
+    // serves executors up to 3 x 300 ms after the others last heard from it, and they elect
+    // a new one no sooner than 150 ms after that.
+    let err = refused(&[
+        "--config".into(),
+        base.clone().into(),
+        "--executor-ttl-ms".into(),
+        "700".into(),
+        "--executor-heartbeat-ms".into(),
+        "200".into(),
+    ]);
+    assert!(
+        err.contains("executor-ttl-ms (700)") && err.contains("election-timeout-max-ms"),
+        "stderr does not name executor-ttl-ms and the election timeouts: {err}"
+    );
+
+    // A write timeout of zero, named as the config key.
+    let err = refused(&[
+        "--config".into(),
+        base.clone().into(),
+        "--write-timeout-ms".into(),
+        "0".into(),
+    ]);
+    assert!(
+        err.contains("write-timeout-ms must be > 0"),
+        "stderr does not name write-timeout-ms: {err}"
+    );
+
     // A data dir that cannot be created (its parent is a regular file; root or not).
     let file = write("not-a-dir", "x");
     let err = refused(&[

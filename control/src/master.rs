@@ -120,7 +120,9 @@ pub struct MasterConfig {
     /// Heartbeat interval executors are told to keep (ms).
     #[serde(default = "default_executor_heartbeat")]
     pub executor_heartbeat_ms: u64,
-    /// An executor silent for this long is declared lost (ms); at least two heartbeats.
+    /// An executor silent for this long is declared lost (ms); at least two heartbeats, and
+    /// more than `3 × election-timeout-max-ms − election-timeout-min-ms` (how long a leader
+    /// cut off from the other masters may still serve executors).
     #[serde(default = "default_executor_ttl")]
     pub executor_ttl_ms: u64,
 }
@@ -204,6 +206,24 @@ impl MasterConfig {
             return bad(format!(
                 "election-timeout-max-ms ({}) must be greater than election-timeout-min-ms ({})",
                 self.election_timeout_max_ms, self.election_timeout_min_ms
+            ));
+        }
+        if self.write_timeout_ms == 0 {
+            return bad("write-timeout-ms must be > 0".into());
+        }
+        // A leader cut off from the other masters serves executors for up to 3 election
+        // timeouts after it last heard from a quorum (`leader_standing`); the others elect a
+        // new leader at the earliest one minimum election timeout after that, which grants
+        // every executor a TTL. An executor must not be declared lost, and its tasks placed
+        // elsewhere, while the old leader may still tell it to run them.
+        let served_after_partition = (self.election_timeout_max_ms.saturating_mul(3))
+            .saturating_sub(self.election_timeout_min_ms);
+        if self.executor_ttl_ms <= served_after_partition {
+            return bad(format!(
+                "executor-ttl-ms ({}) must be greater than 3 x election-timeout-max-ms - \
+                 election-timeout-min-ms ({served_after_partition}): a leader cut off from the \
+                 other masters serves executors that long after they last heard from it",
+                self.executor_ttl_ms
             ));
         }
         if !self.initial_members.is_empty() && !self.join.is_empty() {
