@@ -666,15 +666,34 @@ fn status_route(
     })
 }
 
+/// How long one registration call keeps trying the masters, and how long one attempt may
+/// take. Registration is a raft write (possibly forwarded to the leader), so it gets the
+/// client's default timeouts, not the heartbeats' shorter ones the client may have been set
+/// to: an attempt that timed out while its write still committed would register a new
+/// incarnation the executor never learns of, again and again.
+const REGISTER_CALL: (Duration, Duration) = (Duration::from_secs(6), Duration::from_secs(3));
+
 async fn register(client: &MasterClient, state: &State) -> Result<Registered, ExecutorError> {
     let req = RegisterRequest {
         addr: state.endpoint.local_addr().to_string(),
         name: executor_name(state.config.name.as_deref(), state.endpoint.local_addr()),
         slots: state.config.slots,
     };
+    register_with(client, &req, &state.config.masters.join(",")).await
+}
+
+async fn register_with(
+    client: &MasterClient,
+    req: &RegisterRequest,
+    masters: &str,
+) -> Result<Registered, ExecutorError> {
+    let (patience, attempt) = REGISTER_CALL;
     let mut last = String::new();
     for _ in 0..20 {
-        match client.call::<RegisterExecutor>(&req).await {
+        match client
+            .call_with::<RegisterExecutor>(req, patience, attempt)
+            .await
+        {
             Ok(r) => {
                 info!(
                     id = r.executor_id,
@@ -700,7 +719,7 @@ async fn register(client: &MasterClient, state: &State) -> Result<Registered, Ex
         }
     }
     Err(ExecutorError::Register {
-        addrs: state.config.masters.join(","),
+        addrs: masters.to_owned(),
         reason: last,
     })
 }
@@ -1039,6 +1058,61 @@ certs-dir = "certs"
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    /// Registration keeps its own timeouts when the client was set to the heartbeats'
+    /// short ones: a master whose write takes longer than a heartbeat attempt (200 ms
+    /// against 125 ms here) still registers the executor.
+    #[tokio::test]
+    async fn registration_outlasts_the_heartbeats_short_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        microcosm_transport::tls::init_cluster_certs(dir.path(), "test", &[]).unwrap();
+        let localhost: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let seen = calls.clone();
+        let master = Endpoint::bind(
+            localhost,
+            &Identity::load(dir.path(), Role::Master).unwrap(),
+            TransportConfig::default(),
+            Router::new().route::<RegisterExecutor, _, _>(move |_peer, _req: RegisterRequest| {
+                let n = seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                async move {
+                    tokio::time::sleep(ms(200)).await;
+                    Ok(Registered {
+                        executor_id: 7,
+                        incarnation: u64::from(n) + 1,
+                        heartbeat_ms: 250,
+                        ttl_ms: 1500,
+                        masters: Vec::new(),
+                    })
+                }
+            }),
+        )
+        .unwrap();
+        let own = Endpoint::bind(
+            localhost,
+            &Identity::load(dir.path(), Role::Executor).unwrap(),
+            TransportConfig::default(),
+            Router::new(),
+        )
+        .unwrap();
+        let (patience, attempt) = heartbeat_call_timeouts(ms(250), ms(1500));
+        assert!(
+            attempt < ms(200),
+            "the test needs attempts shorter than the write"
+        );
+        let client =
+            MasterClient::new(own, vec![master.local_addr()]).with_timeouts(patience, attempt);
+        let req = RegisterRequest {
+            addr: "127.0.0.1:1".into(),
+            name: "e".into(),
+            slots: 1,
+        };
+        let registered = register_with(&client, &req, "m").await.unwrap();
+        assert_eq!(registered.executor_id, 7);
+        // One write: no attempt timed out while its registration went on.
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(registered.incarnation, 1);
     }
 
     fn assignment(job: u64, epoch: u64) -> Assignment {
