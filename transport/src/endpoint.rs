@@ -518,19 +518,26 @@ impl Connection {
             addr: self.peer.addr,
             reason,
         };
-        // open_uni waits for stream credit; bound it by the deadline.
+        // Opening waits for stream credit, and writing the header for flow-control credit
+        // (the connection's window may be full with other streams): both within the deadline.
         let waited = deadline.saturating_duration_since(Instant::now());
-        let send = tokio::time::timeout_at(deadline, self.conn.open_uni())
+        let open = async {
+            let send = self
+                .conn
+                .open_uni()
+                .await
+                .map_err(|e| lost(e.to_string()))?;
+            let mut sender = DataSender {
+                send,
+                max_frame: self.max_frame,
+                addr: self.peer.addr,
+            };
+            sender.send(header).await?;
+            Ok(sender)
+        };
+        tokio::time::timeout_at(deadline, open)
             .await
             .map_err(|_| RpcError::Timeout(waited))?
-            .map_err(|e| lost(e.to_string()))?;
-        let mut sender = DataSender {
-            send,
-            max_frame: self.max_frame,
-            addr: self.peer.addr,
-        };
-        sender.send(header).await?;
-        Ok(sender)
     }
 }
 

@@ -840,3 +840,59 @@ async fn a_receive_dropped_mid_frame_loses_nothing() {
     assert!(frames[0] == big, "the big frame arrived changed");
     assert_eq!(frames[1], b"after");
 }
+
+/// Opening a data stream is bounded by its timeout also while its header waits for the
+/// connection's flow-control window (full with another stream nobody reads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_a_data_stream_times_out_when_the_connection_window_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    init_cluster_certs(dir.path(), "t", &[]).unwrap();
+    // The receiver accepts streams and never reads them.
+    let router = Router::new().data_streams(&[Role::Executor], |_peer, stream| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(stream);
+    });
+    let config = TransportConfig {
+        receive_window: 64 * 1024,
+        stream_receive_window: 64 * 1024,
+        ..TransportConfig::default()
+    };
+    let server = Endpoint::bind(
+        localhost(),
+        &Identity::load(dir.path(), Role::Executor).unwrap(),
+        config,
+        router,
+    )
+    .unwrap();
+    let client = endpoint_from(dir.path(), Role::Executor);
+    let mut first = client
+        .open_data_stream(
+            server.local_addr(),
+            Bytes::from_static(b"first"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    // Fills the connection's window and then waits in `send`.
+    let filler = tokio::spawn(async move {
+        let _ = first.send(Bytes::from(vec![1u8; 1 << 20])).await;
+        first
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.open_data_stream(
+            server.local_addr(),
+            Bytes::from(vec![2u8; 1024]),
+            Duration::from_secs(1),
+        ),
+    )
+    .await
+    .expect("open_data_stream outlived its own 1 s timeout");
+    assert!(
+        matches!(second, Err(RpcError::Timeout(_))),
+        "{:?}",
+        second.map(|_| ())
+    );
+    filler.abort();
+}
