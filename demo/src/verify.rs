@@ -230,6 +230,21 @@ pub enum Violation {
         /// The pk of the table's previous data row in this file.
         previous: u64,
     },
+    /// A DDL row that does not advance its table's version in its stream (it comes after
+    /// the DDL of the same or a later version).
+    #[error(
+        "{at}: DDL of table {table} to version {version} comes after the stream's DDL to version {stream_version}"
+    )]
+    DdlOrder {
+        /// Where.
+        at: Location,
+        /// The table.
+        table: u32,
+        /// The version of this DDL.
+        version: u64,
+        /// The version of the table's latest DDL before this one in the file.
+        stream_version: u64,
+    },
     /// A data row's version differs from the latest DDL the stream delivered for its table
     /// (the DDL came late, or not at all, or a later DDL came early).
     #[error(
@@ -731,6 +746,15 @@ impl Checker {
         {
             self.violation(Violation::DuplicateDdl { at, table, version });
         } else {
+            let stream_version = self.stream_version[table as usize];
+            if version <= stream_version {
+                self.violation(Violation::DdlOrder {
+                    at,
+                    table,
+                    version,
+                    stream_version,
+                });
+            }
             self.stream_version[table as usize] = version;
         }
         self.add_to_span(table, version, row.synced_ns);
@@ -1360,6 +1384,31 @@ mod tests {
                     pk: 4,
                     version: 1,
                     stream_version: 0
+                }
+            )),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn a_ddl_that_goes_back_in_its_stream_is_reported() {
+        let spec = spec_2x3();
+        let mut streams = simulate(&spec);
+        // Move DDL(0, 3) on stream 0 to just before DDL(0, 2), its fields unchanged.
+        let d3 = position(&streams[0], RowKind::Ddl, 0, 12);
+        let ddl = streams[0].remove(d3);
+        let d2 = position(&streams[0], RowKind::Ddl, 0, 8);
+        streams[0].insert(d2, ddl);
+        let report = run(&streams, &spec);
+        assert!(!report.passed(), "{report}");
+        assert!(
+            has(&report, |v| matches!(
+                v,
+                Violation::DdlOrder {
+                    at: Location { stream: 0, .. },
+                    table: 0,
+                    version: 2,
+                    stream_version: 3
                 }
             )),
             "{report}"
