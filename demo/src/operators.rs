@@ -51,11 +51,11 @@ pub const DEFAULT_LOG_RETENTION: usize = 65_536;
 /// clamped to it.
 pub const MAX_TRACKED_LATENCY_NS: u64 = 3_600_000_000_000;
 
-/// Fails if any input's producer failed or was cancelled.
+/// Fails if any input's producer failed or was cancelled, or its network stream broke.
 fn check_upstream<R>(inputs: &[Input<R>]) -> Result<(), EngineError> {
     match inputs.iter().position(Input::upstream_aborted) {
         Some(i) => Err(EngineError::operator(format!(
-            "the upstream task of input {i} failed or was cancelled"
+            "the upstream of input {i} failed, was cancelled or lost its stream"
         ))),
         None => Ok(()),
     }

@@ -290,17 +290,22 @@ impl<R> Input<R> {
         self.len() == 0
     }
 
-    /// True once the producer has gone and every batch has been popped: no more data will come.
+    /// True once the producer has finished normally and every batch has been popped: no
+    /// more data will come. Never true for an aborted upstream ([`Input::upstream_aborted`]),
+    /// so an operator that checked for an abort a moment before its upstream aborted cannot
+    /// take the end of an incomplete stream for a normal one.
     pub fn is_finished(&self) -> bool {
-        self.edge.producer_closed.load(Ordering::Acquire) && self.is_empty()
+        // The abort is stored before the close: a close seen here makes its abort visible.
+        self.edge.producer_closed.load(Ordering::Acquire)
+            && !self.edge.producer_aborted.load(Ordering::Acquire)
+            && self.is_empty()
     }
 
     /// True if the producer failed or was cancelled (rather than finishing normally), or the
     /// network stream feeding this input broke ([`InboundHandle::abort`]). The consuming task
     /// is woken when this becomes true. An operator that sees it should fail (as
     /// [`Forward`](crate::operators::Forward) does): what it received is incomplete, and an
-    /// aborted inbound edge does not end ([`Input::is_finished`]) while the network side
-    /// still holds it.
+    /// aborted input never ends ([`Input::is_finished`]).
     pub fn upstream_aborted(&self) -> bool {
         self.edge.producer_aborted.load(Ordering::Acquire)
     }
@@ -781,6 +786,28 @@ mod tests {
                 Status::BlockedOnInput
             })
         }
+    }
+
+    /// An upstream that aborted and then went away never looks like one that finished.
+    #[test]
+    fn an_aborted_upstream_never_looks_finished() {
+        let config = EdgeConfig {
+            capacity: 2,
+            batch_size: 1,
+            ..EdgeConfig::default()
+        };
+        let (mut out, mut input) = edge::<u64>(&config).unwrap();
+        out.abort();
+        drop(out);
+        assert!(input.pop().is_none());
+        assert!(input.upstream_aborted());
+        assert!(!input.is_finished());
+
+        let (inbound, input) = inbound_edge::<u64>(2).unwrap();
+        inbound.abort();
+        drop(inbound);
+        assert!(input.upstream_aborted());
+        assert!(!input.is_finished());
     }
 
     #[test]

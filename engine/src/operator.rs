@@ -74,6 +74,12 @@ impl Context<'_> {
 /// `type In = ()`), a sink no outputs (use `type Out = ()`). Returning `Err` (or panicking)
 /// fails only this task; the failure is reported as
 /// [`TaskEvent::Failed`](crate::TaskEvent::Failed).
+///
+/// An input ends ([`Input::is_finished`](crate::Input::is_finished)) only when its producer
+/// finished normally. One whose producer failed, was cancelled or lost its stream says so in
+/// [`Input::upstream_aborted`](crate::Input::upstream_aborted) (and wakes the task) and never
+/// ends: an operator should check it and fail, as
+/// [`Forward`](crate::operators::Forward) does, rather than wait.
 pub trait Operator: Send + 'static {
     /// Input record type (all inputs share it).
     type In: Record;
