@@ -224,6 +224,7 @@ pub struct Input<R> {
     putback: Option<Batch<R>>,
     index: usize,
     metrics: Option<Arc<TaskMetrics>>,
+    held: bool,
 }
 
 impl<R> Input<R> {
@@ -234,7 +235,25 @@ impl<R> Input<R> {
             putback: None,
             index: 0,
             metrics: None,
+            held: false,
         }
+    }
+
+    /// Holds this input (`true`) or lets it go (`false`). While it is held, batches queued on
+    /// it do not make its task runnable again when the operator returns
+    /// [`Status::BlockedOnInput`](crate::Status::BlockedOnInput) or
+    /// [`Status::WaitUntil`](crate::Status::WaitUntil), and pushes to it need not wake the task;
+    /// its end and an abort still do. For an operator that leaves an input unread on purpose
+    /// while it waits on its other inputs (a barrier that arrived here first, say), so that it
+    /// waits for them instead of being run again every round. Held inputs are the operator's
+    /// business: it lets them go when it reads them again.
+    pub fn hold(&mut self, held: bool) {
+        self.held = held;
+    }
+
+    /// Whether the input is held ([`Input::hold`]).
+    pub fn is_held(&self) -> bool {
+        self.held
     }
 
     pub(crate) fn edge(&self) -> &Arc<EdgeShared> {

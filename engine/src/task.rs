@@ -505,9 +505,10 @@ impl<O: Operator> Runnable for Task<O> {
             Status::BlockedOnOutput => Next::Wait(WaitKind::Blocked, deadline),
             Status::WaitUntil(at) if at <= now => Next::Requeue,
             other => {
-                // Register as waiting on every input, so that the next push wakes the task.
+                // Register as waiting on every input, so that the next push wakes the task;
+                // a held input's queue is left alone on purpose.
                 let mut queued = false;
-                for input in &self.inputs {
+                for input in self.inputs.iter().filter(|i| !i.is_held()) {
                     queued |= input.register_waiting();
                 }
                 // Waiting for input or a timer, data already queued (it raced in after the
