@@ -8,13 +8,15 @@ use serde::{Deserialize, Serialize};
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum JobState {
-    /// Accepted but not yet placed (e.g. no executor has free capacity); the reason says why.
+    /// Accepted, running nowhere: not placed yet (e.g. no executor has free capacity; the
+    /// reason says why), or placed but not yet handed to executors.
     Pending,
     /// Placements are being handed to executors.
     Scheduling,
     /// Every task runs.
     Running,
-    /// Some tasks were lost with their executor and are being placed again.
+    /// Tasks were lost with their executor, or a task failed and the job restarts: the job
+    /// is being placed again under a new epoch.
     Recovering,
     /// Paused by a user; tasks keep their state and placement.
     Paused,

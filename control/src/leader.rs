@@ -411,10 +411,15 @@ fn place(
 }
 
 /// Which task indices of `job` each executor runs, for jobs whose every task is placed.
+/// A Pending job runs nowhere, even once placed: its tasks are handed out from Scheduling on,
+/// so that a job cancelled while Pending has nothing running to stop.
 pub fn assignments_for(state: &MetaState, executor: u64) -> Vec<(&JobRecord, BTreeMap<u32, u64>)> {
     let mut out = Vec::new();
     for job in state.jobs.values() {
-        if job.state.is_terminal() || job.state == JobState::Cancelling || job.tasks.is_empty() {
+        if job.state.is_terminal()
+            || matches!(job.state, JobState::Cancelling | JobState::Pending)
+            || job.tasks.is_empty()
+        {
             continue;
         }
         let mut locations = BTreeMap::new();
@@ -817,6 +822,28 @@ mod tests {
         sim.report_all(TaskRunState::Failed);
         sim.settle(&[]);
         assert_eq!(sim.job(job).state, JobState::Failed);
+    }
+
+    /// A job placed but still Pending hands out no tasks: a cancel in that state (which ends
+    /// the job at once) leaves nothing running.
+    #[test]
+    fn a_pending_job_runs_nowhere_even_once_placed() {
+        let mut sim = Sim::new();
+        let a = sim.register(4);
+        let job = sim.submit(2);
+        for _ in 0..2 {
+            let step = next_commands(&sim.state, &sim.reports, &[], &sim.catalog, 1);
+            let [command] = step.as_slice() else {
+                panic!("one step at a time: {step:?}")
+            };
+            sim.apply(command.clone());
+        }
+        assert_eq!(sim.job(job).state, JobState::Pending);
+        assert!(sim.job(job).epoch > 0, "placed");
+        assert!(assignments_for(&sim.state, a).is_empty());
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Scheduling);
+        assert_eq!(assignments_for(&sim.state, a).len(), 1);
     }
 
     /// An allocation planned twice (the first write's outcome was unknown when the next

@@ -1,7 +1,9 @@
 //! The master process: a raft member serving the control-plane API over QUIC.
 //!
-//! Any master accepts any call. Writes on a follower are forwarded to the leader (during an
-//! election they wait briefly and retry); reads are answered from the local applied state.
+//! Any master accepts client and raft calls. Writes on a follower are forwarded to the leader
+//! (during an election they wait briefly and retry); reads are answered from the local applied
+//! state. Executors' heartbeats and checkpoint reports are served by the leader only (while
+//! it has a recent quorum); other masters refuse them, and the executor tries the next one.
 //! Masters start either by bootstrapping a new cluster from an initial member list or by
 //! joining a running one (learner first, then voter). A master restarted from its data dir
 //! rejoins with its state and never bootstraps again.

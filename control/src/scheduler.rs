@@ -25,8 +25,9 @@
 //! slots, or a [`BTreeSet`] for best fit), plus sorting the units.
 //!
 //! The masters' leader derives each executor's free slots from the placements in the
-//! replicated metadata (a job holds slots only while every one of its tasks is placed on a live
-//! executor), so a newly elected leader needs no ledger of its own. [`Reservations`] is such a
+//! replicated metadata (a live job holds the slots of its tasks placed on live executors,
+//! unless its last placement attempt found no capacity), so a newly elected leader needs no
+//! ledger of its own. [`Reservations`] is such a
 //! ledger for callers that schedule without that metadata (reserve after [`schedule`], release
 //! when a job ends, is cancelled, or its placement fails).
 

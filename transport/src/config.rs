@@ -43,7 +43,9 @@ pub struct TransportConfig {
     pub keep_alive: Duration,
     /// Per-stream receive window (bytes in flight per stream).
     pub stream_receive_window: u32,
-    /// Per-connection receive window: caps memory per connection.
+    /// Per-connection receive window: how many bytes of all its streams a peer may have in
+    /// flight. Bytes a handler has read (a call's request, a data stream's frames) no longer
+    /// count, so it bounds what is buffered in QUIC, not what the handlers hold.
     pub receive_window: u32,
     /// Per-connection send window.
     pub send_window: u64,
