@@ -103,9 +103,18 @@ struct Inner {
     dials: DialGates,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone: nobody can use or close the endpoint any more, while its
+        // accept loop and connections would keep the socket and serve peers for good.
+        self.quinn.close(CLOSE_SHUTDOWN.into(), b"endpoint dropped");
+    }
+}
+
 impl Endpoint {
     /// Binds `addr` (port 0 picks a free port) and starts serving `router`. Must be called
-    /// inside a tokio runtime.
+    /// inside a tokio runtime. Dropping the last handle closes the endpoint (as
+    /// [`Endpoint::close`] does) and frees its port.
     pub fn bind(
         addr: SocketAddr,
         identity: &Identity,

@@ -896,3 +896,32 @@ async fn opening_a_data_stream_times_out_when_the_connection_window_is_full() {
     );
     filler.abort();
 }
+
+/// Dropping the last handle of an endpoint closes it: its port is free again and its peers'
+/// connections end, rather than being served on by its accept loop.
+#[tokio::test]
+async fn dropping_an_endpoint_closes_it_and_frees_its_port() {
+    let cluster = Cluster::new();
+    let client = cluster.client(Role::Client);
+    let addr = client.local_addr();
+    // A connection the server keeps serving.
+    let req = EchoReq {
+        n: 1,
+        text: "x".into(),
+    };
+    client.call::<Echo>(cluster.addr(), &req).await.unwrap();
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let freed = std::net::UdpSocket::bind(addr).is_ok();
+        let served = cluster.server.connection_stats().len();
+        if freed && served == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "port free: {freed}; the server still has {served} connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
