@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use microcosm_transport::{
     Endpoint, ErrorCode, Identity, Peer, RemoteError, Role, Router, RpcError, TransportConfig,
+    WeakEndpoint,
 };
 use openraft::ServerState;
 use serde::Deserialize;
@@ -310,9 +311,10 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Raft over the QUIC RPC layer.
+/// Raft over the QUIC RPC layer. Holds the endpoint weakly: the endpoint's router holds the
+/// raft node, which holds this.
 struct QuicRaft {
-    endpoint: Endpoint,
+    endpoint: WeakEndpoint,
 }
 
 impl RaftTransport for QuicRaft {
@@ -328,17 +330,20 @@ impl RaftTransport for QuicRaft {
         let addr: SocketAddr = addr
             .parse()
             .map_err(|e| unreachable(format!("bad address {addr:?}: {e}")))?;
+        let endpoint = self
+            .endpoint
+            .upgrade()
+            .ok_or_else(|| unreachable("this master's endpoint is closed".into()))?;
         let bytes = postcard::to_stdvec(&req).map_err(|e| network(e.to_string()))?;
         // The frame limit applies to the archived request: a little more than the blob.
-        let limit = self.endpoint.config().max_frame_bytes as usize;
+        let limit = endpoint.config().max_frame_bytes as usize;
         if bytes.len() + 1024 > limit {
             return Err(TransportFailure::TooLarge {
                 target,
                 reason: format!("{} bytes, the frame limit is {limit} bytes", bytes.len()),
             });
         }
-        match self
-            .endpoint
+        match endpoint
             .call_timeout::<RaftMessage>(addr, &Blob { bytes }, timeout)
             .await
         {
@@ -352,7 +357,8 @@ impl RaftTransport for QuicRaft {
 
 struct Shared {
     node: OnceLock<Arc<MetaNode>>,
-    endpoint: OnceLock<Endpoint>,
+    /// Weak: the endpoint's router holds this.
+    endpoint: OnceLock<WeakEndpoint>,
     catalog: Arc<dyn JobCatalog>,
     reports: Mutex<Reports>,
     liveness: Mutex<LivenessTracker>,
@@ -427,7 +433,8 @@ impl Shared {
         let endpoint = self
             .endpoint
             .get()
-            .ok_or_else(|| RpcError::Remote(unavailable("this master is still starting")))?;
+            .and_then(WeakEndpoint::upgrade)
+            .ok_or_else(|| RpcError::Remote(unavailable("this master is starting or stopping")))?;
         let addr: SocketAddr = addr.parse().map_err(|e| {
             RpcError::Remote(RemoteError::new(
                 ErrorCode::Internal,
@@ -894,7 +901,8 @@ async fn join_on_leader(shared: &Shared, req: JoinRequest) -> Result<Nothing, Re
                 let endpoint = shared
                     .endpoint
                     .get()
-                    .ok_or_else(|| unavailable("starting"))?;
+                    .and_then(WeakEndpoint::upgrade)
+                    .ok_or_else(|| unavailable("starting or stopping"))?;
                 let addr: SocketAddr = addr.parse().map_err(|e| {
                     RemoteError::new(ErrorCode::Internal, format!("bad leader address: {e}"))
                 })?;
@@ -952,62 +960,77 @@ impl MasterServer {
             TransportConfig::default(),
             router(shared.clone()),
         )?;
-        let _ = shared.endpoint.set(endpoint.clone());
-        let addr = endpoint.local_addr().to_string();
-        let mut meta = MetaConfig::new(
-            config.node_id,
-            addr.clone(),
-            &config.data_dir,
-            &config.cluster_id,
-        );
-        meta.name = config.name();
-        meta.heartbeat_ms = config.heartbeat_ms;
-        meta.election_min_ms = config.election_timeout_min_ms;
-        meta.election_max_ms = config.election_timeout_max_ms;
-        meta.write_timeout_ms = config.write_timeout_ms;
-        let node = Arc::new(
-            MetaNode::start(
-                meta,
-                Arc::new(QuicRaft {
-                    endpoint: endpoint.clone(),
-                }),
-            )
-            .await?,
-        );
-        let _ = shared.node.set(node.clone());
-        let initialized = node
-            .raft()
-            .is_initialized()
-            .await
-            .map_err(|e| MasterError::Meta(MetaError::Stopped(e.to_string())))?;
-        if initialized {
-            info!(
-                node = config.node_id,
-                "restarted from data dir; rejoining the cluster"
+        let _ = shared.endpoint.set(endpoint.downgrade());
+        let started = async {
+            let addr = endpoint.local_addr().to_string();
+            let mut meta = MetaConfig::new(
+                config.node_id,
+                addr.clone(),
+                &config.data_dir,
+                &config.cluster_id,
             );
-        } else if !config.initial_members.is_empty() {
-            let members = config
-                .members()
-                .map_err(MasterError::Config)?
-                .into_iter()
-                .map(|(id, a)| {
-                    let name = if id == config.node_id {
-                        config.name()
-                    } else {
-                        format!("master-{id}")
-                    };
-                    (id, MasterNode::new(a.to_string(), name))
-                })
-                .collect();
-            node.bootstrap(members).await?;
-            info!(node = config.node_id, "bootstrapped a new cluster");
-        } else if !config.join.is_empty() {
-            join(&endpoint, &config, &addr).await?;
-        } else {
-            return Err(MasterError::Config(
-                "a new data dir needs initial-members (new cluster) or join (running cluster)"
-                    .into(),
-            ));
+            meta.name = config.name();
+            meta.heartbeat_ms = config.heartbeat_ms;
+            meta.election_min_ms = config.election_timeout_min_ms;
+            meta.election_max_ms = config.election_timeout_max_ms;
+            meta.write_timeout_ms = config.write_timeout_ms;
+            let node = Arc::new(
+                MetaNode::start(
+                    meta,
+                    Arc::new(QuicRaft {
+                        endpoint: endpoint.downgrade(),
+                    }),
+                )
+                .await?,
+            );
+            let _ = shared.node.set(node.clone());
+            let initialized = node
+                .raft()
+                .is_initialized()
+                .await
+                .map_err(|e| MasterError::Meta(MetaError::Stopped(e.to_string())))?;
+            if initialized {
+                info!(
+                    node = config.node_id,
+                    "restarted from data dir; rejoining the cluster"
+                );
+            } else if !config.initial_members.is_empty() {
+                let members = config
+                    .members()
+                    .map_err(MasterError::Config)?
+                    .into_iter()
+                    .map(|(id, a)| {
+                        let name = if id == config.node_id {
+                            config.name()
+                        } else {
+                            format!("master-{id}")
+                        };
+                        (id, MasterNode::new(a.to_string(), name))
+                    })
+                    .collect();
+                node.bootstrap(members).await?;
+                info!(node = config.node_id, "bootstrapped a new cluster");
+            } else if !config.join.is_empty() {
+                join(&endpoint, &config, &addr).await?;
+            } else {
+                return Err(MasterError::Config(
+                    "a new data dir needs initial-members (new cluster) or join (running cluster)"
+                        .into(),
+                ));
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = started {
+            // Leave nothing running: the router holds `shared`, which holds the endpoint, so
+            // dropping them would close neither the endpoint nor the raft node and its store.
+            if let Some(node) = shared.node.get()
+                && let Err(e) = node.shutdown().await
+            {
+                warn!(error = %e, "raft shutdown after a failed start");
+            }
+            endpoint.close();
+            return Err(e);
         }
         let leader_loop = tokio::spawn(leader_loop(shared.clone()));
         Ok(Self {
@@ -1480,6 +1503,58 @@ data-dir = "data/m1"
 certs-dir = "certs"
 initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
 "#;
+
+    struct NoJobs;
+    impl JobCatalog for NoJobs {
+        fn validate(&self, _: &str, _: &str) -> Result<(), String> {
+            Err("no job types".into())
+        }
+        fn plan(&self, _: &str, _: &str) -> Result<microcosm_engine::JobGraph, String> {
+            Err("no job types".into())
+        }
+    }
+
+    /// A master that fails to start leaves nothing behind: the same address and data dir
+    /// start a master right after.
+    #[tokio::test]
+    async fn a_failed_start_frees_the_address_and_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        microcosm_transport::tls::init_cluster_certs(&certs, "test", &[]).unwrap();
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .unwrap()
+            .port();
+        let config = |members: &str| {
+            let text = format!(
+                "node-id = 1\nlisten-addr = \"127.0.0.1:{port}\"\ndata-dir = {:?}\n\
+                 certs-dir = {:?}\n{members}",
+                dir.path().join("data"),
+                certs,
+            );
+            MasterConfig::from_toml(&text).unwrap()
+        };
+        // A new data dir with neither initial-members nor join.
+        let err = MasterServer::start(config(""), Arc::new(NoJobs))
+            .await
+            .err()
+            .expect("a new data dir without members is refused");
+        assert!(err.to_string().contains("initial-members"), "{err}");
+        // The socket goes once the endpoint's tasks have seen the close.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::net::UdpSocket::bind(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "port {port} still bound after a failed start"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let members = format!("initial-members = [\"1=127.0.0.1:{port}\"]\n");
+        let server = MasterServer::start(config(&members), Arc::new(NoJobs))
+            .await
+            .expect("the address and the store are free again");
+        server.shutdown().await;
+    }
 
     /// A TTL of 1.5 s, an empty tracker and leader memory, and a start time.
     fn liveness_at_start() -> (Duration, LivenessTracker, LeaderMemory, std::time::Instant) {
