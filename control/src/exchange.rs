@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use microcosm_engine::{
@@ -95,6 +95,11 @@ struct RegistryInner {
     /// Highest epoch retired per job: its streams are refused too (the attempt was stopped
     /// here, so its consumers will not come back).
     retired: HashMap<u64, u64>,
+    /// The attempts (job → epoch) the masters last told this executor to run, and when that
+    /// heartbeat was sent ([`InboundRegistry::confirm_assignments`]).
+    confirmed: Option<(Instant, HashMap<u64, u64>)>,
+    /// Streams waiting for their consumer.
+    waiting: usize,
 }
 
 impl InboundRegistry {
@@ -155,7 +160,25 @@ impl InboundRegistry {
         }
     }
 
-    fn lookup(&self, key: PortKey) -> Lookup {
+    /// Records the attempts (job, epoch) the masters told this executor to run in the reply
+    /// to a heartbeat sent at `sent`. A stream that arrived before `sent` for an attempt not
+    /// among them will never find its consumer here: its producer learned of its epoch from
+    /// state the masters had already applied when they answered, and this executor was not
+    /// given it (the job was re-placed without it, cancelled, or moved on).
+    pub fn confirm_assignments(
+        &self,
+        sent: Instant,
+        attempts: impl IntoIterator<Item = (u64, u64)>,
+    ) {
+        self.lock().confirmed = Some((sent, attempts.into_iter().collect()));
+    }
+
+    /// How many data streams are waiting for their consumer's attempt to start here.
+    pub fn waiting_streams(&self) -> usize {
+        self.lock().waiting
+    }
+
+    fn lookup(&self, key: PortKey, arrived: Instant) -> Lookup {
         let inner = self.lock();
         if let Some(p) = inner.ports.get(&key) {
             return Lookup::Found(p.clone());
@@ -163,9 +186,13 @@ impl InboundRegistry {
         let newest = inner.epochs.get(&key.0).copied().unwrap_or(0);
         let retired = inner.retired.get(&key.0).copied();
         if key.1 < newest || retired.is_some_and(|r| key.1 <= r) {
-            Lookup::Stale(newest.max(retired.unwrap_or(0)))
-        } else {
-            Lookup::NotYet
+            return Lookup::Stale(newest.max(retired.unwrap_or(0)));
+        }
+        match &inner.confirmed {
+            Some((sent, attempts)) if *sent > arrived && attempts.get(&key.0) != Some(&key.1) => {
+                Lookup::NotHere
+            }
+            _ => Lookup::NotYet,
         }
     }
 
@@ -173,10 +200,13 @@ impl InboundRegistry {
     ///
     /// A stream may arrive before its consumer's attempt is launched here (the executors
     /// learn of a new attempt at their own heartbeats). It waits for the consumer as long as
-    /// its epoch is current: refusing it after a while would lose what the producer sent,
-    /// and a producer that has finished would never send it again. Meanwhile the first frame
-    /// (or the end of the stream) is read ahead, so that a producer that gives up (its
-    /// attempt was stopped: the stream is reset) ends the wait too.
+    /// its epoch is current and may still come here: refusing it after a while would lose
+    /// what the producer sent, and a producer that has finished would never send it again.
+    /// The wait ends when the attempt is found stale (a later epoch is registered, or the
+    /// attempt was stopped here), when the reply to a heartbeat sent after the stream arrived
+    /// does not give this executor the attempt ([`InboundRegistry::confirm_assignments`]),
+    /// or when the producer resets the stream before its first frame arrived (that frame is
+    /// read ahead meanwhile).
     pub async fn serve(&self, mut stream: DataStream) {
         let header = match StreamHeader::decode(stream.header()) {
             Ok(h) => h,
@@ -189,7 +219,9 @@ impl InboundRegistry {
         let key = (header.job, header.epoch, header.edge, header.partition);
         let mut first: Option<Frame> = None;
         let mut ended = false;
+        let arrived = Instant::now();
         let found = {
+            let _waiting = Waiting::new(self);
             // `recv` is cancel-safe: dropped part-way through a frame when the consumer is
             // found, it leaves the bytes it read to the loop below.
             let mut next = std::pin::pin!(stream.recv());
@@ -198,9 +230,10 @@ impl InboundRegistry {
             let since = tokio::time::Instant::now();
             let mut warned = false;
             loop {
-                match self.lookup(key) {
+                match self.lookup(key, arrived) {
                     Lookup::Found(p) => break Ok(p),
-                    Lookup::Stale(newest) => break Err(newest),
+                    Lookup::Stale(newest) => break Err(Some(newest)),
+                    Lookup::NotHere => break Err(None),
                     Lookup::NotYet => {}
                 }
                 if !warned && since.elapsed() >= BIND_WAIT {
@@ -230,12 +263,21 @@ impl InboundRegistry {
         };
         let port = match found {
             Ok(port) => port,
-            Err(newest) => {
+            Err(Some(newest)) => {
                 warn!(
                     job = header.job,
                     epoch = header.epoch,
                     newest,
                     "refusing a data stream of a stale epoch"
+                );
+                stream.stop(STOP_REFUSED);
+                return;
+            }
+            Err(None) => {
+                warn!(
+                    job = header.job,
+                    epoch = header.epoch,
+                    "refusing a data stream of an attempt the masters did not give this executor"
                 );
                 stream.stop(STOP_REFUSED);
                 return;
@@ -290,9 +332,28 @@ impl InboundRegistry {
     }
 }
 
+/// Counts a stream as waiting for its consumer while it lives.
+struct Waiting<'a>(&'a InboundRegistry);
+
+impl<'a> Waiting<'a> {
+    fn new(registry: &'a InboundRegistry) -> Self {
+        registry.lock().waiting += 1;
+        Waiting(registry)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.0.lock();
+        inner.waiting = inner.waiting.saturating_sub(1);
+    }
+}
+
 enum Lookup {
     Found(Arc<dyn InboundPort>),
     Stale(u64),
+    /// The masters did not give this executor the stream's attempt.
+    NotHere,
     NotYet,
 }
 
@@ -775,21 +836,76 @@ mod tests {
         assert!(error.to_string().contains("not delivered"), "{error}");
     }
 
+    /// A stream waits for its attempt until a heartbeat sent after it arrived says the
+    /// masters did not give this executor that attempt.
+    #[test]
+    fn a_stream_for_an_attempt_the_masters_did_not_give_here_is_refused() {
+        let registry = InboundRegistry::default();
+        let key = (7, 2, 1, 0);
+        let before = Instant::now();
+        let arrived = before + Duration::from_millis(10);
+        let after = arrived + Duration::from_millis(10);
+        let lookup = |r: &InboundRegistry| r.lookup(key, arrived);
+        assert!(matches!(lookup(&registry), Lookup::NotYet));
+        // A reply to a heartbeat sent before the stream arrived proves nothing.
+        registry.confirm_assignments(before, []);
+        assert!(matches!(lookup(&registry), Lookup::NotYet));
+        // The attempt is among those given here: it is being launched.
+        registry.confirm_assignments(after, [(7, 2), (8, 1)]);
+        assert!(matches!(lookup(&registry), Lookup::NotYet));
+        // Neither the job nor this epoch of it was given here.
+        registry.confirm_assignments(after, [(8, 1)]);
+        assert!(matches!(lookup(&registry), Lookup::NotHere));
+        registry.confirm_assignments(after, [(7, 3)]);
+        assert!(matches!(lookup(&registry), Lookup::NotHere));
+        registry.confirm_assignments(after, [(7, 1)]);
+        assert!(matches!(lookup(&registry), Lookup::NotHere));
+    }
+
+    /// The same over a real stream: it waits, then a heartbeat's reply ends the wait.
+    #[test]
+    fn a_waiting_stream_ends_when_the_masters_did_not_give_its_attempt_here() {
+        const PATIENCE: Duration = Duration::from_secs(30);
+        let runtime = runtime();
+        let _inside = runtime.enter();
+        let (_dir, inbound_side, outbound_side, to) = two_sides(&runtime);
+        let registry = inbound_side.registry.clone();
+        let mut sender = Exchange::<u64>::connect(&outbound_side, to).unwrap();
+        let batch = OwnedBatch::from_vec(vec![1u64, 2, 3]).seal().unwrap();
+        assert!(sender.offer(batch).is_ok());
+        let waited = |want: usize| {
+            let deadline = Instant::now() + PATIENCE;
+            while registry.waiting_streams() != want {
+                assert!(Instant::now() < deadline, "never {want} waiting streams");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        waited(1);
+        registry.confirm_assignments(Instant::now(), [(to.job + 1, 1)]);
+        waited(0);
+        sender.close();
+    }
+
     #[test]
     fn retired_and_forgotten_epochs_are_stale_and_later_ones_wait() {
         let registry = InboundRegistry::default();
-        let stale =
-            |r: &InboundRegistry, epoch| matches!(r.lookup((7, epoch, 1, 0)), Lookup::Stale(_));
+        let now = Instant::now();
+        let stale = |r: &InboundRegistry, epoch| {
+            matches!(r.lookup((7, epoch, 1, 0), now), Lookup::Stale(_))
+        };
         let waits =
-            |r: &InboundRegistry, epoch| matches!(r.lookup((7, epoch, 1, 0)), Lookup::NotYet);
+            |r: &InboundRegistry, epoch| matches!(r.lookup((7, epoch, 1, 0), now), Lookup::NotYet);
         // Nothing known of job 7 yet: any epoch may still come.
         assert!(waits(&registry, 1));
         let (inbound, _input) = inbound_edge::<u64>(4).unwrap();
         registry.register((7, 2, 1, 0), Arc::new(inbound)).unwrap();
-        assert!(matches!(registry.lookup((7, 2, 1, 0)), Lookup::Found(_)));
+        assert!(matches!(
+            registry.lookup((7, 2, 1, 0), now),
+            Lookup::Found(_)
+        ));
         assert!(stale(&registry, 1), "older than the registered epoch");
         assert!(
-            matches!(registry.lookup((7, 2, 2, 0)), Lookup::NotYet),
+            matches!(registry.lookup((7, 2, 2, 0), now), Lookup::NotYet),
             "another edge of the registered epoch may still be bound"
         );
         // The attempt is stopped here: its epoch is refused from now on, later ones wait.

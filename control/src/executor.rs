@@ -772,6 +772,7 @@ impl State {
                 tasks: self.reports(),
                 assignments_digest: self.assignments_digest,
             };
+            let sent = std::time::Instant::now();
             match client.call::<Heartbeat>(&req).await {
                 Ok(reply) => {
                     last_ok = tokio::time::Instant::now();
@@ -811,6 +812,12 @@ impl State {
                         self.reconcile(assignments);
                         self.assignments_digest = Some(reply.assignments_digest);
                     }
+                    // What runs here now is what the masters want: data streams that arrived
+                    // before this heartbeat for any other attempt are refused.
+                    self.registry.confirm_assignments(
+                        sent,
+                        self.attempts.iter().map(|(job, a)| (*job, a.epoch)),
+                    );
                 }
                 Err(e) => {
                     if last_ok.elapsed() > schedule.ttl() {
