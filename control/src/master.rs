@@ -545,6 +545,15 @@ impl Shared {
     }
 }
 
+/// A job in brief, as [`ListJobs`] lists it: without its spec and history (up to 64 KiB and
+/// 256 entries each), so that the list of a long-lived cluster still fits in a frame.
+fn job_summary(st: &MetaState, j: &crate::meta::state::JobRecord) -> JobInfo {
+    let mut info = job_info(st, j);
+    info.spec = String::new();
+    info.history = Vec::new();
+    info
+}
+
 fn job_info(st: &MetaState, j: &crate::meta::state::JobRecord) -> JobInfo {
     JobInfo {
         id: j.id.0,
@@ -688,7 +697,7 @@ fn router(shared: Arc<Shared>) -> Router {
             async move {
                 let jobs = shared
                     .node()?
-                    .read_local(|st| st.jobs.values().map(|j| job_info(st, j)).collect());
+                    .read_local(|st| st.jobs.values().map(|j| job_summary(st, j)).collect());
                 Ok(JobList {
                     jobs,
                     stale: shared.staleness(),
@@ -1512,6 +1521,29 @@ initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
         fn plan(&self, _: &str, _: &str) -> Result<microcosm_engine::JobGraph, String> {
             Err("no job types".into())
         }
+    }
+
+    /// The job list leaves out what can be large (specs, histories); `GetJob` keeps it.
+    #[test]
+    fn the_job_list_leaves_specs_and_histories_out() {
+        let mut st = MetaState::default();
+        st.apply(&crate::meta::MetaRequest {
+            id: crate::meta::RequestId { client: 1, seq: 1 },
+            command: Command::SubmitJob {
+                job_type: "demo".into(),
+                spec: "x".repeat(60_000),
+                at_ms: 1,
+            },
+        });
+        let job = st.jobs.values().next().expect("the job was submitted");
+        let brief = job_summary(&st, job);
+        assert!(brief.spec.is_empty() && brief.history.is_empty());
+        assert_eq!(
+            (brief.state.as_str(), brief.reason.as_str()),
+            ("Pending", "submitted")
+        );
+        let full = job_info(&st, job);
+        assert_eq!((full.spec.len(), full.history.len()), (60_000, 1));
     }
 
     /// A master that fails to start leaves nothing behind: the same address and data dir

@@ -237,7 +237,7 @@ method!(
     SubmitJob, MasterApi, 20, USERS, SubmitJobRequest => JobRef
 );
 method!(
-    /// List all jobs.
+    /// List all jobs, in brief: each without its spec and history ([`GetJob`] has them).
     ListJobs, MasterApi, 21, USERS, Nothing => JobList
 );
 method!(

@@ -373,6 +373,10 @@ pub async fn job_list(args: &ClusterArgs) -> anyhow::Result<()> {
                     .map(|j| {
                         let mut v = job_json(j);
                         v["stale"] = json!(list.stale);
+                        // The list carries no history (`job status` shows it).
+                        if let Some(o) = v.as_object_mut() {
+                            o.remove("history");
+                        }
                         v
                     })
                     .collect()
