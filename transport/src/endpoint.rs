@@ -288,7 +288,11 @@ impl Endpoint {
                 read_timeout: self.inner.config.request_read_timeout,
             },
         ));
-        lock(&self.inner.conns).insert((addr, role), conn.conn.clone());
+        let mut conns = lock(&self.inner.conns);
+        // Connections to peers that are gone (and never looked up again) go here, so the map
+        // holds about one entry per live peer.
+        conns.retain(|_, c| c.close_reason().is_none());
+        conns.insert((addr, role), conn.conn.clone());
         Ok(conn)
     }
 
