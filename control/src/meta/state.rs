@@ -31,6 +31,12 @@ pub const MAX_JOB_TYPE_BYTES: usize = 256;
 pub const MAX_CHECKPOINT_BYTES: usize = 1 << 20;
 /// Most history entries kept per job (older ones are dropped first).
 pub const MAX_JOB_HISTORY: usize = 256;
+/// Most ended jobs (Finished, Failed, Cancelled) kept: a submission that would keep more
+/// forgets the oldest ended jobs, with their tasks and checkpoints.
+pub const MAX_ENDED_JOBS: usize = 1000;
+/// Most lost executor records kept: a registration that would keep more forgets the oldest
+/// lost ones (never the latest record of an address, which carries its incarnation count).
+pub const MAX_LOST_EXECUTORS: usize = 1000;
 
 /// Checks a job submission's sizes ([`MAX_JOB_TYPE_BYTES`], [`MAX_SPEC_BYTES`]); masters check
 /// before proposing and the state machine again when applying.
@@ -643,10 +649,61 @@ impl MetaState {
             },
         );
         self.dirty.executors.insert(id);
+        self.forget_old_executors();
         CommandResponse::ExecutorRegistered {
             id,
             incarnation,
             superseded,
+        }
+    }
+
+    /// Keeps at most [`MAX_LOST_EXECUTORS`] lost executor records, dropping the oldest; the
+    /// latest record of each address stays (its incarnation numbers the next registration).
+    fn forget_old_executors(&mut self) {
+        let mut latest: BTreeMap<&str, ExecutorId> = BTreeMap::new();
+        for e in self.executors.values() {
+            // Ids grow with every registration: the last one seen is the latest.
+            latest.insert(&e.addr, e.id);
+        }
+        let latest: BTreeSet<ExecutorId> = latest.into_values().collect();
+        let forgettable: Vec<ExecutorId> = self
+            .executors
+            .values()
+            .filter(|e| e.state == ExecutorState::Lost && !latest.contains(&e.id))
+            .map(|e| e.id)
+            .collect();
+        let lost = self
+            .executors
+            .values()
+            .filter(|e| e.state == ExecutorState::Lost)
+            .count();
+        let excess = lost.saturating_sub(MAX_LOST_EXECUTORS);
+        for id in forgettable.into_iter().take(excess) {
+            self.executors.remove(&id);
+            self.dirty.executors.insert(id);
+        }
+    }
+
+    /// Keeps at most [`MAX_ENDED_JOBS`] ended jobs, forgetting the oldest with their tasks
+    /// and checkpoints.
+    fn forget_old_jobs(&mut self) {
+        let ended: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| j.state.is_terminal())
+            .map(|j| j.id)
+            .collect();
+        let excess = ended.len().saturating_sub(MAX_ENDED_JOBS);
+        for id in ended.into_iter().take(excess) {
+            if let Some(job) = self.jobs.remove(&id) {
+                for task in job.tasks {
+                    self.tasks.remove(&task);
+                    self.dirty.tasks.insert(task);
+                }
+            }
+            self.checkpoints.remove(&id);
+            self.dirty.jobs.insert(id);
+            self.dirty.checkpoints.insert(id);
         }
     }
 
@@ -714,6 +771,7 @@ impl MetaState {
             },
         );
         self.dirty.jobs.insert(id);
+        self.forget_old_jobs();
         Ok(CommandResponse::JobSubmitted { id })
     }
 
@@ -976,6 +1034,105 @@ mod tests {
             CommandResponse::JobSubmitted { id } => id,
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// Ended jobs beyond the retention are forgotten, oldest first, with their tasks and
+    /// checkpoints; live jobs are kept however old.
+    #[test]
+    fn the_oldest_ended_jobs_are_forgotten_beyond_the_retention() {
+        let mut s = MetaState::default();
+        let mut p = Proposer::new(1);
+        let live = match p.run(&mut s, submit()) {
+            CommandResponse::JobSubmitted { id } => id,
+            other => panic!("{other:?}"),
+        };
+        p.run(
+            &mut s,
+            Command::AllocateTaskIds {
+                job: live,
+                count: 2,
+            },
+        );
+        let mut ended = Vec::new();
+        for _ in 0..MAX_ENDED_JOBS + 3 {
+            let CommandResponse::JobSubmitted { id } = p.run(&mut s, submit()) else {
+                panic!("submitted")
+            };
+            p.run(&mut s, Command::AllocateTaskIds { job: id, count: 1 });
+            p.run(
+                &mut s,
+                Command::SetJobState {
+                    job: id,
+                    from: JobState::Pending,
+                    state: JobState::Cancelled,
+                    reason: "user".into(),
+                    cause: Cause::Step,
+                    at_ms: 30,
+                },
+            );
+            ended.push(id);
+        }
+        s.take_dirty();
+        // Each submission trims: the last one finds one ended job too many.
+        p.run(&mut s, submit());
+        let dirty = s.take_dirty();
+        let ended_now = s.jobs.values().filter(|j| j.state.is_terminal()).count();
+        assert_eq!(ended_now, MAX_ENDED_JOBS);
+        for gone in &ended[..3] {
+            assert!(!s.jobs.contains_key(gone));
+        }
+        assert!(dirty.jobs.contains(&ended[2]), "its row must be deleted");
+        assert!(s.jobs.contains_key(&ended[3]));
+        assert!(s.jobs.contains_key(&live), "a live job stays");
+        assert_eq!(
+            s.tasks.len(),
+            2 + MAX_ENDED_JOBS,
+            "the forgotten jobs' tasks went too"
+        );
+    }
+
+    /// Lost executor records beyond the retention are forgotten, oldest first, but never an
+    /// address's latest record: its incarnation count goes on.
+    #[test]
+    fn the_oldest_lost_executors_are_forgotten_but_incarnations_go_on() {
+        let mut s = MetaState::default();
+        let mut p = Proposer::new(1);
+        // One address re-registering over and over: every earlier record is lost.
+        let mut last = 0;
+        for _ in 0..MAX_LOST_EXECUTORS + 5 {
+            if let CommandResponse::ExecutorRegistered { incarnation, .. } =
+                p.run(&mut s, register("10.0.0.1:7000"))
+            {
+                last = incarnation;
+            }
+        }
+        let lost = s
+            .executors
+            .values()
+            .filter(|e| e.state == ExecutorState::Lost)
+            .count();
+        assert_eq!(lost, MAX_LOST_EXECUTORS);
+        assert_eq!(last, MAX_LOST_EXECUTORS as u64 + 5);
+        // Another address's only record, lost, is its latest: it is kept.
+        let other = executor_id(p.run(&mut s, register("10.0.0.2:7000")));
+        p.run(
+            &mut s,
+            Command::ExecutorLost {
+                id: other,
+                reason: "ttl".into(),
+                at_ms: 40,
+            },
+        );
+        for _ in 0..3 {
+            p.run(&mut s, register("10.0.0.1:7000"));
+        }
+        assert!(s.executors.contains_key(&other));
+        let CommandResponse::ExecutorRegistered { incarnation, .. } =
+            p.run(&mut s, register("10.0.0.1:7000"))
+        else {
+            panic!("registered")
+        };
+        assert_eq!(incarnation, MAX_LOST_EXECUTORS as u64 + 9);
     }
 
     #[test]
