@@ -117,7 +117,8 @@ fn batch_stream_throughput(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     init_cluster_certs(dir.path(), "bench", &[]).unwrap();
     let received = Arc::new(AtomicU64::new(0));
-    let (_server, mut sender) = rt.block_on(async {
+    // The client endpoint is kept too: dropping its last handle would close it.
+    let (_server, _client, mut sender) = rt.block_on(async {
         let counter = received.clone();
         let router = Router::new().data_streams(&[Role::Executor], move |_, mut stream| {
             let counter = counter.clone();
@@ -151,7 +152,7 @@ fn batch_stream_throughput(c: &mut Criterion) {
             )
             .await
             .unwrap();
-        (server, sender)
+        (server, client, sender)
     });
     let records: Vec<Rec> = (0..BATCH as u64)
         .map(|pk| Rec {

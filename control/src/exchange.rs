@@ -95,9 +95,9 @@ struct RegistryInner {
     /// Highest epoch retired per job: its streams are refused too (the attempt was stopped
     /// here, so its consumers will not come back).
     retired: HashMap<u64, u64>,
-    /// The attempts (job → epoch) the masters last told this executor to run, and when that
-    /// heartbeat was sent ([`InboundRegistry::confirm_assignments`]).
-    confirmed: Option<(Instant, HashMap<u64, u64>)>,
+    /// The attempts (job → epoch) the masters last told this executor to run, when that
+    /// heartbeat was sent, and the grace ([`InboundRegistry::confirm_assignments`]).
+    confirmed: Option<Confirmed>,
     /// Streams waiting for their consumer.
     waiting: usize,
 }
@@ -161,16 +161,23 @@ impl InboundRegistry {
     }
 
     /// Records the attempts (job, epoch) the masters told this executor to run in the reply
-    /// to a heartbeat sent at `sent`. A stream that arrived before `sent` for an attempt not
-    /// among them will never find its consumer here: its producer learned of its epoch from
-    /// state the masters had already applied when they answered, and this executor was not
-    /// given it (the job was re-placed without it, cancelled, or moved on).
+    /// to a heartbeat sent at `sent`. A stream for an attempt not among them that arrived at
+    /// least `grace` before `sent` will never find its consumer here: its producer learned
+    /// of its epoch from state any leader answering that late had applied, and this executor
+    /// was not given the attempt (the job was re-placed without it, cancelled, or moved on).
+    /// `grace` is the executor TTL, which the masters keep longer than a leader cut off from
+    /// the others may go on answering with older state.
     pub fn confirm_assignments(
         &self,
         sent: Instant,
+        grace: Duration,
         attempts: impl IntoIterator<Item = (u64, u64)>,
     ) {
-        self.lock().confirmed = Some((sent, attempts.into_iter().collect()));
+        self.lock().confirmed = Some(Confirmed {
+            sent,
+            grace,
+            attempts: attempts.into_iter().collect(),
+        });
     }
 
     /// How many data streams are waiting for their consumer's attempt to start here.
@@ -189,7 +196,10 @@ impl InboundRegistry {
             return Lookup::Stale(newest.max(retired.unwrap_or(0)));
         }
         match &inner.confirmed {
-            Some((sent, attempts)) if *sent > arrived && attempts.get(&key.0) != Some(&key.1) => {
+            Some(c)
+                if arrived.checked_add(c.grace).is_some_and(|t| c.sent > t)
+                    && c.attempts.get(&key.0) != Some(&key.1) =>
+            {
                 Lookup::NotHere
             }
             _ => Lookup::NotYet,
@@ -203,8 +213,9 @@ impl InboundRegistry {
     /// its epoch is current and may still come here: refusing it after a while would lose
     /// what the producer sent, and a producer that has finished would never send it again.
     /// The wait ends when the attempt is found stale (a later epoch is registered, or the
-    /// attempt was stopped here), when the reply to a heartbeat sent after the stream arrived
-    /// does not give this executor the attempt ([`InboundRegistry::confirm_assignments`]),
+    /// attempt was stopped here), when the reply to a heartbeat sent a TTL or more after the
+    /// stream arrived does not give this executor the attempt
+    /// ([`InboundRegistry::confirm_assignments`]),
     /// or when the producer resets the stream before its first frame arrived (that frame is
     /// read ahead meanwhile).
     pub async fn serve(&self, mut stream: DataStream) {
@@ -330,6 +341,13 @@ impl InboundRegistry {
         let mut inner = self.lock();
         inner.ports.remove(&key);
     }
+}
+
+/// What a heartbeat's reply said runs here ([`InboundRegistry::confirm_assignments`]).
+struct Confirmed {
+    sent: Instant,
+    grace: Duration,
+    attempts: HashMap<u64, u64>,
 }
 
 /// Counts a stream as waiting for its consumer while it lives.
@@ -847,18 +865,23 @@ mod tests {
         let after = arrived + Duration::from_millis(10);
         let lookup = |r: &InboundRegistry| r.lookup(key, arrived);
         assert!(matches!(lookup(&registry), Lookup::NotYet));
+        let none = Duration::ZERO;
         // A reply to a heartbeat sent before the stream arrived proves nothing.
-        registry.confirm_assignments(before, []);
+        registry.confirm_assignments(before, none, []);
+        assert!(matches!(lookup(&registry), Lookup::NotYet));
+        // Nor does one sent within the grace after it (a leader cut off from the others
+        // may still answer then, from older state).
+        registry.confirm_assignments(after, Duration::from_secs(1), []);
         assert!(matches!(lookup(&registry), Lookup::NotYet));
         // The attempt is among those given here: it is being launched.
-        registry.confirm_assignments(after, [(7, 2), (8, 1)]);
+        registry.confirm_assignments(after, none, [(7, 2), (8, 1)]);
         assert!(matches!(lookup(&registry), Lookup::NotYet));
         // Neither the job nor this epoch of it was given here.
-        registry.confirm_assignments(after, [(8, 1)]);
+        registry.confirm_assignments(after, none, [(8, 1)]);
         assert!(matches!(lookup(&registry), Lookup::NotHere));
-        registry.confirm_assignments(after, [(7, 3)]);
+        registry.confirm_assignments(after, none, [(7, 3)]);
         assert!(matches!(lookup(&registry), Lookup::NotHere));
-        registry.confirm_assignments(after, [(7, 1)]);
+        registry.confirm_assignments(after, none, [(7, 1)]);
         assert!(matches!(lookup(&registry), Lookup::NotHere));
     }
 
@@ -881,7 +904,7 @@ mod tests {
             }
         };
         waited(1);
-        registry.confirm_assignments(Instant::now(), [(to.job + 1, 1)]);
+        registry.confirm_assignments(Instant::now(), Duration::ZERO, [(to.job + 1, 1)]);
         waited(0);
         sender.close();
     }

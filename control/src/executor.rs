@@ -788,7 +788,7 @@ impl State {
                         self.stop_all();
                         let again = tokio::select! {
                             r = register(&client, self) => r,
-                            // Registration retries for ~10 s; a stop must not wait for it.
+                            // Registration retries for up to ~2 min; a stop must not wait.
                             _ = stop.changed() => break,
                         };
                         match again {
@@ -812,10 +812,12 @@ impl State {
                         self.reconcile(assignments);
                         self.assignments_digest = Some(reply.assignments_digest);
                     }
-                    // What runs here now is what the masters want: data streams that arrived
-                    // before this heartbeat for any other attempt are refused.
+                    // What runs here now is what the masters want: data streams for any
+                    // other attempt that arrived a TTL or more before this heartbeat are
+                    // refused.
                     self.registry.confirm_assignments(
                         sent,
+                        schedule.ttl(),
                         self.attempts.iter().map(|(job, a)| (*job, a.epoch)),
                     );
                 }

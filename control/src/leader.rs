@@ -144,8 +144,7 @@ fn all_placed_on_alive(state: &MetaState, job: &JobRecord) -> bool {
 /// the job again under a new epoch (also after a placement that found no capacity: the
 /// failed attempt must not run on, and the failure must not count twice).
 fn restart_recorded_for(job: &JobRecord) -> bool {
-    let restart = Cause::Restart { epoch: job.epoch };
-    job.state == JobState::Recovering && job.history.iter().rev().any(|h| h.cause == restart)
+    job.state == JobState::Recovering && job.restarted_epoch == Some(job.epoch)
 }
 
 fn step_job(

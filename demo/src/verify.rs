@@ -230,8 +230,9 @@ pub enum Violation {
         /// The pk of the table's previous data row in this file.
         previous: u64,
     },
-    /// A DDL row that does not advance its table's version in its stream (it comes after
-    /// the DDL of the same or a later version).
+    /// A DDL row that goes back in its stream: it comes after the table's DDL to a later
+    /// version. (A DDL that comes late, after data rows of its version, is reported once, as
+    /// those rows' [`Violation::VersionOrder`].)
     #[error(
         "{at}: DDL of table {table} to version {version} comes after the stream's DDL to version {stream_version}"
     )]
@@ -747,7 +748,7 @@ impl Checker {
             self.violation(Violation::DuplicateDdl { at, table, version });
         } else {
             let stream_version = self.stream_version[table as usize];
-            if version <= stream_version {
+            if version < stream_version {
                 self.violation(Violation::DdlOrder {
                     at,
                     table,
@@ -1386,6 +1387,11 @@ mod tests {
                     stream_version: 0
                 }
             )),
+            "{report}"
+        );
+        // Reported once: the late DDL itself is no second violation.
+        assert!(
+            !has(&report, |v| matches!(v, Violation::DdlOrder { .. })),
             "{report}"
         );
     }

@@ -86,6 +86,10 @@
 //!     type Out = ();
 //!     fn run(&mut self, inp: &mut [Input<u64>], _: &mut [Output<()>], _: &mut Context<'_>)
 //!         -> Result<Status, EngineError> {
+//!         if inp[0].upstream_aborted() {
+//!             // An aborted input never ends: fail rather than wait.
+//!             return Err(EngineError::operator("the upstream failed"));
+//!         }
 //!         while let Some(batch) = inp[0].pop() {
 //!             let batch = batch.into_owned()?;
 //!             self.0.fetch_add(batch.iter().sum::<u64>(), Ordering::Relaxed);

@@ -323,7 +323,7 @@ impl Endpoint {
         // would only notice at the idle timeout), is dropped: the next call dials afresh, which
         // costs one handshake if the peer is fine and reaches a restarted peer at once.
         if let Err(RpcError::ConnectionLost { .. } | RpcError::Timeout(_)) = &result {
-            self.forget(addr, <M::Service as Service>::SERVED_BY);
+            self.forget_failed(addr, <M::Service as Service>::SERVED_BY, &conn.conn);
         }
         // The server enforces the same deadline and may notice it a moment before we do: the
         // caller sees one outcome either way (the connection is fine, so it is kept).
@@ -355,8 +355,23 @@ impl Endpoint {
     /// holds it, and keep-alives keep it from ever timing out.)
     pub fn forget(&self, addr: SocketAddr, role: Role) {
         if let Some(conn) = lock(&self.inner.conns).remove(&(addr, role)) {
-            conn.close(CLOSE_SHUTDOWN.into(), b"forgotten after a failed call");
+            conn.close(CLOSE_SHUTDOWN.into(), b"forgotten");
         }
+    }
+
+    /// [`Endpoint::forget`] for the connection a call failed on: only if it is still the
+    /// cached one. Calls that failed on an older connection (closed by the first failure)
+    /// must not close the one a retry has dialed since.
+    fn forget_failed(&self, addr: SocketAddr, role: Role, failed: &quinn::Connection) {
+        let mut conns = lock(&self.inner.conns);
+        if conns
+            .get(&(addr, role))
+            .is_some_and(|c| c.stable_id() == failed.stable_id())
+        {
+            conns.remove(&(addr, role));
+        }
+        drop(conns);
+        failed.close(CLOSE_SHUTDOWN.into(), b"forgotten after a failed call");
     }
 
     /// The state of every open connection, dialed or accepted: round-trip time, congestion
@@ -885,5 +900,63 @@ async fn handle_call(
             ErrorCode::DeadlineExceeded,
             format!("{} did not finish within {deadline:?}", route.name),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::tls::init_cluster_certs;
+
+    /// A call that failed on a connection already replaced (the first failure closed it and
+    /// a retry dialed anew) leaves the new connection alone.
+    #[tokio::test]
+    async fn a_late_failure_on_an_old_connection_leaves_the_new_one_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        init_cluster_certs(dir.path(), "t", &[]).unwrap();
+        let localhost: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let bind = |role| {
+            let identity = Identity::load(dir.path(), role).unwrap();
+            Endpoint::bind(
+                localhost,
+                &identity,
+                TransportConfig::default(),
+                Router::new(),
+            )
+            .unwrap()
+        };
+        let server = bind(Role::Master);
+        let client = bind(Role::Client);
+        let addr = server.local_addr();
+        let deadline = || Instant::now() + Duration::from_secs(5);
+        let first = client
+            .connection(addr, Role::Master, deadline())
+            .await
+            .unwrap();
+        // The first failure on it: closed and uncached.
+        client.forget_failed(addr, Role::Master, &first.conn);
+        assert!(first.conn.close_reason().is_some());
+        let second = client
+            .connection(addr, Role::Master, deadline())
+            .await
+            .unwrap();
+        assert_ne!(second.conn.stable_id(), first.conn.stable_id());
+        // A second call that was in flight on the first connection fails late.
+        client.forget_failed(addr, Role::Master, &first.conn);
+        assert!(
+            second.conn.close_reason().is_none(),
+            "the new connection was closed"
+        );
+        let again = client
+            .connection(addr, Role::Master, deadline())
+            .await
+            .unwrap();
+        assert_eq!(
+            again.conn.stable_id(),
+            second.conn.stable_id(),
+            "still cached"
+        );
     }
 }

@@ -390,6 +390,8 @@ pub struct JobRecord {
     /// How many times the job was restarted after a task failed (transitions with
     /// [`Cause::Restart`]); counted here because the history keeps only its latest entries.
     pub restarts: u32,
+    /// The epoch of the attempt whose failure the latest restart answered.
+    pub restarted_epoch: Option<u64>,
     /// Placement epoch: increases with every [`Command::SetPlacements`].
     pub epoch: u64,
     /// The job's tasks, in allocation order.
@@ -684,17 +686,21 @@ impl MetaState {
         }
     }
 
-    /// Keeps at most [`MAX_ENDED_JOBS`] ended jobs, forgetting the oldest with their tasks
-    /// and checkpoints.
+    /// Keeps at most [`MAX_ENDED_JOBS`] ended jobs, forgetting those that ended first (by
+    /// the time of their last transition, then id) with their tasks and checkpoints.
     fn forget_old_jobs(&mut self) {
-        let ended: Vec<JobId> = self
+        let mut ended: Vec<(u64, JobId)> = self
             .jobs
             .values()
             .filter(|j| j.state.is_terminal())
-            .map(|j| j.id)
+            .map(|j| (j.history.last().map_or(0, |h| h.at_ms), j.id))
             .collect();
         let excess = ended.len().saturating_sub(MAX_ENDED_JOBS);
-        for id in ended.into_iter().take(excess) {
+        if excess == 0 {
+            return;
+        }
+        ended.sort_unstable();
+        for (_, id) in ended.into_iter().take(excess) {
             if let Some(job) = self.jobs.remove(&id) {
                 for task in job.tasks {
                     self.tasks.remove(&task);
@@ -765,6 +771,7 @@ impl MetaState {
                     cause: Cause::Step,
                 }],
                 restarts: 0,
+                restarted_epoch: None,
                 epoch: 0,
                 tasks: Vec::new(),
                 restored_from: None,
@@ -813,10 +820,11 @@ impl MetaState {
             }
             // Recovering -> Recovering passes the state check: a restart planned twice
             // (the first write's outcome unknown) must not count twice.
-            if record.history.iter().any(|h| h.cause == cause) {
+            if record.restarted_epoch == Some(epoch) {
                 return Err(Rejection::AlreadyRestarted { job, epoch });
             }
             record.restarts = record.restarts.saturating_add(1);
+            record.restarted_epoch = Some(epoch);
         }
         record.state = state;
         record.history.push(JobTransition {
@@ -1089,6 +1097,24 @@ mod tests {
             2 + MAX_ENDED_JOBS,
             "the forgotten jobs' tasks went too"
         );
+        // The oldest job ends last: it is the newest ended one, and stays.
+        p.run(
+            &mut s,
+            Command::SetJobState {
+                job: live,
+                from: JobState::Pending,
+                state: JobState::Cancelled,
+                reason: "user".into(),
+                cause: Cause::Step,
+                at_ms: 50,
+            },
+        );
+        p.run(&mut s, submit());
+        assert!(
+            s.jobs.contains_key(&live),
+            "the job that ended last was forgotten"
+        );
+        assert!(!s.jobs.contains_key(&ended[3]));
     }
 
     /// Lost executor records beyond the retention are forgotten, oldest first, but never an
