@@ -642,6 +642,17 @@ mod tests {
             sim.settle(&[]);
             (sim, a, b, job)
         }
+        /// A user's state change of `job`.
+        fn set_state(&mut self, job: u64, from: JobState, to: JobState) -> CommandResponse {
+            self.apply(Command::SetJobState {
+                job: JobId(job),
+                from,
+                state: to,
+                reason: "user".into(),
+                cause: Cause::Step,
+                at_ms: 0,
+            })
+        }
         fn submit(&mut self, tasks: u32) -> u64 {
             self.submit_spec(tasks.to_string())
         }
@@ -945,14 +956,7 @@ mod tests {
                 (JobState::Running, JobState::Paused),
                 (JobState::Paused, JobState::Running),
             ] {
-                sim.apply(Command::SetJobState {
-                    job: JobId(job),
-                    from,
-                    state: to,
-                    reason: "user".into(),
-                    cause: Cause::Step,
-                    at_ms: 0,
-                });
+                sim.set_state(job, from, to);
             }
         }
         assert!(
@@ -984,14 +988,7 @@ mod tests {
         sim.settle(&[]);
         assert_eq!(sim.job(first).state, JobState::Scheduling);
         assert_eq!(sim.job(second).state, JobState::Pending);
-        sim.apply(Command::SetJobState {
-            job: JobId(first),
-            from: JobState::Scheduling,
-            state: JobState::Cancelling,
-            reason: "user".into(),
-            cause: Cause::Step,
-            at_ms: 0,
-        });
+        sim.set_state(first, JobState::Scheduling, JobState::Cancelling);
         // The executor says it runs nothing.
         sim.reports.clear();
         for e in sim.state.executors.keys() {
@@ -1017,14 +1014,7 @@ mod tests {
         sim.report_all(TaskRunState::Running);
         sim.settle(&[]);
         assert_eq!(sim.job(job).state, JobState::Running);
-        sim.apply(Command::SetJobState {
-            job: JobId(job),
-            from: JobState::Running,
-            state: JobState::Cancelling,
-            reason: "user".into(),
-            cause: Cause::Step,
-            at_ms: 0,
-        });
+        sim.set_state(job, JobState::Running, JobState::Cancelling);
         // b stopped everything; a's entry is what it said before it was lost.
         sim.reports = HashMap::from([(a, last_of_a), (b, Vec::new())]);
         sim.settle(&[]);
@@ -1041,14 +1031,7 @@ mod tests {
         sim.report_all(TaskRunState::Running);
         sim.settle(&[]);
         assert_eq!(sim.job(job).state, JobState::Running);
-        sim.apply(Command::SetJobState {
-            job: JobId(job),
-            from: JobState::Running,
-            state: JobState::Cancelling,
-            reason: "user".into(),
-            cause: Cause::Step,
-            at_ms: 0,
-        });
+        sim.set_state(job, JobState::Running, JobState::Cancelling);
         // A new leader has heard from no executor yet: the tasks may still run.
         sim.reports.clear();
         sim.settle(&[]);

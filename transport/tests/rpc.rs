@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use microcosm_transport::tls::{ClusterCa, init_cluster_certs};
 use microcosm_transport::{
-    Endpoint, ErrorCode, Frame, Identity, Method, Peer, RemoteError, Role, Router, RpcError,
-    Service, TransportConfig,
+    DataSender, Endpoint, ErrorCode, Frame, Identity, Method, Peer, RemoteError, Role, Router,
+    RpcError, Service, TransportConfig,
 };
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -107,6 +107,34 @@ fn endpoint_from(dir: &Path, role: Role) -> Endpoint {
         Router::new(),
     )
     .unwrap()
+}
+
+/// An executor endpoint serving `router` with `config`, a `role` endpoint to reach it, and
+/// a data stream opened from the latter to the former with `header`.
+async fn data_stream_to(
+    dir: &Path,
+    router: Router,
+    config: TransportConfig,
+    role: Role,
+    header: &'static [u8],
+) -> (Endpoint, Endpoint, DataSender) {
+    let server = Endpoint::bind(
+        localhost(),
+        &Identity::load(dir, Role::Executor).unwrap(),
+        config,
+        router,
+    )
+    .unwrap();
+    let client = endpoint_from(dir, role);
+    let sender = client
+        .open_data_stream(
+            server.local_addr(),
+            Bytes::from_static(header),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    (server, client, sender)
 }
 
 fn localhost() -> SocketAddr {
@@ -506,22 +534,14 @@ async fn batch_stream_delivers_records_in_order() {
             }
         })
     };
-    let server = Endpoint::bind(
-        localhost(),
-        &Identity::load(dir.path(), Role::Executor).unwrap(),
-        TransportConfig::default(),
+    let (_server, _client, mut sender) = data_stream_to(
+        dir.path(),
         router,
+        TransportConfig::default(),
+        Role::Executor,
+        b"edge-7",
     )
-    .unwrap();
-    let client = endpoint_from(dir.path(), Role::Executor);
-    let mut sender = client
-        .open_data_stream(
-            server.local_addr(),
-            Bytes::from_static(b"edge-7"),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+    .await;
     // The first half one frame per write, the second half five frames per write.
     let mut group = Vec::new();
     for b in 0..TOTAL / BATCH {
@@ -614,22 +634,14 @@ async fn client_may_not_open_data_streams() {
     let dir = tempfile::tempdir().unwrap();
     init_cluster_certs(dir.path(), "t", &[]).unwrap();
     let router = Router::new().data_streams(&[Role::Executor], |_, _| async {});
-    let server = Endpoint::bind(
-        localhost(),
-        &Identity::load(dir.path(), Role::Executor).unwrap(),
-        TransportConfig::default(),
+    let (_server, _client, mut sender) = data_stream_to(
+        dir.path(),
         router,
+        TransportConfig::default(),
+        Role::Client,
+        b"h",
     )
-    .unwrap();
-    let client = endpoint_from(dir.path(), Role::Client);
-    let mut sender = client
-        .open_data_stream(
-            server.local_addr(),
-            Bytes::from_static(b"h"),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+    .await;
     // The server stops the stream; writes fail soon after.
     let mut failed = false;
     for _ in 0..200 {
@@ -808,22 +820,14 @@ async fn a_receive_dropped_mid_frame_loses_nothing() {
             }
         }
     });
-    let server = Endpoint::bind(
-        localhost(),
-        &Identity::load(dir.path(), Role::Executor).unwrap(),
-        TransportConfig::default(),
+    let (_server, _client, mut sender) = data_stream_to(
+        dir.path(),
         router,
+        TransportConfig::default(),
+        Role::Executor,
+        b"h",
     )
-    .unwrap();
-    let client = endpoint_from(dir.path(), Role::Executor);
-    let mut sender = client
-        .open_data_stream(
-            server.local_addr(),
-            Bytes::from_static(b"h"),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+    .await;
     let big: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8).collect();
     sender.send(Bytes::from(big.clone())).await.unwrap();
     sender.send(Bytes::from_static(b"after")).await.unwrap();
@@ -857,22 +861,8 @@ async fn opening_a_data_stream_times_out_when_the_connection_window_is_full() {
         stream_receive_window: 64 * 1024,
         ..TransportConfig::default()
     };
-    let server = Endpoint::bind(
-        localhost(),
-        &Identity::load(dir.path(), Role::Executor).unwrap(),
-        config,
-        router,
-    )
-    .unwrap();
-    let client = endpoint_from(dir.path(), Role::Executor);
-    let mut first = client
-        .open_data_stream(
-            server.local_addr(),
-            Bytes::from_static(b"first"),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+    let (server, client, mut first) =
+        data_stream_to(dir.path(), router, config, Role::Executor, b"first").await;
     // Fills the connection's window and then waits in `send`.
     let filler = tokio::spawn(async move {
         let _ = first.send(Bytes::from(vec![1u8; 1 << 20])).await;
