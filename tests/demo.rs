@@ -245,3 +245,153 @@ fn verify_exit_status_tells_failed_output_from_errors() {
     let usage = cli(["verify", "--dir", &empty]);
     assert_eq!(usage.status.and_then(|s| s.code()), Some(2), "{usage}");
 }
+
+/// A job that does not finish within `--timeout` ends the demo with exit status 3 (the job
+/// did not finish), naming the timeout and keeping the cluster directory.
+#[test]
+fn a_demo_that_times_out_exits_3_and_keeps_its_directory() {
+    let out = cli_with_timeout(
+        [
+            "demo",
+            "--table-num",
+            "2",
+            "--binlog-num",
+            "1",
+            "--rcd-cnt",
+            "100000",
+            "--rate",
+            "100",
+            "--timeout",
+            "3s",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.and_then(|s| s.code()), Some(3), "{out}");
+    assert!(out.stdout.contains("did not finish within 3s"), "{out}");
+    let kept = out
+        .stdout
+        .split("cluster logs kept in ")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .expect("the demo names the kept directory");
+    let kept = std::path::Path::new(kept.trim());
+    assert!(kept.join("master-1.log").exists(), "{out}");
+    std::fs::remove_dir_all(kept).unwrap();
+}
+
+/// A `microcosm demo` of a long job (2 tables, 1 stream, 1,000 records/s), followed until it
+/// submitted its job: the process and its cluster directory.
+fn demo_until_submitted(extra: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut demo = Command::new(common::bin())
+        .args([
+            "demo",
+            "--table-num",
+            "2",
+            "--binlog-num",
+            "1",
+            "--rcd-cnt",
+            "1000000",
+            "--rate",
+            "1000",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = demo.stdout.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut dir = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("the demo submits its job");
+        if let Some(d) = line.split("cluster dir ").nth(1) {
+            dir = Some(d.trim().to_string());
+        }
+        if line.contains("submitted job") {
+            break;
+        }
+    }
+    (demo, dir.expect("the demo names its cluster dir"))
+}
+
+/// Waits (at most 30 s) for `demo` to exit; its status and standard error.
+fn demo_exit(mut demo: std::process::Child) -> (std::process::ExitStatus, String) {
+    let since = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = demo.try_wait().unwrap() {
+            break status;
+        }
+        if since.elapsed() > Duration::from_secs(30) {
+            let _ = demo.kill();
+            panic!("the demo went on for 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut demo.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}
+
+fn send_signal(pid: u32, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// A node that dies while the job runs ends the demo at once, naming it, with its logs kept:
+/// not at the timeout.
+#[test]
+fn a_node_dying_mid_job_ends_the_demo_at_once() {
+    let (demo, dir) = demo_until_submitted(&[]);
+    // The demo's master: the process whose command line names this cluster's certificates
+    // and the `master` subcommand.
+    let certs = format!("{dir}/certs");
+    let master = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.get(1) == Some(&&b"master"[..]) && args.contains(&certs.as_bytes())
+            })
+        })
+        .expect("the demo's master is running");
+    send_signal(master, "-9");
+    let (status, stderr) = demo_exit(demo);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("master-1 exited"), "{stderr}");
+    assert!(stderr.contains("cluster logs kept in"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// SIGTERM shuts the demo's cluster down and removes its directory; with `--keep` the
+/// directory stays.
+#[test]
+fn sigterm_shuts_the_demo_down_cleanly() {
+    for keep in [false, true] {
+        let (demo, dir) = demo_until_submitted(if keep { &["--keep"] } else { &[] });
+        send_signal(demo.id(), "-TERM");
+        let (status, stderr) = demo_exit(demo);
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("interrupted"), "{stderr}");
+        assert_eq!(std::path::Path::new(&dir).exists(), keep, "{dir}");
+        if keep {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}

@@ -31,7 +31,7 @@ use microcosm_demo::{DemoSpec, RowKind, SinkRow};
 use serde::Serialize;
 
 use crate::demo::parse_duration;
-use crate::local::{LocalCluster, LocalClusterDir};
+use crate::local::{Interrupts, LocalCluster, LocalClusterDir};
 
 /// Flags of `microcosm bench`.
 #[derive(Args, Debug)]
@@ -419,6 +419,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         ..Default::default()
     }
     .apply(&mut base)?;
+    // Every run's spec is checked now, not when the sweep reaches it.
+    if !args.idle_only {
+        for &ddl_freq in &args.ddl_freqs {
+            for &rate in &args.rates {
+                run_spec(&base, &args, rate, ddl_freq, Path::new("sink"))
+                    .validate()
+                    .with_context(|| {
+                        format!("the run at rate {} ddl-freq {ddl_freq}", rate_label(rate))
+                    })?;
+            }
+        }
+    }
 
     let machine = machine();
     let conditions = Conditions {
@@ -462,6 +474,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         floor
     });
 
+    // Before the cluster starts: a signal while it starts is held, not fatal.
+    let mut interrupts = Interrupts::install()?;
     let cluster_dir = LocalClusterDir::create("microcosm-bench-")?;
     let sink_root = cluster_dir.path().join("sink");
     let mut cluster = cluster_dir.launch(1, args.executors, args.tuning)?;
@@ -471,13 +485,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
         cluster.dir().display()
     );
     let outcome = tokio::select! {
-        r = sweep(&mut cluster, &args, &base, &sink_root) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        r = sweep(&mut cluster, &args, &base, &sink_root) => Some(r),
+        _ = interrupts.recv() => None,
     };
     cluster.shutdown();
-    if args.keep {
+    // The directory holds the logs an error names: kept then, and with --keep.
+    if args.keep || outcome.as_ref().is_some_and(Result::is_err) {
         println!("cluster dir kept: {}", cluster.keep().display());
     }
+    let Some(outcome) = outcome else {
+        bail!("interrupted");
+    };
     let (idle, runs) = outcome?;
 
     let results = Results {
@@ -528,6 +546,30 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     }
 }
 
+/// The job spec of the run at `rate` and `ddl_freq`, writing under `sink_root`.
+fn run_spec(
+    base: &DemoSpec,
+    args: &BenchArgs,
+    rate: u64,
+    ddl_freq: u64,
+    sink_root: &Path,
+) -> DemoSpec {
+    let mut spec = base.clone();
+    spec.flow_id = format!("bench-{}-ddl{ddl_freq}", rate_label(rate));
+    spec.rate = rate;
+    spec.ddl_freq = ddl_freq;
+    spec.sink_dir = sink_root.to_path_buf();
+    spec.rcd_cnt = args.rcd_cnt.unwrap_or_else(|| {
+        rcd_cnt_for(
+            rate,
+            args.warmup_secs + args.duration_secs,
+            spec.table_num,
+            args.max_rate_rcd_cnt,
+        )
+    });
+    spec
+}
+
 /// The idle measurement and every run, on a started cluster.
 async fn sweep(
     cluster: &mut LocalCluster,
@@ -569,20 +611,8 @@ async fn sweep(
     let total = args.rates.len() * args.ddl_freqs.len();
     for &ddl_freq in &args.ddl_freqs {
         for &rate in &args.rates {
-            let mut spec = base.clone();
-            spec.flow_id = format!("bench-{}-ddl{ddl_freq}", rate_label(rate));
-            spec.rate = rate;
-            spec.ddl_freq = ddl_freq;
-            spec.sink_dir = sink_root.to_path_buf();
-            spec.rcd_cnt = args.rcd_cnt.unwrap_or_else(|| {
-                rcd_cnt_for(
-                    rate,
-                    args.warmup_secs + args.duration_secs,
-                    spec.table_num,
-                    args.max_rate_rcd_cnt,
-                )
-            });
-            spec.validate()?;
+            // Checked before the sweep began.
+            let spec = run_spec(base, args, rate, ddl_freq, sink_root);
             println!(
                 "[{}/{total}] rate {} ddl-freq {ddl_freq}: {} x {} records ...",
                 runs.len() + 1,

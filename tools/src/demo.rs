@@ -13,7 +13,7 @@ use microcosm_control::proto::{GetJob, JobRef};
 use microcosm_demo::fence::Owner;
 use microcosm_demo::{DemoSpec, DemoSpecOverrides};
 
-use crate::local::{LocalCluster, LocalClusterDir, Proc};
+use crate::local::{Interrupts, LocalCluster, LocalClusterDir, Proc};
 
 /// Flags of `microcosm demo`. Every job-spec key can be overridden by the flag of the same name.
 #[derive(Args, Debug)]
@@ -70,7 +70,8 @@ pub struct DemoArgs {
     /// Keep the cluster's temporary directory (logs, data, certificates) afterwards.
     #[arg(long)]
     keep: bool,
-    /// Give up if the job has not finished after this long, e.g. `10m`.
+    /// Give up if the job has not finished after this long, e.g. `10m` (exit status 3, the
+    /// cluster directory kept).
     #[arg(long, value_parser = parse_duration, default_value = "10m")]
     timeout: Duration,
 }
@@ -242,6 +243,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     if args.kill_leader_after.is_some() && args.masters < 3 {
         bail!("--kill-leader-after needs --masters 3 (a single master is not highly available)");
     }
+    if args.kill_executor_after.is_some() && args.executors < 2 {
+        bail!(
+            "--kill-executor-after needs --executors 2 or more (the tasks of the only executor \
+             would have nowhere to go)"
+        );
+    }
+    // Before anything is created: a signal from now on shuts the cluster down cleanly.
+    let mut interrupts = Interrupts::install()?;
     let cluster_dir = LocalClusterDir::create("microcosm-demo-")?;
     let dir = cluster_dir.path().to_path_buf();
 
@@ -311,16 +320,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
             .await?;
         cluster.submit_demo(&spec).await
     };
-    // Ctrl-C shuts the cluster down in every phase, starting now.
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    // Ctrl-C (or SIGTERM) shuts the cluster down in every phase; --keep keeps its directory.
+    let interrupted = |mut cluster: LocalCluster| {
+        println!("\ninterrupted; shutting the cluster down");
+        cluster.shutdown();
+        if args.keep {
+            println!("cluster dir kept: {}", cluster.keep().display());
+        }
+        anyhow::anyhow!("interrupted")
+    };
     let started = tokio::select! {
         r = started => r,
-        _ = &mut ctrl_c => {
-            println!("\ninterrupted; shutting the cluster down");
-            cluster.shutdown();
-            anyhow::bail!("interrupted");
-        }
+        _ = interrupts.recv() => return Err(interrupted(cluster)),
     };
     let job = match started {
         Ok(job) => job,
@@ -333,22 +344,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
 
     let outcome = tokio::select! {
         r = watch(&mut cluster, job, &spec, &args) => r,
-        _ = &mut ctrl_c => {
-            println!("\ninterrupted; shutting the cluster down");
-            cluster.shutdown();
-            anyhow::bail!("interrupted");
-        }
+        _ = interrupts.recv() => return Err(interrupted(cluster)),
     };
     let state = match outcome {
         Ok(state) => state,
         Err(e) => return Err(keep_on_error(cluster, e)),
     };
     cluster.shutdown();
-    if state != "Finished" {
-        println!(
-            "job {job} ended {state}; cluster logs kept in {}",
-            dir.display()
-        );
+    let ended = match state {
+        Watched::Ended(state) if state == "Finished" => None,
+        Watched::Ended(state) => Some(format!("job {job} ended {state}")),
+        Watched::TimedOut => Some(format!(
+            "job {job} did not finish within {:?} (--timeout)",
+            args.timeout
+        )),
+    };
+    if let Some(ended) = ended {
+        println!("{ended}; cluster logs kept in {}", dir.display());
         let _ = cluster.keep();
         return Ok(false);
     }
@@ -373,7 +385,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
                 return Err(keep_on_error(cluster, e));
             }
         },
-        _ = &mut ctrl_c => {
+        _ = interrupts.recv() => {
             let kept = cluster.keep();
             bail!(
                 "interrupted during verification; cluster dir kept in {} (the job's output is \
@@ -401,13 +413,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     Ok(passed)
 }
 
-/// Follows the job to its end, printing progress and injecting the requested failures.
+/// How [`watch`] saw the job end.
+enum Watched {
+    /// In this terminal state.
+    Ended(String),
+    /// Not within `--timeout`.
+    TimedOut,
+}
+
+/// Follows the job to its end, printing progress and injecting the requested failures. Fails
+/// at once if a node process exits on its own.
 async fn watch(
     cluster: &mut LocalCluster,
     job: u64,
     spec: &DemoSpec,
     args: &DemoArgs,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Watched> {
+    let dir = cluster.dir();
     let LocalCluster {
         masters,
         executors,
@@ -433,7 +455,14 @@ async fn watch(
     let mut killed_leader = false;
     loop {
         if start.elapsed() > args.timeout {
-            bail!("the job did not finish within {:?}", args.timeout);
+            return Ok(Watched::TimedOut);
+        }
+        // A node that dies (other than one killed here on purpose) ends the demo now, with
+        // its log, rather than at the timeout.
+        if let Some(exited) =
+            crate::local::first_exited(&dir, masters.iter_mut().chain(executors.iter_mut()))
+        {
+            bail!("{exited}");
         }
         let info = client.call::<GetJob>(&JobRef { id: job }).await;
         let (state, epoch) = match &info {
@@ -454,7 +483,7 @@ async fn watch(
             {
                 println!("reason: {}", j.reason);
             }
-            return Ok(state);
+            return Ok(Watched::Ended(state));
         }
         if state == "Running" && running_since.is_none() {
             running_since = Some(Instant::now());

@@ -341,25 +341,10 @@ impl LocalCluster {
 
     /// The first node process that has exited, with how it ended and the end of its log.
     pub fn exited(&mut self) -> Option<String> {
-        let dir = self.tmp.path().to_path_buf();
-        for p in self.masters.iter_mut().chain(self.executors.iter_mut()) {
-            let Some(child) = p.child.as_mut() else {
-                continue;
-            };
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = dir.join(format!("{}.log", p.name));
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(5).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                return Some(format!(
-                    "{} exited ({status}); the end of {}:\n{}",
-                    p.name,
-                    log.display(),
-                    tail.join("\n")
-                ));
-            }
-        }
-        None
+        first_exited(
+            self.tmp.path(),
+            self.masters.iter_mut().chain(self.executors.iter_mut()),
+        )
     }
 
     /// Waits until a master reports `count` alive executors; fails at once if a node process
@@ -442,6 +427,57 @@ impl LocalCluster {
             p.kill();
         }
         tmp.keep()
+    }
+}
+
+/// The first of `procs` that has exited on its own (a process this program killed is not
+/// watched any more), with how it ended and the end of its log in `dir`.
+pub fn first_exited<'a>(dir: &Path, procs: impl Iterator<Item = &'a mut Proc>) -> Option<String> {
+    for p in procs {
+        let Some(child) = p.child.as_mut() else {
+            continue;
+        };
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = dir.join(format!("{}.log", p.name));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Some(format!(
+                "{} exited ({status}); the end of {}:\n{}",
+                p.name,
+                log.display(),
+                tail.join("\n")
+            ));
+        }
+    }
+    None
+}
+
+/// SIGINT and SIGTERM, caught from the moment this is made: one that arrives while the
+/// program is busy (starting a cluster, say) waits for [`Interrupts::recv`] instead of
+/// killing the program and leaving its cluster directory behind.
+pub struct Interrupts {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    /// Starts catching both signals (inside a tokio runtime).
+    pub fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Resolves at the next SIGINT or SIGTERM (or one caught since the last call).
+    /// Cancel-safe.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
     }
 }
 

@@ -254,7 +254,8 @@ fn verify(dir: &std::path::Path, job: &std::path::Path) -> anyhow::Result<bool> 
     use anyhow::Context;
     let text =
         std::fs::read_to_string(job).with_context(|| format!("cannot read {}", job.display()))?;
-    let spec = microcosm_demo::DemoSpec::from_toml_str(&text)?;
+    let spec = microcosm_demo::DemoSpec::from_toml_str(&text)
+        .with_context(|| format!("job spec {}", job.display()))?;
     let report = microcosm_demo::verify(dir, &spec)?;
     println!("{report}");
     if !report.passed() {
