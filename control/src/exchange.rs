@@ -180,6 +180,13 @@ impl InboundRegistry {
         });
     }
 
+    /// Whether attempt (`job`, `epoch`) was stopped here ([`InboundRegistry::retire`],
+    /// [`InboundRegistry::forget_job`]): it must not run here again, as its streams are
+    /// refused and its sinks' files may have been written by its first run.
+    pub fn is_retired(&self, job: u64, epoch: u64) -> bool {
+        self.lock().retired.get(&job).is_some_and(|r| epoch <= *r)
+    }
+
     /// How many data streams are waiting for their consumer's attempt to start here.
     pub fn waiting_streams(&self) -> usize {
         self.lock().waiting
@@ -932,9 +939,12 @@ mod tests {
             "another edge of the registered epoch may still be bound"
         );
         // The attempt is stopped here: its epoch is refused from now on, later ones wait.
+        assert!(!registry.is_retired(7, 2));
         registry.retire(7, 2);
         assert!(stale(&registry, 2));
         assert!(waits(&registry, 3));
+        assert!(registry.is_retired(7, 2) && registry.is_retired(7, 1));
+        assert!(!registry.is_retired(7, 3) && !registry.is_retired(8, 2));
         // Forgetting the job refuses everything up to what was registered, not later epochs.
         registry.forget_job(7);
         assert!(stale(&registry, 2));

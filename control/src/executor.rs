@@ -377,14 +377,22 @@ struct ReconcilePlan<'a> {
 
 /// Compares the running attempts (job → epoch) with a leader's assignments. An assignment of
 /// a newer epoch replaces the running attempt; one of an *older* epoch is ignored and the
-/// running attempt kept: it comes from a master whose state lags (a newly elected leader
-/// before it applied everything), and obeying it would tear down the current attempt for one
-/// the data plane already refuses. A job without an assignment is stopped and forgotten.
+/// running attempt kept: it comes from a master whose state lags (a leader cut off from the
+/// other masters answers for a while from what it had applied), and obeying it would tear
+/// down the current attempt for one the data plane already refuses. A job without an
+/// assignment is stopped and forgotten (an attempt stopped here is never launched here
+/// again). Of two assignments of one job, the newer epoch counts.
 fn reconcile_plan<'a>(
     running: &HashMap<u64, u64>,
     assignments: &'a [Assignment],
 ) -> ReconcilePlan<'a> {
-    let wanted: HashMap<u64, &Assignment> = assignments.iter().map(|a| (a.job, a)).collect();
+    let mut wanted: HashMap<u64, &Assignment> = HashMap::new();
+    for a in assignments {
+        let newest = wanted.entry(a.job).or_insert(a);
+        if a.epoch > newest.epoch {
+            *newest = a;
+        }
+    }
     let mut stop: Vec<(u64, bool)> = running
         .iter()
         .filter_map(|(job, epoch)| match wanted.get(job) {
@@ -394,10 +402,11 @@ fn reconcile_plan<'a>(
         })
         .collect();
     stop.sort_unstable();
-    let keep = assignments
-        .iter()
+    let mut keep: Vec<&Assignment> = wanted
+        .into_values()
         .filter(|a| running.get(&a.job).is_none_or(|epoch| a.epoch >= *epoch))
         .collect();
+    keep.sort_unstable_by_key(|a| a.job);
     ReconcilePlan { stop, keep }
 }
 
@@ -973,6 +982,18 @@ impl State {
                 "checkpoint {id} to resume from is no longer held by the masters"
             )),
         };
+        // An attempt stopped here never runs here again: a master that answered from older
+        // state (a leader cut off from the others) may have had it stopped, and a second
+        // run would write its sinks' files alongside what the first one left. Failing it
+        // makes the leader restart the job under a new epoch.
+        let restore = if self.registry.is_retired(a.job, a.epoch) {
+            Err(format!(
+                "attempt {} of job {} was stopped on this executor and cannot run on it again",
+                a.epoch, a.job
+            ))
+        } else {
+            restore
+        };
         let snapshots: Arc<dyn SnapshotSink> = Arc::new(AttemptSnapshots {
             job: a.job,
             epoch: a.epoch,
@@ -1156,6 +1177,16 @@ certs-dir = "certs"
         let plan = reconcile_plan(&running, &same);
         assert_eq!(plan.stop, vec![(2, true), (3, true)]);
         assert_eq!(plan.keep.len(), 1);
+        // One job assigned twice (a malformed reply): the newer epoch counts, in any order.
+        for twice in [
+            [assignment(2, 4), assignment(2, 6)],
+            [assignment(2, 6), assignment(2, 4)],
+        ] {
+            let plan = reconcile_plan(&running, &twice);
+            let keep: Vec<(u64, u64)> = plan.keep.iter().map(|a| (a.job, a.epoch)).collect();
+            assert_eq!(keep, vec![(2, 6)]);
+            assert!(plan.stop.contains(&(2, false)));
+        }
     }
 
     #[test]
