@@ -733,32 +733,47 @@ async fn report_checkpoints(
 ) -> Result<Nothing, RemoteError> {
     let node = shared.node()?;
     shared.serving_leader()?;
-    let mut complete = Vec::new();
+    // Per job of the batch: what the tracker needs, and the task ids (read once per job).
+    let mut views: BTreeMap<u64, Option<(JobView, Vec<crate::meta::TaskId>)>> = BTreeMap::new();
+    // Per job, the newest checkpoint the batch completed: committing it is all that counts.
+    let mut newest = BTreeMap::new();
     for report in req.reports {
-        let view = node.read_local(|st| {
-            let job = st.jobs.get(&JobId(report.job))?;
-            (!job.state.is_terminal()).then(|| {
-                (
-                    JobView {
-                        epoch: job.epoch,
-                        tasks: job.tasks.len() as u32,
-                        committed: st.checkpoint(job.id).map(|c| c.checkpoint_id),
-                    },
-                    job.tasks.clone(),
-                )
+        let job = report.job;
+        let view = views.entry(job).or_insert_with(|| {
+            node.read_local(|st| {
+                let job = st.jobs.get(&JobId(job))?;
+                (!job.state.is_terminal()).then(|| {
+                    (
+                        JobView {
+                            epoch: job.epoch,
+                            tasks: job.tasks.len() as u32,
+                            committed: st.checkpoint(job.id).map(|c| c.checkpoint_id),
+                        },
+                        job.tasks.clone(),
+                    )
+                })
             })
         });
-        let Some((view, tasks)) = view else {
-            lock(&shared.checkpoints).forget(report.job);
+        let Some((view, _)) = view else {
+            lock(&shared.checkpoints).forget(job);
             continue;
         };
-        match lock(&shared.checkpoints).report(report, view) {
-            Ok(Some(done)) => complete.push((done, tasks)),
+        match lock(&shared.checkpoints).report(report, *view) {
+            Ok(Some(done)) => {
+                let slot = newest.entry(job).or_insert_with(|| done.clone());
+                if done.checkpoint > slot.checkpoint {
+                    *slot = done;
+                }
+            }
             Ok(None) => {}
             // Reports of a replaced attempt arrive while it is being stopped: expected.
             Err(e) => debug!(executor = req.executor_id, error = %e, "checkpoint report ignored"),
         }
     }
+    let complete = newest.into_iter().filter_map(|(job, done)| {
+        let tasks = views.remove(&job).flatten()?.1;
+        Some((done, tasks))
+    });
     for (done, tasks) in complete {
         let bytes: usize = done.states.iter().map(|(_, s)| s.len()).sum();
         if bytes > MAX_CHECKPOINT_BYTES {
