@@ -459,6 +459,18 @@ struct Ports {
     outputs: BTreeMap<u32, Vec<(u32, Output<DemoRecord>)>>,
 }
 
+impl Drop for Ports {
+    fn drop(&mut self) {
+        // Outputs no task took (the launch failed part-way): their consumers, here or on
+        // other executors, must see a failed producer, not one that finished.
+        for (_, outputs) in std::mem::take(&mut self.outputs) {
+            for (_, output) in outputs {
+                output.abandon();
+            }
+        }
+    }
+}
+
 impl Ports {
     /// Creates every edge touching a local task: binds first, then connects.
     fn wire(

@@ -651,6 +651,14 @@ impl<R: Record> Output<R> {
         }
     }
 
+    /// Ends the edge as failed without running: its consumer sees
+    /// [`Input::upstream_aborted`], not an end. For an output built for a task that will not
+    /// run after all (a launch that failed part-way); dropping it would end the stream as if
+    /// its producer had finished.
+    pub fn abandon(mut self) {
+        self.abort();
+    }
+
     /// Marks the edge as ended by failure or cancellation (the consumer sees
     /// [`Input::upstream_aborted`]).
     pub(crate) fn abort(&mut self) {
@@ -805,6 +813,14 @@ mod tests {
                 Status::BlockedOnInput
             })
         }
+    }
+
+    /// An abandoned output's consumer sees an abort, not an end.
+    #[test]
+    fn an_abandoned_output_aborts_its_consumer() {
+        let (out, input) = edge::<u64>(&EdgeConfig::default()).unwrap();
+        out.abandon();
+        assert!(input.upstream_aborted() && !input.is_finished());
     }
 
     /// An upstream that aborted and then went away never looks like one that finished.
