@@ -8,6 +8,8 @@ use anyhow::Context;
 #[derive(Default)]
 pub struct Overrides {
     doc: toml::Table,
+    /// A flag value no config key can hold, reported by [`Overrides::load`].
+    invalid: Option<String>,
 }
 
 impl Overrides {
@@ -37,12 +39,23 @@ impl Overrides {
         )
     }
 
-    /// Sets an integer `key`.
+    /// Sets an integer `key`. A value above what TOML holds (`i64::MAX`) is an error of
+    /// [`Overrides::load`], naming the flag.
     pub fn int(&mut self, key: &str, value: Option<u64>) -> &mut Self {
-        self.set(
-            key,
-            value.map(|v| toml::Value::Integer(i64::try_from(v).unwrap_or(i64::MAX))),
-        )
+        let Some(v) = value else { return self };
+        match i64::try_from(v) {
+            Ok(v) => self.set(key, Some(toml::Value::Integer(v))),
+            Err(_) => {
+                self.invalid.get_or_insert_with(|| {
+                    format!(
+                        "--{}: {v} is larger than {}",
+                        key.replace('_', "-"),
+                        i64::MAX
+                    )
+                });
+                self
+            }
+        }
     }
 
     /// Reads `file` (if any), lays the flags over it, and parses the result with `parse`.
@@ -56,6 +69,9 @@ impl Overrides {
     where
         E: std::error::Error + Send + Sync + 'static,
     {
+        if let Some(invalid) = &self.invalid {
+            anyhow::bail!("{invalid}");
+        }
         let file = match file {
             Some(path) => Some((
                 path,
@@ -87,5 +103,27 @@ impl Overrides {
                 Err(merged.into())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flag value TOML cannot hold is refused naming the flag, not clamped.
+    #[test]
+    fn an_integer_flag_too_large_for_toml_is_refused_naming_it() {
+        let parse = |t: &str| t.parse::<toml::Table>();
+        let mut o = Overrides::default();
+        o.int("node-id", Some(u64::MAX));
+        let err = o.load(None, parse).err().expect("refused").to_string();
+        assert!(
+            err.contains("--node-id") && err.contains(&u64::MAX.to_string()),
+            "{err}"
+        );
+        let mut o = Overrides::default();
+        o.int("node-id", Some(7));
+        let doc = o.load(None, parse).expect("a value TOML holds");
+        assert_eq!(doc["node-id"].as_integer(), Some(7));
     }
 }
