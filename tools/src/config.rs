@@ -116,7 +116,7 @@ mod tests {
         let parse = |t: &str| t.parse::<toml::Table>();
         let mut o = Overrides::default();
         o.int("node-id", Some(u64::MAX));
-        let err = o.load(None, parse).err().expect("refused").to_string();
+        let err = o.load(None, parse).expect_err("refused").to_string();
         assert!(
             err.contains("--node-id") && err.contains(&u64::MAX.to_string()),
             "{err}"

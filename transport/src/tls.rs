@@ -224,9 +224,15 @@ pub fn init_cluster_certs(
         return Err(TlsError::AlreadyInitialized(dir.to_path_buf()));
     }
     let ca = ClusterCa::generate(cluster_name)?;
+    // Everything is issued before anything is written: a bad SAN leaves no half-made
+    // directory that a corrected second run would find "already initialized".
+    let issued = Role::ALL
+        .into_iter()
+        .map(|role| ca.issue(role, extra_sans))
+        .collect::<Result<Vec<_>, _>>()?;
     ca.write(dir)?;
-    for role in Role::ALL {
-        ca.issue(role, extra_sans)?.write(dir)?;
+    for cert in issued {
+        cert.write(dir)?;
     }
     Ok(())
 }
@@ -374,6 +380,17 @@ fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), TlsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A SAN that cannot be issued leaves nothing behind: the corrected run succeeds.
+    #[test]
+    fn a_bad_san_leaves_no_half_made_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        let bad = ["n\u{f6}de.example".to_string()];
+        assert!(init_cluster_certs(&certs, "t", &bad).is_err());
+        assert!(!certs.join(files::CA_CERT).exists());
+        init_cluster_certs(&certs, "t", &[]).expect("a corrected second run succeeds");
+    }
 
     #[test]
     fn issued_certificates_carry_their_role() {
