@@ -246,26 +246,19 @@ fn verify_exit_status_tells_failed_output_from_errors() {
     assert_eq!(usage.status.and_then(|s| s.code()), Some(2), "{usage}");
 }
 
+/// `microcosm demo` of a small pipeline: 2 tables, 1 stream.
+const SMALL_DEMO: [&str; 5] = ["demo", "--table-num", "2", "--binlog-num", "1"];
+
 /// A job that does not finish within `--timeout` ends the demo with exit status 3 (the job
 /// did not finish), naming the timeout and keeping the cluster directory.
 #[test]
 fn a_demo_that_times_out_exits_3_and_keeps_its_directory() {
-    let out = cli_with_timeout(
-        [
-            "demo",
-            "--table-num",
-            "2",
-            "--binlog-num",
-            "1",
-            "--rcd-cnt",
-            "100000",
-            "--rate",
-            "100",
-            "--timeout",
-            "3s",
-        ],
-        Duration::from_secs(60),
-    );
+    let args = [
+        &SMALL_DEMO[..],
+        &["--rcd-cnt", "100000", "--rate", "100", "--timeout", "3s"],
+    ]
+    .concat();
+    let out = cli_with_timeout(args, Duration::from_secs(60));
     assert_eq!(out.status.and_then(|s| s.code()), Some(3), "{out}");
     assert!(out.stdout.contains("did not finish within 3s"), "{out}");
     let kept = out
@@ -285,17 +278,8 @@ fn demo_until_submitted(extra: &[&str]) -> (std::process::Child, String) {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
     let mut demo = Command::new(common::bin())
-        .args([
-            "demo",
-            "--table-num",
-            "2",
-            "--binlog-num",
-            "1",
-            "--rcd-cnt",
-            "1000000",
-            "--rate",
-            "1000",
-        ])
+        .args(SMALL_DEMO)
+        .args(["--rcd-cnt", "1000000", "--rate", "1000"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
