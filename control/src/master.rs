@@ -759,12 +759,16 @@ async fn report_checkpoints(
             continue;
         };
         match lock(&shared.checkpoints).report(report, *view) {
-            Ok(Some(done)) => {
-                let slot = newest.entry(job).or_insert_with(|| done.clone());
-                if done.checkpoint > slot.checkpoint {
-                    *slot = done;
+            Ok(Some(done)) => match newest.entry(job) {
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(done);
                 }
-            }
+                std::collections::btree_map::Entry::Occupied(mut slot) => {
+                    if done.checkpoint > slot.get().checkpoint {
+                        slot.insert(done);
+                    }
+                }
+            },
             Ok(None) => {}
             // Reports of a replaced attempt arrive while it is being stopped: expected.
             Err(e) => debug!(executor = req.executor_id, error = %e, "checkpoint report ignored"),

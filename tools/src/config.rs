@@ -47,11 +47,8 @@ impl Overrides {
             Ok(v) => self.set(key, Some(toml::Value::Integer(v))),
             Err(_) => {
                 self.invalid.get_or_insert_with(|| {
-                    format!(
-                        "--{}: {v} is larger than {}",
-                        key.replace('_', "-"),
-                        i64::MAX
-                    )
+                    // Flags are named like the keys they set.
+                    format!("--{key}: {v} is larger than {}", i64::MAX)
                 });
                 self
             }
