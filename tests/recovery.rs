@@ -271,3 +271,66 @@ fn the_same_job_submitted_twice_leaves_the_newer_jobs_output_whole() {
     eprintln!("job {second}: {done}\njob {first}: {reason}");
     common::jobs::verify_demo(&spec, &out, 80000);
 }
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A task that finished stands in every later checkpoint of its attempt with its last state,
+/// which it reports once. A new leader must get that report too, or no checkpoint of the
+/// attempt completes after the leader change.
+#[test]
+fn checkpoints_complete_under_a_new_leader_after_a_task_finished() {
+    let mut cluster = Cluster::bootstrap(3);
+    let leader = cluster.wait_for_leader(&[1, 2, 3], Duration::from_secs(10));
+    let all: Vec<SocketAddr> = (1..=3).map(|i| cluster.addr(i)).collect();
+    let _a = Executor::start(&cluster, "exec-a", 8);
+    common::jobs::wait_for_executors(&cluster, &all, 1);
+    // Task 0 sleeps 200 ms, task 1 a minute; a checkpoint every 100 ms of Unix time, its id
+    // being the number of 100 ms since the epoch.
+    let spec = cluster.dir.path().join("sleep.toml");
+    std::fs::write(
+        &spec,
+        "tasks = 2\nduration-ms = 200\nstagger-ms = 60000\ncheckpoint-interval-ms = 100\n",
+    )
+    .unwrap();
+    let spec = spec.to_string_lossy().into_owned();
+    let id = common::jobs::submit(&cluster, &all, &spec, &["--type", "sleep"]);
+    wait_state(&cluster, &all, id, "Running", Duration::from_secs(20));
+    // A checkpoint taken a second after the job ran: task 0 had finished by then.
+    let after_task_0 = (unix_ms() + 1000) / 100;
+    let r = wait_until(
+        "a checkpoint completes after task 0 finished",
+        Duration::from_secs(20),
+        || {
+            let j = job(&cluster, &all, id)?;
+            match j["checkpoint"]["id"].as_u64() {
+                Some(c) if c > after_task_0 => Ok(c),
+                _ => Err(j.to_string()),
+            }
+        },
+    );
+    let committed = cluster.unwrap_or_dump(r);
+    cluster.kill(leader);
+    let via: Vec<SocketAddr> = (1..=3)
+        .filter(|i| *i != leader)
+        .map(|i| cluster.addr(i))
+        .collect();
+    let r = wait_until(
+        "a checkpoint completes under the new leader",
+        Duration::from_secs(20),
+        || {
+            let j = job(&cluster, &via, id)?;
+            match j["checkpoint"]["id"].as_u64() {
+                Some(c) if c > committed => Ok(j),
+                _ => Err(j.to_string()),
+            }
+        },
+    );
+    let j = cluster.unwrap_or_dump(r);
+    assert_eq!(j["state"], "Running", "{j}");
+    assert_eq!(j["epoch"], 1, "the leader change restarted the job: {j}");
+}

@@ -7,10 +7,13 @@
 //! state standing for every later checkpoint — the tracker returns it as [`Complete`] and the
 //! leader commits it through raft (`Command::CommitCheckpoint`).
 //!
-//! The tracker is soft state: a new leader starts empty, so a checkpoint whose reports went
-//! partly to the old leader never completes and is simply superseded by the next one (the
-//! commit of a stale epoch or an older id is refused by the state machine anyway). Memory is
-//! bounded: at most [`MAX_PENDING`] incomplete checkpoints per job are kept.
+//! The tracker is soft state, kept per raft term: a new leader (or a master leading again in
+//! a later term) starts empty, so a checkpoint whose reports went partly to the old leader
+//! never completes and is simply superseded by the next one (the commit of a stale epoch or
+//! an older id is refused by the state machine anyway). A finished task reports only once,
+//! so its executor sends that last report again to the leader of every new term (the term is
+//! in every heartbeat answer). Memory is bounded: at most [`MAX_PENDING`] incomplete
+//! checkpoints per job are kept.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -82,6 +85,8 @@ struct JobCheckpoints {
 /// Collects task snapshots per job and epoch; see the [module docs](self).
 #[derive(Debug, Default)]
 pub struct CheckpointTracker {
+    /// The raft term the reports were taken in.
+    term: u64,
     jobs: HashMap<u64, JobCheckpoints>,
 }
 
@@ -91,13 +96,20 @@ impl CheckpointTracker {
         CheckpointTracker::default()
     }
 
-    /// Takes one report about a job whose replicated state is `view`. Returns the newest
-    /// checkpoint the report completed, if any (older incomplete ones are then dropped).
+    /// Takes one report about a job whose replicated state is `view`, by the leader of raft
+    /// term `term`. Returns the newest checkpoint the report completed, if any (older
+    /// incomplete ones are then dropped). The first report of a newer term forgets every
+    /// report taken in older ones.
     pub fn report(
         &mut self,
         report: CheckpointReport,
         view: JobView,
+        term: u64,
     ) -> Result<Option<Complete>, ReportError> {
+        if term != self.term {
+            self.jobs.clear();
+            self.term = term;
+        }
         let job = report.job;
         if report.epoch != view.epoch {
             return Err(ReportError::StaleEpoch {
@@ -200,6 +212,9 @@ mod tests {
         }
     }
 
+    /// The leader's term in most tests.
+    const T: u64 = 7;
+
     const VIEW: JobView = JobView {
         epoch: 2,
         tasks: 3,
@@ -209,11 +224,11 @@ mod tests {
     #[test]
     fn a_checkpoint_completes_when_every_task_reported_it() {
         let mut t = CheckpointTracker::new();
-        assert_eq!(t.report(r(0, 1, false), VIEW), Ok(None));
-        assert_eq!(t.report(r(1, 1, false), VIEW), Ok(None));
+        assert_eq!(t.report(r(0, 1, false), VIEW, T), Ok(None));
+        assert_eq!(t.report(r(1, 1, false), VIEW, T), Ok(None));
         // Checkpoint 2 starts before 1 completes.
-        assert_eq!(t.report(r(0, 2, false), VIEW), Ok(None));
-        let done = t.report(r(2, 1, false), VIEW).unwrap().unwrap();
+        assert_eq!(t.report(r(0, 2, false), VIEW, T), Ok(None));
+        let done = t.report(r(2, 1, false), VIEW, T).unwrap().unwrap();
         assert_eq!(done.checkpoint, 1);
         assert_eq!(
             done.states,
@@ -221,30 +236,30 @@ mod tests {
         );
         assert_eq!(t.pending(1), 1, "checkpoint 2 still pending");
         // A late report of a completed checkpoint changes nothing.
-        assert_eq!(t.report(r(2, 1, false), VIEW), Ok(None));
+        assert_eq!(t.report(r(2, 1, false), VIEW, T), Ok(None));
     }
 
     #[test]
     fn a_finished_task_stands_for_later_checkpoints_with_its_last_state() {
         let mut t = CheckpointTracker::new();
-        t.report(r(0, 3, true), VIEW).unwrap();
-        t.report(r(1, 4, false), VIEW).unwrap();
-        let done = t.report(r(2, 4, false), VIEW).unwrap().unwrap();
+        t.report(r(0, 3, true), VIEW, T).unwrap();
+        t.report(r(1, 4, false), VIEW, T).unwrap();
+        let done = t.report(r(2, 4, false), VIEW, T).unwrap().unwrap();
         assert_eq!(done.checkpoint, 4);
         assert_eq!(done.states[0], (0, vec![0, 3]));
         // The last state does not stand for its own checkpoint: 3 still needs task 0's
         // regular report (and it is older than the committed 4 anyway).
-        assert_eq!(t.report(r(1, 3, false), VIEW), Ok(None));
+        assert_eq!(t.report(r(1, 3, false), VIEW, T), Ok(None));
     }
 
     #[test]
     fn a_newer_complete_checkpoint_supersedes_older_incomplete_ones() {
         let mut t = CheckpointTracker::new();
-        t.report(r(0, 1, false), VIEW).unwrap();
+        t.report(r(0, 1, false), VIEW, T).unwrap();
         for i in 0..2 {
-            t.report(r(i, 2, false), VIEW).unwrap();
+            t.report(r(i, 2, false), VIEW, T).unwrap();
         }
-        let done = t.report(r(2, 2, false), VIEW).unwrap().unwrap();
+        let done = t.report(r(2, 2, false), VIEW, T).unwrap().unwrap();
         assert_eq!(done.checkpoint, 2);
         assert_eq!(t.pending(1), 0, "checkpoint 1 can never be committed now");
     }
@@ -252,17 +267,17 @@ mod tests {
     #[test]
     fn reports_of_other_epochs_and_tasks_are_refused_and_a_new_epoch_starts_clean() {
         let mut t = CheckpointTracker::new();
-        t.report(r(0, 5, false), VIEW).unwrap();
+        t.report(r(0, 5, false), VIEW, T).unwrap();
         let old = CheckpointReport {
             epoch: 1,
             ..r(1, 5, false)
         };
         assert!(matches!(
-            t.report(old, VIEW),
+            t.report(old, VIEW, T),
             Err(ReportError::StaleEpoch { current: 2, .. })
         ));
         assert!(matches!(
-            t.report(r(7, 5, false), VIEW),
+            t.report(r(7, 5, false), VIEW, T),
             Err(ReportError::UnknownTask { tasks: 3, .. })
         ));
         let next = JobView {
@@ -274,27 +289,49 @@ mod tests {
             epoch: 3,
             ..r(index, 5, false)
         };
-        assert_eq!(t.report(report(1), next), Ok(None));
+        assert_eq!(t.report(report(1), next, T), Ok(None));
         assert_eq!(
-            t.report(report(2), next),
+            t.report(report(2), next, T),
             Ok(None),
             "epoch 2's report is gone"
         );
-        assert_eq!(t.report(report(0), next).unwrap().unwrap().checkpoint, 5);
+        assert_eq!(t.report(report(0), next, T).unwrap().unwrap().checkpoint, 5);
         // At or below the committed id nothing is pending.
         let low = CheckpointReport {
             epoch: 3,
             ..r(0, 4, false)
         };
-        assert_eq!(t.report(low, next), Ok(None));
+        assert_eq!(t.report(low, next, T), Ok(None));
         assert_eq!(t.pending(1), 0);
+    }
+
+    #[test]
+    fn a_new_term_starts_clean_and_a_finished_tasks_report_sent_again_completes_checkpoints() {
+        let mut t = CheckpointTracker::new();
+        t.report(r(0, 3, true), VIEW, T).unwrap();
+        t.report(r(1, 4, false), VIEW, T).unwrap();
+        // The leader changed: the new term knows nothing of task 0 having finished.
+        t.report(r(1, 5, false), VIEW, T + 1).unwrap();
+        assert_eq!(
+            t.report(r(2, 5, false), VIEW, T + 1),
+            Ok(None),
+            "task 0's last report was taken in the old term"
+        );
+        assert_eq!(t.pending(1), 1, "checkpoint 4 went with the old term");
+        // Its executor sends it again to the new leader.
+        let done = t.report(r(0, 3, true), VIEW, T + 1).unwrap().unwrap();
+        assert_eq!(done.checkpoint, 5);
+        assert_eq!(
+            done.states,
+            vec![(0, vec![0, 3]), (1, vec![1, 5]), (2, vec![2, 5])]
+        );
     }
 
     #[test]
     fn pending_checkpoints_are_bounded() {
         let mut t = CheckpointTracker::new();
         for id in 1..=(MAX_PENDING as u64 + 10) {
-            t.report(r(0, id, false), VIEW).unwrap();
+            t.report(r(0, id, false), VIEW, T).unwrap();
         }
         assert_eq!(t.pending(1), MAX_PENDING);
         t.retain(|job| job != 1);

@@ -17,8 +17,10 @@
 //!
 //! Tasks that take part in checkpoints hand their snapshots to the attempt's
 //! [`SnapshotSink`]; a background task sends them, batched, to the leader
-//! ([`ReportCheckpoints`]), which commits a checkpoint once every task reported it. An attempt
-//! that resumes from a checkpoint gets every task's state in its assignment.
+//! ([`ReportCheckpoints`]), which commits a checkpoint once every task reported it. A
+//! finished task's last report is held while its attempt runs and sent again to the leader of
+//! each new term ([`FinalReports`]). An attempt that resumes from a checkpoint gets every
+//! task's state in its assignment.
 //!
 //! An executor has two QUIC endpoints. The data endpoint (the executor's address, where
 //! other executors open data streams) runs on engine worker 0's thread through a
@@ -29,7 +31,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use microcosm_engine::{
@@ -44,6 +46,7 @@ use tracing::{debug, info, warn};
 
 use crate::client::MasterClient;
 use crate::exchange::{InboundRegistry, QuicExchange};
+use crate::finals::FinalReports;
 use crate::proto::{
     Assignment, CheckpointReport, CheckpointReports, DataConnection, ExecutorStatus,
     GetExecutorStatus, Heartbeat, HeartbeatRequest, Nothing, RegisterExecutor, RegisterRequest,
@@ -326,6 +329,8 @@ struct AttemptSnapshots {
     job: u64,
     epoch: u64,
     queue: tokio::sync::mpsc::UnboundedSender<CheckpointReport>,
+    /// Where a finished task's last report is also held (see [`FinalReports`]).
+    finals: Arc<Mutex<FinalReports>>,
 }
 
 impl SnapshotSink for AttemptSnapshots {
@@ -338,6 +343,10 @@ impl SnapshotSink for AttemptSnapshots {
             last: s.last,
             state: s.state,
         };
+        if report.last {
+            // Held before it is queued, so that its answer finds it.
+            lock(&self.finals).hold(&report);
+        }
         // Only fails once the executor is shutting down; the checkpoint then never completes.
         let _ = self.queue.send(report);
     }
@@ -453,12 +462,14 @@ pub fn report_call_timeouts(ttl: Duration) -> (Duration, Duration) {
 
 /// Sends queued checkpoint reports to the leader, batched ([`REPORT_LINGER`]), until the
 /// queue closes. A batch that cannot be delivered is dropped: its checkpoint never completes
-/// and a later one does.
+/// and a later one does. Finished tasks' last reports among them are held in `finals` and
+/// queued again by the heartbeat loop (see [`FinalReports`]); the answers go there.
 async fn report_checkpoints(
     client: Arc<MasterClient>,
     executor: Arc<std::sync::atomic::AtomicU64>,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<CheckpointReport>,
     ttl: Duration,
+    finals: Arc<Mutex<FinalReports>>,
 ) {
     let (patience, attempt) = report_call_timeouts(ttl);
     while let Some(reports) = next_report_batch(&mut queue, REPORT_LINGER).await {
@@ -466,13 +477,25 @@ async fn report_checkpoints(
             executor_id: executor.load(std::sync::atomic::Ordering::Relaxed),
             reports,
         };
-        if let Err(e) = client
+        let taken_in = match client
             .call_with::<ReportCheckpoints>(&req, patience, attempt)
             .await
         {
-            warn!(error = %e, reports = req.reports.len(), "checkpoint reports not delivered; a later checkpoint will complete instead");
+            Ok(taken) => Some(taken.term),
+            Err(e) => {
+                warn!(error = %e, reports = req.reports.len(), "checkpoint reports not delivered; a later checkpoint will complete instead");
+                None
+            }
+        };
+        if req.reports.iter().any(|r| r.last) {
+            lock(&finals).answered(&req.reports, taken_in);
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The guarded bookkeeping stays consistent if a holder panicked.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 struct Attempt {
@@ -508,6 +531,8 @@ struct State {
     /// [`HeartbeatRequest::assignments_digest`]); `None` after stopping everything.
     assignments_digest: Option<u64>,
     reports: tokio::sync::mpsc::UnboundedSender<CheckpointReport>,
+    /// Last reports of the running attempts' finished tasks, for each new leader.
+    finals: Arc<Mutex<FinalReports>>,
     executor_id: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -593,6 +618,7 @@ impl ExecutorServer {
             attempts: BTreeMap::new(),
             assignments_digest: None,
             reports,
+            finals: Arc::default(),
             executor_id: Arc::default(),
         };
         let registered = register(&client, &state).await?;
@@ -760,6 +786,7 @@ impl State {
             self.executor_id.clone(),
             report_queue,
             ttl,
+            self.finals.clone(),
         ));
         let mut schedule = HeartbeatSchedule::new(interval, ttl);
         let mut due: Option<Instant> = None;
@@ -829,6 +856,7 @@ impl State {
                         schedule.ttl(),
                         self.attempts.iter().map(|(job, a)| (*job, a.epoch)),
                     );
+                    self.resend_finals(reply.leader_term);
                 }
                 Err(e) => {
                     if last_ok.elapsed() > schedule.ttl() {
@@ -913,8 +941,26 @@ impl State {
         out
     }
 
+    /// Queues again the finished tasks' last reports that the leader of `term` lacks.
+    fn resend_finals(&self, term: u64) {
+        let due = lock(&self.finals).due(term);
+        if due.is_empty() {
+            return;
+        }
+        debug!(
+            term,
+            reports = due.len(),
+            "sending finished tasks' last checkpoint reports to the leader"
+        );
+        for report in due {
+            // Only fails once the executor is shutting down.
+            let _ = self.reports.send(report);
+        }
+    }
+
     fn stop_attempt(&mut self, job: u64) {
         if let Some(attempt) = self.attempts.remove(&job) {
+            lock(&self.finals).close(job, attempt.epoch);
             for (_, handle) in &attempt.tasks {
                 handle.cancel();
             }
@@ -994,10 +1040,12 @@ impl State {
         } else {
             restore
         };
+        lock(&self.finals).open(a.job, a.epoch);
         let snapshots: Arc<dyn SnapshotSink> = Arc::new(AttemptSnapshots {
             job: a.job,
             epoch: a.epoch,
             queue: self.reports.clone(),
+            finals: self.finals.clone(),
         });
         if let Ok(Some(point)) = &restore {
             info!(

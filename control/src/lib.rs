@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod exchange;
 pub mod executor;
+pub mod finals;
 pub mod job;
 pub mod leader;
 pub mod liveness;

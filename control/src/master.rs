@@ -39,7 +39,7 @@ use crate::proto::{
 };
 use crate::proto::{
     CheckpointInfo, CheckpointReports, Heartbeat, HeartbeatReply, HeartbeatRequest,
-    RegisterExecutor, RegisterRequest, Registered, ReportCheckpoints,
+    RegisterExecutor, RegisterRequest, Registered, ReportCheckpoints, ReportsTaken,
 };
 
 /// Errors starting or configuring a master.
@@ -730,9 +730,9 @@ fn router(shared: Arc<Shared>) -> Router {
 async fn report_checkpoints(
     shared: &Shared,
     req: CheckpointReports,
-) -> Result<Nothing, RemoteError> {
+) -> Result<ReportsTaken, RemoteError> {
     let node = shared.node()?;
-    shared.serving_leader()?;
+    let term = shared.serving_leader()?;
     // Per job of the batch: what the tracker needs, and the task ids (read once per job).
     let mut views: BTreeMap<u64, Option<(JobView, Vec<crate::meta::TaskId>)>> = BTreeMap::new();
     // Per job, the newest checkpoint the batch completed: committing it is all that counts.
@@ -758,7 +758,7 @@ async fn report_checkpoints(
             lock(&shared.checkpoints).forget(job);
             continue;
         };
-        match lock(&shared.checkpoints).report(report, *view) {
+        match lock(&shared.checkpoints).report(report, *view, term) {
             Ok(Some(done)) => match newest.entry(job) {
                 std::collections::btree_map::Entry::Vacant(slot) => {
                     slot.insert(done);
@@ -818,7 +818,7 @@ async fn report_checkpoints(
             }
         }
     }
-    Ok(Nothing::default())
+    Ok(ReportsTaken { term })
 }
 
 /// How often a pause, resume or cancel is planned again when the job changed state between
@@ -1145,9 +1145,10 @@ impl Shared {
             .is_some_and(|n| n.role() == ServerState::Leader)
     }
 
-    /// `Ok` if this master may act as the leader towards executors (answer heartbeats with
-    /// assignments, take checkpoint reports); otherwise why not ([`leader_standing`]).
-    fn serving_leader(&self) -> Result<(), RemoteError> {
+    /// The leader's term if this master may act as the leader towards executors (answer
+    /// heartbeats with assignments, take checkpoint reports); otherwise why not
+    /// ([`leader_standing`]).
+    fn serving_leader(&self) -> Result<u64, RemoteError> {
         let node = self.node()?;
         let patience = 3 * node.config().election_max_ms;
         let m = node.raft().metrics();
@@ -1159,6 +1160,7 @@ impl Shared {
             m.millis_since_quorum_ack,
             patience,
         )
+        .map(|()| m.current_term)
         .map_err(unavailable)
     }
 }
@@ -1241,7 +1243,7 @@ async fn register_executor(
 
 fn heartbeat(shared: &Shared, req: HeartbeatRequest) -> Result<HeartbeatReply, RemoteError> {
     let node = shared.node()?;
-    shared.serving_leader()?;
+    let leader_term = shared.serving_leader()?;
     let id = req.executor_id;
     let known = node.read_local(|st| {
         st.executor(crate::meta::ExecutorId(id))
@@ -1256,6 +1258,7 @@ fn heartbeat(shared: &Shared, req: HeartbeatRequest) -> Result<HeartbeatReply, R
         masters: shared.masters(),
         heartbeat_ms,
         ttl_ms,
+        leader_term,
     };
     match known {
         None => return Ok(reregister(format!("unknown executor {id}"))),
@@ -1294,6 +1297,7 @@ fn heartbeat(shared: &Shared, req: HeartbeatRequest) -> Result<HeartbeatReply, R
         masters: shared.masters(),
         heartbeat_ms,
         ttl_ms,
+        leader_term,
     })
 }
 
@@ -1459,9 +1463,9 @@ async fn leader_turn(shared: &Shared, memory: &mut LeaderMemory) -> Turn {
     };
     if regained {
         // Lost and won the leadership again between two turns: what executors reported to
-        // this master before belongs to an older term.
+        // this master before belongs to an older term. (The checkpoint tracker tells terms
+        // apart itself: clearing it here could drop reports already taken in this term.)
         lock(&shared.reports).clear();
-        lock(&shared.checkpoints).clear();
     }
     if let Err(why) = standing {
         // Newly elected (the state may lack entries the last leader committed) or without a

@@ -477,6 +477,18 @@ pub struct HeartbeatReply {
     pub heartbeat_ms: u64,
     /// Time without a heartbeat after which this leader declares the executor lost (ms).
     pub ttl_ms: u64,
+    /// The leader's raft term. A leader keeps finished tasks' last checkpoint reports only in
+    /// memory, so an executor sends them again to the leader of every new term (see
+    /// [`ReportsTaken`]).
+    pub leader_term: u64,
+}
+
+/// The leader's answer to [`CheckpointReports`]: the reports were taken by the leader of
+/// `term`.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ReportsTaken {
+    /// The raft term of the leader that took the reports.
+    pub term: u64,
 }
 
 const EXECUTORS: &[Role] = &[Role::Executor];
@@ -492,7 +504,7 @@ method!(
 method!(
     /// Tasks' checkpoint snapshots; the leader commits a checkpoint once every task of the
     /// attempt reported it. Answered by the leader only.
-    ReportCheckpoints, MasterApi, 32, EXECUTORS, CheckpointReports => Nothing
+    ReportCheckpoints, MasterApi, 32, EXECUTORS, CheckpointReports => ReportsTaken
 );
 
 /// Header of a data stream between executors.
