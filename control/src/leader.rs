@@ -19,7 +19,7 @@ use microcosm_engine::JobGraph;
 
 use crate::job::{self, Cause, JobEvent, JobState};
 use crate::meta::state::JobRecord;
-use crate::meta::state::MAX_TASKS_PER_ALLOCATION;
+use crate::meta::state::check_task_costs;
 use crate::meta::{Command, ExecutorId, ExecutorState, JobId, MetaState, TaskId};
 use crate::proto::{Assignment, RestoreState, TaskLocation, TaskReport, TaskRunState};
 use crate::scheduler::{self, ExecutorOffer, GroupId, TaskDemand};
@@ -176,22 +176,20 @@ fn step_job(
             return None;
         }
         return match plan() {
-            Ok(graph) => match u32::try_from(graph.tasks.len()) {
-                Ok(count) if (1..=MAX_TASKS_PER_ALLOCATION).contains(&count) => {
-                    Some(Command::AllocateTaskIds { job: job.id, count })
+            Ok(graph) => {
+                let costs: Vec<u32> = graph.tasks.iter().map(|t| t.cost).collect();
+                match check_task_costs(&costs) {
+                    Ok(_) => Some(Command::AllocateTaskIds { job: job.id, costs }),
+                    // The metadata would refuse the allocation on every tick: fail the job.
+                    Err(why) => transition(
+                        job,
+                        JobEvent::Fatal {
+                            reason: format!("cannot plan: {why}"),
+                        },
+                        now_ms,
+                    ),
                 }
-                // The metadata would refuse the allocation on every tick: fail the job instead.
-                _ => transition(
-                    job,
-                    JobEvent::Fatal {
-                        reason: format!(
-                            "cannot plan: the plan has {} tasks; a job has 1 to {MAX_TASKS_PER_ALLOCATION}",
-                            graph.tasks.len()
-                        ),
-                    },
-                    now_ms,
-                ),
-            },
+            }
             Err(fatal) => fatal,
         };
     }
@@ -338,11 +336,11 @@ fn on_failure(job: &JobRecord, msg: String, now_ms: u64) -> Option<Command> {
     })
 }
 
-/// Slots used on each executor by tasks of live jobs other than `except`. A job that lost
-/// part of its placement (an executor was lost) keeps the slots of its surviving tasks until
-/// its own placement has been tried again; once that found no capacity, the job runs nowhere
-/// and its slots are free for others until it is placed again.
-fn used_slots(state: &MetaState, except: JobId) -> HashMap<ExecutorId, u64> {
+/// Slots used on each executor by tasks of live jobs other than `except` (each task counts
+/// its cost). A job that lost part of its placement (an executor was lost) keeps the slots of
+/// its surviving tasks until its own placement has been tried again; once that found no
+/// capacity, the job runs nowhere and its slots are free for others until it is placed again.
+pub fn used_slots(state: &MetaState, except: Option<JobId>) -> HashMap<ExecutorId, u64> {
     let mut used = HashMap::new();
     for job in state.jobs.values() {
         let waits = || {
@@ -352,12 +350,14 @@ fn used_slots(state: &MetaState, except: JobId) -> HashMap<ExecutorId, u64> {
                     .last()
                     .is_some_and(|h| h.cause == Cause::NoCapacity)
         };
-        if job.id == except || job.state.is_terminal() || waits() {
+        if Some(job.id) == except || job.state.is_terminal() || waits() {
             continue;
         }
         for t in &job.tasks {
-            if let Some(e) = state.task(*t).and_then(|r| r.executor) {
-                *used.entry(e).or_insert(0) += 1;
+            if let Some(task) = state.task(*t)
+                && let Some(e) = task.executor
+            {
+                *used.entry(e).or_insert(0) += u64::from(task.cost);
             }
         }
     }
@@ -377,7 +377,7 @@ fn place(
             graph.tasks.len()
         ));
     }
-    let used = used_slots(state, job.id);
+    let used = used_slots(state, Some(job.id));
     let offers: Vec<ExecutorOffer> = state
         .executors
         .values()
@@ -397,7 +397,8 @@ fn place(
         .zip(&graph.tasks)
         .map(|(id, node)| TaskDemand {
             task: id.0,
-            cost: node.cost,
+            // The cost the slots are counted with (the same plan gave it).
+            cost: state.task(*id).map_or(node.cost, |t| t.cost),
             group: node.group.map(GroupId),
             avoid_group: node.avoid_group.map(GroupId),
         })
@@ -533,7 +534,7 @@ mod tests {
     use crate::meta::state::Rejection;
     use crate::meta::{CommandResponse, MetaRequest, RequestId};
 
-    /// Plans `spec` = a task count; counts its calls.
+    /// Plans `spec` = a task count, or `NxC`: N tasks of cost C; counts its calls.
     #[derive(Default)]
     struct Catalog {
         plans: std::sync::atomic::AtomicU32,
@@ -545,10 +546,12 @@ mod tests {
         fn plan(&self, _: &str, spec: &str) -> Result<JobGraph, String> {
             self.plans
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let n: u32 = spec.trim().parse().map_err(|_| "bad spec".to_string())?;
+            let (n, cost) = spec.trim().split_once('x').unwrap_or((spec.trim(), "1"));
+            let n: u32 = n.parse().map_err(|_| "bad spec".to_string())?;
+            let cost: u32 = cost.parse().map_err(|_| "bad spec".to_string())?;
             let mut g = JobGraph::default();
             for i in 0..n {
-                g.add_task(format!("t{i}"), 1, None, None);
+                g.add_task(format!("t{i}"), cost, None, None);
             }
             Ok(g)
         }
@@ -710,6 +713,43 @@ mod tests {
         }
         covered.sort_unstable();
         assert_eq!(covered, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn slots_are_counted_by_task_cost() {
+        let mut sim = Sim::new();
+        let a = sim.register(4);
+        // Two tasks of cost 2 take the whole executor.
+        let first = sim.submit_spec("2x2".into());
+        sim.settle(&[]);
+        sim.report_all(TaskRunState::Running);
+        sim.settle(&[]);
+        assert_eq!(sim.job(first).state, JobState::Running);
+        assert_eq!(used_slots(&sim.state, None).get(&ExecutorId(a)), Some(&4));
+        assert_eq!(
+            used_slots(&sim.state, Some(JobId(first))).get(&ExecutorId(a)),
+            None
+        );
+        let second = sim.submit(1);
+        sim.settle(&[]);
+        assert_eq!(
+            sim.job(second).state,
+            JobState::Pending,
+            "no slot is left for a task of cost 1"
+        );
+    }
+
+    #[test]
+    fn a_plan_with_a_task_of_cost_zero_fails_its_job() {
+        let mut sim = Sim::new();
+        sim.register(4);
+        let job = sim.submit_spec("3x0".into());
+        sim.settle(&[]);
+        let record = sim.job(job);
+        assert_eq!(record.state, JobState::Failed);
+        assert!(record.tasks.is_empty());
+        let reason = &record.history.last().unwrap().reason;
+        assert!(reason.contains("task 0 has cost 0"), "{reason}");
     }
 
     #[test]

@@ -476,6 +476,7 @@ impl Shared {
             })
             .collect();
         let executors = node.read_local(|st| {
+            let used = crate::leader::used_slots(st, None);
             st.executors
                 .values()
                 .map(|e| ExecutorInfo {
@@ -484,14 +485,7 @@ impl Shared {
                     name: e.name.clone(),
                     state: format!("{:?}", e.state).to_lowercase(),
                     slots: e.slots,
-                    used: st
-                        .tasks
-                        .values()
-                        .filter(|t| {
-                            t.executor == Some(e.id)
-                                && st.job(t.job).is_some_and(|j| !j.state.is_terminal())
-                        })
-                        .count() as u32,
+                    used: u32::try_from(used.get(&e.id).copied().unwrap_or(0)).unwrap_or(u32::MAX),
                     incarnation: e.incarnation,
                 })
                 .collect()

@@ -25,8 +25,8 @@
 //! slots, or a [`BTreeSet`] for best fit), plus sorting the units.
 //!
 //! The masters' leader derives each executor's free slots from the placements in the
-//! replicated metadata (a live job holds the slots of its tasks placed on live executors,
-//! unless its last placement attempt found no capacity), so a newly elected leader needs no
+//! replicated metadata (a live job holds the slots of its tasks placed on live executors, each
+//! task as many as its cost, unless the job's last placement attempt found no capacity), so a newly elected leader needs no
 //! ledger of its own. [`Reservations`] is such a
 //! ledger for callers that schedule without that metadata (reserve after [`schedule`], release
 //! when a job ends, is cancelled, or its placement fails).

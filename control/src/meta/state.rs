@@ -56,6 +56,26 @@ pub fn check_submission(job_type: &str, spec: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// Checks the task costs of a job's plan as [`Command::AllocateTaskIds`] takes them: 1 to
+/// [`MAX_TASKS_PER_ALLOCATION`] tasks, each of cost 1 or more. Returns the task count.
+pub fn check_task_costs(costs: &[u32]) -> Result<u32, String> {
+    let count = u32::try_from(costs.len())
+        .ok()
+        .filter(|n| (1..=MAX_TASKS_PER_ALLOCATION).contains(n))
+        .ok_or_else(|| {
+            format!(
+                "the plan has {} tasks; a job has 1 to {MAX_TASKS_PER_ALLOCATION}",
+                costs.len()
+            )
+        })?;
+    match costs.iter().position(|&c| c == 0) {
+        Some(index) => Err(format!(
+            "task {index} has cost 0; every task needs at least 1 slot"
+        )),
+        None => Ok(count),
+    }
+}
+
 /// Identifies an executor registration; never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ExecutorId(pub u64);
@@ -155,13 +175,14 @@ pub enum Command {
         /// Proposer's wall-clock time.
         at_ms: u64,
     },
-    /// Create a job's `count` tasks; refused ([`Rejection::TasksAllocated`]) if it has
-    /// them already.
+    /// Create a job's tasks, one per entry of `costs`; refused
+    /// ([`Rejection::TasksAllocated`]) if it has them already.
     AllocateTaskIds {
         /// Which job.
         job: JobId,
-        /// How many tasks (1..=[`MAX_TASKS_PER_ALLOCATION`]).
-        count: u32,
+        /// Each task's cost in slots (at least 1), in task order; 1 to
+        /// [`MAX_TASKS_PER_ALLOCATION`] tasks.
+        costs: Vec<u32>,
     },
     /// Place (or re-place) tasks of a job; compare-and-set on the job epoch, which then
     /// increases by one (fencing every older attempt).
@@ -408,6 +429,8 @@ pub struct TaskRecord {
     pub id: TaskId,
     /// Owning job.
     pub job: JobId,
+    /// Slots it occupies where it is placed (its plan's cost, at least 1).
+    pub cost: u32,
     /// Where it is placed, if anywhere.
     pub executor: Option<ExecutorId>,
     /// Job epoch of the placement.
@@ -600,7 +623,7 @@ impl MetaState {
                 cause,
                 at_ms,
             } => self.set_job_state(*job, *from, *state, reason, *cause, *at_ms),
-            Command::AllocateTaskIds { job, count } => self.allocate_tasks(*job, *count),
+            Command::AllocateTaskIds { job, costs } => self.allocate_tasks(*job, costs),
             Command::SetPlacements {
                 job,
                 epoch,
@@ -841,12 +864,8 @@ impl MetaState {
         Ok(CommandResponse::JobStateSet)
     }
 
-    fn allocate_tasks(&mut self, job: JobId, count: u32) -> Result<CommandResponse, Rejection> {
-        if count == 0 || count > MAX_TASKS_PER_ALLOCATION {
-            return Err(Rejection::InvalidArgument(format!(
-                "count must be in 1..={MAX_TASKS_PER_ALLOCATION}, got {count}"
-            )));
-        }
+    fn allocate_tasks(&mut self, job: JobId, costs: &[u32]) -> Result<CommandResponse, Rejection> {
+        let count = check_task_costs(costs).map_err(Rejection::InvalidArgument)?;
         let first = self.counters.next_task;
         let record = self.live_job(job)?;
         if !record.tasks.is_empty() {
@@ -858,12 +877,13 @@ impl MetaState {
         let ids: Vec<TaskId> = (first..first + u64::from(count)).map(TaskId).collect();
         record.tasks.extend(ids.iter().copied());
         self.counters.next_task += u64::from(count);
-        for id in ids {
+        for (id, &cost) in ids.into_iter().zip(costs) {
             self.tasks.insert(
                 id,
                 TaskRecord {
                     id,
                     job,
+                    cost,
                     executor: None,
                     epoch: 0,
                 },
@@ -1058,7 +1078,7 @@ mod tests {
             &mut s,
             Command::AllocateTaskIds {
                 job: live,
-                count: 2,
+                costs: vec![1; 2],
             },
         );
         let mut ended = Vec::new();
@@ -1066,7 +1086,13 @@ mod tests {
             let CommandResponse::JobSubmitted { id } = p.run(&mut s, submit()) else {
                 panic!("submitted")
             };
-            p.run(&mut s, Command::AllocateTaskIds { job: id, count: 1 });
+            p.run(
+                &mut s,
+                Command::AllocateTaskIds {
+                    job: id,
+                    costs: vec![1; 1],
+                },
+            );
             p.run(
                 &mut s,
                 Command::SetJobState {
@@ -1162,6 +1188,36 @@ mod tests {
     }
 
     #[test]
+    fn task_allocation_keeps_each_tasks_cost_and_refuses_a_cost_of_zero() {
+        let mut s = MetaState::default();
+        let mut p = Proposer::new(1);
+        let job = job_id(p.run(&mut s, submit()));
+        for costs in [vec![], vec![2, 0, 1]] {
+            let r = p.run(&mut s, Command::AllocateTaskIds { job, costs });
+            assert!(
+                matches!(r, CommandResponse::Rejected(Rejection::InvalidArgument(_))),
+                "{r:?}"
+            );
+        }
+        assert!(s.job(job).unwrap().tasks.is_empty());
+        p.run(
+            &mut s,
+            Command::AllocateTaskIds {
+                job,
+                costs: vec![2, 1, 3],
+            },
+        );
+        let costs: Vec<u32> = s
+            .job(job)
+            .unwrap()
+            .tasks
+            .iter()
+            .map(|t| s.task(*t).unwrap().cost)
+            .collect();
+        assert_eq!(costs, [2, 1, 3]);
+    }
+
+    #[test]
     fn ids_are_monotonic_and_never_reused() {
         let mut s = MetaState::default();
         let mut p = Proposer::new(1);
@@ -1171,8 +1227,20 @@ mod tests {
         let j1 = job_id(p.run(&mut s, submit()));
         let j2 = job_id(p.run(&mut s, submit()));
         assert!(j2 > j1);
-        let r1 = p.run(&mut s, Command::AllocateTaskIds { job: j1, count: 3 });
-        let r2 = p.run(&mut s, Command::AllocateTaskIds { job: j2, count: 2 });
+        let r1 = p.run(
+            &mut s,
+            Command::AllocateTaskIds {
+                job: j1,
+                costs: vec![1; 3],
+            },
+        );
+        let r2 = p.run(
+            &mut s,
+            Command::AllocateTaskIds {
+                job: j2,
+                costs: vec![1; 2],
+            },
+        );
         assert_eq!(
             r1,
             CommandResponse::TaskIdsAllocated {
@@ -1370,7 +1438,13 @@ mod tests {
         // A job of two tasks whose checkpoint state is one byte over the limit.
         let e = executor_id(p.run(&mut s, register("a:1")));
         let j = job_id(p.run(&mut s, submit()));
-        let first = match p.run(&mut s, Command::AllocateTaskIds { job: j, count: 2 }) {
+        let first = match p.run(
+            &mut s,
+            Command::AllocateTaskIds {
+                job: j,
+                costs: vec![1; 2],
+            },
+        ) {
             CommandResponse::TaskIdsAllocated { first, .. } => first,
             other => panic!("{other:?}"),
         };
@@ -1424,7 +1498,7 @@ mod tests {
                 &mut s,
                 Command::AllocateTaskIds {
                     job: JobId(3),
-                    count: 1
+                    costs: vec![1; 1]
                 }
             ),
             CommandResponse::Rejected(Rejection::UnknownJob(JobId(3)))
@@ -1451,7 +1525,13 @@ mod tests {
         );
         assert_eq!(s.job(j).unwrap().epoch, 0);
         assert!(matches!(
-            p.run(&mut s, Command::AllocateTaskIds { job: j, count: 0 }),
+            p.run(
+                &mut s,
+                Command::AllocateTaskIds {
+                    job: j,
+                    costs: vec![1; 0]
+                }
+            ),
             CommandResponse::Rejected(Rejection::InvalidArgument(_))
         ));
     }
@@ -1462,7 +1542,13 @@ mod tests {
         let mut p = Proposer::new(1);
         let j = job_id(p.run(&mut s, submit()));
         let e = executor_id(p.run(&mut s, register("a:1")));
-        p.run(&mut s, Command::AllocateTaskIds { job: j, count: 2 });
+        p.run(
+            &mut s,
+            Command::AllocateTaskIds {
+                job: j,
+                costs: vec![1; 2],
+            },
+        );
         let placements = vec![(TaskId(1), e), (TaskId(2), e)];
         let r = p.run(
             &mut s,
@@ -1550,7 +1636,13 @@ mod tests {
         let mut p = Proposer::new(1);
         let j = job_id(p.run(&mut s, submit()));
         let e = executor_id(p.run(&mut s, register("a:1")));
-        p.run(&mut s, Command::AllocateTaskIds { job: j, count: 2 });
+        p.run(
+            &mut s,
+            Command::AllocateTaskIds {
+                job: j,
+                costs: vec![1; 2],
+            },
+        );
         p.run(
             &mut s,
             Command::SetPlacements {
@@ -1638,7 +1730,7 @@ mod tests {
                 2,
                 Command::AllocateTaskIds {
                     job: JobId(1),
-                    count: 4,
+                    costs: vec![1; 4],
                 },
             ),
             req(2, 1, submit()),
