@@ -247,13 +247,8 @@ fn step_job(
                     .iter()
                     .filter_map(|t| state.task(*t))
                     .find_map(|t| match t.executor {
-                        // The loss already unplaced the task: name the latest lost executor.
-                        None => state
-                            .executors
-                            .values()
-                            .filter(|e| e.state != ExecutorState::Alive)
-                            .max_by_key(|e| e.lost.as_ref().map(|l| l.1))
-                            .map(|e| e.id.0),
+                        // The loss already unplaced the task.
+                        None => t.lost_from.map(|e| e.0),
                         Some(e)
                             if state
                                 .executor(e)
@@ -854,6 +849,28 @@ mod tests {
         sim.report_all(TaskRunState::Running);
         sim.settle(&[]);
         assert_eq!(sim.job(job).state, JobState::Running);
+    }
+
+    /// Of two executors lost at once, the job's history names the one that ran its tasks.
+    #[test]
+    fn the_executor_named_lost_is_the_one_that_held_the_tasks() {
+        let (mut sim, a, _b, job) = Sim::running_on_two_executors();
+        let idle = sim.register(4);
+        assert!(idle > a, "the idle executor is the one lost last");
+        sim.reports.remove(&a);
+        sim.reports.remove(&idle);
+        sim.settle(&[a, idle]);
+        let history = &sim.job(job).history;
+        let lost: Vec<&str> = history
+            .iter()
+            .filter(|h| h.reason.contains(" lost;"))
+            .map(|h| h.reason.as_str())
+            .collect();
+        assert_eq!(
+            lost,
+            [format!("executor {a} lost; placing its tasks again")],
+            "{history:?}"
+        );
     }
 
     #[test]

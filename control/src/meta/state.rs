@@ -433,6 +433,8 @@ pub struct TaskRecord {
     pub cost: u32,
     /// Where it is placed, if anywhere.
     pub executor: Option<ExecutorId>,
+    /// The lost executor it was unplaced from, until it is placed again.
+    pub lost_from: Option<ExecutorId>,
     /// Job epoch of the placement.
     pub epoch: u64,
 }
@@ -751,6 +753,7 @@ impl MetaState {
         for task in self.tasks.values_mut() {
             if task.executor == Some(id) {
                 task.executor = None;
+                task.lost_from = Some(id);
                 unplaced.push(task.id);
                 self.dirty.tasks.insert(task.id);
             }
@@ -885,6 +888,7 @@ impl MetaState {
                     job,
                     cost,
                     executor: None,
+                    lost_from: None,
                     epoch: 0,
                 },
             );
@@ -943,6 +947,7 @@ impl MetaState {
         for &(task, executor) in placements {
             if let Some(t) = self.tasks.get_mut(&task) {
                 t.executor = Some(executor);
+                t.lost_from = None;
                 t.epoch = new_epoch;
                 self.dirty.tasks.insert(task);
             }

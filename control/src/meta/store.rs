@@ -50,7 +50,8 @@ use super::{MasterNode, NodeId, TypeConfig};
 /// included); a file with another version is refused. 2: `Command::SetJobState` names the state
 /// it was planned against. 3: job history entries and `Command::SetJobState` carry a
 /// [`Cause`](crate::job::Cause), and job records count their restarts. 4: task records carry
-/// their cost, and `Command::AllocateTaskIds` the plan's costs.
+/// their cost and the lost executor they were unplaced from, and `Command::AllocateTaskIds`
+/// the plan's costs.
 pub const SCHEMA_VERSION: u32 = 4;
 /// File name of the metadata store inside a master's data dir.
 pub const FILE_NAME: &str = "meta.redb";
