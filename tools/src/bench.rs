@@ -89,8 +89,16 @@ pub struct BenchArgs {
     /// Seconds of idle-cluster CPU measurement before the sweep (0 = skip).
     #[arg(long, default_value_t = 5.0)]
     idle_secs: f64,
-    /// Measure only the idle cluster; run no job.
-    #[arg(long)]
+    /// Measure only the idle cluster (for --idle-secs, which must be > 0); run no job. The
+    /// flags that shape the runs are refused with it.
+    #[arg(
+        long,
+        conflicts_with_all = [
+            "rates", "ddl_freqs", "rcd_cnt", "max_rate_rcd_cnt", "warmup_secs", "duration_secs",
+            "table_num", "binlog_num", "batch_size", "linger_us", "checkpoint_interval_ms",
+            "run_timeout",
+        ]
+    )]
     idle_only: bool,
     /// Give a run up (and cancel its job) after this long, e.g. `90s`.
     #[arg(long, value_parser = parse_duration, default_value = "120s")]
@@ -401,6 +409,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     }
     let floor_time = secs_flag("--floor-secs", args.floor_secs)?;
     secs_flag("--idle-secs", args.idle_secs)?;
+    if args.idle_only && args.idle_secs == 0.0 {
+        bail!("--idle-only measures the idle cluster for --idle-secs, which must then be > 0");
+    }
     if !args.idle_only && (args.rates.is_empty() || args.ddl_freqs.is_empty()) {
         bail!("--rates and --ddl-freqs must not be empty");
     }
@@ -581,14 +592,10 @@ async fn sweep(
         .wait_for_executors(args.executors as usize, Duration::from_secs(30))
         .await?;
     let mut idle = None;
-    if args.idle_secs > 0.0 || args.idle_only {
+    if args.idle_secs > 0.0 {
         // Let start-up work (elections, registration) settle first.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let secs = if args.idle_secs > 0.0 {
-            args.idle_secs
-        } else {
-            5.0
-        };
+        let secs = args.idle_secs;
         println!("measuring the idle cluster for {secs:.1} s ...");
         let pids = cluster.pids();
         let before = Snapshot::take(&pids);
@@ -2137,6 +2144,50 @@ fn render_svg(series: &[Series], ddls: &[u64]) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    #[test]
+    fn idle_only_refuses_the_flags_that_shape_runs() {
+        use clap::Parser;
+        for flag in [
+            "--rates=1000",
+            "--ddl-freqs=0",
+            "--duration-secs=1",
+            "--table-num=2",
+            "--linger-us=5",
+            "--run-timeout=5s",
+        ] {
+            let err = Cli::try_parse_from(["bench", "--idle-only", flag]).unwrap_err();
+            let name = flag.split('=').next().unwrap();
+            assert!(err.to_string().contains(name), "{flag}: {err}");
+        }
+        let cli = Cli::try_parse_from(["bench", "--idle-only", "--idle-secs=2", "--executors=1"])
+            .unwrap();
+        assert!(cli.args.idle_only);
+    }
+
+    #[tokio::test]
+    async fn idle_only_with_no_idle_time_is_refused_before_anything_starts() {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let cli = Cli::try_parse_from([
+            "bench",
+            "--idle-only",
+            "--idle-secs=0",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .unwrap();
+        let err = run(cli.args).await.unwrap_err().to_string();
+        assert!(err.contains("--idle-secs"), "{err}");
+        assert!(!out.exists(), "nothing was started or written");
+    }
 
     fn run_with(rate: u64, ddl: u64, p50: f64) -> Run {
         Run {
