@@ -272,6 +272,31 @@ fn a_demo_that_times_out_exits_3_and_keeps_its_directory() {
     std::fs::remove_dir_all(kept).unwrap();
 }
 
+/// A fault asked for but not yet due when the job ended is reported as not injected.
+#[test]
+fn a_kill_not_due_before_the_job_ended_is_reported_as_not_done() {
+    let args = [
+        &SMALL_DEMO[..],
+        &[
+            "--rcd-cnt",
+            "2000",
+            "--rate",
+            "0",
+            "--kill-executor-after",
+            "60m",
+        ],
+    ]
+    .concat();
+    let out = cli_with_timeout(args, Duration::from_secs(60));
+    assert!(out.success(), "{out}");
+    assert!(
+        out.stdout.contains(
+            "no executor was killed: the job ended before --kill-executor-after (3600s) was due"
+        ),
+        "{out}"
+    );
+}
+
 /// A `microcosm demo` of a long job (2 tables, 1 stream, 1,000 records/s), followed until it
 /// submitted its job: the process and its cluster directory.
 fn demo_until_submitted(extra: &[&str]) -> (std::process::Child, String) {

@@ -483,6 +483,20 @@ async fn watch(
             {
                 println!("reason: {}", j.reason);
             }
+            if let Some(after) = args.kill_executor_after
+                && killed_executor.is_none()
+            {
+                println!(
+                    "no executor was killed: the job ended before --kill-executor-after ({after:?}) was due"
+                );
+            }
+            if let Some(after) = args.kill_leader_after
+                && !killed_leader
+            {
+                println!(
+                    "no master was killed: the job ended before --kill-leader-after ({after:?}) was due"
+                );
+            }
             return Ok(Watched::Ended(state));
         }
         if state == "Running" && running_since.is_none() {
