@@ -163,3 +163,53 @@ fn a_small_sweep_measures_verifies_and_keeps_every_run_until_the_end() {
     assert!(out.stdout.contains("engine workers switched out"), "{out}");
     assert!(out.stdout.contains("rows/dgram"), "{out}");
 }
+
+/// A run that outlasts `--run-timeout` is cancelled, and the next run starts only once its job
+/// has ended; the sweep goes on and exits 3 (not every run verified).
+#[test]
+fn a_timed_out_run_is_cancelled_before_the_next_one_starts() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = cli_with_timeout(
+        [
+            "bench",
+            "--rates",
+            "200,0",
+            "--ddl-freqs",
+            "0",
+            "--table-num",
+            "2",
+            "--binlog-num",
+            "1",
+            "--rcd-cnt",
+            "2000",
+            "--warmup-secs",
+            "0",
+            "--run-timeout",
+            "2s",
+            "--floor-secs",
+            "0",
+            "--idle-secs",
+            "0",
+            "--out",
+            out_dir.path().to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    assert_eq!(out.status.and_then(|s| s.code()), Some(3), "{out}");
+    assert!(
+        out.stdout
+            .contains("timed out after 2s; job 1 was cancelled and has ended"),
+        "{out}"
+    );
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.path().join("results.json")).unwrap(),
+    )
+    .unwrap();
+    let states: Vec<&str> = results["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["TimedOut", "Finished"], "{results}");
+}

@@ -288,6 +288,10 @@ struct Run {
     job_id: Option<u64>,
     /// The job's final state ("Finished", "Failed", "Cancelled", "TimedOut", ...).
     state: String,
+    /// The run timed out and its job did not end when cancelled: it may still be running, so
+    /// the sweep stops here.
+    #[serde(skip)]
+    left_running: bool,
     /// Submit → final state, in seconds.
     wall_s: f64,
     verified: bool,
@@ -648,6 +652,13 @@ async fn sweep(
                     )
                 }
             );
+            if run.left_running {
+                println!(
+                    "        the sweep stops: the timed-out job may still be running and would skew every later run"
+                );
+                runs.push(run);
+                return Ok((idle, runs));
+            }
             // The run's sink files stay until the cluster directory goes at the end of the
             // sweep. Deleting them here put the cost of freeing their blocks into the next
             // run: after a 1 M records/s run (~450 MB of files) both of the next run's engine
@@ -680,6 +691,7 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
         flow_id: spec.flow_id.clone(),
         job_id: None,
         state: "NotSubmitted".into(),
+        left_running: false,
         wall_s: 0.0,
         verified: false,
         violations: 0,
@@ -712,8 +724,24 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
         }
     };
     run.job_id = Some(job);
-    let (state, window_end) =
-        wait_job(cluster, &pids, job, args.run_timeout, paced_duration(spec)).await;
+    let cancel = cluster.next_request();
+    let (state, window_end) = match wait_job(
+        cluster,
+        &pids,
+        (job, cancel),
+        args.run_timeout,
+        paced_duration(spec),
+    )
+    .await
+    {
+        Ok(ended) => ended,
+        Err(why) => {
+            run.state = "TimedOut".into();
+            run.left_running = true;
+            run.error = Some(format!("timed out, then {why}"));
+            return run;
+        }
+    };
     run.state = state;
     run.wall_s = before.at.elapsed().as_secs_f64();
     let (threads_end, statuses_end) = match window_end {
@@ -731,6 +759,13 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
         p.peak_rss_reset = reset;
     }
     run.data_plane = data_links(&statuses_before.executors, &cluster.data_plane().await);
+    if run.state == "TimedOut" {
+        run.error = Some(format!(
+            "timed out after {:?}; job {job} was cancelled and has ended",
+            args.run_timeout
+        ));
+        return run;
+    }
     if run.state != "Finished" {
         run.error = Some(format!("job ended {}", run.state));
         return run;
@@ -823,7 +858,8 @@ impl Statuses {
 }
 
 /// Polls the job until it ends (see [`next_poll`]; `expected` is how long it should run);
-/// cancels it after `timeout` and says "TimedOut". A paced job's processes' threads (and the
+/// cancels it after `timeout` (with request id `cancel`) and says "TimedOut" once it ended ([`cancel_job`]; an error if it
+/// did not). A paced job's processes' threads (and the
 /// executors' status) are read once when the job is due to end, while the threads it
 /// started (the sink writers) still run: they are gone by the time it is reported finished.
 /// A job due to end within one near-end poll (or unthrottled) is read at the end instead:
@@ -831,10 +867,10 @@ impl Statuses {
 async fn wait_job(
     cluster: &LocalCluster,
     pids: &[(String, u32)],
-    job: u64,
+    (job, cancel): (u64, (u64, u64)),
     timeout: Duration,
     expected: Duration,
-) -> (String, Option<WindowEnd>) {
+) -> Result<(String, Option<WindowEnd>), String> {
     let start = Instant::now();
     let mut threads_at_end = None;
     loop {
@@ -847,22 +883,55 @@ async fn wait_job(
         if let Ok(j) = cluster.client.call::<GetJob>(&JobRef { id: job }).await
             && matches!(j.state.as_str(), "Finished" | "Failed" | "Cancelled")
         {
-            return (j.state, threads_at_end);
+            return Ok((j.state, threads_at_end));
         }
         if start.elapsed() > timeout {
-            let _ = cluster
-                .client
-                .call::<ControlJob>(&JobControlRequest {
-                    id: job,
-                    action: JobAction::Cancel,
-                    client_id: std::process::id().into(),
-                    seq: 1_000_000 + job,
-                })
-                .await;
-            return ("TimedOut".into(), threads_at_end);
+            cancel_job(cluster, job, cancel, CANCEL_PATIENCE).await?;
+            return Ok(("TimedOut".into(), threads_at_end));
         }
         tokio::time::sleep(next_poll(start.elapsed(), expected)).await;
     }
+}
+
+/// How long a timed-out run's job may take to end once cancelled.
+const CANCEL_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Cancels `job` with request id `(client_id, seq)` and waits (at most `patience`) until it
+/// has ended, so that its tasks are stopped before the next run starts. Says why not
+/// otherwise.
+async fn cancel_job(
+    cluster: &LocalCluster,
+    job: u64,
+    (client_id, seq): (u64, u64),
+    patience: Duration,
+) -> Result<(), String> {
+    let start = Instant::now();
+    let cancel = cluster
+        .client
+        .call::<ControlJob>(&JobControlRequest {
+            id: job,
+            action: JobAction::Cancel,
+            client_id,
+            seq,
+        })
+        .await;
+    let mut last = match cancel {
+        Ok(_) => String::from("no answer"),
+        Err(e) => format!("the cancel failed: {e}"),
+    };
+    while start.elapsed() < patience {
+        match cluster.client.call::<GetJob>(&JobRef { id: job }).await {
+            Ok(j) if matches!(j.state.as_str(), "Finished" | "Failed" | "Cancelled") => {
+                return Ok(());
+            }
+            Ok(j) => last = format!("still {}", j.state),
+            Err(e) => last = format!("its state is unknown: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!(
+        "job {job} did not end within {patience:?} of its cancel ({last})"
+    ))
 }
 
 /// Slower than this counts as slow (the 100k records/s p99 target).

@@ -322,17 +322,25 @@ impl LocalCluster {
         self.tmp.path().to_path_buf()
     }
 
+    /// A new request id (client id, sequence number) for a write: the masters apply a write
+    /// once per id and refuse one older than the client's last, so every write of this
+    /// process takes its id from here.
+    pub fn next_request(&mut self) -> (u64, u64) {
+        self.seq += 1;
+        (std::process::id().into(), self.seq)
+    }
+
     /// Submits a demo job; returns its id. Each call uses a new request sequence number, so
     /// the master does not take a second job for a retry of the first.
     pub async fn submit_demo(&mut self, spec: &DemoSpec) -> anyhow::Result<u64> {
-        self.seq += 1;
+        let (client_id, seq) = self.next_request();
         Ok(self
             .client
             .call::<SubmitJob>(&SubmitJobRequest {
                 job_type: "demo".into(),
                 spec: spec.to_toml_string()?,
-                client_id: std::process::id().into(),
-                seq: self.seq,
+                client_id,
+                seq,
             })
             .await
             .map_err(|e| anyhow!("cannot submit the demo job: {e}"))?
