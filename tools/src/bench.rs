@@ -2266,6 +2266,7 @@ mod tests {
             flow_id: "f".into(),
             job_id: Some(1),
             state: "Finished".into(),
+            left_running: false,
             wall_s: 1.0,
             verified: true,
             violations: 0,
