@@ -26,9 +26,30 @@ fn informativeness(e: &RpcError) -> u8 {
     }
 }
 
+/// `current` updated to the masters `members`: see [`MasterClient::set_members`].
+fn merged_members(
+    current: &[SocketAddr],
+    seeds: &[SocketAddr],
+    members: &[SocketAddr],
+) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = current
+        .iter()
+        .copied()
+        .filter(|a| members.contains(a) || seeds.contains(a))
+        .collect();
+    for a in members.iter().chain(seeds) {
+        if !out.contains(a) {
+            out.push(*a);
+        }
+    }
+    out
+}
+
 /// A failover-aware client of the masters.
 pub struct MasterClient {
     endpoint: Endpoint,
+    /// The addresses it was given: always kept.
+    seeds: Vec<SocketAddr>,
     addrs: Mutex<Vec<SocketAddr>>,
     timeouts: Mutex<Timeouts>,
 }
@@ -45,6 +66,7 @@ impl MasterClient {
     pub fn new(endpoint: Endpoint, addrs: Vec<SocketAddr>) -> Self {
         Self {
             endpoint,
+            seeds: addrs.clone(),
             addrs: Mutex::new(addrs),
             timeouts: Mutex::new(Timeouts {
                 patience: Duration::from_secs(6),
@@ -90,6 +112,18 @@ impl MasterClient {
         if !addrs.contains(&addr) {
             addrs.push(addr);
         }
+    }
+
+    /// Takes `members` as the masters' current addresses (from a leader's answer): known
+    /// addresses in neither it nor the ones this client was given are dropped (a master that
+    /// left), new ones are added, and the order is otherwise kept (the master that answered
+    /// last stays first). An empty list changes nothing.
+    pub fn set_members(&self, members: &[SocketAddr]) {
+        if members.is_empty() {
+            return;
+        }
+        let mut addrs = self.lock();
+        *addrs = merged_members(&addrs, &self.seeds, members);
     }
 
     /// Adds members learned from a status reply.
@@ -190,5 +224,28 @@ impl MasterClient {
         self.endpoint
             .call_timeout::<GetNodeStatus>(addr, &Nothing::default(), timeout)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(ports: &[u16]) -> Vec<SocketAddr> {
+        ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect()
+    }
+
+    #[test]
+    fn members_replace_learned_addresses_but_keep_the_given_ones_and_the_order() {
+        let seeds = addrs(&[1, 2]);
+        // 3 answered last (first), 4 was learned and has since left the cluster.
+        let current = addrs(&[3, 1, 2, 4]);
+        let merged = merged_members(&current, &seeds, &addrs(&[2, 3, 5]));
+        assert_eq!(merged, addrs(&[3, 1, 2, 5]));
+        // Nothing new: unchanged.
+        assert_eq!(merged_members(&merged, &seeds, &addrs(&[3, 5])), merged);
     }
 }

@@ -812,11 +812,13 @@ impl State {
             match client.call::<Heartbeat>(&req).await {
                 Ok(reply) => {
                     last_ok = tokio::time::Instant::now();
-                    for m in &reply.masters {
-                        if let Ok(a) = m.parse() {
-                            client.add(a);
-                        }
-                    }
+                    // The leader's member list: a master that left is no longer tried.
+                    let members: Vec<SocketAddr> = reply
+                        .masters
+                        .iter()
+                        .filter_map(|m| m.parse().ok())
+                        .collect();
+                    client.set_members(&members);
                     // A leader elected since the registration may expect another interval.
                     self.adopt_timing(&mut schedule, &client, reply.heartbeat_ms, reply.ttl_ms);
                     if let Some(reason) = reply.reregister {
