@@ -98,9 +98,18 @@ struct RegistryInner {
     /// The attempts (job → epoch) the masters last told this executor to run, when that
     /// heartbeat was sent, and the grace ([`InboundRegistry::confirm_assignments`]).
     confirmed: Option<Confirmed>,
+    /// Jobs forgotten here ([`InboundRegistry::forget_job`]) and when: their entries in
+    /// `epochs` and `retired` go once the masters have not given them here for
+    /// [`FORGOTTEN_KEPT_FOR_GRACES`] graces, so the maps do not grow with every job ever run.
+    forgotten: HashMap<u64, Instant>,
     /// Streams waiting for their consumer.
     waiting: usize,
 }
+
+/// How many of [`InboundRegistry::confirm_assignments`]' graces a forgotten job's epochs are
+/// kept. One grace is as long as any master may still hand out an attempt the others moved
+/// on from; the rest is margin.
+pub const FORGOTTEN_KEPT_FOR_GRACES: u32 = 10;
 
 impl InboundRegistry {
     fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
@@ -154,7 +163,11 @@ impl InboundRegistry {
     /// Forgets a job's attempts here: every inbound edge, up to the newest epoch registered
     /// (a later attempt of the job may still come here).
     pub fn forget_job(&self, job: u64) {
-        let newest = self.lock().epochs.get(&job).copied();
+        let newest = {
+            let mut inner = self.lock();
+            inner.forgotten.insert(job, Instant::now());
+            inner.epochs.get(&job).copied()
+        };
         if let Some(newest) = newest {
             self.retire(job, newest);
         }
@@ -167,16 +180,43 @@ impl InboundRegistry {
     /// was not given the attempt (the job was re-placed without it, cancelled, or moved on).
     /// `grace` is the executor TTL, which the masters keep longer than a leader cut off from
     /// the others may go on answering with older state.
+    ///
+    /// A job forgotten here that the masters have not given back for
+    /// [`FORGOTTEN_KEPT_FOR_GRACES`] graces is dropped from the registry altogether (its late
+    /// streams then wait for a heartbeat like any unknown attempt's, and are refused by it).
     pub fn confirm_assignments(
         &self,
         sent: Instant,
         grace: Duration,
         attempts: impl IntoIterator<Item = (u64, u64)>,
     ) {
-        self.lock().confirmed = Some(Confirmed {
+        let attempts: HashMap<u64, u64> = attempts.into_iter().collect();
+        let kept_for = grace.saturating_mul(FORGOTTEN_KEPT_FOR_GRACES);
+        let mut inner = self.lock();
+        let RegistryInner {
+            epochs,
+            retired,
+            forgotten,
+            ..
+        } = &mut *inner;
+        forgotten.retain(|job, at| {
+            if attempts.contains_key(job) {
+                // Given here again: no longer forgotten.
+                return false;
+            }
+            let expired = sent
+                .checked_duration_since(*at)
+                .is_some_and(|d| d >= kept_for);
+            if expired {
+                epochs.remove(job);
+                retired.remove(job);
+            }
+            !expired
+        });
+        inner.confirmed = Some(Confirmed {
             sent,
             grace,
-            attempts: attempts.into_iter().collect(),
+            attempts,
         });
     }
 
@@ -949,5 +989,43 @@ mod tests {
         registry.forget_job(7);
         assert!(stale(&registry, 2));
         assert!(waits(&registry, 3));
+    }
+
+    /// A forgotten job's epochs are kept while a master could still hand its attempts out,
+    /// then dropped; a job given here again is not dropped.
+    #[test]
+    fn a_forgotten_jobs_epochs_go_after_the_masters_stopped_giving_it_for_long() {
+        let registry = InboundRegistry::default();
+        let grace = Duration::from_secs(1);
+        let horizon = grace * FORGOTTEN_KEPT_FOR_GRACES;
+        for job in [7, 8] {
+            let (inbound, _input) = inbound_edge::<u64>(4).unwrap();
+            registry
+                .register((job, 2, 1, 0), Arc::new(inbound))
+                .unwrap();
+            registry.forget_job(job);
+        }
+        let forgot = Instant::now();
+        let entries = |r: &InboundRegistry| {
+            let inner = r.lock();
+            (
+                inner.epochs.len(),
+                inner.retired.len(),
+                inner.forgotten.len(),
+            )
+        };
+        assert_eq!(entries(&registry), (2, 2, 2));
+        registry.confirm_assignments(forgot + horizon / 2, grace, []);
+        assert!(registry.is_retired(7, 2), "kept within the horizon");
+        // Job 8 is given here again; job 7 is not.
+        registry.confirm_assignments(forgot + horizon / 2, grace, [(8, 3)]);
+        registry.confirm_assignments(forgot + horizon + grace, grace, [(8, 3)]);
+        assert!(!registry.is_retired(7, 2));
+        assert!(
+            matches!(registry.lookup((7, 2, 1, 0), forgot), Lookup::NotHere),
+            "a late stream of job 7 is refused by the heartbeat instead"
+        );
+        assert!(registry.is_retired(8, 2), "job 8 runs here again: kept");
+        assert_eq!(entries(&registry), (1, 1, 0));
     }
 }
