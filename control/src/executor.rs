@@ -419,6 +419,30 @@ fn reconcile_plan<'a>(
     ReconcilePlan { stop, keep }
 }
 
+/// What attempt `a` starts from: its checkpoint's states (`None`: from scratch), or why it
+/// cannot start here. `retired`: the attempt was stopped on this executor before. It never
+/// runs here again: a master that answered from older state (a leader cut off from the
+/// others) may have had it stopped, and a second run would write its sinks' files alongside
+/// what the first one left. Failing it makes the leader restart the job under a new epoch.
+fn launch_restore(a: &Assignment, retired: bool) -> Result<Option<RestorePoint>, String> {
+    if retired {
+        return Err(format!(
+            "attempt {} of job {} was stopped on this executor and cannot run on it again",
+            a.epoch, a.job
+        ));
+    }
+    match (a.restore_from, &a.restore) {
+        (None, _) => Ok(None),
+        (Some(id), Some(r)) if r.checkpoint == id => Ok(Some(RestorePoint {
+            checkpoint: id,
+            states: r.states.iter().cloned().collect(),
+        })),
+        (Some(id), _) => Err(format!(
+            "checkpoint {id} to resume from is no longer held by the masters"
+        )),
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -1020,28 +1044,7 @@ impl State {
             .filter(|l| l.addr == me)
             .map(|l| l.index)
             .collect();
-        let restore = match (a.restore_from, &a.restore) {
-            (None, _) => Ok(None),
-            (Some(id), Some(r)) if r.checkpoint == id => Ok(Some(RestorePoint {
-                checkpoint: id,
-                states: r.states.iter().cloned().collect(),
-            })),
-            (Some(id), _) => Err(format!(
-                "checkpoint {id} to resume from is no longer held by the masters"
-            )),
-        };
-        // An attempt stopped here never runs here again: a master that answered from older
-        // state (a leader cut off from the others) may have had it stopped, and a second
-        // run would write its sinks' files alongside what the first one left. Failing it
-        // makes the leader restart the job under a new epoch.
-        let restore = if self.registry.is_retired(a.job, a.epoch) {
-            Err(format!(
-                "attempt {} of job {} was stopped on this executor and cannot run on it again",
-                a.epoch, a.job
-            ))
-        } else {
-            restore
-        };
+        let restore = launch_restore(a, self.registry.is_retired(a.job, a.epoch));
         lock(&self.finals).open(a.job, a.epoch);
         let snapshots: Arc<dyn SnapshotSink> = Arc::new(AttemptSnapshots {
             job: a.job,
@@ -1278,6 +1281,40 @@ certs-dir = "certs"
         assert_eq!(busy.next(later, later, false), later + ms(500));
         // Idle and a slow round trip: one idle period after it.
         assert_eq!(fresh.next(t0, t0 + ms(700), false), t0 + ms(1200));
+    }
+
+    #[test]
+    fn an_attempt_starts_from_its_checkpoint_unless_stopped_here_before_or_its_states_are_gone() {
+        let mut a = Assignment {
+            job: 4,
+            epoch: 2,
+            job_type: "t".into(),
+            spec: String::new(),
+            locations: Vec::new(),
+            paused: false,
+            restore_from: None,
+            restore: None,
+        };
+        assert_eq!(launch_restore(&a, false), Ok(None));
+        a.restore_from = Some(9);
+        a.restore = Some(crate::proto::RestoreState {
+            checkpoint: 9,
+            states: vec![(0, vec![1]), (3, vec![2])],
+        });
+        let point = launch_restore(&a, false).unwrap().unwrap();
+        assert_eq!(point.checkpoint, 9);
+        assert_eq!(point.states[&3], vec![2]);
+        let e = launch_restore(&a, true).unwrap_err();
+        assert!(
+            e.contains("attempt 2 of job 4 was stopped on this executor"),
+            "{e}"
+        );
+        a.restore.as_mut().unwrap().checkpoint = 8;
+        let e = launch_restore(&a, false).unwrap_err();
+        assert!(
+            e.contains("checkpoint 9 to resume from is no longer held"),
+            "{e}"
+        );
     }
 
     fn report(index: u32, checkpoint: u64) -> CheckpointReport {
