@@ -176,6 +176,42 @@ impl CheckpointTracker {
         }))
     }
 
+    /// Takes a batch of reports, in order, by the leader of raft term `term`. `view` gives a
+    /// job's replicated state, and is asked once per job of the batch (`None`: the job has
+    /// ended; it is forgotten and its reports dropped). Returns, per job, the newest
+    /// checkpoint the batch completed (committing it is all that counts; the older ones it
+    /// supersedes), and the reports refused.
+    pub fn report_batch(
+        &mut self,
+        reports: Vec<CheckpointReport>,
+        term: u64,
+        mut view: impl FnMut(u64) -> Option<JobView>,
+    ) -> (BTreeMap<u64, Complete>, Vec<ReportError>) {
+        let mut views: HashMap<u64, Option<JobView>> = HashMap::new();
+        let mut newest: BTreeMap<u64, Complete> = BTreeMap::new();
+        let mut refused = Vec::new();
+        for report in reports {
+            let job = report.job;
+            let Some(v) = *views.entry(job).or_insert_with(|| view(job)) else {
+                self.forget(job);
+                continue;
+            };
+            match self.report(report, v, term) {
+                Ok(Some(done)) => {
+                    if newest
+                        .get(&job)
+                        .is_none_or(|n| done.checkpoint > n.checkpoint)
+                    {
+                        newest.insert(job, done);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => refused.push(e),
+            }
+        }
+        (newest, refused)
+    }
+
     /// Forgets a job (finished, cancelled or failed).
     pub fn forget(&mut self, job: u64) {
         self.jobs.remove(&job);
@@ -325,6 +361,37 @@ mod tests {
             done.states,
             vec![(0, vec![0, 3]), (1, vec![1, 5]), (2, vec![2, 5])]
         );
+    }
+
+    #[test]
+    fn a_batch_hands_out_each_jobs_newest_completed_checkpoint_reading_each_job_once() {
+        let mut t = CheckpointTracker::new();
+        let of_job = |job, index, checkpoint| CheckpointReport {
+            job,
+            ..r(index, checkpoint, false)
+        };
+        let mut batch: Vec<CheckpointReport> = Vec::new();
+        for id in [5, 6] {
+            batch.extend((0..3).map(|i| of_job(1, i, id)));
+        }
+        batch.push(of_job(2, 0, 5));
+        batch.push(CheckpointReport {
+            epoch: 1,
+            ..of_job(1, 0, 7)
+        });
+        let mut asked = Vec::new();
+        let (done, refused) = t.report_batch(batch, T, |job| {
+            asked.push(job);
+            (job == 1).then_some(VIEW)
+        });
+        assert_eq!(asked, [1, 2], "each job's state is read once");
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[&1].checkpoint, 6, "5 is superseded within the batch");
+        assert!(matches!(
+            refused[..],
+            [ReportError::StaleEpoch { got: 1, .. }]
+        ));
+        assert_eq!(t.pending(2), 0, "an ended job's reports are dropped");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! joining a running one (learner first, then voter). A master restarted from its data dir
 //! rejoins with its state and never bootstraps again.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -727,52 +727,38 @@ async fn report_checkpoints(
 ) -> Result<ReportsTaken, RemoteError> {
     let node = shared.node()?;
     let term = shared.serving_leader()?;
-    // Per job of the batch: what the tracker needs, and the task ids (read once per job).
-    let mut views: BTreeMap<u64, Option<(JobView, Vec<crate::meta::TaskId>)>> = BTreeMap::new();
-    // Per job, the newest checkpoint the batch completed: committing it is all that counts.
-    let mut newest = BTreeMap::new();
-    for report in req.reports {
-        let job = report.job;
-        let view = views.entry(job).or_insert_with(|| {
-            node.read_local(|st| {
-                let job = st.jobs.get(&JobId(job))?;
+    // The batch's jobs as the tracker needs them, read in one go before the tracker is
+    // locked (the leader loop takes the two locks the other way round).
+    let jobs: BTreeSet<u64> = req.reports.iter().map(|r| r.job).collect();
+    let views: HashMap<u64, JobView> = node.read_local(|st| {
+        jobs.iter()
+            .filter_map(|&id| {
+                let job = st.jobs.get(&JobId(id))?;
                 (!job.state.is_terminal()).then(|| {
-                    (
-                        JobView {
-                            epoch: job.epoch,
-                            tasks: job.tasks.len() as u32,
-                            committed: st.checkpoint(job.id).map(|c| c.checkpoint_id),
-                        },
-                        job.tasks.clone(),
-                    )
+                    let view = JobView {
+                        epoch: job.epoch,
+                        tasks: job.tasks.len() as u32,
+                        committed: st.checkpoint(job.id).map(|c| c.checkpoint_id),
+                    };
+                    (id, view)
                 })
             })
-        });
-        let Some((view, _)) = view else {
-            lock(&shared.checkpoints).forget(job);
-            continue;
-        };
-        match lock(&shared.checkpoints).report(report, *view, term) {
-            Ok(Some(done)) => match newest.entry(job) {
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    slot.insert(done);
-                }
-                std::collections::btree_map::Entry::Occupied(mut slot) => {
-                    if done.checkpoint > slot.get().checkpoint {
-                        slot.insert(done);
-                    }
-                }
-            },
-            Ok(None) => {}
-            // Reports of a replaced attempt arrive while it is being stopped: expected.
-            Err(e) => debug!(executor = req.executor_id, error = %e, "checkpoint report ignored"),
-        }
-    }
-    let complete = newest.into_iter().filter_map(|(job, done)| {
-        let tasks = views.remove(&job).flatten()?.1;
-        Some((done, tasks))
+            .collect()
     });
-    for (done, tasks) in complete {
+    let (newest, refused) =
+        lock(&shared.checkpoints).report_batch(req.reports, term, |job| views.get(&job).copied());
+    for e in refused {
+        // Reports of a replaced attempt arrive while it is being stopped: expected.
+        debug!(executor = req.executor_id, error = %e, "checkpoint report ignored");
+    }
+    for done in newest.into_values() {
+        // A job's tasks never change once allocated (a second allocation is refused).
+        let tasks = node.read_local(|st| {
+            st.jobs
+                .get(&JobId(done.job))
+                .map(|j| j.tasks.clone())
+                .unwrap_or_default()
+        });
         let bytes: usize = done.states.iter().map(|(_, s)| s.len()).sum();
         if bytes > MAX_CHECKPOINT_BYTES {
             warn!(
