@@ -587,6 +587,31 @@ mod tests {
         }
     }
 
+    /// Outputs that no task took (a launch that failed part-way) are abandoned when the
+    /// wiring is dropped: their consumers see an aborted producer, never a finished one.
+    #[test]
+    fn outputs_no_task_took_are_abandoned_when_the_wiring_is_dropped() {
+        let spec = spec();
+        let graph = plan(&spec);
+        let kinds: BTreeMap<u32, TaskKind> = (0..graph.tasks.len() as u32)
+            .map(|i| (i, task_kind(&graph, i).unwrap()))
+            .collect();
+        let exchange = MemoryExchange::<DemoRecord>::new();
+        let mut ports = Ports::wire(1, &graph, &kinds, &spec, &exchange).unwrap();
+        let (binlog, _) = kinds
+            .iter()
+            .find(|(_, k)| matches!(k, TaskKind::Binlog(_)))
+            .unwrap();
+        let inputs = ports.take_inputs(*binlog);
+        assert_eq!(inputs.len(), spec.table_num as usize, "one input per producer");
+        assert!(inputs.iter().all(|i| !i.upstream_aborted()));
+        drop(ports);
+        assert!(
+            inputs.iter().all(|i| i.upstream_aborted() && !i.is_finished()),
+            "the producers' untaken outputs were abandoned"
+        );
+    }
+
     #[test]
     fn a_split_barrier_and_bad_task_sets_are_refused_before_anything_starts() {
         let spec = spec();
