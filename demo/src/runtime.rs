@@ -603,11 +603,17 @@ mod tests {
             .find(|(_, k)| matches!(k, TaskKind::Binlog(_)))
             .unwrap();
         let inputs = ports.take_inputs(*binlog);
-        assert_eq!(inputs.len(), spec.table_num as usize, "one input per producer");
+        assert_eq!(
+            inputs.len(),
+            spec.table_num as usize,
+            "one input per producer"
+        );
         assert!(inputs.iter().all(|i| !i.upstream_aborted()));
         drop(ports);
         assert!(
-            inputs.iter().all(|i| i.upstream_aborted() && !i.is_finished()),
+            inputs
+                .iter()
+                .all(|i| i.upstream_aborted() && !i.is_finished()),
             "the producers' untaken outputs were abandoned"
         );
     }

@@ -910,6 +910,57 @@ mod tests {
     use super::*;
     use crate::tls::init_cluster_certs;
 
+    /// Closed connections to peers never looked up again are dropped from the cache when
+    /// another peer is dialed, so it holds about one entry per live peer.
+    #[tokio::test]
+    async fn dialing_drops_closed_connections_from_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        init_cluster_certs(dir.path(), "t", &[]).unwrap();
+        let localhost: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let bind = |role| {
+            let identity = Identity::load(dir.path(), role).unwrap();
+            Endpoint::bind(
+                localhost,
+                &identity,
+                TransportConfig::default(),
+                Router::new(),
+            )
+            .unwrap()
+        };
+        let client = bind(Role::Client);
+        let deadline = || Instant::now() + Duration::from_secs(5);
+        let cached = |e: &Endpoint| lock(&e.inner.conns).len();
+        let mut gone = Vec::new();
+        for _ in 0..3 {
+            let server = bind(Role::Master);
+            let conn = client
+                .connection(server.local_addr(), Role::Master, deadline())
+                .await
+                .unwrap();
+            gone.push((server, conn));
+        }
+        for (server, conn) in &gone {
+            server.close();
+            // The client hears of the close.
+            conn.conn.closed().await;
+        }
+        assert_eq!(
+            cached(&client),
+            3,
+            "nothing looked the closed ones up again"
+        );
+        let live = bind(Role::Master);
+        client
+            .connection(live.local_addr(), Role::Master, deadline())
+            .await
+            .unwrap();
+        assert_eq!(
+            cached(&client),
+            1,
+            "only the live peer's connection is kept"
+        );
+    }
+
     /// A call that failed on a connection already replaced (the first failure closed it and
     /// a retry dialed anew) leaves the new connection alone.
     #[tokio::test]
