@@ -185,7 +185,7 @@ fn a_timed_out_run_is_cancelled_before_the_next_one_starts() {
             "--warmup-secs",
             "0",
             "--run-timeout",
-            "2s",
+            "4s",
             "--floor-secs",
             "0",
             "--idle-secs",
@@ -198,7 +198,7 @@ fn a_timed_out_run_is_cancelled_before_the_next_one_starts() {
     assert_eq!(out.status.and_then(|s| s.code()), Some(3), "{out}");
     assert!(
         out.stdout
-            .contains("timed out after 2s; job 1 was cancelled and has ended"),
+            .contains("timed out after 4s; job 1 was cancelled and has ended"),
         "{out}"
     );
     let results: serde_json::Value = serde_json::from_str(

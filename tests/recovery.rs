@@ -313,19 +313,21 @@ fn checkpoints_complete_under_a_new_leader_after_a_task_finished() {
             }
         },
     );
-    let committed = cluster.unwrap_or_dump(r);
+    cluster.unwrap_or_dump(r);
     cluster.kill(leader);
-    let via: Vec<SocketAddr> = (1..=3)
-        .filter(|i| *i != leader)
-        .map(|i| cluster.addr(i))
-        .collect();
+    let survivors: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
+    cluster.wait_for_leader(&survivors, Duration::from_secs(10));
+    let via: Vec<SocketAddr> = survivors.iter().map(|i| cluster.addr(*i)).collect();
+    // A checkpoint taken after the new leader was elected: the old one committed none of
+    // them, so the new one did, with task 0's last report sent to it again.
+    let after_election = unix_ms() / 100;
     let r = wait_until(
         "a checkpoint completes under the new leader",
         Duration::from_secs(20),
         || {
             let j = job(&cluster, &via, id)?;
             match j["checkpoint"]["id"].as_u64() {
-                Some(c) if c > committed => Ok(j),
+                Some(c) if c > after_election => Ok(j),
                 _ => Err(j.to_string()),
             }
         },

@@ -35,6 +35,15 @@ pub enum ReportError {
         /// The job's epoch.
         current: u64,
     },
+    /// The report was read against an older leader term than the tracker already took
+    /// reports in (a handler that lost a race with the next leader's first reports).
+    #[error("report taken in term {got}, the tracker is in term {current}")]
+    StaleTerm {
+        /// The term the report came in.
+        got: u64,
+        /// The tracker's term.
+        current: u64,
+    },
     /// The task index is not a task of the job.
     #[error("job {job}: no task {index} (the job has {tasks})")]
     UnknownTask {
@@ -99,14 +108,23 @@ impl CheckpointTracker {
     /// Takes one report about a job whose replicated state is `view`, by the leader of raft
     /// term `term`. Returns the newest checkpoint the report completed, if any (older
     /// incomplete ones are then dropped). The first report of a newer term forgets every
-    /// report taken in older ones.
+    /// report taken in older ones; a report of an older term is refused. `view` may be
+    /// older than what the tracker saw of the job (two batches read the job before either
+    /// took the tracker): a report for an older epoch than the tracker's is refused, so
+    /// the tracker never goes back to an earlier attempt.
     pub fn report(
         &mut self,
         report: CheckpointReport,
         view: JobView,
         term: u64,
     ) -> Result<Option<Complete>, ReportError> {
-        if term != self.term {
+        if term < self.term {
+            return Err(ReportError::StaleTerm {
+                got: term,
+                current: self.term,
+            });
+        }
+        if term > self.term {
             self.jobs.clear();
             self.term = term;
         }
@@ -126,6 +144,13 @@ impl CheckpointTracker {
             });
         }
         let entry = self.jobs.entry(job).or_default();
+        if entry.epoch > view.epoch {
+            return Err(ReportError::StaleEpoch {
+                job,
+                got: report.epoch,
+                current: entry.epoch,
+            });
+        }
         if entry.epoch != view.epoch {
             *entry = JobCheckpoints {
                 epoch: view.epoch,
@@ -354,6 +379,14 @@ mod tests {
             "task 0's last report was taken in the old term"
         );
         assert_eq!(t.pending(1), 1, "checkpoint 4 went with the old term");
+        // A handler that read the old term and locked the tracker late changes nothing.
+        assert_eq!(
+            t.report(r(0, 6, false), VIEW, T),
+            Err(ReportError::StaleTerm {
+                got: T,
+                current: T + 1
+            })
+        );
         // Its executor sends it again to the new leader.
         let done = t.report(r(0, 3, true), VIEW, T + 1).unwrap().unwrap();
         assert_eq!(done.checkpoint, 5);
@@ -392,6 +425,31 @@ mod tests {
             [ReportError::StaleEpoch { got: 1, .. }]
         ));
         assert_eq!(t.pending(2), 0, "an ended job's reports are dropped");
+    }
+
+    /// A batch that read the job before the restart locks the tracker after one that read
+    /// it after: the old epoch's reports do not take the tracker back (which would drop
+    /// what the new epoch's finished tasks reported).
+    #[test]
+    fn a_view_older_than_the_trackers_epoch_is_refused() {
+        let mut t = CheckpointTracker::new();
+        let next = JobView { epoch: 3, ..VIEW };
+        let of_epoch_3 = |index, checkpoint, last| CheckpointReport {
+            epoch: 3,
+            ..r(index, checkpoint, last)
+        };
+        t.report(of_epoch_3(0, 3, true), next, T).unwrap();
+        assert_eq!(
+            t.report(r(1, 4, false), VIEW, T),
+            Err(ReportError::StaleEpoch {
+                job: 1,
+                got: 2,
+                current: 3
+            })
+        );
+        t.report(of_epoch_3(1, 4, false), next, T).unwrap();
+        let done = t.report(of_epoch_3(2, 4, false), next, T).unwrap();
+        assert_eq!(done.unwrap().checkpoint, 4, "task 0's last report was kept");
     }
 
     #[test]

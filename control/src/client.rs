@@ -106,14 +106,6 @@ impl MasterClient {
         self.addrs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a master address if it is not known yet.
-    pub fn add(&self, addr: SocketAddr) {
-        let mut addrs = self.lock();
-        if !addrs.contains(&addr) {
-            addrs.push(addr);
-        }
-    }
-
     /// Takes `members` as the masters' current addresses (from a leader's answer): known
     /// addresses in neither it nor the ones this client was given are dropped (a master that
     /// left), new ones are added, and the order is otherwise kept (the master that answered

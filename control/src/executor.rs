@@ -46,7 +46,7 @@ use tracing::{debug, info, warn};
 
 use crate::client::MasterClient;
 use crate::exchange::{InboundRegistry, QuicExchange};
-use crate::finals::FinalReports;
+use crate::finals::{Answer, FinalReports};
 use crate::proto::{
     Assignment, CheckpointReport, CheckpointReports, DataConnection, ExecutorStatus,
     GetExecutorStatus, Heartbeat, HeartbeatRequest, Nothing, RegisterExecutor, RegisterRequest,
@@ -501,18 +501,22 @@ async fn report_checkpoints(
             executor_id: executor.load(std::sync::atomic::Ordering::Relaxed),
             reports,
         };
-        let taken_in = match client
+        let answer = match client
             .call_with::<ReportCheckpoints>(&req, patience, attempt)
             .await
         {
-            Ok(taken) => Some(taken.term),
+            Ok(taken) => Answer::Taken(taken.term),
             Err(e) => {
                 warn!(error = %e, reports = req.reports.len(), "checkpoint reports not delivered; a later checkpoint will complete instead");
-                None
+                if e.is_retryable() {
+                    Answer::Retry
+                } else {
+                    Answer::GiveUp
+                }
             }
         };
         if req.reports.iter().any(|r| r.last) {
-            lock(&finals).answered(&req.reports, taken_in);
+            lock(&finals).answered(&req.reports, answer);
         }
     }
 }
@@ -759,11 +763,9 @@ async fn register_with(
                     incarnation = r.incarnation,
                     "registered with the masters"
                 );
-                for m in &r.masters {
-                    if let Ok(a) = m.parse() {
-                        client.add(a);
-                    }
-                }
+                let members: Vec<SocketAddr> =
+                    r.masters.iter().filter_map(|m| m.parse().ok()).collect();
+                client.set_members(&members);
                 return Ok(r);
             }
             Err(e) if e.is_retryable() => {

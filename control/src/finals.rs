@@ -16,10 +16,23 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::proto::CheckpointReport;
 
+/// What became of a batch of reports sent to the leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The leader of this raft term took them.
+    Taken(u64),
+    /// Not delivered, for a reason that may pass (no leader, a timeout): queued again at
+    /// the next heartbeat.
+    Retry,
+    /// Refused for good (e.g. too large to send): held no longer, as sending it again would
+    /// fail every batch it goes in.
+    GiveUp,
+}
+
 #[derive(Debug)]
 struct Held {
     report: CheckpointReport,
-    /// The term of the leader that took it, if one did.
+    /// The newest term of a leader that took it, if one did.
     taken_in: Option<u64>,
     /// Queued for the leader and not answered yet: not queued again meanwhile.
     queued: bool,
@@ -65,33 +78,40 @@ impl FinalReports {
         true
     }
 
-    /// The leader of `term` answered a batch of `reports` (`None`: the batch was not
-    /// delivered). Held reports among them are no longer queued; with a term, they are
-    /// taken in it.
-    pub fn answered(&mut self, reports: &[CheckpointReport], term: Option<u64>) {
+    /// The leader answered a batch of `reports` with `answer`. Held reports among them are
+    /// no longer queued; taken ones remember the newest term that took them (a late answer
+    /// of an older leader does not take that back).
+    pub fn answered(&mut self, reports: &[CheckpointReport], answer: Answer) {
         for r in reports.iter().filter(|r| r.last) {
-            let held = self
-                .attempts
-                .get_mut(&(r.job, r.epoch))
-                .and_then(|tasks| tasks.get_mut(&r.index));
-            if let Some(held) = held
-                && held.report.checkpoint == r.checkpoint
-            {
-                held.queued = false;
-                if term.is_some() {
-                    held.taken_in = term;
+            let Some(tasks) = self.attempts.get_mut(&(r.job, r.epoch)) else {
+                continue;
+            };
+            let Some(held) = tasks.get_mut(&r.index) else {
+                continue;
+            };
+            if held.report.checkpoint != r.checkpoint {
+                continue;
+            }
+            held.queued = false;
+            match answer {
+                Answer::Taken(term) => {
+                    held.taken_in = Some(held.taken_in.map_or(term, |t| t.max(term)));
+                }
+                Answer::Retry => {}
+                Answer::GiveUp => {
+                    tasks.remove(&r.index);
                 }
             }
         }
     }
 
-    /// The held reports the leader of `term` has not taken and that are not queued: they
-    /// are to be queued again, and are marked queued.
+    /// The held reports that no leader of `term` or later has taken and that are not
+    /// queued: they are to be queued again, and are marked queued.
     pub fn due(&mut self, term: u64) -> Vec<CheckpointReport> {
         let mut out = Vec::new();
         for tasks in self.attempts.values_mut() {
             for held in tasks.values_mut() {
-                if !held.queued && held.taken_in != Some(term) {
+                if !held.queued && held.taken_in.is_none_or(|t| t < term) {
                     held.queued = true;
                     out.push(held.report.clone());
                 }
@@ -143,14 +163,18 @@ mod tests {
             "regular reports are not held"
         );
         assert!(f.due(5).is_empty(), "queued by its task: not queued twice");
-        f.answered(std::slice::from_ref(&last), Some(5));
+        f.answered(std::slice::from_ref(&last), Answer::Taken(5));
         assert!(f.due(5).is_empty(), "the leader of term 5 has it");
         // A new leader: queued once, not again while on its way.
         assert_eq!(f.due(6), vec![last.clone()]);
         assert!(f.due(6).is_empty());
         assert!(f.due(7).is_empty(), "still on its way");
-        f.answered(std::slice::from_ref(&last), Some(7));
+        f.answered(std::slice::from_ref(&last), Answer::Taken(7));
         assert!(f.due(7).is_empty());
+        // A late answer of an older leader, and a heartbeat answered by one.
+        f.answered(std::slice::from_ref(&last), Answer::Taken(6));
+        assert!(f.due(7).is_empty(), "still taken in term 7");
+        assert!(f.due(6).is_empty(), "an older leader's term needs nothing");
         assert_eq!(f.len(), 1, "held while the attempt runs");
     }
 
@@ -160,9 +184,20 @@ mod tests {
         f.open(1, 1);
         let last = report(1, 1, 2, true);
         f.hold(&last);
-        f.answered(std::slice::from_ref(&last), None);
+        f.answered(std::slice::from_ref(&last), Answer::Retry);
         assert_eq!(f.due(5), vec![last.clone()]);
-        f.answered(std::slice::from_ref(&last), Some(5));
+        f.answered(std::slice::from_ref(&last), Answer::Taken(5));
+        assert!(f.due(5).is_empty());
+    }
+
+    #[test]
+    fn a_last_report_refused_for_good_is_held_no_longer() {
+        let mut f = FinalReports::default();
+        f.open(1, 1);
+        let last = report(1, 1, 0, true);
+        f.hold(&last);
+        f.answered(std::slice::from_ref(&last), Answer::GiveUp);
+        assert!(f.is_empty());
         assert!(f.due(5).is_empty());
     }
 
@@ -182,7 +217,7 @@ mod tests {
             !f.hold(&report(2, 2, 0, true)),
             "an epoch that never ran here"
         );
-        f.answered(&[report(2, 3, 0, true)], None);
+        f.answered(&[report(2, 3, 0, true)], Answer::Retry);
         assert_eq!(indices(&f.due(1)), [(2, 0)]);
         assert_eq!(f.len(), 1);
         f.close(2, 3);
@@ -198,7 +233,7 @@ mod tests {
             checkpoint: 3,
             ..report(1, 1, 0, true)
         };
-        f.answered(&[other], Some(5));
+        f.answered(&[other], Answer::Taken(5));
         assert!(
             f.due(5).is_empty(),
             "still queued: its own answer is to come"

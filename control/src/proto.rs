@@ -65,8 +65,8 @@ pub struct ExecutorInfo {
     pub state: String,
     /// Slots offered.
     pub slots: u32,
-    /// Slots used by the tasks placed there (each counts its cost) of jobs that run or wait
-    /// to run there.
+    /// Slots used by the tasks placed there (each counts its cost) of live jobs; a job whose
+    /// last placement found no capacity runs nowhere and holds none.
     pub used: u32,
     /// Registration count at this address.
     pub incarnation: u64,

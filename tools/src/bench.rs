@@ -886,8 +886,14 @@ async fn wait_job(
             return Ok((j.state, threads_at_end));
         }
         if start.elapsed() > timeout {
-            cancel_job(cluster, job, cancel, CANCEL_PATIENCE).await?;
-            return Ok(("TimedOut".into(), threads_at_end));
+            let ended = cancel_job(cluster, job, cancel, CANCEL_PATIENCE).await?;
+            // It may have ended by itself just before the cancel.
+            let state = if ended == "Cancelled" {
+                "TimedOut".to_string()
+            } else {
+                ended
+            };
+            return Ok((state, threads_at_end));
         }
         tokio::time::sleep(next_poll(start.elapsed(), expected)).await;
     }
@@ -897,14 +903,14 @@ async fn wait_job(
 const CANCEL_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Cancels `job` with request id `(client_id, seq)` and waits (at most `patience`) until it
-/// has ended, so that its tasks are stopped before the next run starts. Says why not
-/// otherwise.
+/// has ended, so that its tasks are stopped before the next run starts. Returns the state it
+/// ended in (not always Cancelled: it may have finished first), or says why it did not end.
 async fn cancel_job(
     cluster: &LocalCluster,
     job: u64,
     (client_id, seq): (u64, u64),
     patience: Duration,
-) -> Result<(), String> {
+) -> Result<String, String> {
     let start = Instant::now();
     let cancel = cluster
         .client
@@ -922,7 +928,7 @@ async fn cancel_job(
     while start.elapsed() < patience {
         match cluster.client.call::<GetJob>(&JobRef { id: job }).await {
             Ok(j) if matches!(j.state.as_str(), "Finished" | "Failed" | "Cancelled") => {
-                return Ok(());
+                return Ok(j.state);
             }
             Ok(j) => last = format!("still {}", j.state),
             Err(e) => last = format!("its state is unknown: {e}"),

@@ -483,19 +483,32 @@ async fn watch(
             {
                 println!("reason: {}", j.reason);
             }
+            let came_due = |after: Duration| running_since.is_some_and(|s| s.elapsed() >= after);
             if let Some(after) = args.kill_executor_after
                 && killed_executor.is_none()
             {
-                println!(
-                    "no executor was killed: the job ended before --kill-executor-after ({after:?}) was due"
-                );
+                if came_due(after) {
+                    println!(
+                        "no executor was killed: none was running tasks once --kill-executor-after ({after:?}) came due"
+                    );
+                } else {
+                    println!(
+                        "no executor was killed: the job ended before --kill-executor-after ({after:?}) was due"
+                    );
+                }
             }
             if let Some(after) = args.kill_leader_after
                 && !killed_leader
             {
-                println!(
-                    "no master was killed: the job ended before --kill-leader-after ({after:?}) was due"
-                );
+                if came_due(after) {
+                    println!(
+                        "no master was killed: no master answered as the leader once --kill-leader-after ({after:?}) came due"
+                    );
+                } else {
+                    println!(
+                        "no master was killed: the job ended before --kill-leader-after ({after:?}) was due"
+                    );
+                }
             }
             return Ok(Watched::Ended(state));
         }

@@ -36,6 +36,12 @@ struct SleepSpec {
     checkpoint_interval_ms: u64,
 }
 
+/// Longest a sleep task may run (30 days, in ms).
+const MAX_SLEEP_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// Shortest checkpoint interval of a sleep job (ms): every task reports at every one.
+const MIN_SLEEP_CHECKPOINT_MS: u64 = 10;
+
 impl SleepSpec {
     fn parse(spec: &str) -> Result<Self, String> {
         let s: SleepSpec = toml::from_str(spec).map_err(|e| {
@@ -48,6 +54,26 @@ impl SleepSpec {
             return Err(format!(
                 "invalid sleep job spec: tasks must be between 1 and 10000, got {}",
                 s.tasks
+            ));
+        }
+        let longest = u64::from(s.tasks - 1)
+            .checked_mul(s.stagger_ms)
+            .and_then(|extra| extra.checked_add(s.duration_ms))
+            .filter(|&ms| ms <= MAX_SLEEP_MS);
+        if longest.is_none() {
+            return Err(format!(
+                "invalid sleep job spec: the last task would run duration-ms + (tasks - 1) × stagger-ms = {} + {} × {} ms; at most {MAX_SLEEP_MS} (30 days)",
+                s.duration_ms,
+                s.tasks - 1,
+                s.stagger_ms
+            ));
+        }
+        if s.checkpoint_interval_ms != 0
+            && !(MIN_SLEEP_CHECKPOINT_MS..=MAX_SLEEP_MS).contains(&s.checkpoint_interval_ms)
+        {
+            return Err(format!(
+                "invalid sleep job spec: checkpoint-interval-ms must be 0 (none) or {MIN_SLEEP_CHECKPOINT_MS} to {MAX_SLEEP_MS}, got {}",
+                s.checkpoint_interval_ms
             ));
         }
         Ok(s)
@@ -188,7 +214,7 @@ fn sleep_task(
                 point.checkpoint
             )
         })?;
-        duration = sleep_left(state)?;
+        duration = sleep_left(state)?.min(Duration::from_millis(MAX_SLEEP_MS));
         last = point.checkpoint;
     }
     let checkpoints = (spec.checkpoint_interval_ms > 0).then(|| SleepCheckpoints {
@@ -292,6 +318,20 @@ mod tests {
         );
         let e = SleepSpec::parse("tasks = 1\nduration-ms = 1\nstager-ms = 5\n").unwrap_err();
         assert!(e.contains("stager-ms"), "{e}");
+        for (spec, named) in [
+            (
+                "tasks = 3\nduration-ms = 1\nstagger-ms = 18446744073709551615\n",
+                "stagger-ms",
+            ),
+            ("tasks = 1\nduration-ms = 18446744073709551615\n", "30 days"),
+            (
+                "tasks = 1\nduration-ms = 1\ncheckpoint-interval-ms = 1\n",
+                "checkpoint-interval-ms",
+            ),
+        ] {
+            let e = SleepSpec::parse(spec).unwrap_err();
+            assert!(e.contains(named), "{spec}: {e}");
+        }
     }
 
     #[test]
