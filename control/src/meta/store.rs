@@ -720,6 +720,28 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
+/// Stores `built` as the current snapshot unless the stored one is at least as new, and
+/// returns the one that is current now. A snapshot is built from a read of the state while
+/// the state machine goes on: a snapshot installed from the leader meanwhile (with the log
+/// purged up to it) must not be replaced by the older one built from the earlier read.
+fn keep_newer_snapshot(
+    txn: &redb::WriteTransaction,
+    built: StoredSnapshot,
+) -> Result<StoredSnapshot, redb::Error> {
+    let mut table = txn.open_table(SM_SNAPSHOT)?;
+    let current: Option<StoredSnapshot> = match table.get(K_CURRENT)? {
+        Some(v) => Some(decode(v.value()).map_err(|e| corrupt("snapshot", e))?),
+        None => None,
+    };
+    if let Some(current) = current
+        && current.meta.last_log_id >= built.meta.last_log_id
+    {
+        return Ok(current);
+    }
+    table.insert(K_CURRENT, enc("snapshot", &built)?.as_slice())?;
+    Ok(built)
+}
+
 /// Builds snapshots from one consistent read transaction.
 pub struct SnapshotBuilder {
     db: Arc<Database>,
@@ -744,20 +766,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                     last_membership: membership,
                     snapshot_id,
                 };
-                let stored = enc(
-                    "snapshot",
-                    &StoredSnapshot {
-                        meta: meta.clone(),
-                        data: data.clone(),
-                    },
-                )?;
                 let txn = db.begin_write()?;
-                txn.open_table(SM_SNAPSHOT)?
-                    .insert(K_CURRENT, stored.as_slice())?;
+                let kept = keep_newer_snapshot(&txn, StoredSnapshot { meta, data })?;
                 txn.commit()?;
                 Ok(Snapshot {
-                    meta,
-                    snapshot: Box::new(Cursor::new(data)),
+                    meta: kept.meta,
+                    snapshot: Box::new(Cursor::new(kept.data)),
                 })
             },
             w_snap,
@@ -779,6 +793,39 @@ mod tests {
         let err = open_store(dir.path(), "b").err().unwrap();
         assert!(matches!(err, MetaError::ClusterMismatch { .. }), "{err}");
         drop(open_store(dir.path(), "a").unwrap());
+    }
+
+    /// A snapshot built from a read taken before a newer one was installed does not replace
+    /// it: the newer one stays current, and is what the build hands back.
+    #[test]
+    fn a_built_snapshot_never_replaces_a_newer_one() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let store = open_store(dir.path(), "a").unwrap();
+        let at = |index: u64, data: &[u8]| StoredSnapshot {
+            meta: SnapshotMeta {
+                last_log_id: Some(openraft::LogId::new(
+                    openraft::CommittedLeaderId::new(1, 1),
+                    index,
+                )),
+                last_membership: Default::default(),
+                snapshot_id: format!("s{index}"),
+            },
+            data: data.to_vec(),
+        };
+        let db = &store.file;
+        let write = |s: StoredSnapshot| {
+            let txn = db.begin_write().unwrap();
+            let kept = keep_newer_snapshot(&txn, s).unwrap();
+            txn.commit().unwrap();
+            kept
+        };
+        assert_eq!(write(at(10, b"installed")).meta.snapshot_id, "s10");
+        let kept = write(at(5, b"built from an older read"));
+        assert_eq!(
+            (kept.meta.snapshot_id.as_str(), &kept.data[..]),
+            ("s10", &b"installed"[..])
+        );
+        assert_eq!(write(at(12, b"newer")).meta.snapshot_id, "s12");
     }
 
     struct Builder;
