@@ -1413,6 +1413,9 @@ fn track_liveness(
     (memory.lost.iter().copied().collect(), regained)
 }
 
+/// How long a leader turn waits for its own log to apply before it plans.
+const PLAN_APPLY_WAIT: Duration = Duration::from_millis(500);
+
 /// One turn of [`leader_loop`].
 async fn leader_turn(shared: &Shared, memory: &mut LeaderMemory) -> Turn {
     let Some(node) = shared.node.get() else {
@@ -1474,6 +1477,22 @@ async fn leader_turn(shared: &Shared, memory: &mut LeaderMemory) -> Turn {
                 .is_some_and(|j| !j.state.is_terminal())
         });
     });
+    // Plan from the whole log: a write of an earlier turn that timed out may still be in it,
+    // and would apply after steps planned without it (a placement onto slots it already
+    // took). Committed by now, or the turn is retried.
+    let last_log = node.raft().metrics().borrow().last_log_index;
+    if let Err(e) = node
+        .raft()
+        .wait(Some(PLAN_APPLY_WAIT))
+        .applied_index_at_least(last_log, "the leader's own log is applied")
+        .await
+    {
+        debug!(error = %e, "leader loop waits for its log to apply");
+        return Turn::Leader {
+            retry: true,
+            next_expiry: None,
+        };
+    }
     let commands = {
         let reports = lock(&shared.reports).clone();
         node.read_local(|st| {
