@@ -669,7 +669,7 @@ fn router(shared: Arc<Shared>) -> Router {
                     .map_err(|m| RemoteError::new(ErrorCode::InvalidArgument, m))?;
                 let request = MetaRequest {
                     id: RequestId {
-                        client: req.client_id,
+                        client: crate::meta::state::external_client(req.client_id),
                         seq: req.seq,
                     },
                     command: Command::SubmitJob {
@@ -855,7 +855,7 @@ async fn control_job(
         let request = if attempt == 0 {
             MetaRequest {
                 id: RequestId {
-                    client: req.client_id,
+                    client: crate::meta::state::external_client(req.client_id),
                     seq: req.seq,
                 },
                 command,

@@ -294,7 +294,7 @@ impl MetaNode {
         // client's request older than its last applied one. A retry reuses the whole request,
         // so it is still recognised.
         RequestId {
-            client: rand::random(),
+            client: rand::random::<u64>() | crate::meta::state::INTERNAL_CLIENT,
             seq: 1,
         }
     }

@@ -16,9 +16,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::job::{Cause, JobState};
 
-/// Most clients whose last request id (and response) is remembered for deduplication; when more
-/// clients write, the one that wrote least recently is forgotten.
+/// Most clients whose last request id (and response) is remembered for deduplication, of each
+/// kind (users' clients, and the masters' own one-shot writes, [`INTERNAL_CLIENT`]); when more
+/// clients of a kind write, the one of that kind that wrote least recently is forgotten. The
+/// masters' own writes (a leader step, a checkpoint commit: several a second) thus never push
+/// a user's submission out of the table while the user may still retry it.
 pub const MAX_DEDUP_CLIENTS: usize = 1024;
+/// The client-id bit that marks the masters' own writes. A user's client id never has it
+/// ([`external_client`]).
+pub const INTERNAL_CLIENT: u64 = 1 << 63;
+
+/// A user's client id as the dedup table keys it: without [`INTERNAL_CLIENT`].
+pub fn external_client(id: u64) -> u64 {
+    id & !INTERNAL_CLIENT
+}
 /// Most task ids one [`Command::AllocateTaskIds`] may ask for.
 pub const MAX_TASKS_PER_ALLOCATION: u32 = 100_000;
 /// Largest job spec accepted, in bytes: the metadata keeps it for the job's life and every
@@ -585,12 +596,15 @@ impl MetaState {
             },
         );
         self.dirty.clients.insert(client);
-        while self.dedup.len() > MAX_DEDUP_CLIENTS {
-            // Deterministic: the client with the oldest last write (ties impossible, since
-            // `applied_at` is unique per applied request).
+        let internal = |c: u64| c & INTERNAL_CLIENT != 0;
+        let kind = internal(client);
+        while self.dedup.keys().filter(|c| internal(**c) == kind).count() > MAX_DEDUP_CLIENTS {
+            // Deterministic: the client of this kind with the oldest last write (ties
+            // impossible, since `applied_at` is unique per applied request).
             let oldest = self
                 .dedup
                 .iter()
+                .filter(|(c, _)| internal(**c) == kind)
                 .min_by_key(|(_, e)| e.applied_at)
                 .map(|(c, _)| *c);
             match oldest {
@@ -1306,6 +1320,27 @@ mod tests {
         assert!(s.dedup.contains_key(&(MAX_DEDUP_CLIENTS as u64 + 9)));
         let dirty = s.take_dirty();
         assert!(dirty.clients.contains(&0), "evicted client must be written");
+    }
+
+    /// The masters' own writes fill a budget of their own: users' entries stay however many
+    /// of them come.
+    #[test]
+    fn the_masters_own_writes_never_evict_a_users_request() {
+        let mut s = MetaState::default();
+        let user = external_client(u64::MAX);
+        assert_eq!(user & INTERNAL_CLIENT, 0);
+        s.apply(&req(user, 7, submit()));
+        for n in 0..(2 * MAX_DEDUP_CLIENTS as u64) {
+            s.apply(&req(INTERNAL_CLIENT | n, 1, submit()));
+        }
+        assert!(
+            s.dedup.contains_key(&user),
+            "the user's retry is still recognised"
+        );
+        assert_eq!(s.dedup.len(), MAX_DEDUP_CLIENTS + 1);
+        let jobs = s.jobs.len();
+        s.apply(&req(user, 7, submit()));
+        assert_eq!(s.jobs.len(), jobs, "the retry submitted nothing");
     }
 
     #[test]
