@@ -884,16 +884,23 @@ async fn control_job(
 
 use crate::proto::JoinRequest;
 
+/// How long the leader works on one join request. The joining master asks again while it has
+/// not joined (see [`join`]); a learner already added is not added again, so its catch-up goes
+/// on across requests.
+const JOIN_PATIENCE: Duration = Duration::from_secs(10);
+
 async fn join_on_leader(shared: &Shared, req: JoinRequest) -> Result<Nothing, RemoteError> {
     let node = shared.node()?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
     let master = MasterNode::new(req.addr.clone(), req.name.clone());
     loop {
         let result = async {
-            if node.status().voters.contains(&req.node_id) {
+            if node.is_settled_voter(req.node_id) {
                 return Ok(());
             }
-            node.add_learner(req.node_id, master.clone()).await?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            node.add_learner(req.node_id, master.clone(), left).await?;
+            // Also completes a change left joint by a promotion that timed out.
             node.promote_voter(req.node_id).await
         }
         .await;
@@ -937,6 +944,9 @@ pub struct MasterServer {
     shared: Arc<Shared>,
     endpoint: Endpoint,
     leader_loop: tokio::task::JoinHandle<()>,
+    /// Asks to join as a voter again, for a master restarted as a learner (see
+    /// [`rejoin_until_voter`]).
+    rejoin: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl MasterServer {
@@ -969,6 +979,7 @@ impl MasterServer {
             router(shared.clone()),
         )?;
         let _ = shared.endpoint.set(endpoint.downgrade());
+        let mut rejoin = None;
         let started = async {
             let addr = endpoint.local_addr().to_string();
             let mut meta = MetaConfig::new(
@@ -1002,6 +1013,20 @@ impl MasterServer {
                     node = config.node_id,
                     "restarted from data dir; rejoining the cluster"
                 );
+                if !config.join.is_empty() && !node.is_settled_voter(config.node_id) {
+                    // A join that failed part-way (the learner was added and got entries,
+                    // then the join timed out) leaves a data dir that is no longer new.
+                    info!(
+                        node = config.node_id,
+                        "not a voter of the cluster yet: asking to join again"
+                    );
+                    rejoin = Some(tokio::spawn(rejoin_until_voter(
+                        endpoint.downgrade(),
+                        Arc::downgrade(&node),
+                        config.clone(),
+                        addr.clone(),
+                    )));
+                }
             } else if !config.initial_members.is_empty() {
                 let members = config
                     .members()
@@ -1030,6 +1055,9 @@ impl MasterServer {
         }
         .await;
         if let Err(e) = started {
+            if let Some(rejoin) = &rejoin {
+                rejoin.abort();
+            }
             // Leave nothing running: the router holds `shared`, which holds the endpoint, so
             // dropping them would close neither the endpoint nor the raft node and its store.
             if let Some(node) = shared.node.get()
@@ -1045,6 +1073,7 @@ impl MasterServer {
             shared,
             endpoint,
             leader_loop,
+            rejoin,
         })
     }
 
@@ -1061,12 +1090,43 @@ impl MasterServer {
     /// Stops serving and shuts the raft node down.
     pub async fn shutdown(self) {
         self.leader_loop.abort();
+        if let Some(rejoin) = &self.rejoin {
+            rejoin.abort();
+        }
         if let Some(node) = self.shared.node.get()
             && let Err(e) = node.shutdown().await
         {
             warn!(error = %e, "raft shutdown");
         }
         self.endpoint.close();
+    }
+}
+
+/// How long a master restarted as a learner waits between two rounds of join requests.
+const REJOIN_PAUSE: Duration = Duration::from_secs(5);
+
+/// Asks the cluster (through `config.join`) to make this master a voter until it is one, or
+/// the master stops (its endpoint or raft node gone).
+async fn rejoin_until_voter(
+    endpoint: WeakEndpoint,
+    node: std::sync::Weak<MetaNode>,
+    config: MasterConfig,
+    addr: String,
+) {
+    loop {
+        let Some(endpoint) = endpoint.upgrade() else {
+            return;
+        };
+        match node.upgrade() {
+            Some(node) if !node.is_settled_voter(config.node_id) => {}
+            _ => return,
+        }
+        match join(&endpoint, &config, &addr).await {
+            Ok(()) => return,
+            Err(e) => warn!(error = %e, "not a voter yet; asking again"),
+        }
+        drop(endpoint);
+        tokio::time::sleep(REJOIN_PAUSE).await;
     }
 }
 

@@ -364,17 +364,70 @@ impl MetaNode {
         f(&guard)
     }
 
-    /// On the leader: adds `id` as a learner and waits until it has caught up.
-    pub async fn add_learner(&self, id: NodeId, node: MasterNode) -> Result<(), MetaError> {
-        let timeout = self.config.write_timeout();
-        match tokio::time::timeout(timeout, self.raft.add_learner(id, node, true)).await {
-            Err(_) => Err(MetaError::NoQuorum(format!(
-                "learner {id} not added within {} ms",
-                timeout.as_millis()
-            ))),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(self.write_error(e)),
+    /// On the leader: adds `id` as a learner, unless it is one already (with the same
+    /// address and name), then waits (at most `patience`) until it has caught up with the
+    /// leader's log as it is now. Adding it again would propose another membership entry,
+    /// which restarts every replication stream, and with it a snapshot still on its way to
+    /// the learner: a join retried while a large snapshot is sent would never finish.
+    pub async fn add_learner(
+        &self,
+        id: NodeId,
+        node: MasterNode,
+        patience: Duration,
+    ) -> Result<(), MetaError> {
+        let known = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned();
+        if known.as_ref() != Some(&node) {
+            let timeout = self.config.write_timeout();
+            match tokio::time::timeout(timeout, self.raft.add_learner(id, node, false)).await {
+                Err(_) => {
+                    return Err(MetaError::NoQuorum(format!(
+                        "learner {id} not added within {} ms",
+                        timeout.as_millis()
+                    )));
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(self.write_error(e)),
+            }
         }
+        let target = self.raft.metrics().borrow().last_log_index;
+        let caught_up = self
+            .raft
+            .wait(Some(patience))
+            .metrics(
+                move |m| {
+                    let matched = m
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(&id).copied().flatten())
+                        .map(|l| l.index);
+                    matched >= target
+                },
+                "learner caught up",
+            )
+            .await;
+        match caught_up {
+            Ok(_) => Ok(()),
+            Err(openraft::metrics::WaitError::Timeout(..)) => Err(MetaError::NoQuorum(format!(
+                "learner {id} has not caught up with the log within {} ms",
+                patience.as_millis()
+            ))),
+            Err(e) => Err(MetaError::Stopped(e.to_string())),
+        }
+    }
+
+    /// Whether `id` is a voter of the current membership, and that membership is not a joint
+    /// one (a change that stopped half-way leaves both the old and the new voter sets).
+    pub fn is_settled_voter(&self, id: NodeId) -> bool {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let membership = m.membership();
+        membership.get_joint_config().len() == 1 && membership.voter_ids().any(|v| v == id)
     }
 
     /// On the leader: turns learner `id` into a voter (joint consensus).

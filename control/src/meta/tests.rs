@@ -324,11 +324,26 @@ async fn t06_fourth_node_joins_as_learner_then_voter() {
     c.launch(4).await;
     let l = &c.nodes[&leader];
     let n4 = c.nodes[&4].master_node();
-    l.add_learner(4, n4).await.unwrap();
+    l.add_learner(4, n4.clone(), WAIT).await.unwrap();
     assert!(l.status().learners.contains(&4));
+    assert!(!l.is_settled_voter(4));
+    // A retried join adds no second membership entry (which would restart the learner's
+    // replication, and a snapshot on its way with it).
+    let membership_at = |l: &MetaNode| {
+        l.raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .log_id()
+            .map(|id| id.index)
+    };
+    let before = membership_at(l);
+    l.add_learner(4, n4, WAIT).await.unwrap();
+    assert_eq!(membership_at(l), before);
     l.promote_voter(4).await.unwrap();
     let status = l.status();
     assert!(status.voters.contains(&4), "{status:?}");
+    assert!(l.is_settled_voter(4));
     assert_eq!(status.voters.len(), 4);
     let (applied, _) = l.write_indexed(l.request(submit(7))).await.unwrap();
     c.nodes[&4]
