@@ -303,6 +303,34 @@ fn t04_a_fourth_master_joins_a_running_cluster_as_a_voter() {
     }
 }
 
+/// A voter whose data dir was lost may not come back under its id: with an empty log it
+/// could help elect a leader that lacks committed entries. Its join is refused at once,
+/// naming the way out, and the cluster goes on.
+#[test]
+fn t04b_a_voter_whose_data_dir_was_lost_cannot_join_again_under_its_id() {
+    let mut c = Cluster::bootstrap(3);
+    let leader = c.wait_for_leader(&[1, 2, 3], ELECTION);
+    let lost = if leader == 3 { 2 } else { 3 };
+    c.lose(lost);
+    c.join(lost);
+    let r = wait_until("the rejoining master exits", ELECTION, || {
+        c.node(lost)
+            .exit_status()
+            .ok_or_else(|| "still running".to_string())
+    });
+    let status = c.unwrap_or_dump(r);
+    assert!(!status.success(), "{status:?}");
+    let log = c.node(lost).log_text();
+    assert!(
+        log.contains(&format!("master {lost} is already a voter"))
+            && log.contains("must join under a new node-id"),
+        "{log}"
+    );
+    let survivors: Vec<u64> = (1..=3).filter(|i| *i != lost).collect();
+    c.wait_for_leader(&survivors, ELECTION);
+    c.submit_job_ok(&[c.addr(leader)]);
+}
+
 #[test]
 fn t05_all_masters_restart_from_their_data_dirs_with_state_and_id_counters() {
     let mut c = Cluster::bootstrap(3);

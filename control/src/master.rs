@@ -894,6 +894,17 @@ async fn join_on_leader(shared: &Shared, req: JoinRequest) -> Result<Nothing, Re
     let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
     let master = MasterNode::new(req.addr.clone(), req.name.clone());
     loop {
+        if req.new_data_dir && node.status().voters.contains(&req.node_id) {
+            // A voter's data dir was lost and it came back under its id: as a voter with an
+            // empty log it could elect a leader that lacks committed entries.
+            return Err(RemoteError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "master {} is already a voter of this cluster, and the joining master's data dir is new: a master whose data dir was lost must join under a new node-id",
+                    req.node_id
+                ),
+            ));
+        }
         let result = async {
             if node.is_settled_voter(req.node_id) {
                 return Ok(());
@@ -1044,7 +1055,7 @@ impl MasterServer {
                 node.bootstrap(members).await?;
                 info!(node = config.node_id, "bootstrapped a new cluster");
             } else if !config.join.is_empty() {
-                join(&endpoint, &config, &addr).await?;
+                join(&endpoint, &config, &addr, &node).await?;
             } else {
                 return Err(MasterError::Config(
                     "a new data dir needs initial-members (new cluster) or join (running cluster)"
@@ -1118,10 +1129,15 @@ async fn rejoin_until_voter(
             return;
         };
         match node.upgrade() {
-            Some(node) if !node.is_settled_voter(config.node_id) => {}
+            Some(meta) if !meta.is_settled_voter(config.node_id) => {}
             _ => return,
         }
-        match join(&endpoint, &config, &addr).await {
+        let Some(meta) = node.upgrade() else {
+            return;
+        };
+        let joined = join(&endpoint, &config, &addr, &meta).await;
+        drop(meta);
+        match joined {
             Ok(()) => return,
             Err(e) => warn!(error = %e, "not a voter yet; asking again"),
         }
@@ -1130,17 +1146,26 @@ async fn rejoin_until_voter(
     }
 }
 
-async fn join(endpoint: &Endpoint, config: &MasterConfig, addr: &str) -> Result<(), MasterError> {
-    let req = JoinRequest {
-        node_id: config.node_id,
-        addr: addr.to_string(),
-        name: config.name(),
-    };
+/// Asks the masters at `config.join` to make this master (raft node `node`) a voter. Each
+/// request says whether its log is still empty (a new data dir that no leader has written to
+/// yet). A refusal that asking again cannot change ends it at once.
+async fn join(
+    endpoint: &Endpoint,
+    config: &MasterConfig,
+    addr: &str,
+    node: &MetaNode,
+) -> Result<(), MasterError> {
     let addrs: Vec<SocketAddr> = config.join.iter().filter_map(|a| a.parse().ok()).collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut last = String::new();
     while tokio::time::Instant::now() < deadline {
         for a in &addrs {
+            let req = JoinRequest {
+                node_id: config.node_id,
+                addr: addr.to_string(),
+                name: config.name(),
+                new_data_dir: node.raft().metrics().borrow().last_log_index.is_none(),
+            };
             match endpoint
                 .call_timeout::<JoinCluster>(*a, &req, Duration::from_secs(12))
                 .await
@@ -1148,6 +1173,12 @@ async fn join(endpoint: &Endpoint, config: &MasterConfig, addr: &str) -> Result<
                 Ok(_) => {
                     info!(node = config.node_id, via = %a, "joined the cluster");
                     return Ok(());
+                }
+                Err(e) if !e.is_retryable() => {
+                    return Err(MasterError::Join {
+                        addrs: config.join.join(","),
+                        reason: e.to_string(),
+                    });
                 }
                 Err(e) => {
                     warn!(via = %a, error = %e, "join attempt failed");

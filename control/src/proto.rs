@@ -37,6 +37,10 @@ pub struct JoinRequest {
     pub addr: String,
     /// Its name.
     pub name: String,
+    /// Its data dir was new when it started: it holds no log and has cast no vote. Such a
+    /// master must not take the place of a voter of the same id, whose votes and log
+    /// entries the others counted on.
+    pub new_data_dir: bool,
 }
 
 /// One member of the masters' raft group.

@@ -577,6 +577,14 @@ impl Cluster {
         self.node(id).kill();
     }
 
+    /// SIGKILLs master `id` and deletes its data dir, as a lost disk would; the cluster then
+    /// no longer lists it, so that a master of the same id can be started anew.
+    pub fn lose(&mut self, id: u64) {
+        self.kill(id);
+        self.nodes.remove(&id);
+        std::fs::remove_dir_all(self.data_dir(id)).unwrap();
+    }
+
     /// Restarts master `id` with its original flags and data dir.
     pub fn restart(&mut self, id: u64) {
         self.node(id).restart();
