@@ -392,7 +392,12 @@ impl Operator for Producer {
                     return Ok(Status::BlockedOnOutput);
                 }
                 if cx.is_draining() {
-                    return Ok(Status::Finished);
+                    // A drain asks sources to finish; this one is bounded, and finishing now
+                    // would end its streams as if complete. Failing aborts them instead.
+                    return Err(EngineError::operator(format!(
+                        "producer of table {} stopped by the engine's drain at pk {pk} of {}: its streams are incomplete",
+                        self.table, self.rcd_cnt
+                    )));
                 }
                 if self.checkpoint_due.is_some_and(|due| now >= due) {
                     // A producer that fell behind skips the slots it missed; binlogs then
@@ -1693,6 +1698,32 @@ mod tests {
             ..DemoSpec::default()
         };
         Producer::new(&spec, table, UnixClock::system(), Snapshots::in_memory(0).0)
+    }
+
+    /// An engine drain stops a producer that has records left by failing it: its consumers
+    /// see an aborted stream, never one that ended as if complete.
+    #[test]
+    fn a_drained_producer_aborts_its_streams() {
+        use microcosm_engine::{Engine, EngineConfig, TaskSpec};
+        let spec = DemoSpec {
+            table_num: 1,
+            binlog_num: 1,
+            rcd_cnt: 1_000,
+            rate: 100,
+            ..DemoSpec::default()
+        };
+        let producer = Producer::new(&spec, 0, UnixClock::system(), Snapshots::in_memory(0).0);
+        let (out, input) = edge::<DemoRecord>(&EdgeConfig::default()).unwrap();
+        let engine = Engine::start(EngineConfig::with_workers(1)).unwrap();
+        engine
+            .spawn(TaskSpec::new("producer", producer).output(out))
+            .unwrap();
+        engine.shutdown(Duration::from_secs(5));
+        assert!(
+            input.upstream_aborted(),
+            "10 s of records were not all sent"
+        );
+        assert!(!input.is_finished());
     }
 
     #[test]

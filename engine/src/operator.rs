@@ -60,7 +60,9 @@ impl Context<'_> {
     }
 
     /// True while the engine drains for shutdown: sources should stop producing and return
-    /// [`Status::Finished`] so that downstream tasks finish after consuming what is queued.
+    /// [`Status::Finished`] so that downstream tasks finish after consuming what is queued. A
+    /// bounded source whose consumers must see all of it (or know they did not) should fail
+    /// instead, which aborts its outputs.
     pub fn is_draining(&self) -> bool {
         self.draining
     }
