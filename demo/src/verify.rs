@@ -19,7 +19,9 @@
 //!   keeps a min/max of `synced_ns` per `(table, version)` and compares a prefix maximum with
 //!   a suffix minimum, so it is linear in the number of versions;
 //! - **format**: every line parses ([`SinkRow::parse`]), is UTF-8, ends with `\n` and is at
-//!   most [`MAX_LINE_LEN`] bytes long.
+//!   most [`MAX_LINE_LEN`] bytes long;
+//! - **one writer**: the files' fences ([`crate::fence`]) name the same job attempt (the
+//!   report names it, so output left by an earlier run of the same flow is told apart).
 //!
 //! Data problems are collected in the [`Report`] (the first [`MAX_REPORTED_VIOLATIONS`] in
 //! discovery order, plus the total); [`VerifyError`] is only for trouble reading the
@@ -38,6 +40,7 @@ use std::path::{Path, PathBuf};
 
 use hdrhistogram::Histogram;
 
+use crate::fence::Owner;
 use crate::sinkfile::{LineRead, RowError, RowKind, SinkRow, read_line_bounded};
 use crate::spec::{DemoSpec, SpecError, sink_file_in};
 
@@ -140,6 +143,21 @@ pub enum Violation {
     UnexpectedFile {
         /// The file name.
         name: String,
+    },
+    /// Two files' fences name different job attempts: they hold the output of different
+    /// runs (or a replaced attempt's sink wrote on).
+    #[error(
+        "sink_{stream}.csv was last claimed by {owner}, sink_{first_stream}.csv by {first}: the files are not one attempt's output"
+    )]
+    WritersDiffer {
+        /// The stream whose file differs.
+        stream: u32,
+        /// Its fence's owner.
+        owner: Owner,
+        /// The first stream with a fence.
+        first_stream: u32,
+        /// That file's owner.
+        first: Owner,
     },
     /// A line could not be read as a row.
     #[error("{at}: malformed line: {problem}")]
@@ -325,6 +343,9 @@ pub struct Report {
     pub expected_ddl_rows_per_stream: u64,
     /// Per file, in stream order.
     pub per_stream: Vec<StreamStats>,
+    /// The job attempt whose fences the files carry, when they all carry the same one
+    /// (`None`: no fence, or they differ, which is a [`Violation::WritersDiffer`]).
+    pub written_by: Option<Owner>,
     /// Well-formed data rows over all files.
     pub data_rows: u64,
     /// Well-formed DDL rows over all files.
@@ -374,6 +395,7 @@ pub fn verify(dir: &Path, spec: &DemoSpec) -> Result<Report, VerifyError> {
     }
     let mut checker = Checker::new(dir, spec)?;
     checker.check_unexpected_files(dir)?;
+    checker.check_writers(dir, spec.binlog_num)?;
     for stream in 0..spec.binlog_num {
         let path = sink_file_in(dir, stream);
         match File::open(&path) {
@@ -536,6 +558,7 @@ impl Checker {
                 expected_data_rows: spec.total_data_records(),
                 expected_ddl_rows_per_stream: spec.ddl_rows_per_stream(),
                 per_stream: Vec::with_capacity(spec.binlog_num as usize),
+                written_by: None,
                 data_rows: 0,
                 ddl_rows: 0,
                 malformed_lines: 0,
@@ -585,6 +608,37 @@ impl Checker {
         extra.sort();
         for name in extra {
             self.violation(Violation::UnexpectedFile { name });
+        }
+        Ok(())
+    }
+
+    /// Reads every file's fence: they must all name the same job attempt.
+    fn check_writers(&mut self, dir: &Path, streams: u32) -> Result<(), VerifyError> {
+        let mut first: Option<(u32, Owner)> = None;
+        let mut differ = false;
+        for stream in 0..streams {
+            let path = sink_file_in(dir, stream);
+            let owner = crate::fence::owner(&path).map_err(|source| VerifyError::Io {
+                path: crate::fence::fence_path(&path),
+                source,
+            })?;
+            let Some(owner) = owner else { continue };
+            match first {
+                None => first = Some((stream, owner)),
+                Some((first_stream, first_owner)) if first_owner != owner => {
+                    differ = true;
+                    self.violation(Violation::WritersDiffer {
+                        stream,
+                        owner,
+                        first_stream,
+                        first: first_owner,
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        if !differ {
+            self.report.written_by = first.map(|(_, owner)| owner);
         }
         Ok(())
     }
@@ -891,6 +945,10 @@ impl fmt::Display for Report {
         let verdict = if self.passed() { "PASSED" } else { "FAILED" };
         writeln!(f, "demo sink verification: {verdict}")?;
         writeln!(f, "  {:<W$}{}", "directory", self.dir.display())?;
+        match self.written_by {
+            Some(owner) => writeln!(f, "  {:<W$}{owner}", "written by")?,
+            None => writeln!(f, "  {:<W$}-", "written by")?,
+        }
         writeln!(
             f,
             "  {:<W$}{} x {}",
@@ -1095,6 +1153,47 @@ mod tests {
         let text = report.to_string();
         assert!(text.contains("PASSED"), "{text}");
         assert!(text.contains("violations"), "{text}");
+    }
+
+    /// The fences name who wrote the files: one attempt passes and is named; files of two
+    /// attempts are a violation.
+    #[test]
+    fn the_files_must_be_one_attempts_and_it_is_named() {
+        use crate::fence::FencedFile;
+        let spec = spec_2x3();
+        let dir = tempfile::tempdir().unwrap();
+        let claim = |stream: u32, job, epoch| {
+            FencedFile::claim(&sink_file_in(dir.path(), stream), Owner { job, epoch }, 0).unwrap()
+        };
+        let claims: Vec<FencedFile> = (0..3).map(|i| claim(i, 4, 2)).collect();
+        drop(claims);
+        write_files(dir.path(), &simulate(&spec));
+        let report = verify(dir.path(), &spec).unwrap();
+        assert!(report.passed(), "{report}");
+        assert_eq!(report.written_by, Some(Owner { job: 4, epoch: 2 }));
+        assert!(
+            report
+                .to_string()
+                .contains("written by        job 4 epoch 2"),
+            "{report}"
+        );
+        // Stream 1's file taken over by a later job.
+        drop(claim(1, 5, 1));
+        write_files(dir.path(), &simulate(&spec));
+        let report = verify(dir.path(), &spec).unwrap();
+        assert!(!report.passed());
+        assert_eq!(report.written_by, None);
+        assert!(
+            has(&report, |v| matches!(
+                v,
+                Violation::WritersDiffer {
+                    stream: 1,
+                    first_stream: 0,
+                    ..
+                }
+            )),
+            "{report}"
+        );
     }
 
     #[test]
