@@ -311,8 +311,11 @@ fn t04b_a_voter_whose_data_dir_was_lost_cannot_join_again_under_its_id() {
     let mut c = Cluster::bootstrap(3);
     let leader = c.wait_for_leader(&[1, 2, 3], ELECTION);
     let lost = if leader == 3 { 2 } else { 3 };
+    let addr = c.addr(lost);
     c.lose(lost);
-    c.join(lost);
+    // At its old address, where the leader still sends it entries as a voter.
+    let via = common::join_addrs(&c.running_addrs());
+    c.spawn_master(lost, addr, &["--join".into(), via]);
     let r = wait_until("the rejoining master exits", ELECTION, || {
         c.node(lost)
             .exit_status()
@@ -322,8 +325,9 @@ fn t04b_a_voter_whose_data_dir_was_lost_cannot_join_again_under_its_id() {
     assert!(!status.success(), "{status:?}");
     let log = c.node(lost).log_text();
     assert!(
-        log.contains(&format!("master {lost} is already a voter"))
-            && log.contains("must join under a new node-id"),
+        log.contains(&format!(
+            "master {lost} is already a member of this cluster with another data dir"
+        )) && log.contains("must join under a new node-id"),
         "{log}"
     );
     let survivors: Vec<u64> = (1..=3).filter(|i| *i != lost).collect();

@@ -892,19 +892,30 @@ const JOIN_PATIENCE: Duration = Duration::from_secs(10);
 async fn join_on_leader(shared: &Shared, req: JoinRequest) -> Result<Nothing, RemoteError> {
     let node = shared.node()?;
     let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
-    let master = MasterNode::new(req.addr.clone(), req.name.clone());
+    let master =
+        MasterNode::new(req.addr.clone(), req.name.clone()).with_incarnation(req.incarnation);
+    let known = node
+        .raft()
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .get_node(&req.node_id)
+        .cloned();
+    if let Some(known) = known
+        && known.incarnation != req.incarnation
+    {
+        // The member's data dir was lost and it came back under its id: with an empty log
+        // it could help elect a leader that lacks committed entries.
+        return Err(RemoteError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "master {} is already a member of this cluster with another data dir; a master whose data dir was lost must join under a new node-id",
+                req.node_id
+            ),
+        ));
+    }
     loop {
-        if req.new_data_dir && node.status().voters.contains(&req.node_id) {
-            // A voter's data dir was lost and it came back under its id: as a voter with an
-            // empty log it could elect a leader that lacks committed entries.
-            return Err(RemoteError::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "master {} is already a voter of this cluster, and the joining master's data dir is new: a master whose data dir was lost must join under a new node-id",
-                    req.node_id
-                ),
-            ));
-        }
         let result = async {
             if node.is_settled_voter(req.node_id) {
                 return Ok(());
@@ -1049,6 +1060,9 @@ impl MasterServer {
                         } else {
                             format!("master-{id}")
                         };
+                        // Incarnation 0 (unknown) for every member, this one too: every
+                        // master writes this first entry itself, and the same log id must
+                        // hold the same entry everywhere.
                         (id, MasterNode::new(a.to_string(), name))
                     })
                     .collect();
@@ -1128,46 +1142,72 @@ async fn rejoin_until_voter(
         let Some(endpoint) = endpoint.upgrade() else {
             return;
         };
-        match node.upgrade() {
-            Some(meta) if !meta.is_settled_voter(config.node_id) => {}
+        let meta = match node.upgrade() {
+            Some(meta) if !meta.is_settled_voter(config.node_id) => meta,
             _ => return,
-        }
-        let Some(meta) = node.upgrade() else {
-            return;
         };
         let joined = join(&endpoint, &config, &addr, &meta).await;
         drop(meta);
         match joined {
             Ok(()) => return,
-            Err(e) => warn!(error = %e, "not a voter yet; asking again"),
+            Err(JoinFailure::Refused(e)) => {
+                warn!(error = %e, "the cluster refused this master; it stays a learner");
+                return;
+            }
+            Err(JoinFailure::Unanswered(e)) => warn!(error = %e, "not a voter yet; asking again"),
         }
         drop(endpoint);
         tokio::time::sleep(REJOIN_PAUSE).await;
     }
 }
 
-/// Asks the masters at `config.join` to make this master (raft node `node`) a voter. Each
-/// request says whether its log is still empty (a new data dir that no leader has written to
-/// yet). A refusal that asking again cannot change ends it at once.
+/// Why [`join`] did not make this master a voter.
+enum JoinFailure {
+    /// The cluster refused it; asking again would not change that.
+    Refused(MasterError),
+    /// No master said yes within the join's time.
+    Unanswered(MasterError),
+}
+
+impl From<JoinFailure> for MasterError {
+    fn from(f: JoinFailure) -> MasterError {
+        match f {
+            JoinFailure::Refused(e) | JoinFailure::Unanswered(e) => e,
+        }
+    }
+}
+
+/// How long a master keeps asking to join, and how long one request may take: longer than
+/// the leader works on one ([`JOIN_PATIENCE`], plus the writes it may have started by then),
+/// so that a request is not asked again while the leader still works on it.
+const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+const JOIN_CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Asks the masters at `config.join` to make this master (raft node `node`) a voter, naming
+/// its data dir's incarnation. A refusal that asking again cannot change ends it at once.
 async fn join(
     endpoint: &Endpoint,
     config: &MasterConfig,
     addr: &str,
     node: &MetaNode,
-) -> Result<(), MasterError> {
+) -> Result<(), JoinFailure> {
     let addrs: Vec<SocketAddr> = config.join.iter().filter_map(|a| a.parse().ok()).collect();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + JOIN_DEADLINE;
+    let req = JoinRequest {
+        node_id: config.node_id,
+        addr: addr.to_string(),
+        name: config.name(),
+        incarnation: node.incarnation(),
+    };
+    let failed = |reason: String| MasterError::Join {
+        addrs: config.join.join(","),
+        reason,
+    };
     let mut last = String::new();
     while tokio::time::Instant::now() < deadline {
         for a in &addrs {
-            let req = JoinRequest {
-                node_id: config.node_id,
-                addr: addr.to_string(),
-                name: config.name(),
-                new_data_dir: node.raft().metrics().borrow().last_log_index.is_none(),
-            };
             match endpoint
-                .call_timeout::<JoinCluster>(*a, &req, Duration::from_secs(12))
+                .call_timeout::<JoinCluster>(*a, &req, JOIN_CALL_TIMEOUT)
                 .await
             {
                 Ok(_) => {
@@ -1175,10 +1215,7 @@ async fn join(
                     return Ok(());
                 }
                 Err(e) if !e.is_retryable() => {
-                    return Err(MasterError::Join {
-                        addrs: config.join.join(","),
-                        reason: e.to_string(),
-                    });
+                    return Err(JoinFailure::Refused(failed(e.to_string())));
                 }
                 Err(e) => {
                     warn!(via = %a, error = %e, "join attempt failed");
@@ -1188,10 +1225,7 @@ async fn join(
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    Err(MasterError::Join {
-        addrs: config.join.join(","),
-        reason: last,
-    })
+    Err(JoinFailure::Unanswered(failed(last)))
 }
 
 impl Shared {

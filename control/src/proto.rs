@@ -37,10 +37,10 @@ pub struct JoinRequest {
     pub addr: String,
     /// Its name.
     pub name: String,
-    /// Its data dir was new when it started: it holds no log and has cast no vote. Such a
-    /// master must not take the place of a voter of the same id, whose votes and log
-    /// entries the others counted on.
-    pub new_data_dir: bool,
+    /// Its data dir's incarnation, drawn when the data dir was created. A master of an id
+    /// the cluster knows under another incarnation lost its data dir (its votes and log
+    /// entries, which the others counted on) and may not take that member's place.
+    pub incarnation: u64,
 }
 
 /// One member of the masters' raft group.

@@ -42,14 +42,27 @@ pub struct MasterNode {
     pub addr: String,
     /// Human-readable name.
     pub name: String,
+    /// A random number drawn when its data dir was created (0: not known, as for the other
+    /// masters named in a bootstrap). A master with a new data dir has a new one, which tells
+    /// a master whose data was lost from the same master asking again.
+    pub incarnation: u64,
 }
 
 impl MasterNode {
-    /// A node description.
+    /// A node description of unknown incarnation.
     pub fn new(addr: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             addr: addr.into(),
             name: name.into(),
+            incarnation: 0,
+        }
+    }
+
+    /// The same, of data-dir incarnation `incarnation`.
+    pub fn with_incarnation(self, incarnation: u64) -> Self {
+        Self {
+            incarnation,
+            ..self
         }
     }
 }

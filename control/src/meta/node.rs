@@ -192,6 +192,8 @@ pub struct MetaNode {
     state: Arc<RwLock<MetaState>>,
     applied: tokio::sync::watch::Receiver<u64>,
     watchdog: JoinHandle<()>,
+    /// The data dir's incarnation ([`MasterNode::incarnation`]).
+    incarnation: u64,
     /// Our handle on the store file: dropped last, on shutdown, so the close is complete when
     /// shutdown returns.
     file: std::sync::Mutex<Option<Arc<redb::Database>>>,
@@ -218,6 +220,7 @@ impl MetaNode {
             })??;
         let state = store.state.clone();
         let applied = store.applied.clone();
+        let incarnation = store.incarnation;
         let file = std::sync::Mutex::new(Some(store.file.clone()));
         let raft = Raft::new(
             config.node_id,
@@ -241,6 +244,7 @@ impl MetaNode {
             state,
             applied,
             watchdog,
+            incarnation,
             file,
         })
     }
@@ -264,6 +268,12 @@ impl MetaNode {
     /// This node's description as a raft member.
     pub fn master_node(&self) -> MasterNode {
         MasterNode::new(self.config.addr.clone(), self.config.name.clone())
+            .with_incarnation(self.incarnation)
+    }
+
+    /// This data dir's incarnation ([`MasterNode::incarnation`]).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     /// Creates a new cluster with `members` as voters, only if this node's store is pristine.
@@ -385,14 +395,28 @@ impl MetaNode {
             .cloned();
         if known.as_ref() != Some(&node) {
             let timeout = self.config.write_timeout();
-            match tokio::time::timeout(timeout, self.raft.add_learner(id, node, false)).await {
+            let change = async {
+                match known {
+                    // Known under another address or name: adding would keep the old one.
+                    Some(_) => self
+                        .raft
+                        .change_membership(
+                            ChangeMembers::SetNodes(std::collections::BTreeMap::from([(id, node)])),
+                            true,
+                        )
+                        .await
+                        .map(|_| ()),
+                    None => self.raft.add_learner(id, node, false).await.map(|_| ()),
+                }
+            };
+            match tokio::time::timeout(timeout, change).await {
                 Err(_) => {
                     return Err(MetaError::NoQuorum(format!(
                         "learner {id} not added within {} ms",
                         timeout.as_millis()
                     )));
                 }
-                Ok(Ok(_)) => {}
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(self.write_error(e)),
             }
         }
@@ -402,17 +426,27 @@ impl MetaNode {
             .wait(Some(patience))
             .metrics(
                 move |m| {
-                    let matched = m
-                        .replication
-                        .as_ref()
-                        .and_then(|r| r.get(&id).copied().flatten())
-                        .map(|l| l.index);
+                    let Some(replication) = &m.replication else {
+                        // Not the leader any more: nothing to wait for here.
+                        return true;
+                    };
+                    let matched = replication.get(&id).copied().flatten().map(|l| l.index);
                     matched >= target
                 },
                 "learner caught up",
             )
             .await;
         match caught_up {
+            Ok(m) if m.replication.is_none() => {
+                let leader = m.current_leader;
+                let node =
+                    leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+                let fwd = match (leader, node) {
+                    (Some(l), Some(n)) => ForwardToLeader::new(l, n),
+                    _ => ForwardToLeader::empty(),
+                };
+                Err(self.forward(&fwd))
+            }
             Ok(_) => Ok(()),
             Err(openraft::metrics::WaitError::Timeout(..)) => Err(MetaError::NoQuorum(format!(
                 "learner {id} has not caught up with the log within {} ms",

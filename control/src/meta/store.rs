@@ -50,8 +50,8 @@ use super::{MasterNode, NodeId, TypeConfig};
 /// included); a file with another version is refused. 2: `Command::SetJobState` names the state
 /// it was planned against. 3: job history entries and `Command::SetJobState` carry a
 /// [`Cause`](crate::job::Cause), and job records count their restarts. 4: task records carry
-/// their cost and the lost executor they were unplaced from, and `Command::AllocateTaskIds`
-/// the plan's costs.
+/// their cost and the lost executor they were unplaced from, `Command::AllocateTaskIds` the
+/// plan's costs, and members their data dir's incarnation.
 pub const SCHEMA_VERSION: u32 = 4;
 /// File name of the metadata store inside a master's data dir.
 pub const FILE_NAME: &str = "meta.redb";
@@ -73,6 +73,7 @@ const DATA_TABLES: [TableDefinition<'_, u64, Bytes>; 5] =
 
 const K_SCHEMA: &str = "schema_version";
 const K_CLUSTER_ID: &str = "cluster_id";
+const K_INCARNATION: &str = "incarnation";
 const K_VOTE: &str = "vote";
 const K_LAST_PURGED: &str = "last_purged";
 const K_LAST_APPLIED: &str = "last_applied";
@@ -164,6 +165,8 @@ pub struct OpenedStore {
     pub applied: tokio::sync::watch::Receiver<u64>,
     /// One more handle on the redb file, so that its owner can close it deterministically.
     pub(super) file: Arc<Database>,
+    /// This data dir's incarnation ([`MasterNode::incarnation`]), drawn when it was created.
+    pub incarnation: u64,
 }
 
 /// Opens (or creates) `<data_dir>/meta.redb` for cluster `cluster_id`.
@@ -201,6 +204,7 @@ fn open_database(
         message: e.to_string(),
     };
     let txn = db.begin_write().map_err(|e| storage("write", &e))?;
+    let incarnation;
     {
         let mut cluster = txn
             .open_table(CLUSTER)
@@ -246,6 +250,23 @@ fn open_database(
             }
             Some(Err(e)) => return Err(storage("corrupt cluster id in", &e)),
         }
+        let found_incarnation = cluster
+            .get(K_INCARNATION)
+            .map_err(|e| storage("read", &e))?
+            .map(|v| decode::<u64>(v.value()));
+        incarnation = match found_incarnation {
+            Some(Ok(n)) => n,
+            None => {
+                // Never 0, which stands for "not known".
+                let n = rand::random::<u64>().max(1);
+                let v = encode(&n).map_err(|e| storage("encode", &e))?;
+                cluster
+                    .insert(K_INCARNATION, v.as_slice())
+                    .map_err(|e| storage("write", &e))?;
+                n
+            }
+            Some(Err(e)) => return Err(storage("corrupt incarnation in", &e)),
+        };
         for t in [RAFT_META, SM_META, SM_SNAPSHOT] {
             txn.open_table(t)
                 .map_err(|e| storage("create table in", &e))?;
@@ -276,6 +297,7 @@ fn open_database(
         },
         state,
         applied,
+        incarnation,
     })
 }
 
