@@ -326,7 +326,7 @@ fn t04b_a_voter_whose_data_dir_was_lost_cannot_join_again_under_its_id() {
     let log = c.node(lost).log_text();
     assert!(
         log.contains(&format!(
-            "master {lost} is already a member of this cluster with another data dir"
+            "master {lost} is already a voter of this cluster with another data dir"
         )) && log.contains("must join under a new node-id"),
         "{log}"
     );

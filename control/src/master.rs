@@ -367,6 +367,17 @@ struct Shared {
     /// Wakes the leader loop before its sleep ends (a heartbeat brought changed task
     /// reports).
     step_now: tokio::sync::Notify,
+    /// Set while a master started with `join` has not been accepted as a voter of its data
+    /// dir's incarnation: it casts no votes meanwhile (see `join_on_leader`).
+    joining: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// The cluster accepted this master (or it needs no join): it may vote.
+    fn joined(&self) {
+        self.joining
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 fn unavailable(msg: impl Into<String>) -> RemoteError {
@@ -627,6 +638,13 @@ fn router(shared: Arc<Shared>) -> Router {
                 let rpc: RaftRpc = postcard::from_bytes(&blob.bytes).map_err(|e| {
                     RemoteError::new(ErrorCode::BadRequest, format!("bad raft message: {e}"))
                 })?;
+                if matches!(rpc, RaftRpc::Vote(_))
+                    && shared.joining.load(std::sync::atomic::Ordering::Acquire)
+                {
+                    // Until the cluster accepted this master's data dir, it may be one that
+                    // replaced a lost one: its empty log must not help elect anyone.
+                    return Err(unavailable("joining the cluster: casting no votes yet"));
+                }
                 let resp = handle_raft_rpc(node.raft(), rpc).await;
                 let bytes = postcard::to_stdvec(&resp)
                     .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))?;
@@ -884,6 +902,16 @@ async fn control_job(
 
 use crate::proto::JoinRequest;
 
+/// The refusal of a join under the id of a voter from another data dir.
+fn refused_join(id: u64) -> RemoteError {
+    RemoteError::new(
+        ErrorCode::InvalidArgument,
+        format!(
+            "master {id} is already a voter of this cluster with another data dir; a master whose data dir was lost must join under a new node-id"
+        ),
+    )
+}
+
 /// How long the leader works on one join request. The joining master asks again while it has
 /// not joined (see [`join`]); a learner already added is not added again, so its catch-up goes
 /// on across requests.
@@ -894,26 +922,23 @@ async fn join_on_leader(shared: &Shared, req: JoinRequest) -> Result<Nothing, Re
     let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
     let master =
         MasterNode::new(req.addr.clone(), req.name.clone()).with_incarnation(req.incarnation);
-    let known = node
-        .raft()
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .get_node(&req.node_id)
-        .cloned();
+    let (known, voter) = {
+        let m = node.raft().metrics().borrow().membership_config.clone();
+        let membership = m.membership();
+        let voter = membership
+            .get_joint_config()
+            .iter()
+            .any(|config| config.contains(&req.node_id));
+        (membership.get_node(&req.node_id).cloned(), voter)
+    };
     if let Some(known) = known
         && known.incarnation != req.incarnation
+        && voter
     {
-        // The member's data dir was lost and it came back under its id: with an empty log
-        // it could help elect a leader that lacks committed entries.
-        return Err(RemoteError::new(
-            ErrorCode::InvalidArgument,
-            format!(
-                "master {} is already a member of this cluster with another data dir; a master whose data dir was lost must join under a new node-id",
-                req.node_id
-            ),
-        ));
+        // The voter's data dir was lost and it came back under its id: with an empty log
+        // it could help elect a leader that lacks committed entries. (A learner's is
+        // replaced: see `MetaNode::add_learner`.)
+        return Err(refused_join(req.node_id));
     }
     loop {
         let result = async {
@@ -956,6 +981,7 @@ async fn join_on_leader(shared: &Shared, req: JoinRequest) -> Result<Nothing, Re
             Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            Err(MetaError::Membership(_)) => return Err(refused_join(req.node_id)),
             Err(e) => return Err(unavailable(e.to_string())),
         }
     }
@@ -993,6 +1019,7 @@ impl MasterServer {
             liveness_config,
             checkpoints: Mutex::new(CheckpointTracker::new()),
             step_now: tokio::sync::Notify::new(),
+            joining: std::sync::atomic::AtomicBool::new(!config.join.is_empty()),
         });
         let endpoint = Endpoint::bind(
             config.listen_addr,
@@ -1035,6 +1062,9 @@ impl MasterServer {
                     node = config.node_id,
                     "restarted from data dir; rejoining the cluster"
                 );
+                if node.is_settled_voter(config.node_id) {
+                    shared.joined();
+                }
                 if !config.join.is_empty() && !node.is_settled_voter(config.node_id) {
                     // A join that failed part-way (the learner was added and got entries,
                     // then the join timed out) leaves a data dir that is no longer new.
@@ -1045,6 +1075,7 @@ impl MasterServer {
                     rejoin = Some(tokio::spawn(rejoin_until_voter(
                         endpoint.downgrade(),
                         Arc::downgrade(&node),
+                        Arc::downgrade(&shared),
                         config.clone(),
                         addr.clone(),
                     )));
@@ -1066,10 +1097,12 @@ impl MasterServer {
                         (id, MasterNode::new(a.to_string(), name))
                     })
                     .collect();
+                shared.joined();
                 node.bootstrap(members).await?;
                 info!(node = config.node_id, "bootstrapped a new cluster");
             } else if !config.join.is_empty() {
                 join(&endpoint, &config, &addr, &node).await?;
+                shared.joined();
             } else {
                 return Err(MasterError::Config(
                     "a new data dir needs initial-members (new cluster) or join (running cluster)"
@@ -1135,6 +1168,7 @@ const REJOIN_PAUSE: Duration = Duration::from_secs(5);
 async fn rejoin_until_voter(
     endpoint: WeakEndpoint,
     node: std::sync::Weak<MetaNode>,
+    shared: std::sync::Weak<Shared>,
     config: MasterConfig,
     addr: String,
 ) {
@@ -1149,7 +1183,12 @@ async fn rejoin_until_voter(
         let joined = join(&endpoint, &config, &addr, &meta).await;
         drop(meta);
         match joined {
-            Ok(()) => return,
+            Ok(()) => {
+                if let Some(shared) = shared.upgrade() {
+                    shared.joined();
+                }
+                return;
+            }
             Err(JoinFailure::Refused(e)) => {
                 warn!(error = %e, "the cluster refused this master; it stays a learner");
                 return;

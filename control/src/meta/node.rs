@@ -379,35 +379,61 @@ impl MetaNode {
     /// leader's log as it is now. Adding it again would propose another membership entry,
     /// which restarts every replication stream, and with it a snapshot still on its way to
     /// the learner: a join retried while a large snapshot is sent would never finish.
+    ///
+    /// A member of the same data-dir incarnation known under another address or name is
+    /// updated. A learner of another incarnation (its data dir was lost) is removed and added
+    /// anew; a voter of another incarnation is refused ([`MetaError::Membership`]): with an
+    /// empty log it could help elect a leader that lacks committed entries.
     pub async fn add_learner(
         &self,
         id: NodeId,
         node: MasterNode,
         patience: Duration,
     ) -> Result<(), MetaError> {
-        let known = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&id)
-            .cloned();
+        let (known, voter) = {
+            let m = self.raft.metrics().borrow().membership_config.clone();
+            let membership = m.membership();
+            let voter = membership
+                .get_joint_config()
+                .iter()
+                .any(|config| config.contains(&id));
+            (membership.get_node(&id).cloned(), voter)
+        };
+        if let Some(k) = &known
+            && k.incarnation != node.incarnation
+            && voter
+        {
+            return Err(MetaError::Membership(format!(
+                "master {id} is a voter with another data dir; a master whose data dir was lost must join under a new node-id"
+            )));
+        }
         if known.as_ref() != Some(&node) {
             let timeout = self.config.write_timeout();
+            let set = |node: MasterNode| {
+                ChangeMembers::SetNodes(std::collections::BTreeMap::from([(id, node)]))
+            };
             let change = async {
                 match known {
                     // Known under another address or name: adding would keep the old one.
-                    Some(_) => self
-                        .raft
-                        .change_membership(
-                            ChangeMembers::SetNodes(std::collections::BTreeMap::from([(id, node)])),
-                            true,
-                        )
-                        .await
-                        .map(|_| ()),
-                    None => self.raft.add_learner(id, node, false).await.map(|_| ()),
+                    Some(k) if k.incarnation == node.incarnation => {
+                        self.raft.change_membership(set(node), true).await?;
+                    }
+                    // A learner whose data dir was lost: added anew, so that the leader
+                    // forgets how far it had replicated to it.
+                    Some(_) => {
+                        self.raft
+                            .change_membership(
+                                ChangeMembers::RemoveNodes(BTreeSet::from([id])),
+                                true,
+                            )
+                            .await?;
+                        self.raft.add_learner(id, node, false).await?;
+                    }
+                    None => {
+                        self.raft.add_learner(id, node, false).await?;
+                    }
                 }
+                Ok(())
             };
             match tokio::time::timeout(timeout, change).await {
                 Err(_) => {

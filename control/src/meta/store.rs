@@ -50,9 +50,10 @@ use super::{MasterNode, NodeId, TypeConfig};
 /// included); a file with another version is refused. 2: `Command::SetJobState` names the state
 /// it was planned against. 3: job history entries and `Command::SetJobState` carry a
 /// [`Cause`](crate::job::Cause), and job records count their restarts. 4: task records carry
-/// their cost and the lost executor they were unplaced from, `Command::AllocateTaskIds` the
-/// plan's costs, and members their data dir's incarnation.
-pub const SCHEMA_VERSION: u32 = 4;
+/// their cost and the lost executor they were unplaced from, and `Command::AllocateTaskIds`
+/// the plan's costs. 5: members carry their data dir's incarnation, which the cluster table
+/// holds.
+pub const SCHEMA_VERSION: u32 = 5;
 /// File name of the metadata store inside a master's data dir.
 pub const FILE_NAME: &str = "meta.redb";
 

@@ -338,9 +338,29 @@ async fn t06_fourth_node_joins_as_learner_then_voter() {
             .map(|id| id.index)
     };
     let before = membership_at(l);
-    l.add_learner(4, n4, WAIT).await.unwrap();
+    l.add_learner(4, n4.clone(), WAIT).await.unwrap();
     assert_eq!(membership_at(l), before);
+    // A learner of another data-dir incarnation (its data dir was lost) is replaced ...
+    let replaced = n4.clone().with_incarnation(n4.incarnation.wrapping_add(1));
+    l.add_learner(4, replaced.clone(), WAIT).await.unwrap();
+    let member = |l: &MetaNode| {
+        l.raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&4)
+            .cloned()
+    };
+    assert_eq!(member(l), Some(replaced.clone()));
     l.promote_voter(4).await.unwrap();
+    // ... but a voter's place is not taken by another incarnation.
+    let other = replaced
+        .clone()
+        .with_incarnation(replaced.incarnation.wrapping_add(1));
+    let refused = l.add_learner(4, other, WAIT).await.unwrap_err();
+    assert!(matches!(refused, MetaError::Membership(_)), "{refused}");
+    assert_eq!(member(l), Some(replaced));
     let status = l.status();
     assert!(status.voters.contains(&4), "{status:?}");
     assert!(l.is_settled_voter(4));
