@@ -1216,11 +1216,15 @@ impl From<JoinFailure> for MasterError {
     }
 }
 
-/// How long a master keeps asking to join, and how long one request may take: longer than
-/// the leader works on one ([`JOIN_PATIENCE`], plus the writes it may have started by then),
-/// so that a request is not asked again while the leader still works on it.
+/// How long a master keeps asking to join.
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
-const JOIN_CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long one join request may take under write timeout `write_timeout`: longer than the
+/// leader works on one ([`JOIN_PATIENCE`], plus the two writes it may have started by then),
+/// so that a request is not asked again while the leader still works on it.
+fn join_call_timeout(write_timeout: Duration) -> Duration {
+    JOIN_PATIENCE + write_timeout.saturating_mul(2) + Duration::from_secs(2)
+}
 
 /// Asks the masters at `config.join` to make this master (raft node `node`) a voter, naming
 /// its data dir's incarnation. A refusal that asking again cannot change ends it at once.
@@ -1246,7 +1250,11 @@ async fn join(
     while tokio::time::Instant::now() < deadline {
         for a in &addrs {
             match endpoint
-                .call_timeout::<JoinCluster>(*a, &req, JOIN_CALL_TIMEOUT)
+                .call_timeout::<JoinCluster>(
+                    *a,
+                    &req,
+                    join_call_timeout(Duration::from_millis(config.write_timeout_ms)),
+                )
                 .await
             {
                 Ok(_) => {

@@ -378,6 +378,14 @@ impl Report {
     pub fn passed(&self) -> bool {
         self.violation_count == 0
     }
+
+    /// Why the files are not job `job`'s output, if their fences name another job (output an
+    /// earlier run left, which a job that never claimed the files would not replace).
+    pub fn other_writer(&self, job: u64) -> Option<String> {
+        self.written_by
+            .filter(|owner| owner.job != job)
+            .map(|owner| format!("the sink files were written by {owner}, not by job {job}"))
+    }
 }
 
 /// Verifies the sink files of a finished job in `dir` (normally [`DemoSpec::output_dir`])
@@ -1171,6 +1179,12 @@ mod tests {
         let report = verify(dir.path(), &spec).unwrap();
         assert!(report.passed(), "{report}");
         assert_eq!(report.written_by, Some(Owner { job: 4, epoch: 2 }));
+        assert_eq!(report.other_writer(4), None);
+        let other = report.other_writer(3).unwrap();
+        assert!(
+            other.contains("written by job 4 epoch 2, not by job 3"),
+            "{other}"
+        );
         assert!(
             report
                 .to_string()

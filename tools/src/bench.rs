@@ -777,9 +777,13 @@ async fn one_run(cluster: &mut LocalCluster, spec: &DemoSpec, args: &BenchArgs) 
     };
     match verdict {
         Ok(Ok(report)) => {
-            run.verified = report.passed();
+            let other = report.other_writer(job);
+            run.verified = report.passed() && other.is_none();
             run.violations = report.violation_count;
             run.data_rows = report.data_rows;
+            if let Some(other) = other {
+                run.error = Some(other);
+            }
         }
         Ok(Err(e)) => run.error = Some(format!("verifier: {e}")),
         Err(e) => run.error = Some(format!("verifier task: {e}")),

@@ -397,7 +397,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     };
     println!("{report}");
     print_stages(&spec);
-    let passed = report.passed();
+    let other = report.other_writer(job);
+    if let Some(other) = &other {
+        println!("{other}");
+    }
+    let passed = report.passed() && other.is_none();
     println!(
         "{}",
         if passed {
