@@ -279,6 +279,24 @@ fn unix_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// Job `id` once a checkpoint later than `slot` completed (asking `via`).
+fn checkpoint_after(
+    cluster: &Cluster,
+    id: u64,
+    what: &str,
+    via: &[SocketAddr],
+    slot: u64,
+) -> serde_json::Value {
+    let r = wait_until(what, Duration::from_secs(20), || {
+        let j = job(cluster, via, id)?;
+        match j["checkpoint"]["id"].as_u64() {
+            Some(c) if c > slot => Ok(j),
+            _ => Err(j.to_string()),
+        }
+    });
+    cluster.unwrap_or_dump(r)
+}
+
 /// A task that finished stands in every later checkpoint of its attempt with its last state,
 /// which it reports once. A new leader must get that report too, or no checkpoint of the
 /// attempt completes after the leader change.
@@ -301,38 +319,26 @@ fn checkpoints_complete_under_a_new_leader_after_a_task_finished() {
     let id = common::jobs::submit(&cluster, &all, &spec, &["--type", "sleep"]);
     wait_state(&cluster, &all, id, "Running", Duration::from_secs(20));
     // A checkpoint taken a second after the job ran: task 0 had finished by then.
-    let after_task_0 = (unix_ms() + 1000) / 100;
-    let r = wait_until(
+    checkpoint_after(
+        &cluster,
+        id,
         "a checkpoint completes after task 0 finished",
-        Duration::from_secs(20),
-        || {
-            let j = job(&cluster, &all, id)?;
-            match j["checkpoint"]["id"].as_u64() {
-                Some(c) if c > after_task_0 => Ok(c),
-                _ => Err(j.to_string()),
-            }
-        },
+        &all,
+        (unix_ms() + 1000) / 100,
     );
-    cluster.unwrap_or_dump(r);
     cluster.kill(leader);
     let survivors: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
     cluster.wait_for_leader(&survivors, Duration::from_secs(10));
     let via: Vec<SocketAddr> = survivors.iter().map(|i| cluster.addr(*i)).collect();
     // A checkpoint taken after the new leader was elected: the old one committed none of
     // them, so the new one did, with task 0's last report sent to it again.
-    let after_election = unix_ms() / 100;
-    let r = wait_until(
+    let j = checkpoint_after(
+        &cluster,
+        id,
         "a checkpoint completes under the new leader",
-        Duration::from_secs(20),
-        || {
-            let j = job(&cluster, &via, id)?;
-            match j["checkpoint"]["id"].as_u64() {
-                Some(c) if c > after_election => Ok(j),
-                _ => Err(j.to_string()),
-            }
-        },
+        &via,
+        unix_ms() / 100,
     );
-    let j = cluster.unwrap_or_dump(r);
     assert_eq!(j["state"], "Running", "{j}");
     assert_eq!(j["epoch"], 1, "the leader change restarted the job: {j}");
 }

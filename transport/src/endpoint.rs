@@ -910,23 +910,32 @@ mod tests {
     use super::*;
     use crate::tls::init_cluster_certs;
 
+    /// A directory with a fresh cluster's certificates.
+    fn certs() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        init_cluster_certs(dir.path(), "t", &[]).unwrap();
+        dir
+    }
+
+    /// An endpoint of `role` on a free port of 127.0.0.1, serving nothing.
+    fn bind(certs: &tempfile::TempDir, role: Role) -> Endpoint {
+        let identity = Identity::load(certs.path(), role).unwrap();
+        let localhost: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Endpoint::bind(
+            localhost,
+            &identity,
+            TransportConfig::default(),
+            Router::new(),
+        )
+        .unwrap()
+    }
+
     /// Closed connections to peers never looked up again are dropped from the cache when
     /// another peer is dialed, so it holds about one entry per live peer.
     #[tokio::test]
     async fn dialing_drops_closed_connections_from_the_cache() {
-        let dir = tempfile::tempdir().unwrap();
-        init_cluster_certs(dir.path(), "t", &[]).unwrap();
-        let localhost: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let bind = |role| {
-            let identity = Identity::load(dir.path(), role).unwrap();
-            Endpoint::bind(
-                localhost,
-                &identity,
-                TransportConfig::default(),
-                Router::new(),
-            )
-            .unwrap()
-        };
+        let dir = certs();
+        let bind = |role| bind(&dir, role);
         let client = bind(Role::Client);
         let deadline = || Instant::now() + Duration::from_secs(5);
         let cached = |e: &Endpoint| lock(&e.inner.conns).len();
@@ -965,19 +974,8 @@ mod tests {
     /// a retry dialed anew) leaves the new connection alone.
     #[tokio::test]
     async fn a_late_failure_on_an_old_connection_leaves_the_new_one_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        init_cluster_certs(dir.path(), "t", &[]).unwrap();
-        let localhost: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let bind = |role| {
-            let identity = Identity::load(dir.path(), role).unwrap();
-            Endpoint::bind(
-                localhost,
-                &identity,
-                TransportConfig::default(),
-                Router::new(),
-            )
-            .unwrap()
-        };
+        let dir = certs();
+        let bind = |role| bind(&dir, role);
         let server = bind(Role::Master);
         let client = bind(Role::Client);
         let addr = server.local_addr();
