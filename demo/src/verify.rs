@@ -159,6 +159,20 @@ pub enum Violation {
         /// That file's owner.
         first: Owner,
     },
+    /// A sink file without a fence next to files that have one.
+    #[error("sink_{stream}.csv has no fence while the other files have one")]
+    Unfenced {
+        /// The stream.
+        stream: u32,
+    },
+    /// A fence file that is not one.
+    #[error("sink_{stream}.csv.fence: {problem}")]
+    BadFence {
+        /// The stream.
+        stream: u32,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// A line could not be read as a row.
     #[error("{at}: malformed line: {problem}")]
     Malformed {
@@ -621,16 +635,38 @@ impl Checker {
     }
 
     /// Reads every file's fence: they must all name the same job attempt.
+    ///
+    /// Files without a fence pass only if no file has one (output written by other means);
+    /// a fence that cannot be read as one is a violation.
     fn check_writers(&mut self, dir: &Path, streams: u32) -> Result<(), VerifyError> {
         let mut first: Option<(u32, Owner)> = None;
         let mut differ = false;
+        let mut unfenced = Vec::new();
         for stream in 0..streams {
             let path = sink_file_in(dir, stream);
-            let owner = crate::fence::owner(&path).map_err(|source| VerifyError::Io {
-                path: crate::fence::fence_path(&path),
-                source,
-            })?;
-            let Some(owner) = owner else { continue };
+            let owner = match crate::fence::owner(&path) {
+                Ok(owner) => owner,
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    differ = true;
+                    self.violation(Violation::BadFence {
+                        stream,
+                        problem: e.to_string(),
+                    });
+                    continue;
+                }
+                Err(source) => {
+                    return Err(VerifyError::Io {
+                        path: crate::fence::fence_path(&path),
+                        source,
+                    });
+                }
+            };
+            let Some(owner) = owner else {
+                if path.exists() {
+                    unfenced.push(stream);
+                }
+                continue;
+            };
             match first {
                 None => first = Some((stream, owner)),
                 Some((first_stream, first_owner)) if first_owner != owner => {
@@ -643,6 +679,12 @@ impl Checker {
                     });
                 }
                 Some(_) => {}
+            }
+        }
+        if first.is_some() {
+            for stream in unfenced {
+                differ = true;
+                self.violation(Violation::Unfenced { stream });
             }
         }
         if !differ {
@@ -1191,6 +1233,29 @@ mod tests {
                 .contains("written by        job 4 epoch 2"),
             "{report}"
         );
+        // A file whose fence is gone, and one whose fence is damaged.
+        fs::remove_file(crate::fence::fence_path(&sink_file_in(dir.path(), 2))).unwrap();
+        let report = verify(dir.path(), &spec).unwrap();
+        assert!(
+            has(&report, |v| matches!(v, Violation::Unfenced { stream: 2 })),
+            "{report}"
+        );
+        fs::write(
+            crate::fence::fence_path(&sink_file_in(dir.path(), 2)),
+            "nonsense\n",
+        )
+        .unwrap();
+        let report = verify(dir.path(), &spec).unwrap();
+        assert!(
+            has(&report, |v| matches!(
+                v,
+                Violation::BadFence { stream: 2, .. }
+            )),
+            "{report}"
+        );
+        assert_eq!(report.written_by, None);
+        fs::remove_file(crate::fence::fence_path(&sink_file_in(dir.path(), 2))).unwrap();
+        drop(claim(2, 4, 2));
         // Stream 1's file taken over by a later job.
         drop(claim(1, 5, 1));
         write_files(dir.path(), &simulate(&spec));
