@@ -85,6 +85,8 @@ type PortKey = (u64, u64, u32, u32);
 #[derive(Default, Clone)]
 pub struct InboundRegistry {
     inner: Arc<Mutex<RegistryInner>>,
+    /// Signalled when a data stream arrives for an attempt not running here yet.
+    unknown_attempt: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -227,6 +229,15 @@ impl InboundRegistry {
         self.lock().retired.get(&job).is_some_and(|r| epoch <= *r)
     }
 
+    /// Completes once a data stream arrived for an attempt that does not run here (yet) since
+    /// the last call: the masters have probably given this executor an attempt it learns of
+    /// at its next heartbeat, while the producing executor already runs its part. The
+    /// executor heartbeats at once then, so that the stream's records do not wait up to a
+    /// heartbeat interval (500 ms on an idle executor) for their consumer.
+    pub async fn stream_for_unknown_attempt(&self) {
+        self.unknown_attempt.notified().await;
+    }
+
     /// How many data streams are waiting for their consumer's attempt to start here.
     pub fn waiting_streams(&self) -> usize {
         self.lock().waiting
@@ -284,6 +295,7 @@ impl InboundRegistry {
             // found, it leaves the bytes it read to the loop below.
             let mut next = std::pin::pin!(stream.recv());
             let mut read_ahead = false;
+            let mut announced = false;
             let mut pause = Duration::from_millis(1);
             let since = tokio::time::Instant::now();
             let mut warned = false;
@@ -292,7 +304,14 @@ impl InboundRegistry {
                     Lookup::Found(p) => break Ok(p),
                     Lookup::Stale(newest) => break Err(Some(newest)),
                     Lookup::NotHere => break Err(None),
-                    Lookup::NotYet => {}
+                    Lookup::NotYet => {
+                        if !announced {
+                            // The masters probably gave this executor a new attempt it hears
+                            // of at its next heartbeat; asking now starts it sooner.
+                            announced = true;
+                            self.unknown_attempt.notify_one();
+                        }
+                    }
                 }
                 if !warned && since.elapsed() >= BIND_WAIT {
                     warned = true;
@@ -930,6 +949,27 @@ mod tests {
         assert!(matches!(lookup(&registry), Lookup::NotHere));
         registry.confirm_assignments(after, none, [(7, 1)]);
         assert!(matches!(lookup(&registry), Lookup::NotHere));
+    }
+
+    /// A stream that arrives for an attempt not running here asks for an early heartbeat.
+    #[test]
+    fn a_stream_for_an_unknown_attempt_asks_for_a_heartbeat() {
+        let runtime = runtime();
+        let _inside = runtime.enter();
+        let (_dir, inbound_side, outbound_side, to) = two_sides(&runtime);
+        let registry = inbound_side.registry.clone();
+        let mut sender = Exchange::<u64>::connect(&outbound_side, to).unwrap();
+        let batch = OwnedBatch::from_vec(vec![1u64]).seal().unwrap();
+        assert!(sender.offer(batch).is_ok());
+        let asked = runtime.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                registry.stream_for_unknown_attempt(),
+            )
+            .await
+        });
+        assert!(asked.is_ok(), "no early heartbeat was asked for");
+        sender.close();
     }
 
     /// The same over a real stream: it waits, then a heartbeat's reply ends the wait.

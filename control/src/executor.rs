@@ -13,7 +13,9 @@
 //!
 //! An executor that has run no job attempt for a TTL heartbeats half as often
 //! ([`HeartbeatSchedule`]): an idle cluster's cost is mostly these round trips and the
-//! wake-ups each one causes on both ends.
+//! wake-ups each one causes on both ends. A data stream that arrives for an attempt not
+//! running here yet makes it heartbeat at once: the executor that sends it already runs its
+//! part of a new attempt, which this one learns of from the heartbeat's answer.
 //!
 //! Tasks that take part in checkpoints hand their snapshots to the attempt's
 //! [`SnapshotSink`]; a background task sends them, batched, to the leader
@@ -447,6 +449,10 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The shortest time between two heartbeats when data streams for an attempt not running
+/// here ask for an early one ([`InboundRegistry::stream_for_unknown_attempt`]).
+const EARLY_HEARTBEAT_GAP: Duration = Duration::from_millis(20);
+
 /// Most reports sent in one call.
 const REPORT_BATCH: usize = 1024;
 
@@ -817,6 +823,7 @@ impl State {
         let mut schedule = HeartbeatSchedule::new(interval, ttl);
         let mut due: Option<Instant> = None;
         let mut last_ok = tokio::time::Instant::now();
+        let mut last_sent = tokio::time::Instant::now();
         loop {
             // tokio's clock, so that a test with paused time drives the schedule.
             let now = tokio::time::Instant::now().into_std();
@@ -826,6 +833,16 @@ impl State {
             due = Some(next);
             tokio::select! {
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(next)) => {}
+                _ = self.registry.stream_for_unknown_attempt() => {
+                    // Early, but not more often than every EARLY_HEARTBEAT_GAP (streams of
+                    // an attempt that never comes here arrive until they are refused).
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(last_sent + EARLY_HEARTBEAT_GAP) => {}
+                        _ = stop.changed() => break,
+                    }
+                    // The schedule goes on from now.
+                    due = Some(tokio::time::Instant::now().into_std());
+                }
                 _ = stop.changed() => break,
             }
             let req = HeartbeatRequest {
@@ -835,6 +852,7 @@ impl State {
                 assignments_digest: self.assignments_digest,
             };
             let sent = std::time::Instant::now();
+            last_sent = tokio::time::Instant::now();
             match client.call::<Heartbeat>(&req).await {
                 Ok(reply) => {
                     last_ok = tokio::time::Instant::now();
