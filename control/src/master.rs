@@ -922,15 +922,7 @@ async fn join_on_leader(shared: &Shared, req: JoinRequest) -> Result<Nothing, Re
     let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
     let master =
         MasterNode::new(req.addr.clone(), req.name.clone()).with_incarnation(req.incarnation);
-    let (known, voter) = {
-        let m = node.raft().metrics().borrow().membership_config.clone();
-        let membership = m.membership();
-        let voter = membership
-            .get_joint_config()
-            .iter()
-            .any(|config| config.contains(&req.node_id));
-        (membership.get_node(&req.node_id).cloned(), voter)
-    };
+    let (known, voter) = node.member(req.node_id);
     if let Some(known) = known
         && known.incarnation != req.incarnation
         && voter

@@ -390,15 +390,7 @@ impl MetaNode {
         node: MasterNode,
         patience: Duration,
     ) -> Result<(), MetaError> {
-        let (known, voter) = {
-            let m = self.raft.metrics().borrow().membership_config.clone();
-            let membership = m.membership();
-            let voter = membership
-                .get_joint_config()
-                .iter()
-                .any(|config| config.contains(&id));
-            (membership.get_node(&id).cloned(), voter)
-        };
+        let (known, voter) = self.member(id);
         if let Some(k) = &known
             && k.incarnation != node.incarnation
             && voter
@@ -480,6 +472,18 @@ impl MetaNode {
             ))),
             Err(e) => Err(MetaError::Stopped(e.to_string())),
         }
+    }
+
+    /// What the current membership knows of `id`: its description, and whether it votes in
+    /// any of its configurations (both, in a joint one).
+    pub fn member(&self, id: NodeId) -> (Option<MasterNode>, bool) {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let membership = m.membership();
+        let voter = membership
+            .get_joint_config()
+            .iter()
+            .any(|config| config.contains(&id));
+        (membership.get_node(&id).cloned(), voter)
     }
 
     /// Whether `id` is a voter of the current membership, and that membership is not a joint
