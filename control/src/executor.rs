@@ -19,8 +19,9 @@
 //!
 //! Tasks that take part in checkpoints hand their snapshots to the attempt's
 //! [`SnapshotSink`]; a background task sends them, batched, to the leader
-//! ([`ReportCheckpoints`]), which commits a checkpoint once every task reported it. A
-//! finished task's last report is held while its attempt runs and sent again to the leader of
+//! ([`ReportCheckpoints`]), which commits a checkpoint once every task reported it. Of a
+//! task's reports not sent yet only the newest is kept ([`ReportQueue`]), so the queue stays
+//! bounded while the masters cannot be reached. A finished task's last report is held while its attempt runs and sent again to the leader of
 //! each new term ([`FinalReports`]). An attempt that resumes from a checkpoint gets every
 //! task's state in its assignment.
 //!
@@ -55,6 +56,7 @@ use crate::proto::{
     Registered, ReportCheckpoints, TaskReport, TaskRunState,
 };
 use crate::reactor::DataPlaneReactor;
+use crate::report_queue::ReportQueue;
 
 /// Errors starting an executor.
 #[derive(Debug, thiserror::Error)]
@@ -330,7 +332,7 @@ pub struct Launch<'a> {
 struct AttemptSnapshots {
     job: u64,
     epoch: u64,
-    queue: tokio::sync::mpsc::UnboundedSender<CheckpointReport>,
+    queue: Arc<ReportQueue>,
     /// Where a finished task's last report is also held (see [`FinalReports`]).
     finals: Arc<Mutex<FinalReports>>,
 }
@@ -349,8 +351,7 @@ impl SnapshotSink for AttemptSnapshots {
             // Held before it is queued, so that its answer finds it.
             lock(&self.finals).hold(&report);
         }
-        // Only fails once the executor is shutting down; the checkpoint then never completes.
-        let _ = self.queue.send(report);
+        self.queue.push(report);
     }
 }
 
@@ -464,24 +465,6 @@ const REPORT_BATCH: usize = 1024;
 /// reporter waits wakes nothing. The cost is this much delay before a checkpoint commits.
 pub const REPORT_LINGER: Duration = Duration::from_millis(2);
 
-/// Waits for the next report, then for `linger` more, and returns what was queued by then
-/// (at most [`REPORT_BATCH`]); `None` once the queue is closed and empty.
-async fn next_report_batch(
-    queue: &mut tokio::sync::mpsc::UnboundedReceiver<CheckpointReport>,
-    linger: Duration,
-) -> Option<Vec<CheckpointReport>> {
-    let first = queue.recv().await?;
-    tokio::time::sleep(linger).await;
-    let mut reports = vec![first];
-    while reports.len() < REPORT_BATCH {
-        match queue.try_recv() {
-            Ok(r) => reports.push(r),
-            Err(_) => break,
-        }
-    }
-    Some(reports)
-}
-
 /// The masters client's timeouts for checkpoint reports under heartbeat TTL `ttl`: the leader
 /// answers a report that completes a checkpoint only once the commit is replicated (a
 /// follower's fsync included), so an attempt may take half a TTL, and a batch is retried for
@@ -490,19 +473,20 @@ pub fn report_call_timeouts(ttl: Duration) -> (Duration, Duration) {
     (ttl, (ttl / 2).max(Duration::from_millis(100)))
 }
 
-/// Sends queued checkpoint reports to the leader, batched ([`REPORT_LINGER`]), until the
-/// queue closes. A batch that cannot be delivered is dropped: its checkpoint never completes
+/// Sends queued checkpoint reports to the leader, batched ([`REPORT_LINGER`]), until
+/// aborted. A batch that cannot be delivered is dropped: its checkpoint never completes
 /// and a later one does. Finished tasks' last reports among them are held in `finals` and
 /// queued again by the heartbeat loop (see [`FinalReports`]); the answers go there.
 async fn report_checkpoints(
     client: Arc<MasterClient>,
     executor: Arc<std::sync::atomic::AtomicU64>,
-    mut queue: tokio::sync::mpsc::UnboundedReceiver<CheckpointReport>,
+    queue: Arc<ReportQueue>,
     ttl: Duration,
     finals: Arc<Mutex<FinalReports>>,
 ) {
     let (patience, attempt) = report_call_timeouts(ttl);
-    while let Some(reports) = next_report_batch(&mut queue, REPORT_LINGER).await {
+    loop {
+        let reports = queue.next_batch(REPORT_LINGER, REPORT_BATCH).await;
         let req = CheckpointReports {
             executor_id: executor.load(std::sync::atomic::Ordering::Relaxed),
             reports,
@@ -564,7 +548,8 @@ struct State {
     /// Digest of the assignments `attempts` were last reconciled with (see
     /// [`HeartbeatRequest::assignments_digest`]); `None` after stopping everything.
     assignments_digest: Option<u64>,
-    reports: tokio::sync::mpsc::UnboundedSender<CheckpointReport>,
+    /// Checkpoint reports for the reporter to send (at most one per task).
+    reports: Arc<ReportQueue>,
     /// Last reports of the running attempts' finished tasks, for each new leader.
     finals: Arc<Mutex<FinalReports>>,
     executor_id: Arc<std::sync::atomic::AtomicU64>,
@@ -641,7 +626,6 @@ impl ExecutorServer {
             .filter_map(|m| m.parse().ok())
             .collect();
         let client = MasterClient::new(control.clone(), masters);
-        let (reports, report_queue) = tokio::sync::mpsc::unbounded_channel();
         let mut state = State {
             config,
             endpoint: endpoint.clone(),
@@ -651,7 +635,7 @@ impl ExecutorServer {
             launcher,
             attempts: BTreeMap::new(),
             assignments_digest: None,
-            reports,
+            reports: Arc::default(),
             finals: Arc::default(),
             executor_id: Arc::default(),
         };
@@ -661,7 +645,7 @@ impl ExecutorServer {
             .store(registered.executor_id, std::sync::atomic::Ordering::Relaxed);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
-            state.run(client, &registered, report_queue, stop_rx).await;
+            state.run(client, &registered, stop_rx).await;
             // Close the data plane while the engine thread still drives its connections, so
             // peers hear of it now rather than after their idle timeout; the engine (and the
             // data plane's runtime with it) stops when `state` drops.
@@ -796,7 +780,6 @@ impl State {
         &mut self,
         client: MasterClient,
         registered: &Registered,
-        report_queue: tokio::sync::mpsc::UnboundedReceiver<CheckpointReport>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let (mut id, mut incarnation) = (registered.executor_id, registered.incarnation);
@@ -816,7 +799,7 @@ impl State {
         let reporter = tokio::spawn(report_checkpoints(
             client.clone(),
             self.executor_id.clone(),
-            report_queue,
+            self.reports.clone(),
             ttl,
             self.finals.clone(),
         ));
@@ -999,8 +982,7 @@ impl State {
             "sending finished tasks' last checkpoint reports to the leader"
         );
         for report in due {
-            // Only fails once the executor is shutting down.
-            let _ = self.reports.send(report);
+            self.reports.push(report);
         }
     }
 
@@ -1335,68 +1317,6 @@ certs-dir = "certs"
             e.contains("checkpoint 9 to resume from is no longer held"),
             "{e}"
         );
-    }
-
-    fn report(index: u32, checkpoint: u64) -> CheckpointReport {
-        CheckpointReport {
-            job: 1,
-            epoch: 1,
-            index,
-            checkpoint,
-            last: false,
-            state: Vec::new(),
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_checkpoints_reports_go_out_in_one_batch_after_the_linger() {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        // Tokio's timer counts whole milliseconds: every step below is at least one.
-        let linger = Duration::from_millis(5);
-        let sender = tokio::spawn(async move {
-            // A checkpoint's reports trickle in within the linger, the next one's after it.
-            for index in 0..4 {
-                tx.send(report(index, 7)).unwrap();
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            tx.send(report(0, 8)).unwrap();
-        });
-        let start = tokio::time::Instant::now();
-        let first = next_report_batch(&mut rx, linger).await.unwrap();
-        assert!(start.elapsed() >= linger, "the batch waited for the linger");
-        assert_eq!(
-            first
-                .iter()
-                .map(|r| (r.index, r.checkpoint))
-                .collect::<Vec<_>>(),
-            [(0, 7), (1, 7), (2, 7), (3, 7)]
-        );
-        let second = next_report_batch(&mut rx, linger).await.unwrap();
-        assert_eq!(
-            second
-                .iter()
-                .map(|r| (r.index, r.checkpoint))
-                .collect::<Vec<_>>(),
-            [(0, 8)]
-        );
-        sender.await.unwrap();
-        assert!(
-            next_report_batch(&mut rx, linger).await.is_none(),
-            "a closed, drained queue ends the reporter"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn reports_queued_before_the_queue_closed_are_still_sent() {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        for index in 0..3 {
-            tx.send(report(index, 1)).unwrap();
-        }
-        drop(tx);
-        let batch = next_report_batch(&mut rx, REPORT_LINGER).await.unwrap();
-        assert_eq!(batch.len(), 3);
-        assert!(next_report_batch(&mut rx, REPORT_LINGER).await.is_none());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod master;
 pub mod meta;
 pub mod proto;
 pub mod reactor;
+pub mod report_queue;
 pub mod scheduler;
 
 /// Describes a TOML parse error on one line, naming the key of the offending line when the
