@@ -202,7 +202,9 @@ fn demo_stops_when_a_node_exits_naming_it_and_keeping_the_logs() {
     // Both executors fail the same check; whichever exited first is named.
     assert!(
         (out.stderr.contains("executor-1 exited") || out.stderr.contains("executor-2 exited"))
-            && out.stderr.contains("workers must be at least 1"),
+            && out
+                .stderr
+                .contains("workers must be between 1 and 1024, got 0"),
         "{out}"
     );
     let kept = out

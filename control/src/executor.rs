@@ -224,6 +224,13 @@ fn default_spin_us() -> u64 {
 /// Default of `spin-us`.
 pub const DEFAULT_SPIN_US: u64 = 200;
 
+/// Largest `spin-us` accepted.
+pub const MAX_SPIN_US: u64 = 10_000;
+
+/// Most engine workers (`workers`) an executor accepts: each is a thread, and a task loop
+/// per core is the design, so more than this is a typo rather than a machine.
+pub const MAX_WORKERS: usize = 1024;
+
 fn spin_mode_from_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SpinMode, D::Error> {
     let text = String::deserialize(d)?;
     text.parse().map_err(serde::de::Error::custom)
@@ -265,12 +272,16 @@ impl ExecutorConfig {
         if self.slots == 0 {
             return bad("slots must be at least 1".into());
         }
-        if self.workers == Some(0) {
-            return bad("workers must be at least 1".into());
-        }
-        if self.spin_us > 10_000 {
+        if let Some(w) = self.workers
+            && !(1..=MAX_WORKERS).contains(&w)
+        {
             return bad(format!(
-                "spin-us must be at most 10000, got {}",
+                "workers must be between 1 and {MAX_WORKERS}, got {w}"
+            ));
+        }
+        if self.spin_us > MAX_SPIN_US {
+            return bad(format!(
+                "spin-us must be at most {MAX_SPIN_US}, got {}",
                 self.spin_us
             ));
         }

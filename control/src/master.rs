@@ -102,7 +102,7 @@ pub struct MasterConfig {
     /// Cluster id; a data dir of another cluster is refused.
     #[serde(default = "default_cluster_id")]
     pub cluster_id: String,
-    /// Members of a new cluster as `id=host:port` (bootstrap). Must include this master.
+    /// Members of a new cluster as `id=ip:port` (bootstrap). Must include this master.
     #[serde(default)]
     pub initial_members: Vec<String>,
     /// Addresses of running masters to join (instead of `initial-members`).
@@ -153,7 +153,7 @@ fn default_write_timeout() -> u64 {
     2000
 }
 
-/// Parses `id=host:port`.
+/// Parses `id=ip:port`.
 pub fn parse_member(s: &str) -> Result<(NodeId, SocketAddr), String> {
     let (id, addr) = s
         .split_once('=')

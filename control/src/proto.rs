@@ -328,7 +328,7 @@ impl From<&microcosm_transport::ConnectionStats> for DataConnection {
 /// An executor announces itself.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct RegisterRequest {
-    /// Its data-plane address (host:port), reachable by peer executors.
+    /// Its data-plane address (ip:port), reachable by peer executors.
     pub addr: String,
     /// Its name.
     pub name: String,

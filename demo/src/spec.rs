@@ -13,7 +13,7 @@
 //! sink-dir = "/tmp/microcosm-sink"
 //! batch-size = 256            # records per batch                   (1..=65536)
 //! linger-us = 50              # how long a partial batch may wait   (0..=10^6)
-//! checkpoint-interval-ms = 1000 #                                   (1..=3600000)
+//! checkpoint-interval-ms = 1000 #                                  (10..=3600000)
 //! ```
 //!
 //! The legacy key `servers` (a list of addresses) is still accepted: when `binlog-num` is
@@ -159,7 +159,7 @@ const LINGER_US: Bounds = Bounds {
 };
 const CHECKPOINT_INTERVAL_MS: Bounds = Bounds {
     key: "checkpoint-interval-ms",
-    min: 1,
+    min: 10,
     max: 3_600_000,
 };
 
@@ -519,7 +519,7 @@ mod tests {
             sink_dir: PathBuf::from("/x/y z"),
             batch_size: 65_536,
             linger_us: 1_000_000,
-            checkpoint_interval_ms: 1,
+            checkpoint_interval_ms: 10,
         };
         let text = spec.to_toml_string().unwrap();
         assert!(text.contains("table-num = 10000"), "{text}");
@@ -558,6 +558,7 @@ mod tests {
             ("batch-size = 65537", "batch-size"),
             ("linger-us = 1000001", "linger-us"),
             ("checkpoint-interval-ms = 0", "checkpoint-interval-ms"),
+            ("checkpoint-interval-ms = 9", "checkpoint-interval-ms"),
         ];
         for (text, key) in cases {
             match DemoSpec::from_toml_str(text) {

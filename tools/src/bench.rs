@@ -493,7 +493,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<bool> {
     let mut interrupts = Interrupts::install()?;
     let cluster_dir = LocalClusterDir::create("microcosm-bench-")?;
     let sink_root = cluster_dir.path().join("sink");
-    let mut cluster = cluster_dir.launch(1, args.executors, args.tuning)?;
+    let tuning = crate::local::ExecutorTuning {
+        // The runs differ in rate and DDL frequency only: one plan's size fits them all.
+        slots: Some(crate::local::slots_for(&microcosm_demo::plan::plan(&base))),
+        ..args.tuning
+    };
+    let mut cluster = cluster_dir.launch(1, args.executors, tuning)?;
     println!(
         "cluster: 1 master, {} executor(s), dir {}",
         args.executors,

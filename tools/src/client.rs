@@ -27,7 +27,7 @@ pub enum Output {
 /// Where the cluster is and how to authenticate to it.
 #[derive(Args, Debug, Clone)]
 pub struct ClusterArgs {
-    /// Master addresses (host:port, comma separated); any subset of the masters will do.
+    /// Master addresses (ip:port, comma separated); any subset of the masters will do.
     #[arg(
         long,
         env = "MICROCOSM_MASTER_ADDR",

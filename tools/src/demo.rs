@@ -305,7 +305,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         }
     );
 
-    let mut cluster = cluster_dir.launch(args.masters, args.executors, args.tuning)?;
+    let tuning = crate::local::ExecutorTuning {
+        slots: Some(crate::local::slots_for(&microcosm_demo::plan::plan(&spec))),
+        ..args.tuning
+    };
+    let mut cluster = cluster_dir.launch(args.masters, args.executors, tuning)?;
     // On an error the cluster's logs are what explains it: keep them.
     let keep_on_error = |mut cluster: LocalCluster, e: anyhow::Error| {
         cluster.shutdown();
@@ -457,6 +461,8 @@ async fn watch(
     let mut killed_executor: Option<(Instant, u64, Vec<Option<u64>>)> = None;
     let mut recovery_reported = false;
     let mut killed_leader = false;
+    // The reason last shown for a job that does not run (e.g. waiting for capacity).
+    let mut shown_reason = String::new();
     loop {
         if start.elapsed() > args.timeout {
             return Ok(Watched::TimedOut);
@@ -518,6 +524,17 @@ async fn watch(
         }
         if state == "Running" && running_since.is_none() {
             running_since = Some(Instant::now());
+        }
+        if let Ok(j) = &info
+            && state != "Running"
+            && !j.reason.is_empty()
+            && j.reason != shown_reason
+        {
+            if tty {
+                println!();
+            }
+            println!("job {job} {state}: {}", j.reason);
+            shown_reason.clone_from(&j.reason);
         }
         if let Some(since) = running_since {
             if let Some(after) = args.kill_executor_after

@@ -155,6 +155,22 @@ pub struct ExecutorTuning {
     /// The TTL stays 1.5 s, so at most 750.
     #[arg(long)]
     pub executor_heartbeat_ms: Option<u64>,
+    /// Task slots per executor (default: the executor's, 64); set by the caller to fit its
+    /// job, not a flag.
+    #[arg(skip)]
+    pub slots: Option<u32>,
+}
+
+/// Task slots a local cluster's executors offer to run `graph`: enough for the whole job on
+/// one executor, so every placement the job's groups ask for fits whatever the executor
+/// count; never fewer than an executor's default, 64.
+pub fn slots_for(graph: &microcosm_engine::graph::JobGraph) -> u32 {
+    graph
+        .tasks
+        .iter()
+        .map(|t| t.cost)
+        .fold(0u32, u32::saturating_add)
+        .max(64)
 }
 
 /// The temporary directory and certificates of a cluster not started yet.
@@ -272,6 +288,7 @@ impl LocalClusterDir {
                     workers.to_string(),
                 ]
                 .into_iter()
+                .chain(flag("--slots", tuning.slots))
                 .chain(flag("--spin-us", tuning.spin_us))
                 .chain(flag("--spin-mode", tuning.spin_mode))
                 .collect::<Vec<_>>(),

@@ -34,7 +34,7 @@ pub struct MasterArgs {
     /// Cluster id.
     #[arg(long)]
     cluster_id: Option<String>,
-    /// Members of a new cluster, `id=host:port`, comma separated.
+    /// Members of a new cluster, `id=ip:port`, comma separated.
     #[arg(long, value_delimiter = ',')]
     initial_members: Option<Vec<String>>,
     /// Running masters to join, comma separated.

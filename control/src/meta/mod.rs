@@ -38,7 +38,7 @@ pub type NodeId = u64;
 /// What the raft group knows about a master: where to reach it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MasterNode {
-    /// The master's RPC address (`host:port`).
+    /// The master's RPC address (`ip:port`).
     pub addr: String,
     /// Human-readable name.
     pub name: String,
