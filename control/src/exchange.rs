@@ -5,8 +5,10 @@
 //! go through a small bounded queue to an async sender; a full queue is reported to the engine
 //! as `Full` (the producing task blocks) and the sender notifies the task when room frees, so
 //! QUIC flow control ends up as the backpressure. A producer that finishes finishes its stream
-//! (the consumer's input ends); one that fails or is cancelled resets it, so the consumer sees
-//! an aborted stream rather than a normal end. A stream that broke makes the producer's next
+//! (the consumer's input ends) and ends only once the consuming executor acknowledged all of
+//! it, so a stream into a connection whose peer is gone (e.g. restarted at the same address)
+//! fails the producer instead of ending it as if delivered. One that fails or is cancelled
+//! resets its stream, so the consumer sees an aborted stream rather than a normal end. A stream that broke makes the producer's next
 //! offer fail, which fails the producing task.
 //!
 //! Inbound, executors register each remote edge's [`InboundHandle`] in an [`InboundRegistry`].
@@ -523,9 +525,9 @@ struct SenderShared {
     wants_notify: AtomicBool,
     in_flight: AtomicUsize,
     failed: AtomicBool,
-    /// The stream is open (its header sent): until then a producer with nothing queued has
-    /// still not reached its consumer, not even with the end of its stream.
-    opened: AtomicBool,
+    /// The stream was finished and the consuming executor acknowledged every byte of it,
+    /// its end included: the producer may end.
+    delivered: AtomicBool,
     /// The producer failed or was cancelled: reset the stream instead of finishing it.
     aborted: AtomicBool,
 }
@@ -590,13 +592,12 @@ impl<R: Record> ExchangeSender<R> for QuicSender<R> {
                  records offered to it were not delivered",
             ));
         }
-        // Announce interest first: the sender notifies after it hands a write to the stream
-        // (and when it fails), so a drain in between is not missed. The store and the loads
-        // below must not pass each other (the sender writes the same two the other way).
+        // Announce interest first: the sender notifies once the stream's end is acknowledged
+        // (and when it fails), so a delivery in between is not missed. The store and the
+        // loads below must not pass each other (the sender writes the same two the other way).
         self.shared.wants_notify.store(true, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
-        if self.shared.opened.load(Ordering::SeqCst)
-            && self.shared.in_flight.load(Ordering::SeqCst) == 0
+        if self.shared.delivered.load(Ordering::SeqCst)
             && !self.shared.failed.load(Ordering::SeqCst)
         {
             self.shared.wants_notify.store(false, Ordering::Release);
@@ -644,7 +645,6 @@ async fn run_sender(
         Ok(s) => s,
         Err(e) => return fail(&shared, e.to_string()),
     };
-    shared.opened.store(true, Ordering::SeqCst);
     shared.notify();
     // Everything already queued goes out in one write, so that a burst of small batches
     // shares packets instead of costing one each.
@@ -668,8 +668,17 @@ async fn run_sender(
         // The consumer must not take what it got for the whole stream.
         debug!(%addr, ?header, "producer aborted: resetting its data stream");
         sender.reset(RESET_ABORTED);
-    } else if let Err(e) = sender.finish() {
-        debug!(%addr, error = %e, "finishing data stream");
+    } else {
+        match sender.finish_acknowledged().await {
+            Ok(()) => {
+                shared.delivered.store(true, Ordering::SeqCst);
+                shared.notify();
+            }
+            Err(e) => fail(
+                &shared,
+                format!("the end of the stream was not acknowledged: {e}"),
+            ),
+        }
     }
 }
 
@@ -814,10 +823,12 @@ mod tests {
         sender.set_notify(Arc::new(Signal(signal)));
         let batch = OwnedBatch::from_vec(vec![1u64, 2, 3]).seal().unwrap();
         assert!(sender.offer(batch).is_ok());
+        sender.close();
+        // Delivered: the receiving executor acknowledged all of it, its end included, though
+        // no consumer is there yet.
         while !sender.drained().unwrap() {
             signals.recv_timeout(PATIENCE).expect("the sender notifies");
         }
-        sender.close();
         std::thread::sleep(BIND_WAIT + Duration::from_secs(1));
 
         let (engine, consumer, arrivals) = consume(&inbound_side, to);

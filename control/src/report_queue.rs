@@ -201,7 +201,10 @@ mod tests {
         assert!(q.push(report(1, 0, 5, false)));
         assert!(q.push(report(1, 0, 5, true)), "the task finished at 5");
         assert!(!q.push(report(1, 0, 5, false)));
-        assert!(!q.push(report(1, 0, 5, true)), "a resend of the held last report");
+        assert!(
+            !q.push(report(1, 0, 5, true)),
+            "a resend of the held last report"
+        );
         assert_eq!(checkpoints(&q.take(10)), vec![(1, 0, 5, true)]);
     }
 
@@ -253,7 +256,10 @@ mod tests {
             checkpoints(&first),
             vec![(1, 0, 7, false), (1, 1, 7, false), (1, 2, 7, false)]
         );
-        assert!(start.elapsed() >= Duration::from_millis(15), "waited for the linger");
+        assert!(
+            start.elapsed() >= Duration::from_millis(15),
+            "waited for the linger"
+        );
         let second = q.next_batch(linger, 1024).await;
         assert_eq!(checkpoints(&second), vec![(1, 0, 8, false)]);
         pusher.await.unwrap();

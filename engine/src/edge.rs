@@ -508,24 +508,30 @@ impl<R: Record> Output<R> {
         self.stalled.is_none() && self.current.is_empty()
     }
 
-    /// [`Output::flush`], and for a remote edge also that the sender holds nothing more: what
-    /// a finishing task waits for before it ends (false: retry after a wake-up). A sender that
-    /// can no longer deliver records an error, which fails the task.
+    /// [`Output::flush`], and for a remote edge also closes the sender and waits until it
+    /// delivered everything, its end included: what a finishing task waits for before it ends
+    /// (false: retry after a wake-up). A sender that can no longer deliver records an error,
+    /// which fails the task.
     pub(crate) fn flush_to_the_end(&mut self) -> bool {
         if !self.flush() {
             return false;
         }
         match &mut self.route {
             Route::Local { .. } => true,
-            Route::Remote(sender) => match sender.drained() {
-                Ok(done) => done,
-                Err(error) => {
-                    if self.error.is_none() {
-                        self.error = Some(error);
+            Route::Remote(sender) => {
+                // Nothing more will be offered: the end of the stream can go out with the
+                // rest (closing twice is harmless).
+                sender.close();
+                match sender.drained() {
+                    Ok(done) => done,
+                    Err(error) => {
+                        if self.error.is_none() {
+                            self.error = Some(error);
+                        }
+                        false
                     }
-                    false
                 }
-            },
+            }
         }
     }
 

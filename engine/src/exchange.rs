@@ -60,15 +60,16 @@ pub trait ExchangeSender<R>: Send + 'static {
     /// Whether the destination is idle (nothing in flight), so partial batches should be
     /// flushed at once rather than lingering.
     fn is_idle(&self) -> bool;
-    /// Whether everything offered so far has left this side (for a network edge: handed to
-    /// its stream), so that a finishing producer may end. `Ok(false)`: not yet; the sender
-    /// calls the registered [`Notify`] when that changes. `Err`: it never will (the stream
-    /// could not be opened or failed); the producer must fail rather than end as if its
-    /// records were delivered. Defaults to `Ok(true)` (nothing is held on this side).
+    /// Asked by a finishing producer after [`ExchangeSender::close`]: whether everything
+    /// offered, the end of the stream included, has been delivered (for a network edge:
+    /// acknowledged by the consuming side), so that the producer may end. `Ok(false)`: not
+    /// yet; the sender calls the registered [`Notify`] when that changes. `Err`: it never will
+    /// (the stream could not be opened or failed); the producer must fail rather than end as
+    /// if its records were delivered. Defaults to `Ok(true)` (nothing is held on this side).
     fn drained(&mut self) -> Result<bool, EngineError> {
         Ok(true)
     }
-    /// The producer finished normally: no more batches.
+    /// The producer finished normally: no more batches. May be called more than once.
     fn close(&mut self);
     /// The producer failed or was cancelled. Defaults to [`ExchangeSender::close`].
     fn abort(&mut self) {

@@ -172,8 +172,13 @@ impl TransportConfig {
         Ok(())
     }
 
-    pub(crate) fn quinn_endpoint(&self) -> Result<quinn::EndpointConfig, EndpointError> {
-        let mut endpoint = quinn::EndpointConfig::default();
+    /// The endpoint settings, with `reset_key` for the stateless resets it sends (see
+    /// [`crate::tls::Identity::reset_key`]).
+    pub(crate) fn quinn_endpoint(
+        &self,
+        reset_key: ring::hmac::Key,
+    ) -> Result<quinn::EndpointConfig, EndpointError> {
+        let mut endpoint = quinn::EndpointConfig::new(std::sync::Arc::new(reset_key));
         endpoint
             .max_udp_payload_size(self.max_udp_payload)
             .map_err(|e| EndpointError::Config(format!("max_udp_payload: {e}")))?;
@@ -284,7 +289,8 @@ mod tests {
                 ..Default::default()
             };
             cfg.validate().unwrap();
-            cfg.quinn_endpoint().unwrap();
+            cfg.quinn_endpoint(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k"))
+                .unwrap();
         }
         // Ten GSO segments must fit the kernel's 64 KiB limit.
         assert!(10 * usize::from(MAX_UDP_PAYLOAD) <= 65_507);

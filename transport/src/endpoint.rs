@@ -133,8 +133,11 @@ impl Endpoint {
         client.transport_config(transport);
 
         let socket = udp_socket(addr, config.udp_buffer_bytes)?;
+        let bound = socket
+            .local_addr()
+            .map_err(|source| EndpointError::Bind { addr, source })?;
         let mut endpoint = quinn::Endpoint::new(
-            config.quinn_endpoint()?,
+            config.quinn_endpoint(identity.reset_key(bound))?,
             Some(server),
             socket,
             Arc::new(crate::socket::DrainingRuntime),

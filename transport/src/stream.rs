@@ -59,6 +59,24 @@ impl DataSender {
         })
     }
 
+    /// Finishes the stream, then waits until the peer has acknowledged every byte of it:
+    /// received by its endpoint (not necessarily read by its application yet). Fails if the
+    /// peer stopped the stream or the connection was lost first: a peer that restarted at the
+    /// same address never acknowledges what was sent to its old process. Bounded by the
+    /// connection's idle timeout.
+    pub async fn finish_acknowledged(mut self) -> Result<(), RpcError> {
+        let addr = self.addr;
+        let lost = |reason: String| RpcError::ConnectionLost { addr, reason };
+        self.send.finish().map_err(|e| lost(e.to_string()))?;
+        match self.send.stopped().await {
+            Ok(None) => Ok(()),
+            Ok(Some(code)) => Err(lost(format!(
+                "the receiver stopped the stream (code {code}) before the end"
+            ))),
+            Err(e) => Err(lost(e.to_string())),
+        }
+    }
+
     /// Aborts the stream with an application error code.
     pub fn reset(mut self, code: u32) {
         // Resetting an already closed stream has no effect worth reporting.

@@ -7,6 +7,7 @@
 //! the cluster CA; a peer without one is refused at the handshake.
 
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -309,6 +310,19 @@ impl Identity {
     /// The role this identity's certificate grants.
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// The key an endpoint bound at `addr` signs its stateless resets with: derived from
+    /// this identity's private key and the address, so a node that restarts at the same
+    /// address with the same key answers a stale connection's packets with a reset its peer
+    /// accepts. The peer then drops the connection at once, instead of sending into it until
+    /// its idle timeout while the restarted node discards every packet. (A random key per
+    /// start, quinn's default, gives resets that no peer of the old process can verify.)
+    pub(crate) fn reset_key(&self, addr: SocketAddr) -> ring::hmac::Key {
+        let secret = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.key.secret_der());
+        let label = format!("microcosm stateless reset key for {addr}");
+        let derived = ring::hmac::sign(&secret, label.as_bytes());
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())
     }
 
     pub(crate) fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {

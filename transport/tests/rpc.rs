@@ -915,3 +915,110 @@ async fn dropping_an_endpoint_closes_it_and_frees_its_port() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A node that crashed and restarted at the same address, with the same key, answers its
+/// predecessor's connection with a stateless reset its peer accepts: a data stream into that
+/// connection fails to finish at once instead of looking delivered until the idle timeout.
+#[test]
+fn a_stream_to_a_peer_that_restarted_at_its_address_fails_to_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    init_cluster_certs(dir.path(), "t", &[]).unwrap();
+    // On both ends, far longer than the test waits: only a reset can end the connection in
+    // time.
+    let config = TransportConfig {
+        idle_timeout: Duration::from_secs(60),
+        ..TransportConfig::default()
+    };
+    let runtime = |threads| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    // Both nodes take data streams and read them to the end.
+    let reading = || {
+        Router::new().data_streams(&[Role::Executor], |_peer, mut stream| async move {
+            while let Ok(Some(_)) = stream.recv().await {}
+        })
+    };
+    let (main, crashing) = (runtime(2), runtime(1));
+    let identity = Identity::load(dir.path(), Role::Executor).unwrap();
+    let first = crashing.block_on(async {
+        Endpoint::bind(localhost(), &identity, config.clone(), reading()).unwrap()
+    });
+    let addr = first.local_addr();
+    main.block_on(async {
+        let client = Endpoint::bind(localhost(), &identity, config.clone(), Router::new()).unwrap();
+        let mut sender = client
+            .open_data_stream(addr, Bytes::from_static(b"h"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        sender.send(Bytes::from_static(b"before")).await.unwrap();
+        // The crash: the first node's tasks and socket go without a word to its peers.
+        // (Its close below cannot send anything: its runtime is gone.)
+        crashing.shutdown_background();
+        drop(first);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let second = loop {
+            match Endpoint::bind(addr, &identity, config.clone(), reading()) {
+                Ok(e) => break e,
+                Err(e) if Instant::now() > deadline => panic!("rebinding {addr}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), async move {
+            sender.send(Bytes::from_static(b"after")).await?;
+            sender.finish_acknowledged().await
+        })
+        .await
+        .expect("the reset ends the stream long before the idle timeout");
+        assert!(
+            matches!(outcome, Err(RpcError::ConnectionLost { .. })),
+            "{outcome:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(second);
+    });
+}
+
+/// A finished stream counts as delivered once its receiver acknowledged all of it.
+#[tokio::test]
+async fn finishing_a_stream_waits_for_the_receivers_acknowledgement() {
+    let dir = tempfile::tempdir().unwrap();
+    init_cluster_certs(dir.path(), "t", &[]).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let tx = Arc::new(std::sync::Mutex::new(Some(tx)));
+    let router = Router::new().data_streams(&[Role::Executor], move |_peer, mut stream| {
+        let tx = tx.clone();
+        async move {
+            let mut frames = 0;
+            while let Ok(Some(_)) = stream.recv().await {
+                frames += 1;
+            }
+            if let Some(tx) = tx.lock().unwrap().take() {
+                let _ = tx.send(frames);
+            }
+        }
+    });
+    let (_server, _client, mut sender) = data_stream_to(
+        dir.path(),
+        router,
+        TransportConfig::default(),
+        Role::Executor,
+        b"h",
+    )
+    .await;
+    for _ in 0..3 {
+        sender.send(Bytes::from_static(b"frame")).await.unwrap();
+    }
+    sender.finish_acknowledged().await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .unwrap()
+            .unwrap(),
+        3
+    );
+}
