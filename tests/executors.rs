@@ -105,8 +105,75 @@ fn t02_killed_executor_tasks_move_within_ttl_plus_one_second() {
         .find(|e| e["addr"] == a.addr.to_string())
         .unwrap();
     assert_eq!(lost["state"], "lost", "{execs:?}");
+    assert_eq!(
+        lost["lost_reason"], "heartbeats stopped for longer than the TTL",
+        "{execs:?}"
+    );
     let history = job(&cluster, &via, id).unwrap()["history"].to_string();
     assert!(history.contains("Recovering"), "{history}");
+}
+
+/// An executor stopped with SIGTERM leaves the cluster on its way out: its tasks move at once,
+/// and the failures its stopping tasks cause on the other executor do not count as restarts.
+#[test]
+fn t02b_an_executor_that_shuts_down_leaves_and_its_tasks_move_without_a_restart() {
+    let mut cluster = Cluster::bootstrap(1);
+    cluster.wait_for_leader(&[1], Duration::from_secs(10));
+    let via = [cluster.addr(1)];
+    let mut a = Executor::start(&cluster, "exec-a", 8);
+    let b = Executor::start(&cluster, "exec-b", 8);
+    wait_for_executors(&cluster, &via, 2);
+    let id = submit_sleep(&cluster, &via, 4, 120_000);
+    let before = wait_state(&cluster, &via, id, "Running", Duration::from_secs(10));
+    let epoch = before["epoch"].as_u64().unwrap();
+    a.signal("TERM");
+    let r = wait_until("exec-a exits", Duration::from_secs(10), || {
+        a.exit_status().ok_or_else(|| "still running".to_string())
+    });
+    let status = cluster.unwrap_or_dump(r);
+    assert!(status.success(), "{status:?}\n{}", a.log_text());
+    assert!(
+        a.log_text().contains("left the cluster"),
+        "{}",
+        a.log_text()
+    );
+    let r = wait_until(
+        "the job runs again on the survivor under a new epoch",
+        Duration::from_secs(10),
+        || {
+            let j = job(&cluster, &via, id)?;
+            if j["state"] == "Running" && j["epoch"].as_u64().unwrap_or(0) > epoch {
+                Ok(j)
+            } else {
+                Err(j.to_string())
+            }
+        },
+    );
+    let j = cluster.unwrap_or_dump(r);
+    let execs = executors(&cluster, &via).unwrap();
+    let left = execs
+        .iter()
+        .find(|e| e["addr"] == a.addr.to_string())
+        .unwrap();
+    assert_eq!(left["state"], "lost", "{execs:?}");
+    assert_eq!(
+        left["lost_reason"], "shut down: it left the cluster",
+        "{execs:?}"
+    );
+    let survivor = execs
+        .iter()
+        .find(|e| e["addr"] == b.addr.to_string())
+        .unwrap();
+    assert_eq!(survivor["used"], 4, "{execs:?}");
+    let history = j["history"].to_string();
+    assert!(
+        history.contains("lost; placing its tasks again"),
+        "{history}"
+    );
+    assert!(
+        !history.contains("restarting the job"),
+        "a shutdown counted as a restart: {history}"
+    );
 }
 
 #[test]

@@ -51,9 +51,9 @@ use crate::client::MasterClient;
 use crate::exchange::{InboundRegistry, QuicExchange};
 use crate::finals::{Answer, FinalReports};
 use crate::proto::{
-    Assignment, CheckpointReport, CheckpointReports, DataConnection, ExecutorStatus,
-    GetExecutorStatus, Heartbeat, HeartbeatRequest, Nothing, RegisterExecutor, RegisterRequest,
-    Registered, ReportCheckpoints, TaskReport, TaskRunState,
+    Assignment, CheckpointReport, CheckpointReports, DataConnection, DeregisterExecutor,
+    DeregisterRequest, ExecutorStatus, GetExecutorStatus, Heartbeat, HeartbeatRequest, Nothing,
+    RegisterExecutor, RegisterRequest, Registered, ReportCheckpoints, TaskReport, TaskRunState,
 };
 use crate::reactor::DataPlaneReactor;
 use crate::report_queue::ReportQueue;
@@ -475,6 +475,29 @@ const REPORT_BATCH: usize = 1024;
 /// executor, every wake taking a core from a busy engine worker. Queuing a report while the
 /// reporter waits wakes nothing. The cost is this much delay before a checkpoint commits.
 pub const REPORT_LINGER: Duration = Duration::from_millis(2);
+
+/// How long a shutting-down executor tries to tell the masters it leaves.
+const DEREGISTER_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Tells the masters that executor `id` (`incarnation`) leaves the cluster; on failure its
+/// tasks move once its TTL passes, as for a crash.
+async fn deregister(client: &MasterClient, id: u64, incarnation: u64) {
+    let req = DeregisterRequest {
+        executor_id: id,
+        incarnation,
+    };
+    match client
+        .call_with::<DeregisterExecutor>(&req, DEREGISTER_PATIENCE, DEREGISTER_PATIENCE / 2)
+        .await
+    {
+        Ok(_) => info!(executor = id, "left the cluster"),
+        Err(e) => warn!(
+            executor = id,
+            error = %e,
+            "could not tell the masters this executor leaves; its tasks move once its TTL passes"
+        ),
+    }
+}
 
 /// The masters client's timeouts for checkpoint reports under heartbeat TTL `ttl`: the leader
 /// answers a report that completes a checkpoint only once the commit is replicated (a
@@ -905,6 +928,9 @@ impl State {
                 }
             }
         }
+        // Leave before the tasks stop: their peers' failures are then of a replaced attempt
+        // and do not count as the job's restarts, and the tasks move now, not after a TTL.
+        deregister(&client, id, incarnation).await;
         self.stop_all();
         reporter.abort();
     }

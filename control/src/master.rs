@@ -38,8 +38,9 @@ use crate::proto::{
     RaftMessage, SubmitJob,
 };
 use crate::proto::{
-    CheckpointInfo, CheckpointReports, Heartbeat, HeartbeatReply, HeartbeatRequest,
-    RegisterExecutor, RegisterRequest, Registered, ReportCheckpoints, ReportsTaken,
+    CheckpointInfo, CheckpointReports, DeregisterExecutor, DeregisterRequest, Heartbeat,
+    HeartbeatReply, HeartbeatRequest, RegisterExecutor, RegisterRequest, Registered,
+    ReportCheckpoints, ReportsTaken,
 };
 
 /// Errors starting or configuring a master.
@@ -498,6 +499,11 @@ impl Shared {
                     slots: e.slots,
                     used: u32::try_from(used.get(&e.id).copied().unwrap_or(0)).unwrap_or(u32::MAX),
                     incarnation: e.incarnation,
+                    lost_reason: e
+                        .lost
+                        .as_ref()
+                        .map(|(why, _)| why.clone())
+                        .unwrap_or_default(),
                 })
                 .collect()
         });
@@ -630,6 +636,7 @@ fn router(shared: Arc<Shared>) -> Router {
     let s8 = shared.clone();
     let s9 = shared.clone();
     let s10 = shared.clone();
+    let s11 = shared.clone();
     Router::new()
         .route::<RaftMessage, _, _>(move |_peer: Peer, blob: Blob| {
             let shared = s1.clone();
@@ -733,9 +740,47 @@ fn router(shared: Arc<Shared>) -> Router {
             async move { heartbeat(&shared, req) }
         })
         .route::<ReportCheckpoints, _, _>(move |_peer, req: CheckpointReports| {
-            let shared = shared.clone();
+            let shared = s11.clone();
             async move { report_checkpoints(&shared, req).await }
         })
+        .route::<DeregisterExecutor, _, _>(move |_peer, req: DeregisterRequest| {
+            let shared = shared.clone();
+            async move { deregister_executor(&shared, req).await }
+        })
+}
+
+/// An executor that shuts down leaves: it is declared lost now (if it is the registered
+/// incarnation and alive), which moves its tasks as a loss does, without a restart.
+async fn deregister_executor(
+    shared: &Shared,
+    req: DeregisterRequest,
+) -> Result<Nothing, RemoteError> {
+    let node = shared.node()?;
+    let id = crate::meta::ExecutorId(req.executor_id);
+    let current = node.read_local(|st| {
+        st.executor(id).is_some_and(|e| {
+            e.state == crate::meta::ExecutorState::Alive && e.incarnation == req.incarnation
+        })
+    });
+    if !current {
+        return Ok(Nothing::default());
+    }
+    let request = node.request(Command::ExecutorLost {
+        id,
+        reason: "shut down: it left the cluster".into(),
+        at_ms: unix_ms(),
+    });
+    match shared.propose(request, WRITE_PATIENCE).await? {
+        CommandResponse::ExecutorLost { .. } | CommandResponse::Rejected(_) => {
+            info!(executor = req.executor_id, "executor left the cluster");
+            if shared.is_leader() {
+                lock(&shared.liveness).remove(req.executor_id);
+                shared.step_now.notify_one();
+            }
+            Ok(Nothing::default())
+        }
+        other => Err(response_error(other)),
+    }
 }
 
 /// Feeds executors' checkpoint reports to the tracker and commits what completes.

@@ -74,6 +74,8 @@ pub struct ExecutorInfo {
     pub used: u32,
     /// Registration count at this address.
     pub incarnation: u64,
+    /// Why it was lost (e.g. its heartbeats stopped, or it shut down); empty while alive.
+    pub lost_reason: String,
 }
 
 /// A master's own view of itself and the cluster.
@@ -336,6 +338,15 @@ pub struct RegisterRequest {
     pub slots: u32,
 }
 
+/// An executor that shuts down leaves the cluster.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DeregisterRequest {
+    /// The executor's id.
+    pub executor_id: u64,
+    /// Its incarnation: a request of an older one (the id registered again since) is ignored.
+    pub incarnation: u64,
+}
+
 /// The masters' answer to a registration.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Registered {
@@ -510,6 +521,12 @@ method!(
     /// Tasks' checkpoint snapshots; the leader commits a checkpoint once every task of the
     /// attempt reported it. Answered by the leader only.
     ReportCheckpoints, MasterApi, 32, EXECUTORS, CheckpointReports => ReportsTaken
+);
+method!(
+    /// An executor that shuts down leaves the cluster: it is marked lost at once, so that its
+    /// tasks move to other executors now rather than after its TTL, and without the failures
+    /// its stopping tasks cause elsewhere counting as the job's restarts.
+    DeregisterExecutor, MasterApi, 33, EXECUTORS, DeregisterRequest => Nothing
 );
 
 /// Header of a data stream between executors.

@@ -80,6 +80,13 @@ impl Executor {
         }
     }
 
+    /// Its exit status, once it exited (reaped then).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
     /// Sends `kill -<sig>`.
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")

@@ -214,7 +214,7 @@ pub async fn cluster_status(args: &ClusterArgs, connections: bool) -> anyhow::Re
             .iter()
             .zip(&statuses)
             .map(|(e, status)| {
-                let mut v = json!({"id": e.id, "name": e.name, "addr": e.addr, "state": e.state, "slots": e.slots, "used": e.used, "incarnation": e.incarnation});
+                let mut v = json!({"id": e.id, "name": e.name, "addr": e.addr, "state": e.state, "slots": e.slots, "used": e.used, "incarnation": e.incarnation, "lost_reason": e.lost_reason});
                 if connections {
                     v["connections"] = status.as_ref().map_or(serde_json::Value::Null, |s| {
                         s.connections.iter().map(connection_json).collect()
@@ -260,13 +260,18 @@ pub async fn cluster_status(args: &ClusterArgs, connections: bool) -> anyhow::Re
     println!("executors: {}", executors.len());
     if !executors.is_empty() {
         println!(
-            "{:<4} {:<12} {:<22} {:<6} {:<10}",
+            "{:<4} {:<12} {:<22} {:<6} {:<10} WHY LOST",
             "ID", "NAME", "ADDRESS", "STATE", "USED/TOTAL"
         );
         for e in &executors {
             println!(
-                "{:<4} {:<12} {:<22} {:<6} {}/{}",
-                e.id, e.name, e.addr, e.state, e.used, e.slots
+                "{:<4} {:<12} {:<22} {:<6} {:<10} {}",
+                e.id,
+                e.name,
+                e.addr,
+                e.state,
+                format!("{}/{}", e.used, e.slots),
+                e.lost_reason
             );
         }
     }
