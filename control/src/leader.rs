@@ -212,6 +212,21 @@ fn step_job(
                     Ok(graph) => graph,
                     Err(fatal) => return fatal,
                 };
+                if graph.tasks.len() != job.tasks.len() {
+                    // The task ids were allocated from another plan of the same spec (a master
+                    // of another version, say): no placement can ever fit it.
+                    return transition(
+                        job,
+                        JobEvent::Fatal {
+                            reason: format!(
+                                "cannot plan: the job has {} tasks but its plan now has {}",
+                                job.tasks.len(),
+                                graph.tasks.len()
+                            ),
+                        },
+                        now_ms,
+                    );
+                }
                 return match place(state, job, &graph) {
                     Ok(placements) => Some(Command::SetPlacements {
                         job: job.id,
@@ -359,19 +374,13 @@ pub fn used_slots(state: &MetaState, except: Option<JobId>) -> HashMap<ExecutorI
     used
 }
 
-/// Places every task of `job` (whole-attempt placement).
+/// Places every task of `job` (whole-attempt placement); `graph` has one task per task of
+/// `job`.
 fn place(
     state: &MetaState,
     job: &JobRecord,
     graph: &JobGraph,
 ) -> Result<Vec<(TaskId, ExecutorId)>, String> {
-    if graph.tasks.len() != job.tasks.len() {
-        return Err(format!(
-            "job has {} tasks but its plan has {}",
-            job.tasks.len(),
-            graph.tasks.len()
-        ));
-    }
     let used = used_slots(state, Some(job.id));
     let offers: Vec<ExecutorOffer> = state
         .executors
@@ -533,6 +542,8 @@ mod tests {
     #[derive(Default)]
     struct Catalog {
         plans: std::sync::atomic::AtomicU32,
+        /// Tasks added to every plan from now on (a planner that changed).
+        extra: std::sync::atomic::AtomicU32,
     }
     impl JobCatalog for Catalog {
         fn validate(&self, _: &str, _: &str) -> Result<(), String> {
@@ -543,6 +554,7 @@ mod tests {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (n, cost) = spec.trim().split_once('x').unwrap_or((spec.trim(), "1"));
             let n: u32 = n.parse().map_err(|_| "bad spec".to_string())?;
+            let n = n + self.extra.load(std::sync::atomic::Ordering::Relaxed);
             let cost: u32 = cost.parse().map_err(|_| "bad spec".to_string())?;
             let mut g = JobGraph::default();
             for i in 0..n {
@@ -664,6 +676,29 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_plan_that_no_longer_matches_the_allocated_tasks_fails_the_job() {
+        let mut sim = Sim::new();
+        sim.register(8);
+        let job = sim.submit(4);
+        for c in next_commands(&sim.state, &sim.reports, &[], &sim.catalog, 1) {
+            assert!(matches!(c, Command::AllocateTaskIds { .. }), "{c:?}");
+            sim.apply(c);
+        }
+        assert_eq!(sim.job(job).tasks.len(), 4);
+        sim.catalog
+            .extra
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+        sim.settle(&[]);
+        let j = sim.job(job);
+        assert_eq!(j.state, JobState::Failed, "{:?}", j.history);
+        let reason = &j.history.last().unwrap().reason;
+        assert!(
+            reason.contains("the job has 4 tasks but its plan now has 5"),
+            "{reason}"
+        );
     }
 
     #[test]

@@ -57,10 +57,18 @@ pub enum LivenessConfigError {
         /// The configured heartbeat interval.
         heartbeat_interval: Duration,
     },
+    /// The TTL is longer than [`MAX_TTL`].
+    #[error("ttl ({0:?}) must be at most {MAX_TTL:?}")]
+    TtlTooLong(Duration),
 }
 
+/// The longest TTL accepted: a day. An executor silent for longer is lost by any measure, and
+/// the bound keeps every deadline representable.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
 impl LivenessConfig {
-    /// Checks that both durations are non-zero and `ttl >= 2 × heartbeat_interval`.
+    /// Checks that both durations are non-zero, `ttl >= 2 × heartbeat_interval` and
+    /// `ttl <= MAX_TTL`.
     ///
     /// # Errors
     /// [`LivenessConfigError`] names the offending values.
@@ -70,6 +78,9 @@ impl LivenessConfig {
         }
         if self.ttl.is_zero() {
             return Err(LivenessConfigError::ZeroTtl);
+        }
+        if self.ttl > MAX_TTL {
+            return Err(LivenessConfigError::TtlTooLong(self.ttl));
         }
         match self.heartbeat_interval.checked_mul(2) {
             Some(minimum) if self.ttl >= minimum => Ok(()),
@@ -196,10 +207,12 @@ impl LivenessTracker {
         self.deadlines.is_empty()
     }
 
-    /// `now + ttl`, saturating at `now` far in the future (an `Instant` cannot overflow here in
-    /// practice, but a panic on an absurd input is not acceptable).
+    /// `now + ttl`; an `Instant` that cannot hold it (`now` itself near the clock's end)
+    /// gives `now + MAX_TTL`, or else `now`, rather than a panic.
     fn deadline_from(&self, now: Instant) -> Instant {
-        now.checked_add(self.ttl).unwrap_or(now)
+        now.checked_add(self.ttl)
+            .or_else(|| now.checked_add(MAX_TTL))
+            .unwrap_or(now)
     }
 
     /// Moves `executor`'s deadline to `deadline` unless it already is later.
@@ -282,10 +295,40 @@ mod tests {
             heartbeat_interval: Duration::MAX,
             ttl: Duration::MAX,
         };
-        assert!(matches!(
+        assert_eq!(
             huge.validate(),
-            Err(LivenessConfigError::TtlTooShort { .. })
-        ));
+            Err(LivenessConfigError::TtlTooLong(Duration::MAX))
+        );
+        let longest = LivenessConfig {
+            heartbeat_interval: 250 * MS,
+            ttl: MAX_TTL,
+        };
+        assert_eq!(longest.validate(), Ok(()));
+        let too_long = LivenessConfig {
+            heartbeat_interval: 250 * MS,
+            ttl: MAX_TTL + MS,
+        };
+        assert!(LivenessTracker::new(too_long).is_err());
+        assert!(
+            too_long
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("at most")
+        );
+    }
+
+    #[test]
+    fn the_longest_ttl_does_not_expire_an_executor_at_once() {
+        let mut t = LivenessTracker::new(LivenessConfig {
+            heartbeat_interval: 250 * MS,
+            ttl: MAX_TTL,
+        })
+        .unwrap();
+        let t0 = Instant::now();
+        t.register(1, t0);
+        assert!(t.expired(t0 + 1000 * MS).is_empty());
+        assert_eq!(t.expired(t0 + MAX_TTL), vec![1]);
     }
 
     #[test]
