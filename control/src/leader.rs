@@ -35,8 +35,30 @@ pub trait JobCatalog: Send + Sync + 'static {
     fn plan(&self, job_type: &str, spec: &str) -> Result<JobGraph, String>;
 }
 
-/// What the leader knows from heartbeats: each live executor's latest task reports.
-pub type Reports = HashMap<u64, Vec<TaskReport>>;
+/// What the leader knows from heartbeats: each live executor's latest report.
+pub type Reports = HashMap<u64, ExecutorReport>;
+
+/// An executor's latest heartbeat, as the leader keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecutorReport {
+    /// Its tasks' states.
+    pub tasks: Vec<TaskReport>,
+    /// Digest of the assignments it ran when it sent them (`None`: none received yet).
+    pub running: Option<u64>,
+    /// Digest of the assignments the reply to that heartbeat gave it.
+    pub given: u64,
+}
+
+impl ExecutorReport {
+    /// Whether the executor ran, when it reported, the assignments `state` gives it now, and
+    /// had been told nothing else since: its tasks then say what it runs of them. Its report
+    /// alone is not enough: it may have been sent just before the reply that handed it a
+    /// job, whose tasks it started after.
+    pub fn runs_current(&self, state: &MetaState, executor: u64) -> bool {
+        self.running == Some(self.given)
+            && self.given == assignments_digest(&assignments(state, executor))
+    }
+}
 
 /// Computes the next metadata commands. `expired` are executors whose heartbeats stopped.
 pub fn next_commands(
@@ -114,10 +136,11 @@ fn task_states(
             continue;
         };
         let Some(exec) = rec.executor else { continue };
-        let Some(list) = reports.get(&exec.0) else {
+        let Some(report) = reports.get(&exec.0) else {
             continue;
         };
-        if let Some(r) = list
+        if let Some(r) = report
+            .tasks
             .iter()
             .find(|r| r.job == job.id.0 && r.epoch == job.epoch && r.index as usize == index)
         {
@@ -296,13 +319,16 @@ fn step_job(
                         .executor(ExecutorId(**e))
                         .is_some_and(|r| r.state == ExecutorState::Alive)
                 })
-                .flat_map(|(_, tasks)| tasks)
+                .flat_map(|(_, report)| &report.tasks)
                 .any(|r| {
                     r.job == job.id.0
                         && matches!(r.state, TaskRunState::Running | TaskRunState::Paused)
                 });
-            // A live executor that has not reported since this master began leading may still
-            // run the job's tasks; their slots are free only once it says they stopped.
+            // A live executor holding tasks of the job may still run them unless its report
+            // was sent once it had been told to run what it runs now, without the job (see
+            // `ExecutorReport::runs_current`): not heard since this master began leading, or
+            // its report predates the reply that handed it the job. Their slots are free only
+            // once it says they stopped.
             let unheard = job
                 .tasks
                 .iter()
@@ -311,7 +337,9 @@ fn step_job(
                     state
                         .executor(e)
                         .is_some_and(|r| r.state == ExecutorState::Alive)
-                        && !reports.contains_key(&e.0)
+                        && !reports
+                            .get(&e.0)
+                            .is_some_and(|r| r.runs_current(state, e.0))
                 });
             (!still_running && !unheard)
                 .then(|| transition(job, JobEvent::AllTasksStopped, now_ms))
@@ -638,7 +666,18 @@ mod tests {
                             })
                     })
                     .collect();
-                self.reports.insert(e, list);
+                let report = self.caught_up(e, list);
+                self.reports.insert(e, report);
+            }
+        }
+        /// A report of `tasks` from executor `e`, sent once it ran the assignments the state
+        /// gives it now (and was told nothing else since).
+        fn caught_up(&self, e: u64, tasks: Vec<TaskReport>) -> ExecutorReport {
+            let digest = assignments_digest(&assignments(&self.state, e));
+            ExecutorReport {
+                tasks,
+                running: Some(digest),
+                given: digest,
             }
         }
         /// Two executors of 4 slots running one 4-task job: (sim, a, b, job).
@@ -1083,8 +1122,10 @@ mod tests {
         sim.set_state(first, JobState::Scheduling, JobState::Cancelling);
         // The executor says it runs nothing.
         sim.reports.clear();
-        for e in sim.state.executors.keys() {
-            sim.reports.insert(e.0, Vec::new());
+        let execs: Vec<u64> = sim.state.executors.keys().map(|e| e.0).collect();
+        for e in execs {
+            let report = sim.caught_up(e, Vec::new());
+            sim.reports.insert(e, report);
         }
         sim.settle(&[]);
         assert_eq!(sim.job(first).state, JobState::Cancelled);
@@ -1096,7 +1137,12 @@ mod tests {
     fn a_cancel_ignores_what_a_lost_executor_last_reported() {
         let (mut sim, a, b, job) = Sim::running_on_two_executors();
         let last_of_a = sim.reports[&a].clone();
-        assert!(last_of_a.iter().any(|r| r.state == TaskRunState::Running));
+        assert!(
+            last_of_a
+                .tasks
+                .iter()
+                .any(|r| r.state == TaskRunState::Running)
+        );
         sim.apply(Command::ExecutorLost {
             id: ExecutorId(a),
             reason: "superseded by a new registration".into(),
@@ -1108,7 +1154,8 @@ mod tests {
         assert_eq!(sim.job(job).state, JobState::Running);
         sim.set_state(job, JobState::Running, JobState::Cancelling);
         // b stopped everything; a's entry is what it said before it was lost.
-        sim.reports = HashMap::from([(a, last_of_a), (b, Vec::new())]);
+        let stopped = sim.caught_up(b, Vec::new());
+        sim.reports = HashMap::from([(a, last_of_a), (b, stopped)]);
         sim.settle(&[]);
         assert_eq!(sim.job(job).state, JobState::Cancelled);
     }
@@ -1129,10 +1176,65 @@ mod tests {
         sim.settle(&[]);
         assert_eq!(sim.job(job).state, JobState::Cancelling);
         // One executor says it runs nothing; the other is still unheard.
-        sim.reports.insert(a, Vec::new());
+        let stopped = sim.caught_up(a, Vec::new());
+        sim.reports.insert(a, stopped);
         sim.settle(&[]);
         assert_eq!(sim.job(job).state, JobState::Cancelling);
-        sim.reports.insert(b, Vec::new());
+        let stopped = sim.caught_up(b, Vec::new());
+        sim.reports.insert(b, stopped);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Cancelled);
+    }
+
+    /// An executor's report sent just before the reply that handed it the job says nothing
+    /// of the tasks it started after: a cancel waits for one sent once it ran what it runs
+    /// now, although the empty assignments it had before look the same as those after.
+    #[test]
+    fn a_cancel_waits_for_an_executor_that_was_just_handed_the_job() {
+        let mut sim = Sim::new();
+        let e = sim.register(4);
+        let before = assignments_digest(&assignments(&sim.state, e));
+        let job = sim.submit(4);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Scheduling);
+        let handed = assignments_digest(&assignments(&sim.state, e));
+        assert_ne!(before, handed);
+        // Its heartbeat reported nothing running; the reply handed it the job.
+        sim.reports.insert(
+            e,
+            ExecutorReport {
+                tasks: Vec::new(),
+                running: Some(before),
+                given: handed,
+            },
+        );
+        sim.set_state(job, JobState::Scheduling, JobState::Cancelling);
+        sim.settle(&[]);
+        assert_eq!(
+            sim.job(job).state,
+            JobState::Cancelling,
+            "the tasks may run"
+        );
+        // The next heartbeat: it runs the job (the reply now takes it away).
+        let now = assignments_digest(&assignments(&sim.state, e));
+        assert_eq!(now, before, "no assignments, as before the job");
+        sim.reports.insert(
+            e,
+            ExecutorReport {
+                tasks: Vec::new(),
+                running: Some(handed),
+                given: now,
+            },
+        );
+        sim.settle(&[]);
+        assert_eq!(
+            sim.job(job).state,
+            JobState::Cancelling,
+            "told, not yet stopped"
+        );
+        // It stopped them and says so.
+        let stopped = sim.caught_up(e, Vec::new());
+        sim.reports.insert(e, stopped);
         sim.settle(&[]);
         assert_eq!(sim.job(job).state, JobState::Cancelled);
     }

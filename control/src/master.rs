@@ -1467,18 +1467,24 @@ fn heartbeat(shared: &Shared, req: HeartbeatRequest) -> Result<HeartbeatReply, R
             live.register(id, now);
         }
     }
+    let (assignments, assignments_digest) =
+        node.read_local(|st| heartbeat_assignments(st, id, req.assignments_digest));
+    let report = crate::leader::ExecutorReport {
+        tasks: req.tasks,
+        running: req.assignments_digest,
+        given: assignments_digest,
+    };
     let reports_changed = {
         let mut reports = lock(&shared.reports);
-        let changed = reports.get(&id) != Some(&req.tasks);
-        reports.insert(id, req.tasks);
+        let changed = reports.get(&id) != Some(&report);
+        reports.insert(id, report);
         changed
     };
     if reports_changed {
-        // A task started, finished or failed: the leader loop may have a step to take.
+        // A task started, finished or failed, or the executor caught up with its assignments:
+        // the leader loop may have a step to take.
         shared.step_now.notify_one();
     }
-    let (assignments, assignments_digest) =
-        node.read_local(|st| heartbeat_assignments(st, id, req.assignments_digest));
     Ok(HeartbeatReply {
         reregister: None,
         assignments,
