@@ -108,7 +108,14 @@ struct RegistryInner {
     forgotten: HashMap<u64, Instant>,
     /// Streams waiting for their consumer.
     waiting: usize,
+    /// Edges whose stream failed before their consumer registered, oldest first (at most
+    /// [`FAILED_KEPT`]): the consumer is failed when it registers, instead of waiting for a
+    /// stream that will not come again.
+    failed: std::collections::VecDeque<PortKey>,
 }
+
+/// Most edges remembered as failed before their consumer registered.
+const FAILED_KEPT: usize = 1024;
 
 /// How many of [`InboundRegistry::confirm_assignments`]' graces a forgotten job's epochs are
 /// kept. One grace is as long as any master may still hand out an attempt the others moved
@@ -131,8 +138,33 @@ impl InboundRegistry {
             )));
         }
         *newest = key.1;
+        if let Some(at) = inner.failed.iter().position(|k| *k == key) {
+            inner.failed.remove(at);
+            drop(inner);
+            warn!(
+                job = key.0,
+                epoch = key.1,
+                edge = key.2,
+                partition = key.3,
+                "the data stream of this edge failed before its consumer started: failing it"
+            );
+            port.abort();
+            return Ok(());
+        }
         inner.ports.insert(key, port);
         Ok(())
+    }
+
+    /// Remembers that the stream of edge `key` failed before its consumer registered.
+    fn stream_failed_early(&self, key: PortKey) {
+        let mut inner = self.lock();
+        if inner.failed.contains(&key) {
+            return;
+        }
+        if inner.failed.len() == FAILED_KEPT {
+            inner.failed.pop_front();
+        }
+        inner.failed.push_back(key);
     }
 
     /// A router that hands every data stream opened by another executor to this registry
@@ -329,7 +361,8 @@ impl InboundRegistry {
                             Ok(Some(frame)) => first = Some(frame),
                             Ok(None) => ended = true,
                             Err(e) => {
-                                debug!(?header, error = %e, "data stream ended before its consumer registered");
+                                warn!(?header, error = %e, "data stream failed before its consumer registered");
+                                self.stream_failed_early(key);
                                 return;
                             }
                         }
@@ -371,7 +404,7 @@ impl InboundRegistry {
                     Ok(Some(f)) => Some(f),
                     Ok(None) => None,
                     Err(e) => {
-                        debug!(?header, error = %e, "data stream failed");
+                        warn!(?header, error = %e, "data stream failed; failing its consumer");
                         port.abort();
                         return;
                     }
@@ -838,6 +871,50 @@ mod tests {
         assert_eq!(got, vec![1, 2, 3]);
         let ended = end_of(&engine, &consumer, PATIENCE);
         assert!(matches!(ended, TaskEvent::Finished { .. }), "{ended:?}");
+        assert!(engine.shutdown(Duration::from_secs(5)).drained);
+    }
+
+    /// A stream that breaks while it waits for its consumer (here: reset before its first
+    /// frame) cannot come again: the consumer that registers later fails at once instead of
+    /// waiting for it for good.
+    #[test]
+    fn a_consumer_whose_stream_failed_before_it_registered_fails() {
+        const PATIENCE: Duration = Duration::from_secs(30);
+        let runtime = runtime();
+        let _inside = runtime.enter();
+        let (_dir, inbound_side, outbound_side, to) = two_sides(&runtime);
+        let header = StreamHeader {
+            job: 1,
+            epoch: 1,
+            edge: to.edge,
+            partition: to.partition,
+        }
+        .encode()
+        .unwrap();
+        let registry = inbound_side.registry.clone();
+        let waiting = |n: usize| {
+            let deadline = Instant::now() + PATIENCE;
+            while registry.waiting_streams() != n {
+                assert!(Instant::now() < deadline, "waiting streams never {n}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let sender = runtime
+            .block_on(outbound_side.endpoint.open_data_stream(
+                inbound_side.endpoint.local_addr(),
+                Bytes::from_owner(header),
+                PATIENCE,
+            ))
+            .unwrap();
+        waiting(1);
+        sender.reset(99);
+        waiting(0);
+        let (engine, consumer, _arrivals) = consume(&inbound_side, to);
+        let ended = end_of(&engine, &consumer, PATIENCE);
+        assert!(
+            matches!(&ended, TaskEvent::Failed { error, .. } if error.to_string().contains("upstream aborted")),
+            "{ended:?}"
+        );
         assert!(engine.shutdown(Duration::from_secs(5)).drained);
     }
 

@@ -549,6 +549,10 @@ impl Connection {
             addr: self.peer.addr,
             reason,
         };
+        frame::len_prefix(
+            header.len(),
+            crate::stream::MAX_DATA_HEADER_BYTES.min(self.max_frame),
+        )?;
         // Opening waits for stream credit, and writing the header for flow-control credit
         // (the connection's window may be full with other streams): both within the deadline.
         let waited = deadline.saturating_duration_since(Instant::now());
@@ -717,7 +721,8 @@ async fn serve_data_stream(
         return;
     }
     let mut header = Frame::new();
-    let read = frame::read_frame(&mut recv, max_frame, &mut header);
+    let header_limit = crate::stream::MAX_DATA_HEADER_BYTES.min(max_frame);
+    let read = frame::read_frame(&mut recv, header_limit, &mut header);
     match tokio::time::timeout(limits.read_timeout, read).await {
         Ok(Ok(true)) => {}
         Ok(Ok(false)) => return,

@@ -36,5 +36,5 @@ pub use endpoint::{Connection, ConnectionStats, Endpoint, WeakEndpoint};
 pub use error::{EndpointError, ErrorCode, FrameError, RemoteError, RpcError, TlsError};
 pub use frame::{Frame, Message};
 pub use rpc::{Method, Peer, Router, Service};
-pub use stream::{DataSender, DataStream};
+pub use stream::{DataSender, DataStream, MAX_DATA_HEADER_BYTES};
 pub use tls::{Identity, Role};

@@ -13,6 +13,11 @@ use crate::error::{FrameError, RpcError};
 use crate::frame::{self, Frame};
 use crate::rpc::Peer;
 
+/// Largest data-stream header accepted, in bytes. A header names what the stream carries (a
+/// few ids); the receiver keeps it for the stream's life, so it is not allowed the full
+/// frame size.
+pub const MAX_DATA_HEADER_BYTES: u32 = 4096;
+
 /// The sending half of a data stream.
 pub struct DataSender {
     pub(crate) send: quinn::SendStream,

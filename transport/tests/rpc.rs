@@ -1022,3 +1022,80 @@ async fn finishing_a_stream_waits_for_the_receivers_acknowledgement() {
         3
     );
 }
+
+/// A data-stream header over `MAX_DATA_HEADER_BYTES` is refused by the sender before it opens
+/// anything, and by a receiver that gets one anyway without handing it to its handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_data_stream_header_is_refused_on_both_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    init_cluster_certs(dir.path(), "t", &[]).unwrap();
+    let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let router = {
+        let handled = handled.clone();
+        Router::new().data_streams(&[Role::Executor], move |_peer, _stream| {
+            handled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {}
+        })
+    };
+    let limit = microcosm_transport::MAX_DATA_HEADER_BYTES as usize;
+    let (server, client, _ok) = data_stream_to(
+        dir.path(),
+        router,
+        TransportConfig::default(),
+        Role::Executor,
+        b"fits",
+    )
+    .await;
+    let too_big = Bytes::from(vec![7u8; limit + 1]);
+    let refused = client
+        .open_data_stream(server.local_addr(), too_big, Duration::from_secs(5))
+        .await;
+    assert!(
+        matches!(refused, Err(RpcError::BadFrame(_))),
+        "{:?}",
+        refused.err()
+    );
+    // The same header written by hand: the receiver stops the stream.
+    let conn = client
+        .connection(
+            server.local_addr(),
+            Role::Executor,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let mut raw = conn.quinn().open_uni().await.unwrap();
+    raw.write_all(&((limit + 1) as u32).to_le_bytes())
+        .await
+        .unwrap();
+    raw.write_all(&vec![7u8; limit + 1]).await.unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), raw.stopped())
+        .await
+        .expect("the receiver answers")
+        .unwrap();
+    assert!(stopped.is_some(), "the stream was stopped, not read");
+    wait_until_handled(&handled, 1).await;
+    assert_eq!(
+        handled.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the stream with a fitting header reached the handler"
+    );
+    // A header at the limit is taken.
+    let at_limit = Bytes::from(vec![7u8; limit]);
+    client
+        .open_data_stream(server.local_addr(), at_limit, Duration::from_secs(5))
+        .await
+        .unwrap();
+    wait_until_handled(&handled, 2).await;
+}
+
+async fn wait_until_handled(handled: &std::sync::atomic::AtomicUsize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while handled.load(std::sync::atomic::Ordering::SeqCst) < n {
+        assert!(
+            Instant::now() < deadline,
+            "the handler never saw stream {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
