@@ -522,4 +522,54 @@ mod tests {
         );
         assert_eq!(flag::<u64>("--executor-heartbeat-ms", None).count(), 0);
     }
+
+    /// The slots a local cluster's executors offer fit a demo job that has more tasks in one
+    /// co-location group than an executor's default 64, on one executor or two.
+    #[test]
+    fn local_executors_fit_a_large_demo_job() {
+        use microcosm_control::scheduler::{ExecutorOffer, GroupId, TaskDemand, schedule};
+        let spec = DemoSpec {
+            table_num: 61,
+            binlog_num: 22,
+            ..DemoSpec::default()
+        };
+        let graph = microcosm_demo::plan::plan(&spec);
+        let slots = slots_for(&graph);
+        assert_eq!(slots, 61 + 4 * 22);
+        assert_eq!(
+            slots_for(&microcosm_demo::plan::plan(&DemoSpec::default())),
+            64
+        );
+        let demands: Vec<TaskDemand> = (0u64..)
+            .zip(&graph.tasks)
+            .map(|(task, t)| TaskDemand {
+                task,
+                cost: t.cost,
+                group: t.group.map(GroupId),
+                avoid_group: t.avoid_group.map(GroupId),
+            })
+            .collect();
+        for executors in [1, 2] {
+            let offers: Vec<ExecutorOffer> = (0..executors)
+                .map(|executor| ExecutorOffer {
+                    executor,
+                    free_slots: slots,
+                    total_slots: slots,
+                })
+                .collect();
+            schedule(&demands, &offers).unwrap();
+            let default: Vec<ExecutorOffer> = offers
+                .iter()
+                .map(|o| ExecutorOffer {
+                    free_slots: 64,
+                    total_slots: 64,
+                    ..*o
+                })
+                .collect();
+            assert!(
+                schedule(&demands, &default).is_err(),
+                "64 slots would not fit it"
+            );
+        }
+    }
 }
