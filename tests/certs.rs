@@ -27,6 +27,13 @@ fn certs_init_creates_a_loadable_identity_per_role() {
     for role in Role::ALL {
         assert_eq!(Identity::load(&certs, role).unwrap().role(), role);
     }
+    // The CA's key is named, with what it allows.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&certs.join("ca.key").display().to_string())
+            && stdout.contains("can issue certificates of any role"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -20,5 +20,12 @@ pub fn init(dir: &Path, cluster_name: &str, sans: &[String]) -> anyhow::Result<(
             tls::key_path(dir, role).display()
         );
     }
+    println!(
+        "created the CA's private key {}: whoever holds it can issue certificates of any \
+         role. Beyond a local cluster, keep it off the nodes, and give each node only {} and \
+         its own role's certificate and key.",
+        dir.join(tls::files::CA_KEY).display(),
+        tls::files::CA_CERT
+    );
     Ok(())
 }
