@@ -108,6 +108,9 @@ struct RegistryInner {
     forgotten: HashMap<u64, Instant>,
     /// Streams waiting for their consumer.
     waiting: usize,
+    /// The attempt (job → epoch) launched here, all its inbound edges bound: a stream of it
+    /// for an edge not registered is not for this executor (or came twice).
+    launched: HashMap<u64, u64>,
     /// Edges whose stream failed before their consumer registered, oldest first (at most
     /// [`FAILED_KEPT`]): the consumer is failed when it registers, instead of waiting for a
     /// stream that will not come again.
@@ -177,10 +180,20 @@ impl InboundRegistry {
         })
     }
 
+    /// Attempt `epoch` of `job` is launched here: every inbound edge it has here is bound.
+    /// A stream of it for any other edge (or a second one for an edge whose stream ended) is
+    /// refused from now on instead of waiting for a consumer that will not come.
+    pub fn launched(&self, job: u64, epoch: u64) {
+        self.lock().launched.insert(job, epoch);
+    }
+
     /// Forgets every inbound edge of `job` at epochs up to `epoch` (aborting them); streams
     /// of those epochs that arrive later are refused.
     pub fn retire(&self, job: u64, epoch: u64) {
         let mut inner = self.lock();
+        if inner.launched.get(&job).is_some_and(|e| *e <= epoch) {
+            inner.launched.remove(&job);
+        }
         let retired = inner.retired.entry(job).or_insert(epoch);
         *retired = (*retired).max(epoch);
         let stale: Vec<PortKey> = inner
@@ -287,6 +300,9 @@ impl InboundRegistry {
         if key.1 < newest || retired.is_some_and(|r| key.1 <= r) {
             return Lookup::Stale(newest.max(retired.unwrap_or(0)));
         }
+        if inner.launched.get(&key.0) == Some(&key.1) {
+            return Lookup::NotHere;
+        }
         match &inner.confirmed {
             Some(c)
                 if arrived.checked_add(c.grace).is_some_and(|t| c.sent > t)
@@ -307,9 +323,9 @@ impl InboundRegistry {
     /// The wait ends when the attempt is found stale (a later epoch is registered, or the
     /// attempt was stopped here), when the reply to a heartbeat sent a TTL or more after the
     /// stream arrived does not give this executor the attempt
-    /// ([`InboundRegistry::confirm_assignments`]),
-    /// or when the producer resets the stream before its first frame arrived (that frame is
-    /// read ahead meanwhile).
+    /// ([`InboundRegistry::confirm_assignments`]), when its attempt was launched here
+    /// without its edge ([`InboundRegistry::launched`]), or when the producer resets the
+    /// stream before its first frame arrived (that frame is read ahead meanwhile).
     pub async fn serve(&self, mut stream: DataStream) {
         let header = match StreamHeader::decode(stream.header()) {
             Ok(h) => h,
@@ -389,7 +405,10 @@ impl InboundRegistry {
                 warn!(
                     job = header.job,
                     epoch = header.epoch,
-                    "refusing a data stream of an attempt the masters did not give this executor"
+                    edge = header.edge,
+                    partition = header.partition,
+                    "refusing a data stream no task here consumes (the masters did not give \
+                     this executor its attempt, or the attempt has no such edge here)"
                 );
                 stream.stop(STOP_REFUSED);
                 return;
@@ -471,7 +490,8 @@ impl Drop for Waiting<'_> {
 enum Lookup {
     Found(Arc<dyn InboundPort>),
     Stale(u64),
-    /// The masters did not give this executor the stream's attempt.
+    /// No task here consumes the stream: the masters did not give this executor its
+    /// attempt, or the attempt was launched here without that edge.
     NotHere,
     NotYet,
 }
@@ -1117,6 +1137,48 @@ mod tests {
         registry.forget_job(7);
         assert!(stale(&registry, 2));
         assert!(waits(&registry, 3));
+    }
+
+    /// Once an attempt is launched here, every inbound edge it has here is bound: a stream of
+    /// it for another edge is refused at once instead of waiting (holding what it read) for
+    /// as long as the attempt runs. Later epochs still wait.
+    #[test]
+    fn a_stream_for_an_edge_a_launched_attempt_does_not_consume_here_is_refused() {
+        let registry = InboundRegistry::default();
+        let now = Instant::now();
+        let (inbound, _input) = inbound_edge::<u64>(4).unwrap();
+        registry.register((7, 2, 1, 0), Arc::new(inbound)).unwrap();
+        assert!(
+            matches!(registry.lookup((7, 2, 999, 0), now), Lookup::NotYet),
+            "its tasks may still be binding"
+        );
+        registry.launched(7, 2);
+        assert!(matches!(
+            registry.lookup((7, 2, 999, 0), now),
+            Lookup::NotHere
+        ));
+        assert!(matches!(
+            registry.lookup((7, 2, 1, 7), now),
+            Lookup::NotHere
+        ));
+        assert!(matches!(
+            registry.lookup((7, 2, 1, 0), now),
+            Lookup::Found(_)
+        ));
+        assert!(matches!(registry.lookup((7, 3, 1, 0), now), Lookup::NotYet));
+        assert!(matches!(registry.lookup((8, 2, 1, 0), now), Lookup::NotYet));
+        // Stopped: its streams are stale; a later attempt's wait until it is launched too.
+        registry.retire(7, 2);
+        assert!(matches!(
+            registry.lookup((7, 2, 999, 0), now),
+            Lookup::Stale(_)
+        ));
+        let (inbound, _input) = inbound_edge::<u64>(4).unwrap();
+        registry.register((7, 3, 1, 0), Arc::new(inbound)).unwrap();
+        assert!(matches!(
+            registry.lookup((7, 3, 999, 0), now),
+            Lookup::NotYet
+        ));
     }
 
     /// A forgotten job's epochs are kept while a master could still hand its attempts out,

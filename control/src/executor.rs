@@ -1141,6 +1141,7 @@ impl State {
         });
         let attempt = match result {
             Ok(tasks) => {
+                self.registry.launched(a.job, a.epoch);
                 info!(
                     job = a.job,
                     epoch = a.epoch,
