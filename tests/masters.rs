@@ -335,6 +335,42 @@ fn t04b_a_voter_whose_data_dir_was_lost_cannot_join_again_under_its_id() {
     c.submit_job_ok(&[c.addr(leader)]);
 }
 
+/// A master whose timing settings differ from the cluster's is refused at its join, naming
+/// the setting: executors keep one leader's heartbeat interval until the next answers, and
+/// the TTL's margin over a partitioned leader holds only if every master agrees.
+#[test]
+fn t04c_a_master_with_other_timing_settings_cannot_join() {
+    let mut c = Cluster::bootstrap(1);
+    c.wait_for_leader(&[1], ELECTION);
+    let via = common::join_addrs(&c.running_addrs());
+    let addr = common::free_udp_addr();
+    c.spawn_master(
+        2,
+        addr,
+        &[
+            "--join".into(),
+            via,
+            "--executor-ttl-ms".into(),
+            "3000".into(),
+        ],
+    );
+    let r = wait_until("the joining master exits", ELECTION * 3, || {
+        c.node(2)
+            .exit_status()
+            .ok_or_else(|| "still running".to_string())
+    });
+    let status = c.unwrap_or_dump(r);
+    assert!(!status.success(), "{status:?}");
+    let log = c.node(2).log_text();
+    assert!(
+        log.contains("master 2 has other timing settings than the cluster")
+            && log.contains("executor-ttl-ms 3000 (the cluster's: 1500)"),
+        "{log}"
+    );
+    let s = c.unwrap_or_dump(c.status(&[c.addr(1)]));
+    assert_eq!(s.masters.len(), 1, "{s}");
+}
+
 #[test]
 fn t05_all_masters_restart_from_their_data_dirs_with_state_and_id_counters() {
     let mut c = Cluster::bootstrap(3);

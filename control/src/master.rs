@@ -275,6 +275,17 @@ impl MasterConfig {
         Ok(out)
     }
 
+    /// The timing settings every master of the cluster must share.
+    pub fn timing(&self) -> crate::proto::MasterTiming {
+        crate::proto::MasterTiming {
+            heartbeat_ms: self.heartbeat_ms,
+            election_timeout_min_ms: self.election_timeout_min_ms,
+            election_timeout_max_ms: self.election_timeout_max_ms,
+            executor_heartbeat_ms: self.executor_heartbeat_ms,
+            executor_ttl_ms: self.executor_ttl_ms,
+        }
+    }
+
     /// The executor liveness settings.
     pub fn liveness(&self) -> LivenessConfig {
         LivenessConfig {
@@ -364,6 +375,8 @@ struct Shared {
     reports: Mutex<Reports>,
     liveness: Mutex<LivenessTracker>,
     liveness_config: LivenessConfig,
+    /// This master's timing settings; a master joining with others is refused.
+    timing: crate::proto::MasterTiming,
     checkpoints: Mutex<CheckpointTracker>,
     /// Wakes the leader loop before its sleep ends (a heartbeat brought changed task
     /// reports).
@@ -964,6 +977,19 @@ const JOIN_PATIENCE: Duration = Duration::from_secs(10);
 
 async fn join_on_leader(shared: &Shared, req: JoinRequest) -> Result<Nothing, RemoteError> {
     let node = shared.node()?;
+    let differences = shared.timing.differences(&req.timing);
+    if !differences.is_empty() {
+        return Err(RemoteError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "master {} has other timing settings than the cluster: {}; every master of a \
+                 cluster runs the same heartbeat-ms, election-timeout-min-ms, \
+                 election-timeout-max-ms, executor-heartbeat-ms and executor-ttl-ms",
+                req.node_id,
+                differences.join(", ")
+            ),
+        ));
+    }
     let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
     let master =
         MasterNode::new(req.addr.clone(), req.name.clone()).with_incarnation(req.incarnation);
@@ -1054,6 +1080,7 @@ impl MasterServer {
             reports: Mutex::new(Reports::new()),
             liveness: Mutex::new(liveness),
             liveness_config,
+            timing: config.timing(),
             checkpoints: Mutex::new(CheckpointTracker::new()),
             step_now: tokio::sync::Notify::new(),
             joining: std::sync::atomic::AtomicBool::new(!config.join.is_empty()),
@@ -1278,6 +1305,7 @@ async fn join(
         addr: addr.to_string(),
         name: config.name(),
         incarnation: node.incarnation(),
+        timing: config.timing(),
     };
     let failed = |reason: String| MasterError::Join {
         addrs: config.join.join(","),

@@ -41,6 +41,61 @@ pub struct JoinRequest {
     /// the cluster knows under another incarnation lost its data dir (its votes and log
     /// entries, which the others counted on) and may not take that member's place.
     pub incarnation: u64,
+    /// Its timing settings, which must be the cluster's (see [`MasterTiming`]).
+    pub timing: MasterTiming,
+}
+
+/// The timing settings every master of a cluster must share: executors keep the heartbeat
+/// interval one leader gave them until the next one answers, and the executor TTL is only
+/// safe against a partitioned leader's `3 × election-timeout-max-ms` if every master agrees
+/// on both. All in milliseconds.
+#[derive(
+    rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default,
+)]
+pub struct MasterTiming {
+    /// `heartbeat-ms` (raft).
+    pub heartbeat_ms: u64,
+    /// `election-timeout-min-ms`.
+    pub election_timeout_min_ms: u64,
+    /// `election-timeout-max-ms`.
+    pub election_timeout_max_ms: u64,
+    /// `executor-heartbeat-ms`.
+    pub executor_heartbeat_ms: u64,
+    /// `executor-ttl-ms`.
+    pub executor_ttl_ms: u64,
+}
+
+impl MasterTiming {
+    /// The settings in which `other` differs from these, as `key: ours vs theirs`.
+    pub fn differences(&self, other: &MasterTiming) -> Vec<String> {
+        [
+            ("heartbeat-ms", self.heartbeat_ms, other.heartbeat_ms),
+            (
+                "election-timeout-min-ms",
+                self.election_timeout_min_ms,
+                other.election_timeout_min_ms,
+            ),
+            (
+                "election-timeout-max-ms",
+                self.election_timeout_max_ms,
+                other.election_timeout_max_ms,
+            ),
+            (
+                "executor-heartbeat-ms",
+                self.executor_heartbeat_ms,
+                other.executor_heartbeat_ms,
+            ),
+            (
+                "executor-ttl-ms",
+                self.executor_ttl_ms,
+                other.executor_ttl_ms,
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, ours, theirs)| ours != theirs)
+        .map(|(key, ours, theirs)| format!("{key} {theirs} (the cluster's: {ours})"))
+        .collect()
+    }
 }
 
 /// One member of the masters' raft group.
@@ -540,4 +595,33 @@ pub struct StreamHeader {
     pub edge: u32,
     /// The consuming partition.
     pub partition: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timing_differences_name_each_setting_with_both_values() {
+        let cluster = MasterTiming {
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
+            executor_heartbeat_ms: 250,
+            executor_ttl_ms: 1500,
+        };
+        assert!(cluster.differences(&cluster).is_empty());
+        let joining = MasterTiming {
+            election_timeout_max_ms: 600,
+            executor_ttl_ms: 3000,
+            ..cluster
+        };
+        assert_eq!(
+            cluster.differences(&joining),
+            [
+                "election-timeout-max-ms 600 (the cluster's: 300)",
+                "executor-ttl-ms 3000 (the cluster's: 1500)"
+            ]
+        );
+    }
 }
