@@ -340,9 +340,6 @@ async fn t06_fourth_node_joins_as_learner_then_voter() {
     let before = membership_at(l);
     l.add_learner(4, n4.clone(), WAIT).await.unwrap();
     assert_eq!(membership_at(l), before);
-    // A learner of another data-dir incarnation (its data dir was lost) is replaced ...
-    let replaced = n4.clone().with_incarnation(n4.incarnation.wrapping_add(1));
-    l.add_learner(4, replaced.clone(), WAIT).await.unwrap();
     let member = |l: &MetaNode| {
         l.raft()
             .metrics()
@@ -352,6 +349,22 @@ async fn t06_fourth_node_joins_as_learner_then_voter() {
             .get_node(&4)
             .cloned()
     };
+    // The same learner (same incarnation) asking from another address, restarted there:
+    // its entry is updated in place, still a learner of the same incarnation.
+    let moved = MasterNode {
+        addr: "10.0.0.44:7000".into(),
+        ..n4.clone()
+    };
+    l.add_learner(4, moved.clone(), WAIT).await.unwrap();
+    assert_eq!(member(l), Some(moved.clone()));
+    assert!(l.status().learners.contains(&4));
+    assert!(
+        membership_at(l) > before,
+        "one membership entry for the update"
+    );
+    // A learner of another data-dir incarnation (its data dir was lost) is replaced ...
+    let replaced = n4.clone().with_incarnation(n4.incarnation.wrapping_add(1));
+    l.add_learner(4, replaced.clone(), WAIT).await.unwrap();
     assert_eq!(member(l), Some(replaced.clone()));
     l.promote_voter(4).await.unwrap();
     // ... but a voter's place is not taken by another incarnation.
