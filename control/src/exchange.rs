@@ -158,9 +158,15 @@ impl InboundRegistry {
         Ok(())
     }
 
-    /// Remembers that the stream of edge `key` failed before its consumer registered.
+    /// Remembers that the stream of edge `key` failed before its consumer registered, or
+    /// fails the consumer if it registered meanwhile.
     fn stream_failed_early(&self, key: PortKey) {
         let mut inner = self.lock();
+        if let Some(port) = inner.ports.remove(&key) {
+            drop(inner);
+            port.abort();
+            return;
+        }
         if inner.failed.contains(&key) {
             return;
         }
@@ -1137,6 +1143,23 @@ mod tests {
         registry.forget_job(7);
         assert!(stale(&registry, 2));
         assert!(waits(&registry, 3));
+    }
+
+    /// A stream that fails while waiting, just as its consumer registers, fails that
+    /// consumer; a consumer that registers after the failure is failed at its registration.
+    #[test]
+    fn an_early_stream_failure_fails_the_consumer_whenever_it_registers() {
+        let registry = InboundRegistry::default();
+        let (inbound, input) = inbound_edge::<u64>(4).unwrap();
+        registry.register((7, 2, 1, 0), Arc::new(inbound)).unwrap();
+        registry.stream_failed_early((7, 2, 1, 0));
+        assert!(input.upstream_aborted(), "registered meanwhile: failed now");
+        registry.stream_failed_early((7, 2, 2, 0));
+        let (inbound, input) = inbound_edge::<u64>(4).unwrap();
+        assert!(!input.upstream_aborted());
+        registry.register((7, 2, 2, 0), Arc::new(inbound)).unwrap();
+        assert!(input.upstream_aborted(), "registered after: failed at once");
+        assert!(registry.lock().failed.is_empty());
     }
 
     /// Once an attempt is launched here, every inbound edge it has here is bound: a stream of

@@ -13,7 +13,7 @@
 //! included), so an attempt is always one consistent set of tasks, and data from an older
 //! epoch is refused everywhere.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use microcosm_engine::JobGraph;
 
@@ -329,18 +329,19 @@ fn step_job(
             // `ExecutorReport::runs_current`): not heard since this master began leading, or
             // its report predates the reply that handed it the job. Their slots are free only
             // once it says they stopped.
-            let unheard = job
+            let holders: BTreeSet<ExecutorId> = job
                 .tasks
                 .iter()
                 .filter_map(|t| state.task(*t)?.executor)
-                .any(|e| {
-                    state
-                        .executor(e)
-                        .is_some_and(|r| r.state == ExecutorState::Alive)
-                        && !reports
-                            .get(&e.0)
-                            .is_some_and(|r| r.runs_current(state, e.0))
-                });
+                .collect();
+            let unheard = holders.into_iter().any(|e| {
+                state
+                    .executor(e)
+                    .is_some_and(|r| r.state == ExecutorState::Alive)
+                    && !reports
+                        .get(&e.0)
+                        .is_some_and(|r| r.runs_current(state, e.0))
+            });
             (!still_running && !unheard)
                 .then(|| transition(job, JobEvent::AllTasksStopped, now_ms))
                 .flatten()

@@ -207,12 +207,10 @@ impl LivenessTracker {
         self.deadlines.is_empty()
     }
 
-    /// `now + ttl`; an `Instant` that cannot hold it (`now` itself near the clock's end)
-    /// gives `now + MAX_TTL`, or else `now`, rather than a panic.
+    /// `now + ttl` (at most [`MAX_TTL`] by validation); `now` if an `Instant` cannot hold it,
+    /// which no real clock reaches, rather than a panic.
     fn deadline_from(&self, now: Instant) -> Instant {
-        now.checked_add(self.ttl)
-            .or_else(|| now.checked_add(MAX_TTL))
-            .unwrap_or(now)
+        now.checked_add(self.ttl).unwrap_or(now)
     }
 
     /// Moves `executor`'s deadline to `deadline` unless it already is later.

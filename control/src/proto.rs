@@ -398,7 +398,8 @@ pub struct RegisterRequest {
 pub struct DeregisterRequest {
     /// The executor's id.
     pub executor_id: u64,
-    /// Its incarnation: a request of an older one (the id registered again since) is ignored.
+    /// Its incarnation, as registered: a request that does not match the executor's record
+    /// is ignored.
     pub incarnation: u64,
 }
 

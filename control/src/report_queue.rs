@@ -5,58 +5,73 @@
 //! election, every master down), each batch takes up to a TTL to fail while the tasks keep
 //! checkpointing, so a plain queue would grow for as long as the masters are away. A
 //! checkpoint completes only once every task of the attempt reported it, and a newer one
-//! supersedes it; so of one task's reports not yet sent only the newest is worth sending.
-//! [`ReportQueue`] keeps exactly that: at most one report per task of an attempt, a newer
-//! checkpoint replacing an older one. It holds at most one report per task that ran here
-//! since the last batch, however long the masters are away, and a reporter that falls behind
+//! supersedes it; so of one task's regular reports not yet sent only the newest is worth
+//! sending. [`ReportQueue`] keeps exactly that: per task of an attempt at most one regular
+//! report, a newer checkpoint replacing an older one, and its last report
+//! ([`CheckpointReport::last`]) apart. A last report stands only for the checkpoints after
+//! its own, so it never replaces the regular report of its checkpoint, which that
+//! checkpoint still needs. The queue holds at most two reports per task that ran here since
+//! the last batch, however long the masters are away, and a reporter that falls behind
 //! sends the checkpoint that can still complete rather than a backlog of stale ones.
+//! Reports go out oldest first (a replaced report keeps its place), so no task's report
+//! waits behind others for more than a batch.
 //!
 //! [`PendingReports`] is the bookkeeping only (no I/O, no clock); [`ReportQueue`] adds the
 //! lock and the reporter's wake-up.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use crate::proto::CheckpointReport;
 
-/// Reports not yet sent, at most one per (job, epoch, task); see the [module docs](self).
+/// (job, epoch, task index, last report).
+type Key = (u64, u64, u32, bool);
+
+/// Reports not yet sent, at most one regular and one last report per (job, epoch, task);
+/// see the [module docs](self).
 #[derive(Debug, Default)]
 pub struct PendingReports {
-    reports: BTreeMap<(u64, u64, u32), CheckpointReport>,
+    /// Each queued report and the place it was queued at.
+    reports: HashMap<Key, (u64, CheckpointReport)>,
+    /// Queue order: place → key.
+    order: BTreeMap<u64, Key>,
+    next: u64,
     /// Reports replaced by a newer one before they were sent.
     superseded: u64,
 }
 
 impl PendingReports {
-    /// Queues `report`, unless the same task's queued report is newer: a later checkpoint
-    /// replaces an earlier one, and of two reports of one checkpoint a last report
-    /// ([`CheckpointReport::last`]) replaces the other. Returns whether it was queued.
+    /// Queues `report`, unless the same task's queued report of its kind (regular or last)
+    /// is as new: a later checkpoint replaces an earlier one, in its place in the queue.
+    /// Returns whether it was queued.
     pub fn push(&mut self, report: CheckpointReport) -> bool {
-        let key = (report.job, report.epoch, report.index);
-        match self.reports.get(&key) {
-            Some(queued) if !supersedes(&report, queued) => false,
-            Some(_) => {
+        let key = (report.job, report.epoch, report.index, report.last);
+        match self.reports.get_mut(&key) {
+            Some((_, queued)) if queued.checkpoint >= report.checkpoint => false,
+            Some((_, queued)) => {
                 self.superseded += 1;
-                self.reports.insert(key, report);
+                *queued = report;
                 true
             }
             None => {
-                self.reports.insert(key, report);
+                let place = self.next;
+                self.next += 1;
+                self.reports.insert(key, (place, report));
+                self.order.insert(place, key);
                 true
             }
         }
     }
 
-    /// Takes up to `max` reports, in (job, epoch, task) order.
+    /// Takes up to `max` reports, the longest queued first.
     pub fn take(&mut self, max: usize) -> Vec<CheckpointReport> {
-        if self.reports.len() <= max {
-            return std::mem::take(&mut self.reports).into_values().collect();
-        }
-        let mut out = Vec::with_capacity(max);
+        let mut out = Vec::with_capacity(max.min(self.reports.len()));
         while out.len() < max {
-            match self.reports.pop_first() {
-                Some((_, r)) => out.push(r),
-                None => break,
+            let Some((_, key)) = self.order.pop_first() else {
+                break;
+            };
+            if let Some((_, report)) = self.reports.remove(&key) {
+                out.push(report);
             }
         }
         out
@@ -76,12 +91,6 @@ impl PendingReports {
     pub fn superseded(&self) -> u64 {
         self.superseded
     }
-}
-
-/// Whether `new` is to replace `queued`, a queued report of the same task.
-fn supersedes(new: &CheckpointReport, queued: &CheckpointReport) -> bool {
-    new.checkpoint > queued.checkpoint
-        || (new.checkpoint == queued.checkpoint && new.last && !queued.last)
 }
 
 /// [`PendingReports`] shared between the engine threads that push and the reporter task that
@@ -117,6 +126,12 @@ impl ReportQueue {
             }
             tokio::time::sleep(linger).await;
             let batch = self.lock().take(max);
+            // A push during the linger left a permit for reports this batch took: drop it,
+            // or the next call would wake for nothing. (One for a report pushed since is
+            // not needed either: the queue is checked before waiting.)
+            let stale = self.wake.notified();
+            tokio::pin!(stale);
+            stale.as_mut().enable();
             if !batch.is_empty() {
                 return batch;
             }
@@ -195,17 +210,53 @@ mod tests {
         assert_eq!(checkpoints(&q.take(10)), vec![(1, 0, 5, false)]);
     }
 
+    /// A last report stands only for the checkpoints after its own: the regular report of
+    /// its checkpoint is still needed for that one, so both go out.
     #[test]
-    fn a_last_report_is_never_replaced_by_a_plain_one_of_its_checkpoint() {
+    fn a_last_report_is_kept_beside_the_regular_report_of_its_checkpoint() {
         let mut q = PendingReports::default();
         assert!(q.push(report(1, 0, 5, false)));
         assert!(q.push(report(1, 0, 5, true)), "the task finished at 5");
-        assert!(!q.push(report(1, 0, 5, false)));
+        assert!(
+            !q.push(report(1, 0, 5, false)),
+            "the same regular report again"
+        );
         assert!(
             !q.push(report(1, 0, 5, true)),
             "a resend of the held last report"
         );
-        assert_eq!(checkpoints(&q.take(10)), vec![(1, 0, 5, true)]);
+        assert_eq!(q.superseded(), 0);
+        assert_eq!(
+            checkpoints(&q.take(10)),
+            vec![(1, 0, 5, false), (1, 0, 5, true)]
+        );
+    }
+
+    /// Reports go out oldest first; one replaced by a newer checkpoint keeps its place, and a
+    /// task that reports again after its report went out queues behind the others.
+    #[test]
+    fn reports_go_out_oldest_first_so_none_waits_behind_busier_tasks() {
+        let mut q = PendingReports::default();
+        for index in 0..6 {
+            q.push(report(1, index, 1, false));
+        }
+        q.push(report(1, 4, 2, false));
+        let first = q.take(2);
+        assert_eq!(
+            checkpoints(&first),
+            vec![(1, 0, 1, false), (1, 1, 1, false)]
+        );
+        // Tasks 0 and 1 checkpoint again before the next batch.
+        q.push(report(1, 0, 2, false));
+        q.push(report(1, 1, 2, false));
+        assert_eq!(
+            checkpoints(&q.take(3)),
+            vec![(1, 2, 1, false), (1, 3, 1, false), (1, 4, 2, false)]
+        );
+        assert_eq!(
+            checkpoints(&q.take(10)),
+            vec![(1, 5, 1, false), (1, 0, 2, false), (1, 1, 2, false)]
+        );
     }
 
     #[test]
