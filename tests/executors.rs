@@ -64,17 +64,24 @@ fn t01_job_waits_pending_until_executors_register() {
     assert_eq!(used, 4, "{execs:?}");
 }
 
-#[test]
-fn t02_killed_executor_tasks_move_within_ttl_plus_one_second() {
+/// One master, executors `exec-a` and `exec-b` of 8 slots each, and a 4-task sleep job
+/// running on them: (cluster, a, b, the master's address, job, its epoch).
+fn sleep_job_on_two_executors() -> (Cluster, Executor, Executor, [SocketAddr; 1], u64, u64) {
     let mut cluster = Cluster::bootstrap(1);
     cluster.wait_for_leader(&[1], Duration::from_secs(10));
     let via = [cluster.addr(1)];
-    let mut a = Executor::start(&cluster, "exec-a", 8);
+    let a = Executor::start(&cluster, "exec-a", 8);
     let b = Executor::start(&cluster, "exec-b", 8);
     wait_for_executors(&cluster, &via, 2);
     let id = submit_sleep(&cluster, &via, 4, 120_000);
     let before = wait_state(&cluster, &via, id, "Running", Duration::from_secs(10));
     let epoch = before["epoch"].as_u64().unwrap();
+    (cluster, a, b, via, id, epoch)
+}
+
+#[test]
+fn t02_killed_executor_tasks_move_within_ttl_plus_one_second() {
+    let (cluster, mut a, b, via, id, epoch) = sleep_job_on_two_executors();
     // Kill whichever executor runs tasks (the scheduler spreads, so both do).
     let killed_at = Instant::now();
     a.kill();
@@ -117,15 +124,7 @@ fn t02_killed_executor_tasks_move_within_ttl_plus_one_second() {
 /// and the failures its stopping tasks cause on the other executor do not count as restarts.
 #[test]
 fn t02b_an_executor_that_shuts_down_leaves_and_its_tasks_move_without_a_restart() {
-    let mut cluster = Cluster::bootstrap(1);
-    cluster.wait_for_leader(&[1], Duration::from_secs(10));
-    let via = [cluster.addr(1)];
-    let mut a = Executor::start(&cluster, "exec-a", 8);
-    let b = Executor::start(&cluster, "exec-b", 8);
-    wait_for_executors(&cluster, &via, 2);
-    let id = submit_sleep(&cluster, &via, 4, 120_000);
-    let before = wait_state(&cluster, &via, id, "Running", Duration::from_secs(10));
-    let epoch = before["epoch"].as_u64().unwrap();
+    let (cluster, mut a, b, via, id, epoch) = sleep_job_on_two_executors();
     a.signal("TERM");
     let r = wait_until("exec-a exits", Duration::from_secs(10), || {
         a.exit_status().ok_or_else(|| "still running".to_string())

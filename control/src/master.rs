@@ -1126,6 +1126,8 @@ impl MasterServer {
                 .await?,
             );
             let _ = shared.node.set(node.clone());
+            // Whether to ask the cluster to record this master's address and data dir.
+            let mut record = false;
             let initialized = node
                 .raft()
                 .is_initialized()
@@ -1140,13 +1142,7 @@ impl MasterServer {
                 // the join timed out) leaves a data dir that is no longer new; a voter may
                 // have come back at another address, or not have stated its incarnation.
                 // The task finds out which, once the stored membership is loaded.
-                rejoin = Some(tokio::spawn(rejoin_until_recorded(
-                    endpoint.downgrade(),
-                    Arc::downgrade(&node),
-                    Arc::downgrade(&shared),
-                    config.clone(),
-                    addr.clone(),
-                )));
+                record = true;
             } else if !config.initial_members.is_empty() {
                 let members = config
                     .members()
@@ -1169,13 +1165,7 @@ impl MasterServer {
                 info!(node = config.node_id, "bootstrapped a new cluster");
                 // The bootstrap entry knows no master's incarnation: state this one's, so
                 // that a master coming back under this id must show the same data dir.
-                rejoin = Some(tokio::spawn(rejoin_until_recorded(
-                    endpoint.downgrade(),
-                    Arc::downgrade(&node),
-                    Arc::downgrade(&shared),
-                    config.clone(),
-                    addr.clone(),
-                )));
+                record = true;
             } else if !config.join.is_empty() {
                 let via: Vec<SocketAddr> =
                     config.join.iter().filter_map(|a| a.parse().ok()).collect();
@@ -1186,6 +1176,15 @@ impl MasterServer {
                     "a new data dir needs initial-members (new cluster) or join (running cluster)"
                         .into(),
                 ));
+            }
+            if record {
+                rejoin = Some(tokio::spawn(rejoin_until_recorded(
+                    endpoint.downgrade(),
+                    Arc::downgrade(&node),
+                    Arc::downgrade(&shared),
+                    config.clone(),
+                    addr.clone(),
+                )));
             }
             Ok(())
         }
