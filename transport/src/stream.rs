@@ -68,7 +68,8 @@ impl DataSender {
     /// received by its endpoint (not necessarily read by its application yet). Fails if the
     /// peer stopped the stream or the connection was lost first: a peer that restarted at the
     /// same address never acknowledges what was sent to its old process, and resets the
-    /// connection (see [`crate::tls::Identity::reset_key`]); a peer that is gone for good is
+    /// connection (endpoints derive their reset key from their identity and address, so the
+    /// reset is accepted); a peer that is gone for good is
     /// found out at the connection's idle timeout. A live peer that stops reading holds it
     /// for as long as it does.
     pub async fn finish_acknowledged(mut self) -> Result<(), RpcError> {
