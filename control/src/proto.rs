@@ -43,10 +43,6 @@ pub struct JoinRequest {
     pub incarnation: u64,
     /// Its timing settings, which must be the cluster's (see [`MasterTiming`]).
     pub timing: MasterTiming,
-    /// It restarted from its data dir, log and all (not a new data dir): it may record its
-    /// incarnation in a member entry that has none yet (a master named in the bootstrap),
-    /// and its new address in its own entry.
-    pub has_log: bool,
 }
 
 /// The timing settings every master of a cluster must share: executors keep the heartbeat

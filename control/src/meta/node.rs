@@ -494,20 +494,6 @@ impl MetaNode {
         membership.get_joint_config().len() == 1 && membership.voter_ids().any(|v| v == id)
     }
 
-    /// On the leader: records `node` as member `id`'s address, name and incarnation where
-    /// they differ from its entry: a master restarted at another address, or the incarnation
-    /// of a master named in the bootstrap, which no one knew then (0). The caller checks that
-    /// `node` may take the entry.
-    pub async fn update_member(&self, id: NodeId, node: MasterNode) -> Result<(), MetaError> {
-        if self.member(id).0.as_ref() == Some(&node) {
-            return Ok(());
-        }
-        self.change_membership(ChangeMembers::SetNodes(std::collections::BTreeMap::from([
-            (id, node),
-        ])))
-        .await
-    }
-
     /// On the leader: turns learner `id` into a voter (joint consensus).
     pub async fn promote_voter(&self, id: NodeId) -> Result<(), MetaError> {
         self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
