@@ -64,6 +64,14 @@ fn t01_job_waits_pending_until_executors_register() {
     assert_eq!(used, 4, "{execs:?}");
 }
 
+/// The executor at `addr` among `cluster status`'s `execs`.
+fn at(execs: &[serde_json::Value], addr: SocketAddr) -> &serde_json::Value {
+    execs
+        .iter()
+        .find(|e| e["addr"] == addr.to_string())
+        .unwrap_or_else(|| panic!("no executor at {addr}: {execs:?}"))
+}
+
 /// One master, executors `exec-a` and `exec-b` of 8 slots each, and a 4-task sleep job
 /// running on them: (cluster, a, b, the master's address, job, its epoch).
 fn sleep_job_on_two_executors() -> (Cluster, Executor, Executor, [SocketAddr; 1], u64, u64) {
@@ -102,15 +110,9 @@ fn t02_killed_executor_tasks_move_within_ttl_plus_one_second() {
     // TTL 1.5 s + 1 s.
     assert!(took < Duration::from_millis(2500), "recovery took {took:?}");
     let execs = executors(&cluster, &via).unwrap();
-    let survivor = execs
-        .iter()
-        .find(|e| e["addr"] == b.addr.to_string())
-        .unwrap();
+    let survivor = at(&execs, b.addr);
     assert_eq!(survivor["used"], 4, "{execs:?}");
-    let lost = execs
-        .iter()
-        .find(|e| e["addr"] == a.addr.to_string())
-        .unwrap();
+    let lost = at(&execs, a.addr);
     assert_eq!(lost["state"], "lost", "{execs:?}");
     assert_eq!(
         lost["lost_reason"], "heartbeats stopped for longer than the TTL",
@@ -150,19 +152,13 @@ fn t02b_an_executor_that_shuts_down_leaves_and_its_tasks_move_without_a_restart(
     );
     let j = cluster.unwrap_or_dump(r);
     let execs = executors(&cluster, &via).unwrap();
-    let left = execs
-        .iter()
-        .find(|e| e["addr"] == a.addr.to_string())
-        .unwrap();
+    let left = at(&execs, a.addr);
     assert_eq!(left["state"], "lost", "{execs:?}");
     assert_eq!(
         left["lost_reason"], "shut down: it left the cluster",
         "{execs:?}"
     );
-    let survivor = execs
-        .iter()
-        .find(|e| e["addr"] == b.addr.to_string())
-        .unwrap();
+    let survivor = at(&execs, b.addr);
     assert_eq!(survivor["used"], 4, "{execs:?}");
     let history = j["history"].to_string();
     assert!(
