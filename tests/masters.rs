@@ -371,6 +371,47 @@ fn t04c_a_master_with_other_timing_settings_cannot_join() {
     assert_eq!(s.masters.len(), 1, "{s}");
 }
 
+/// A master restarted from its data dir at another address asks to have its entry updated:
+/// the others reach it there, it gets the writes it missed and new ones, and it serves
+/// clients as before.
+#[test]
+fn t04d_a_master_restarted_at_another_address_is_reached_there() {
+    let mut c = Cluster::bootstrap(3);
+    let leader = c.wait_for_leader(&[1, 2, 3], ELECTION);
+    let moved = if leader == 3 { 2 } else { 3 };
+    let before = c.submit_job_ok(&[c.addr(leader)]);
+    c.wait_for_jobs_on(moved, &[before], REPLICATION);
+    c.kill(moved);
+    let missed = c.submit_job_ok(&[c.addr(leader)]);
+    // From its data dir (no bootstrap, no join), at a new port.
+    c.nodes.remove(&moved);
+    let new_addr = common::free_udp_addr();
+    c.spawn_master(moved, new_addr, &[]);
+    let r = wait_until(
+        "every master lists the moved one at its new address, reachable, a voter",
+        ELECTION,
+        || {
+            c.assert_running(&[1, 2, 3]);
+            for id in [1, 2, 3] {
+                let s = c.status(&[c.addr(id)])?;
+                let m = s
+                    .master(moved)
+                    .ok_or_else(|| format!("master {moved} not listed: {s}"))?;
+                if m.addr != new_addr.to_string() || !m.reachable || !m.voter {
+                    return Err(format!("as master {id} sees it: {s}"));
+                }
+            }
+            Ok(())
+        },
+    );
+    c.unwrap_or_dump(r);
+    c.wait_for_jobs_on(moved, &[before, missed], REPLICATION);
+    let after = c.submit_job_ok(&[c.addr(moved)]);
+    for id in [1, 2, 3] {
+        c.wait_for_jobs_on(id, &[before, missed, after], REPLICATION);
+    }
+}
+
 #[test]
 fn t05_all_masters_restart_from_their_data_dirs_with_state_and_id_counters() {
     let mut c = Cluster::bootstrap(3);

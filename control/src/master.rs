@@ -991,12 +991,16 @@ async fn join_on_leader(shared: &Shared, req: JoinRequest) -> Result<Nothing, Re
         ));
     }
     let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
-    let master =
-        MasterNode::new(req.addr.clone(), req.name.clone()).with_incarnation(req.incarnation);
+    let master = MasterNode::new(req.addr.clone(), req.name.clone())
+        .with_incarnation(req.incarnation)
+        .with_start(req.start);
     let (known, voter) = node.member(req.node_id);
     if let Some(known) = known
         && known.incarnation != req.incarnation
         && voter
+        // A master named in the bootstrap has no incarnation on record (0) until it states
+        // its own, from its data dir.
+        && !(known.incarnation == 0 && req.has_log)
     {
         // The voter's data dir was lost and it came back under its id: with an empty log
         // it could help elect a leader that lacks committed entries. (A learner's is
@@ -1006,7 +1010,14 @@ async fn join_on_leader(shared: &Shared, req: JoinRequest) -> Result<Nothing, Re
     loop {
         let result = async {
             if node.is_settled_voter(req.node_id) {
-                return Ok(());
+                // A voter asking again: restarted at another address, or stating the
+                // incarnation its bootstrap did not record.
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                return tokio::time::timeout(left, node.update_member(req.node_id, master.clone()))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(MetaError::NoQuorum("member update timed out".into()))
+                    });
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             node.add_learner(req.node_id, master.clone(), left).await?;
@@ -1044,7 +1055,9 @@ async fn join_on_leader(shared: &Shared, req: JoinRequest) -> Result<Nothing, Re
             Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(MetaError::Membership(_)) => return Err(refused_join(req.node_id)),
+            Err(MetaError::Membership(m)) => {
+                return Err(RemoteError::new(ErrorCode::InvalidArgument, m));
+            }
             Err(e) => return Err(unavailable(e.to_string())),
         }
     }
@@ -1056,7 +1069,7 @@ pub struct MasterServer {
     endpoint: Endpoint,
     leader_loop: tokio::task::JoinHandle<()>,
     /// Asks to join as a voter again, for a master restarted as a learner (see
-    /// [`rejoin_until_voter`]).
+    /// [`rejoin_until_recorded`]).
     rejoin: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -1106,6 +1119,9 @@ impl MasterServer {
             meta.election_min_ms = config.election_timeout_min_ms;
             meta.election_max_ms = config.election_timeout_max_ms;
             meta.write_timeout_ms = config.write_timeout_ms;
+            // Elections start once this master knows it is reachable where the others look
+            // for it (below, or in `rejoin_until_recorded`).
+            meta.elect = false;
             let node = Arc::new(
                 MetaNode::start(
                     meta,
@@ -1116,6 +1132,8 @@ impl MasterServer {
                 .await?,
             );
             let _ = shared.node.set(node.clone());
+            // Whether to ask the cluster to record this master's address and data dir.
+            let mut record = false;
             let initialized = node
                 .raft()
                 .is_initialized()
@@ -1126,24 +1144,11 @@ impl MasterServer {
                     node = config.node_id,
                     "restarted from data dir; rejoining the cluster"
                 );
-                if node.is_settled_voter(config.node_id) {
-                    shared.joined();
-                }
-                if !config.join.is_empty() && !node.is_settled_voter(config.node_id) {
-                    // A join that failed part-way (the learner was added and got entries,
-                    // then the join timed out) leaves a data dir that is no longer new.
-                    info!(
-                        node = config.node_id,
-                        "not a voter of the cluster yet: asking to join again"
-                    );
-                    rejoin = Some(tokio::spawn(rejoin_until_voter(
-                        endpoint.downgrade(),
-                        Arc::downgrade(&node),
-                        Arc::downgrade(&shared),
-                        config.clone(),
-                        addr.clone(),
-                    )));
-                }
+                // A join that failed part-way (the learner was added and got entries, then
+                // the join timed out) leaves a data dir that is no longer new; a voter may
+                // have come back at another address, or not have stated its incarnation.
+                // The task finds out which, once the stored membership is loaded.
+                record = true;
             } else if !config.initial_members.is_empty() {
                 let members = config
                     .members()
@@ -1162,16 +1167,32 @@ impl MasterServer {
                     })
                     .collect();
                 shared.joined();
+                node.set_electing(true);
                 node.bootstrap(members).await?;
                 info!(node = config.node_id, "bootstrapped a new cluster");
+                // The bootstrap entry knows no master's incarnation: state this one's, so
+                // that a master coming back under this id must show the same data dir.
+                record = true;
             } else if !config.join.is_empty() {
-                join(&endpoint, &config, &addr, &node).await?;
+                let via: Vec<SocketAddr> =
+                    config.join.iter().filter_map(|a| a.parse().ok()).collect();
+                join(&endpoint, &config, &addr, &node, &via).await?;
+                node.set_electing(true);
                 shared.joined();
             } else {
                 return Err(MasterError::Config(
                     "a new data dir needs initial-members (new cluster) or join (running cluster)"
                         .into(),
                 ));
+            }
+            if record {
+                rejoin = Some(tokio::spawn(rejoin_until_recorded(
+                    endpoint.downgrade(),
+                    Arc::downgrade(&node),
+                    Arc::downgrade(&shared),
+                    config.clone(),
+                    addr.clone(),
+                )));
             }
             Ok(())
         }
@@ -1224,43 +1245,144 @@ impl MasterServer {
     }
 }
 
+/// How long a restarted master waits for its stored membership to show in the raft metrics.
+const MEMBERSHIP_LOAD_WAIT: Duration = Duration::from_secs(10);
+
 /// How long a master restarted as a learner waits between two rounds of join requests.
 const REJOIN_PAUSE: Duration = Duration::from_secs(5);
 
-/// Asks the cluster (through `config.join`) to make this master a voter until it is one, or
-/// the master stops (its endpoint or raft node gone).
-async fn rejoin_until_voter(
+/// Whether the membership has master `node` as a settled voter of its own address, name and
+/// data-dir incarnation.
+fn recorded(node: &MetaNode) -> bool {
+    let id = node.status().id;
+    node.is_settled_voter(id)
+        && node
+            .member(id)
+            .0
+            .is_some_and(|m| m.same_as(&node.master_node()))
+}
+
+/// Where to ask to join: the `join` addresses and the other members' (this master's view).
+fn join_via(config: &MasterConfig, node: &MetaNode) -> Vec<SocketAddr> {
+    let mut via: Vec<SocketAddr> = config.join.iter().filter_map(|a| a.parse().ok()).collect();
+    let m = node.raft().metrics().borrow().membership_config.clone();
+    for (id, member) in m.membership().nodes() {
+        if *id != config.node_id
+            && let Ok(a) = member.addr.parse::<SocketAddr>()
+            && !via.contains(&a)
+        {
+            via.push(a);
+        }
+    }
+    via
+}
+
+/// Asks the cluster to make this master a voter of its own address, name and data-dir
+/// incarnation until it is one, or the master stops (its endpoint or raft node gone): a
+/// master restarted as a learner (its join stopped part-way), one restarted at another
+/// address, whose entry still names the old one, and one named in the bootstrap, whose
+/// incarnation no one knew then. Asks through `config.join` and the other members; as the
+/// leader, updates its entry itself. Turns on this master's elections (off from its start)
+/// unless its entry names another address; then once its entry is updated, or once no
+/// leader has answered for a whole join deadline.
+async fn rejoin_until_recorded(
     endpoint: WeakEndpoint,
     node: std::sync::Weak<MetaNode>,
     shared: std::sync::Weak<Shared>,
     config: MasterConfig,
     addr: String,
 ) {
+    // Right after a start the metrics may not show the stored membership yet.
+    if let Some(meta) = node.upgrade() {
+        let id = config.node_id;
+        let _ = meta
+            .raft()
+            .wait(Some(MEMBERSHIP_LOAD_WAIT))
+            .metrics(
+                |m| m.membership_config.membership().get_node(&id).is_some(),
+                "the stored membership is loaded",
+            )
+            .await;
+        match meta.member(id).0 {
+            Some(entry) if entry.addr != meta.config().addr => info!(
+                node = id,
+                recorded = %entry.addr,
+                "restarted at another address than the cluster has on record: no elections \
+                 until the cluster records this one"
+            ),
+            _ => meta.set_electing(true),
+        }
+    }
+    let mut asked = false;
     loop {
         let Some(endpoint) = endpoint.upgrade() else {
             return;
         };
         let meta = match node.upgrade() {
-            Some(meta) if !meta.is_settled_voter(config.node_id) => meta,
-            _ => return,
-        };
-        let joined = join(&endpoint, &config, &addr, &meta).await;
-        drop(meta);
-        match joined {
-            Ok(()) => {
+            Some(meta) if recorded(&meta) => {
+                meta.set_electing(true);
                 if let Some(shared) = shared.upgrade() {
                     shared.joined();
                 }
                 return;
             }
+            Some(meta) => meta,
+            None => return,
+        };
+        if !asked {
+            asked = true;
+            info!(
+                node = config.node_id,
+                voter = meta.is_settled_voter(config.node_id),
+                "asking the cluster to record this master's address and data dir"
+            );
+        }
+        let joined = if meta.role() == openraft::ServerState::Leader {
+            meta.update_member(config.node_id, meta.master_node())
+                .await
+                .map_err(|e| JoinFailure::Unanswered(MasterError::Meta(e)))
+        } else {
+            let via = join_via(&config, &meta);
+            join(&endpoint, &config, &addr, &meta, &via).await
+        };
+        let pause = match joined {
+            Ok(()) => {
+                if let Some(shared) = shared.upgrade() {
+                    shared.joined();
+                }
+                // Done once the change is replicated here: wait for it, then look again.
+                let expected = meta.master_node();
+                let id = config.node_id;
+                let _ = meta
+                    .raft()
+                    .wait(Some(REJOIN_PAUSE))
+                    .metrics(
+                        |m| {
+                            m.membership_config
+                                .membership()
+                                .get_node(&id)
+                                .is_some_and(|n| n.same_as(&expected))
+                        },
+                        "this master's entry is updated",
+                    )
+                    .await;
+                Duration::ZERO
+            }
             Err(JoinFailure::Refused(e)) => {
-                warn!(error = %e, "the cluster refused this master; it stays a learner");
+                warn!(error = %e, "the cluster refused this master's membership entry");
                 return;
             }
-            Err(JoinFailure::Unanswered(e)) => warn!(error = %e, "not a voter yet; asking again"),
-        }
+            Err(JoinFailure::Unanswered(e)) => {
+                // No leader answered for a whole join deadline: there is none to unseat, and
+                // the others may need this master's candidacy for a quorum.
+                meta.set_electing(true);
+                warn!(error = %e, "membership entry not updated yet; asking again");
+                REJOIN_PAUSE
+            }
+        };
+        drop(meta);
         drop(endpoint);
-        tokio::time::sleep(REJOIN_PAUSE).await;
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -1297,23 +1419,31 @@ async fn join(
     config: &MasterConfig,
     addr: &str,
     node: &MetaNode,
+    via: &[SocketAddr],
 ) -> Result<(), JoinFailure> {
-    let addrs: Vec<SocketAddr> = config.join.iter().filter_map(|a| a.parse().ok()).collect();
+    let addrs = via;
     let deadline = tokio::time::Instant::now() + JOIN_DEADLINE;
+    let has_log = node.raft().is_initialized().await.unwrap_or(false);
     let req = JoinRequest {
         node_id: config.node_id,
         addr: addr.to_string(),
         name: config.name(),
         incarnation: node.incarnation(),
+        start: node.master_node().start,
         timing: config.timing(),
+        has_log,
     };
     let failed = |reason: String| MasterError::Join {
-        addrs: config.join.join(","),
+        addrs: addrs
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         reason,
     };
     let mut last = String::new();
     while tokio::time::Instant::now() < deadline {
-        for a in &addrs {
+        for a in addrs {
             match endpoint
                 .call_timeout::<JoinCluster>(
                     *a,

@@ -41,8 +41,15 @@ pub struct JoinRequest {
     /// the cluster knows under another incarnation lost its data dir (its votes and log
     /// entries, which the others counted on) and may not take that member's place.
     pub incarnation: u64,
+    /// Which start of that data dir sends this: a request of an earlier start than the one
+    /// recorded (sent before a restart, retried since) is refused.
+    pub start: u64,
     /// Its timing settings, which must be the cluster's (see [`MasterTiming`]).
     pub timing: MasterTiming,
+    /// It restarted from its data dir, log and all (not a new data dir): it may record its
+    /// incarnation in a member entry that has none yet (a master named in the bootstrap),
+    /// and its new address in its own entry.
+    pub has_log: bool,
 }
 
 /// The timing settings every master of a cluster must share: executors keep the heartbeat

@@ -784,9 +784,18 @@ impl Cluster {
     pub fn unwrap_or_dump<T>(&self, r: Result<T, String>) -> T {
         match r {
             Ok(v) => v,
-            Err(e) => panic!("{e}\n{}", self.logs(30)),
+            Err(e) => panic!("{e}\n{}", self.logs(dump_lines())),
         }
     }
+}
+
+/// How many of each node's last log lines a failed cluster test prints:
+/// `MICROCOSM_TEST_LOG_LINES`, 30 if unset.
+pub fn dump_lines() -> usize {
+    std::env::var("MICROCOSM_TEST_LOG_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30)
 }
 
 /// `a,b,c`.

@@ -46,6 +46,10 @@ pub struct MasterNode {
     /// masters named in a bootstrap). A master with a new data dir has a new one, which tells
     /// a master whose data was lost from the same master asking again.
     pub incarnation: u64,
+    /// Which start of its data dir described the master so (1 for its first; 0: not known,
+    /// as in a bootstrap). It orders the descriptions one master sent from successive starts:
+    /// a request of an earlier start, still retried on its behalf, must not undo a later one.
+    pub start: u64,
 }
 
 impl MasterNode {
@@ -55,7 +59,24 @@ impl MasterNode {
             addr: addr.into(),
             name: name.into(),
             incarnation: 0,
+            start: 0,
         }
+    }
+
+    /// The same, as written by start `start` of its data dir.
+    pub fn with_start(self, start: u64) -> Self {
+        Self { start, ..self }
+    }
+
+    /// Whether `other` names the same address, name and data dir (whichever start wrote it).
+    pub fn same_as(&self, other: &MasterNode) -> bool {
+        self.addr == other.addr && self.name == other.name && self.incarnation == other.incarnation
+    }
+
+    /// Whether this description, of the same data dir as `recorded`, comes from an earlier
+    /// start than the one that wrote `recorded`.
+    pub fn older_than(&self, recorded: &MasterNode) -> bool {
+        self.incarnation == recorded.incarnation && self.start < recorded.start
     }
 
     /// The same, of data-dir incarnation `incarnation`.

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,10 @@ pub struct MetaConfig {
     pub write_timeout_ms: u64,
     /// Build a snapshot after this many log entries since the last one.
     pub snapshot_every: u64,
+    /// Whether this node starts elections when it hears no leader from the start (see
+    /// [`MetaNode::set_electing`]). A master restarted at another address starts without,
+    /// so that its climbing term does not depose the leader that is to record its address.
+    pub elect: bool,
 }
 
 impl MetaConfig {
@@ -71,6 +76,7 @@ impl MetaConfig {
             install_snapshot_timeout_ms: 2000,
             write_timeout_ms: 2000,
             snapshot_every: 5000,
+            elect: true,
         }
     }
 
@@ -119,6 +125,7 @@ impl MetaConfig {
             install_snapshot_timeout: self.install_snapshot_timeout_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: 1000,
+            enable_elect: self.elect,
             ..Default::default()
         };
         config
@@ -194,6 +201,14 @@ pub struct MetaNode {
     watchdog: JoinHandle<()>,
     /// The data dir's incarnation ([`MasterNode::incarnation`]).
     incarnation: u64,
+    /// Which start of the data dir this is ([`MasterNode::start`]).
+    start: u64,
+    /// Whether this node starts elections (openraft's own flag cannot be read back; the
+    /// watchdog reads this one).
+    electing: Arc<AtomicBool>,
+    /// Held across reading a member's entry and changing it, so that no other change of this
+    /// node's comes between.
+    membership_change: tokio::sync::Mutex<()>,
     /// Our handle on the store file: dropped last, on shutdown, so the close is complete when
     /// shutdown returns.
     file: std::sync::Mutex<Option<Arc<redb::Database>>>,
@@ -221,6 +236,8 @@ impl MetaNode {
         let state = store.state.clone();
         let applied = store.applied.clone();
         let incarnation = store.incarnation;
+        let start = store.start;
+        let electing = Arc::new(AtomicBool::new(config.elect));
         let file = std::sync::Mutex::new(Some(store.file.clone()));
         let raft = Raft::new(
             config.node_id,
@@ -233,6 +250,7 @@ impl MetaNode {
         .map_err(|e| MetaError::Stopped(e.to_string()))?;
         let watchdog = tokio::spawn(run_watchdog(
             raft.clone(),
+            electing.clone(),
             config.node_id,
             Duration::from_millis(config.election_max_ms),
         ));
@@ -245,6 +263,9 @@ impl MetaNode {
             applied,
             watchdog,
             incarnation,
+            start,
+            electing,
+            membership_change: tokio::sync::Mutex::new(()),
             file,
         })
     }
@@ -260,6 +281,13 @@ impl MetaNode {
         &self.raft
     }
 
+    /// Lets this node start elections when it hears no leader, or stops it from doing so.
+    /// A node that does not elect still votes and follows a leader.
+    pub fn set_electing(&self, elect: bool) {
+        self.electing.store(elect, Ordering::Relaxed);
+        self.raft.runtime_config().elect(elect);
+    }
+
     /// This node's configuration.
     pub fn config(&self) -> &MetaConfig {
         &self.config
@@ -269,6 +297,7 @@ impl MetaNode {
     pub fn master_node(&self) -> MasterNode {
         MasterNode::new(self.config.addr.clone(), self.config.name.clone())
             .with_incarnation(self.incarnation)
+            .with_start(self.start)
     }
 
     /// This data dir's incarnation ([`MasterNode::incarnation`]).
@@ -383,14 +412,22 @@ impl MetaNode {
     /// A member of the same data-dir incarnation known under another address or name is
     /// updated. A learner of another incarnation (its data dir was lost) is removed and added
     /// anew; a voter of another incarnation is refused ([`MetaError::Membership`]): with an
-    /// empty log it could help elect a leader that lacks committed entries.
+    /// empty log it could help elect a leader that lacks committed entries. A description
+    /// from an earlier start than the recorded one is refused too (see
+    /// [`MetaNode::update_member`]).
     pub async fn add_learner(
         &self,
         id: NodeId,
         node: MasterNode,
         patience: Duration,
     ) -> Result<(), MetaError> {
+        let one = self.membership_change.lock().await;
         let (known, voter) = self.member(id);
+        if let Some(k) = &known
+            && node.older_than(k)
+        {
+            return Err(stale_member(id, &node, k));
+        }
         if let Some(k) = &known
             && k.incarnation != node.incarnation
             && voter
@@ -399,7 +436,7 @@ impl MetaNode {
                 "master {id} is a voter with another data dir; a master whose data dir was lost must join under a new node-id"
             )));
         }
-        if known.as_ref() != Some(&node) {
+        if !known.as_ref().is_some_and(|k| k.same_as(&node)) {
             let timeout = self.config.write_timeout();
             let set = |node: MasterNode| {
                 ChangeMembers::SetNodes(std::collections::BTreeMap::from([(id, node)]))
@@ -438,6 +475,7 @@ impl MetaNode {
                 Ok(Err(e)) => return Err(self.write_error(e)),
             }
         }
+        drop(one);
         let target = self.raft.metrics().borrow().last_log_index;
         let caught_up = self
             .raft
@@ -494,14 +532,37 @@ impl MetaNode {
         membership.get_joint_config().len() == 1 && membership.voter_ids().any(|v| v == id)
     }
 
+    /// On the leader: records `node` as member `id`'s address, name and incarnation where
+    /// they differ from its entry: a master restarted at another address, or the incarnation
+    /// of a master named in the bootstrap, which no one knew then (0). The caller checks that
+    /// `node` may take the entry.
+    ///
+    /// A description from an earlier start of the master than the one that wrote its entry
+    /// is refused ([`MetaError::Membership`]): it was sent before a restart and retried since.
+    pub async fn update_member(&self, id: NodeId, node: MasterNode) -> Result<(), MetaError> {
+        let _one = self.membership_change.lock().await;
+        match self.member(id).0 {
+            Some(known) if node.older_than(&known) => Err(stale_member(id, &node, &known)),
+            Some(known) if known.same_as(&node) => Ok(()),
+            _ => {
+                self.change_membership(ChangeMembers::SetNodes(std::collections::BTreeMap::from([
+                    (id, node),
+                ])))
+                .await
+            }
+        }
+    }
+
     /// On the leader: turns learner `id` into a voter (joint consensus).
     pub async fn promote_voter(&self, id: NodeId) -> Result<(), MetaError> {
+        let _one = self.membership_change.lock().await;
         self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
             .await
     }
 
     /// On the leader: removes voter `id` (it stays a learner until removed as a node).
     pub async fn remove_voter(&self, id: NodeId) -> Result<(), MetaError> {
+        let _one = self.membership_change.lock().await;
         self.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])))
             .await
     }
@@ -610,6 +671,14 @@ impl Drop for MetaNode {
     }
 }
 
+/// The refusal of `node`, an earlier start's description of master `id` than `known`.
+fn stale_member(id: NodeId, node: &MasterNode, known: &MasterNode) -> MetaError {
+    MetaError::Membership(format!(
+        "master {id} was described by its start {} at {}; start {} of it is already recorded at {}",
+        node.start, node.addr, known.start, known.addr
+    ))
+}
+
 fn stopped(e: openraft::error::Fatal<NodeId>) -> MetaError {
     MetaError::Stopped(e.to_string())
 }
@@ -617,7 +686,7 @@ fn stopped(e: openraft::error::Fatal<NodeId>) -> MetaError {
 /// The async shell of [`SplitVoteWatchdog`]: samples metrics every `election_max / 2`, and when
 /// told to, waits a random jitter in `[0, election_max)` and triggers an election if still
 /// leaderless.
-async fn run_watchdog(raft: Raft, id: NodeId, election_max: Duration) {
+async fn run_watchdog(raft: Raft, electing: Arc<AtomicBool>, id: NodeId, election_max: Duration) {
     let mut core = SplitVoteWatchdog::new(election_max * 3);
     let mut tick = tokio::time::interval(election_max / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -645,7 +714,7 @@ async fn run_watchdog(raft: Raft, id: NodeId, election_max: Duration) {
         let jitter = Duration::from_millis(rand::random::<u64>() % max_ms);
         tokio::time::sleep(jitter).await;
         let (leader_known, is_voter, _) = observe(&raft);
-        if !leader_known && is_voter {
+        if !leader_known && is_voter && electing.load(Ordering::Relaxed) {
             tracing::warn!(
                 node = id,
                 "no leader for > 3 x election_max: triggering an election"

@@ -52,8 +52,9 @@ use super::{MasterNode, NodeId, TypeConfig};
 /// [`Cause`](crate::job::Cause), and job records count their restarts. 4: task records carry
 /// their cost and the lost executor they were unplaced from, and `Command::AllocateTaskIds`
 /// the plan's costs. 5: members carry their data dir's incarnation, which the cluster table
-/// holds.
-pub const SCHEMA_VERSION: u32 = 5;
+/// holds. 6: members carry the start of their master that wrote them, which the cluster table
+/// counts.
+pub const SCHEMA_VERSION: u32 = 6;
 /// File name of the metadata store inside a master's data dir.
 pub const FILE_NAME: &str = "meta.redb";
 
@@ -75,6 +76,7 @@ const DATA_TABLES: [TableDefinition<'_, u64, Bytes>; 5] =
 const K_SCHEMA: &str = "schema_version";
 const K_CLUSTER_ID: &str = "cluster_id";
 const K_INCARNATION: &str = "incarnation";
+const K_STARTS: &str = "starts";
 const K_VOTE: &str = "vote";
 const K_LAST_PURGED: &str = "last_purged";
 const K_LAST_APPLIED: &str = "last_applied";
@@ -168,6 +170,9 @@ pub struct OpenedStore {
     pub(super) file: Arc<Database>,
     /// This data dir's incarnation ([`MasterNode::incarnation`]), drawn when it was created.
     pub incarnation: u64,
+    /// How many times this data dir has been opened, this time included
+    /// ([`MasterNode::start`]).
+    pub start: u64,
 }
 
 /// Opens (or creates) `<data_dir>/meta.redb` for cluster `cluster_id`.
@@ -206,6 +211,7 @@ fn open_database(
     };
     let txn = db.begin_write().map_err(|e| storage("write", &e))?;
     let incarnation;
+    let start;
     {
         let mut cluster = txn
             .open_table(CLUSTER)
@@ -268,6 +274,19 @@ fn open_database(
             }
             Some(Err(e)) => return Err(storage("corrupt incarnation in", &e)),
         };
+        let found_starts = cluster
+            .get(K_STARTS)
+            .map_err(|e| storage("read", &e))?
+            .map(|v| decode::<u64>(v.value()));
+        start = match found_starts {
+            None => 1,
+            Some(Ok(n)) => n.saturating_add(1),
+            Some(Err(e)) => return Err(storage("corrupt start count in", &e)),
+        };
+        let v = encode(&start).map_err(|e| storage("encode", &e))?;
+        cluster
+            .insert(K_STARTS, v.as_slice())
+            .map_err(|e| storage("write", &e))?;
         for t in [RAFT_META, SM_META, SM_SNAPSHOT] {
             txn.open_table(t)
                 .map_err(|e| storage("create table in", &e))?;
@@ -299,6 +318,7 @@ fn open_database(
         state,
         applied,
         incarnation,
+        start,
     })
 }
 
@@ -808,14 +828,22 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 mod tests {
     use super::*;
 
+    /// Every open counts as a start of the data dir; a refused one does not. The
+    /// incarnation stays the data dir's.
     #[test]
     fn reopen_after_drop_and_cluster_mismatch() {
         let dir = tempfile::TempDir::new().unwrap();
-        drop(open_store(dir.path(), "a").unwrap());
-        drop(open_store(dir.path(), "a").unwrap());
+        let first = open_store(dir.path(), "a").unwrap();
+        let (incarnation, start) = (first.incarnation, first.start);
+        assert_eq!(start, 1);
+        drop(first);
+        let second = open_store(dir.path(), "a").unwrap();
+        assert_eq!((second.incarnation, second.start), (incarnation, 2));
+        drop(second);
         let err = open_store(dir.path(), "b").err().unwrap();
         assert!(matches!(err, MetaError::ClusterMismatch { .. }), "{err}");
-        drop(open_store(dir.path(), "a").unwrap());
+        let third = open_store(dir.path(), "a").unwrap();
+        assert_eq!((third.incarnation, third.start), (incarnation, 3));
     }
 
     /// A snapshot built from a read taken before a newer one was installed does not replace

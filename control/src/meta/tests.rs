@@ -45,7 +45,13 @@ impl Cluster {
     }
 
     async fn launch(&mut self, id: NodeId) {
-        let cfg = config(id, &self.dirs[&id]);
+        self.launch_with(id, true).await;
+    }
+
+    /// Starts node `id`, electing or not ([`MetaConfig::elect`]).
+    async fn launch_with(&mut self, id: NodeId, elect: bool) {
+        let mut cfg = config(id, &self.dirs[&id]);
+        cfg.elect = elect;
         let node = MetaNode::start(cfg, self.router.transport(id))
             .await
             .unwrap();
@@ -373,11 +379,42 @@ async fn t06_fourth_node_joins_as_learner_then_voter() {
         .with_incarnation(replaced.incarnation.wrapping_add(1));
     let refused = l.add_learner(4, other, WAIT).await.unwrap_err();
     assert!(matches!(refused, MetaError::Membership(_)), "{refused}");
-    assert_eq!(member(l), Some(replaced));
+    assert_eq!(member(l), Some(replaced.clone()));
     let status = l.status();
     assert!(status.voters.contains(&4), "{status:?}");
     assert!(l.is_settled_voter(4));
     assert_eq!(status.voters.len(), 4);
+    // A voter restarted at another address: its entry is updated, a voter still.
+    let readdressed = MasterNode {
+        addr: "10.0.0.45:7000".into(),
+        ..replaced.clone()
+    };
+    l.update_member(4, readdressed.clone()).await.unwrap();
+    assert_eq!(member(l), Some(readdressed.clone()));
+    assert!(l.is_settled_voter(4));
+    let unchanged = membership_at(l);
+    l.update_member(4, readdressed.clone()).await.unwrap();
+    assert_eq!(membership_at(l), unchanged, "no entry when nothing changed");
+    // Nor when only a later start describes it the same way (a restart in place).
+    let restarted = readdressed.clone().with_start(readdressed.start + 1);
+    l.update_member(4, restarted.clone()).await.unwrap();
+    assert_eq!(membership_at(l), unchanged);
+    // A later start moved it again; a request of the earlier start, retried on its behalf
+    // since, does not move it back, as an update or as a join.
+    let moved_again = MasterNode {
+        addr: "10.0.0.46:7000".into(),
+        ..readdressed.clone().with_start(readdressed.start + 2)
+    };
+    l.update_member(4, moved_again.clone()).await.unwrap();
+    assert_eq!(member(l), Some(moved_again.clone()));
+    let stale = l.update_member(4, readdressed.clone()).await.unwrap_err();
+    assert!(
+        matches!(&stale, MetaError::Membership(m) if m.contains("start")),
+        "{stale}"
+    );
+    let stale = l.add_learner(4, readdressed, WAIT).await.unwrap_err();
+    assert!(matches!(stale, MetaError::Membership(_)), "{stale}");
+    assert_eq!(member(l), Some(moved_again));
     let (applied, _) = l.write_indexed(l.request(submit(7))).await.unwrap();
     c.nodes[&4]
         .raft()
@@ -516,4 +553,44 @@ async fn t09_requests_of_one_node_apply_in_any_order() {
         );
     }
     assert_eq!(node.read_local(|s| s.executors.len()), 16);
+}
+
+/// A node that does not elect never campaigns, not even cut off from the leader, yet votes for
+/// another; once allowed, it campaigns like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t11_a_node_that_does_not_elect_still_votes() {
+    let mut c = Cluster {
+        router: MemRouter::new(),
+        dirs: BTreeMap::new(),
+        nodes: BTreeMap::new(),
+    };
+    for id in [1, 2, 3] {
+        c.dirs.insert(id, TempDir::new().unwrap());
+        c.launch_with(id, id != 3).await;
+    }
+    c.bootstrap(1).await;
+    let first = c.leader().await;
+    assert_ne!(first, 3);
+    // The leader goes: the other electing node wins with node 3's vote.
+    c.kill(first).await;
+    let second = c.leader().await;
+    assert_eq!(second, if first == 1 { 2 } else { 1 });
+    // Cut off, node 3 keeps its term for many election timeouts (at most 300 ms each).
+    let n3 = &c.nodes[&3];
+    let term = n3.status().term;
+    c.router.disconnect(3);
+    let campaigned = n3
+        .raft()
+        .wait(Some(Duration::from_millis(1500)))
+        .metrics(|m| m.vote.leader_id().term > term, "node 3 campaigns")
+        .await;
+    assert!(campaigned.is_err(), "{:?}", n3.status());
+    assert_ne!(n3.status().role, ServerState::Candidate);
+    // Allowed to elect, it campaigns (and, alone, stays a candidate).
+    n3.set_electing(true);
+    n3.raft()
+        .wait(Some(WAIT))
+        .metrics(|m| m.vote.leader_id().term > term, "node 3 campaigns")
+        .await
+        .unwrap();
 }
