@@ -24,8 +24,24 @@ use crate::meta::{Command, ExecutorId, ExecutorState, JobId, MetaState, TaskId};
 use crate::proto::{Assignment, RestoreState, TaskLocation, TaskReport, TaskRunState};
 use crate::scheduler::{self, ExecutorOffer, GroupId, TaskDemand};
 
-/// How many times a job is restarted after task failures before it is declared Failed.
+/// How many restarts after task failures a job may have had within [`RESTART_WINDOW_MS`]; a
+/// failure beyond that fails the job. A job that fails at once again and again ends soon, and
+/// a long-running one outlives an occasional lost executor (like Flink's failure-rate restart
+/// strategy).
 pub const MAX_RESTARTS: u32 = 5;
+
+/// The time window of the restart budget ([`MAX_RESTARTS`]): 10 minutes.
+pub const RESTART_WINDOW_MS: u64 = 10 * 60 * 1000;
+
+const _: () = assert!(MAX_RESTARTS as usize <= crate::meta::state::MAX_RECENT_RESTARTS);
+
+/// How many of `job`'s restarts were decided within [`RESTART_WINDOW_MS`] before `now_ms`.
+pub fn restarts_in_window(job: &JobRecord, now_ms: u64) -> usize {
+    job.recent_restarts_ms
+        .iter()
+        .filter(|&&at| now_ms.saturating_sub(at) < RESTART_WINDOW_MS)
+        .count()
+}
 
 /// Turns job specs into task graphs.
 pub trait JobCatalog: Send + Sync + 'static {
@@ -351,11 +367,14 @@ fn step_job(
 }
 
 fn on_failure(job: &JobRecord, msg: String, now_ms: u64) -> Option<Command> {
-    if job.restarts >= MAX_RESTARTS {
+    if restarts_in_window(job, now_ms) >= MAX_RESTARTS as usize {
         return transition(
             job,
             JobEvent::TaskFailed {
-                reason: format!("{msg} (after {MAX_RESTARTS} restarts)"),
+                reason: format!(
+                    "{msg} (after {MAX_RESTARTS} restarts within {} minutes)",
+                    RESTART_WINDOW_MS / 60_000
+                ),
             },
             now_ms,
         );
@@ -598,6 +617,8 @@ mod tests {
         seq: u64,
         reports: Reports,
         catalog: Catalog,
+        /// The leader's clock (ms).
+        now_ms: u64,
     }
 
     impl Sim {
@@ -607,6 +628,7 @@ mod tests {
                 seq: 0,
                 reports: Reports::new(),
                 catalog: Catalog::default(),
+                now_ms: 1,
             }
         }
         fn apply(&mut self, command: Command) -> CommandResponse {
@@ -634,7 +656,13 @@ mod tests {
         fn settle(&mut self, expired: &[u64]) {
             let mut expired = expired.to_vec();
             for _ in 0..50 {
-                let cmds = next_commands(&self.state, &self.reports, &expired, &self.catalog, 1);
+                let cmds = next_commands(
+                    &self.state,
+                    &self.reports,
+                    &expired,
+                    &self.catalog,
+                    self.now_ms,
+                );
                 expired.clear();
                 if cmds.is_empty() {
                     return;
@@ -1108,7 +1136,47 @@ mod tests {
         sim.settle(&[]);
         assert_eq!(sim.job(job).state, JobState::Failed);
         let last = &sim.job(job).history.last().expect("a history").reason;
-        assert!(last.contains("after 5 restarts"), "{last}");
+        assert!(
+            last.contains("after 5 restarts within 10 minutes"),
+            "{last}"
+        );
+    }
+
+    /// The budget is per time window: a job restarted now and then runs on however many
+    /// restarts it had in all; one that fails five times within the window then ends.
+    #[test]
+    fn the_restart_budget_is_per_time_window() {
+        let mut sim = Sim::new();
+        sim.register(4);
+        let job = sim.submit(2);
+        sim.settle(&[]);
+        let fail_once = |sim: &mut Sim| {
+            sim.report_all(TaskRunState::Failed);
+            sim.settle(&[]);
+            assert_eq!(sim.job(job).state, JobState::Recovering, "restarted");
+            sim.report_all(TaskRunState::Running);
+            sim.settle(&[]);
+            assert_eq!(sim.job(job).state, JobState::Running);
+        };
+        // A restart every 2.5 minutes: at most 4 within any 10 minutes.
+        for _ in 0..12 {
+            fail_once(&mut sim);
+            sim.now_ms += RESTART_WINDOW_MS / 4;
+        }
+        assert_eq!(sim.job(job).restarts, 12);
+        assert_eq!(
+            sim.job(job).recent_restarts_ms.len(),
+            crate::meta::state::MAX_RECENT_RESTARTS.min(12)
+        );
+        // Then five at once (a restart a second): the sixth failure ends the job.
+        sim.now_ms += RESTART_WINDOW_MS;
+        for _ in 0..MAX_RESTARTS {
+            fail_once(&mut sim);
+            sim.now_ms += 1_000;
+        }
+        sim.report_all(TaskRunState::Failed);
+        sim.settle(&[]);
+        assert_eq!(sim.job(job).state, JobState::Failed);
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub const MAX_JOB_TYPE_BYTES: usize = 256;
 pub const MAX_CHECKPOINT_BYTES: usize = 1 << 20;
 /// Most history entries kept per job (older ones are dropped first).
 pub const MAX_JOB_HISTORY: usize = 256;
+/// How many restart times a job record keeps ([`JobRecord::recent_restarts_ms`]).
+pub const MAX_RECENT_RESTARTS: usize = 16;
 /// Most ended jobs (Finished, Failed, Cancelled) kept: a submission that would keep more
 /// forgets the oldest ended jobs, with their tasks and checkpoints.
 pub const MAX_ENDED_JOBS: usize = 1000;
@@ -422,6 +424,9 @@ pub struct JobRecord {
     /// How many times the job was restarted after a task failed (transitions with
     /// [`Cause::Restart`]); counted here because the history keeps only its latest entries.
     pub restarts: u32,
+    /// When (proposer's wall-clock ms) the latest restarts were decided, oldest first: at most
+    /// [`MAX_RECENT_RESTARTS`], enough for the leader's restart budget per time window.
+    pub recent_restarts_ms: Vec<u64>,
     /// The epoch of the attempt whose failure the latest restart answered.
     pub restarted_epoch: Option<u64>,
     /// Placement epoch: increases with every [`Command::SetPlacements`].
@@ -811,6 +816,7 @@ impl MetaState {
                     cause: Cause::Step,
                 }],
                 restarts: 0,
+                recent_restarts_ms: Vec::new(),
                 restarted_epoch: None,
                 epoch: 0,
                 tasks: Vec::new(),
@@ -865,6 +871,11 @@ impl MetaState {
             }
             record.restarts = record.restarts.saturating_add(1);
             record.restarted_epoch = Some(epoch);
+            record.recent_restarts_ms.push(at_ms);
+            if record.recent_restarts_ms.len() > MAX_RECENT_RESTARTS {
+                let excess = record.recent_restarts_ms.len() - MAX_RECENT_RESTARTS;
+                record.recent_restarts_ms.drain(..excess);
+            }
         }
         record.state = state;
         record.history.push(JobTransition {

@@ -53,7 +53,7 @@ use super::{MasterNode, NodeId, TypeConfig};
 /// their cost and the lost executor they were unplaced from, and `Command::AllocateTaskIds`
 /// the plan's costs. 5: members carry their data dir's incarnation, which the cluster table
 /// holds. 6: members carry the start of their master that wrote them, which the cluster table
-/// counts.
+/// counts; job records keep the times of their latest restarts.
 pub const SCHEMA_VERSION: u32 = 6;
 /// File name of the metadata store inside a master's data dir.
 pub const FILE_NAME: &str = "meta.redb";
