@@ -213,6 +213,8 @@ impl InboundRegistry {
                 p.abort();
             }
         }
+        // Their consumers will not register: nothing to fail any more.
+        inner.failed.retain(|k| !(k.0 == job && k.1 <= epoch));
     }
 
     /// Forgets a job's attempts here: every inbound edge, up to the newest epoch registered
@@ -1160,6 +1162,19 @@ mod tests {
         registry.register((7, 2, 2, 0), Arc::new(inbound)).unwrap();
         assert!(input.upstream_aborted(), "registered after: failed at once");
         assert!(registry.lock().failed.is_empty());
+    }
+
+    /// Retiring an attempt forgets its edges' early failures (their consumers will not come),
+    /// not those of a later attempt.
+    #[test]
+    fn retiring_an_attempt_forgets_its_early_stream_failures() {
+        let registry = InboundRegistry::default();
+        registry.stream_failed_early((7, 2, 1, 0));
+        registry.stream_failed_early((7, 3, 1, 0));
+        registry.stream_failed_early((8, 2, 1, 0));
+        registry.retire(7, 2);
+        let failed: Vec<PortKey> = registry.lock().failed.iter().copied().collect();
+        assert_eq!(failed, [(7, 3, 1, 0), (8, 2, 1, 0)]);
     }
 
     /// Once an attempt is launched here, every inbound edge it has here is bound: a stream of

@@ -519,6 +519,8 @@ async fn report_checkpoints(
     finals: Arc<Mutex<FinalReports>>,
 ) {
     let (patience, attempt) = report_call_timeouts(ttl);
+    // While reports go undelivered: how many newer ones had replaced queued ones then.
+    let mut undelivered_since: Option<u64> = None;
     loop {
         let reports = queue.next_batch(REPORT_LINGER, REPORT_BATCH).await;
         let req = CheckpointReports {
@@ -529,8 +531,18 @@ async fn report_checkpoints(
             .call_with::<ReportCheckpoints>(&req, patience, attempt)
             .await
         {
-            Ok(taken) => Answer::Taken(taken.term),
+            Ok(taken) => {
+                if let Some(before) = undelivered_since.take() {
+                    info!(
+                        superseded = queue.superseded().saturating_sub(before),
+                        "checkpoint reports delivered again; queued reports replaced by newer \
+                         checkpoints meanwhile are counted in superseded"
+                    );
+                }
+                Answer::Taken(taken.term)
+            }
             Err(e) => {
+                undelivered_since.get_or_insert_with(|| queue.superseded());
                 warn!(error = %e, reports = req.reports.len(), "checkpoint reports not delivered; a later checkpoint will complete instead");
                 if e.is_retryable() {
                     Answer::Retry

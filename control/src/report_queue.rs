@@ -143,6 +143,11 @@ impl ReportQueue {
         self.lock().len()
     }
 
+    /// Reports replaced by a newer one before they were sent, so far.
+    pub fn superseded(&self) -> u64 {
+        self.lock().superseded()
+    }
+
     /// Whether no report is queued.
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
