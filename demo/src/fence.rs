@@ -6,6 +6,10 @@
 //! is epoch 1), so the job is what tells two jobs writing to the same directory (the same
 //! `sink-dir` and `flow-id`) apart.
 //!
+//! Each claim also records a token of its own (`claim <token>` after the epoch), so that of
+//! two writers of the same attempt (which the scheduler never starts, but a bug or an operator
+//! might) only the one that claimed last writes: the fence holds one writer, not one attempt.
+//!
 //! An attempt *claims* a file ([`FencedFile::claim`]) under an exclusive lock on its fence:
 //! - the same job: a claim by an epoch older than the owner's is refused ("superseded");
 //!   otherwise the claim records its epoch and truncates the data file to the length its
@@ -70,12 +74,38 @@ impl fmt::Display for Owner {
     }
 }
 
-impl Owner {
-    /// The fence file's content for this owner: fixed width (both numbers zero-padded to 20
-    /// digits, [`MAX_FENCE_BYTES`] in all), so that a new record always overwrites the whole of
-    /// the old one in a single small write and a crash never leaves a mix of the two.
+/// What a fence records: the owner and the token of the claim that recorded it (0 in fences
+/// written before claims had tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fence {
+    owner: Owner,
+    claim: u64,
+}
+
+impl Fence {
+    /// A fence for a new claim by `owner`, with a token no other claim draws.
+    fn new_claim(owner: Owner) -> Self {
+        use std::hash::BuildHasher;
+        static CLAIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let n = CLAIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Randomly keyed per process; never 0, which stands for "no token".
+        let claim = std::collections::hash_map::RandomState::new()
+            .hash_one((std::process::id(), n, nanos))
+            .max(1);
+        Self { owner, claim }
+    }
+
+    /// The fence file's content: fixed width (every number zero-padded to 20 digits,
+    /// [`MAX_FENCE_BYTES`] in all), so that a new record always overwrites the whole of the
+    /// old one in a single small write and a crash never leaves a mix of the two.
     fn record(self) -> String {
-        format!("job {:020} epoch {:020}\n", self.job, self.epoch)
+        format!(
+            "job {:020} epoch {:020} claim {:020}\n",
+            self.owner.job, self.owner.epoch, self.claim
+        )
     }
 }
 
@@ -108,19 +138,19 @@ impl Drop for Locked<'_> {
 pub fn owner(path: &Path) -> io::Result<Option<Owner>> {
     let fence = fence_path(path);
     match File::open(&fence) {
-        Ok(file) => read_owner(&file, &fence),
+        Ok(file) => Ok(read_fence(&file, &fence)?.map(|f| f.owner)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-/// The longest fence a claim writes: `job <u64> epoch <u64>` and a newline.
-const MAX_FENCE_BYTES: usize = "job ".len() + 20 + " epoch ".len() + 20 + 1;
+/// The longest fence a claim writes: `job <u64> epoch <u64> claim <u64>` and a newline.
+const MAX_FENCE_BYTES: usize = "job ".len() + 20 + " epoch ".len() + 20 + " claim ".len() + 20 + 1;
 
-/// Reads the owner in `fence` (at `path`, for errors) with one positioned read: this runs
+/// Reads the fence in `fence` (at `path`, for errors) with one positioned read: this runs
 /// before every append, so it avoids the seek, size query and second read that reading the
 /// file to its end costs.
-fn read_owner(fence: &File, path: &Path) -> io::Result<Option<Owner>> {
+fn read_fence(fence: &File, path: &Path) -> io::Result<Option<Fence>> {
     // One byte more than a fence holds tells a too-long fence from a full-length one.
     let mut buf = [0u8; MAX_FENCE_BYTES + 1];
     // A regular file returns less than asked only at its end.
@@ -144,9 +174,10 @@ fn read_owner(fence: &File, path: &Path) -> io::Result<Option<Owner>> {
     parse_fence(text).map_err(bad)
 }
 
-/// Parses a fence's text: empty (no owner), `job <job> epoch <epoch>` with an optional final
-/// newline, or a bare epoch (the format before fences recorded the job: job 0).
-fn parse_fence(text: &str) -> Result<Option<Owner>, String> {
+/// Parses a fence's text: empty (no owner), `job <job> epoch <epoch> claim <token>` or (the
+/// format before claims had tokens: token 0) `job <job> epoch <epoch>`, with an optional
+/// final newline, or a bare epoch (the format before fences recorded the job: job 0).
+fn parse_fence(text: &str) -> Result<Option<Fence>, String> {
     if text.is_empty() {
         return Ok(None);
     }
@@ -162,19 +193,24 @@ fn parse_fence(text: &str) -> Result<Option<Owner>, String> {
         parse_u64(digits).map_err(|problem| format!("{what} {field:?} in {text:?}: {problem}"))
     };
     let fields: Vec<&str> = line.split(' ').collect();
+    let fence = |job: u64, epoch: u64, claim: u64| {
+        Some(Fence {
+            owner: Owner { job, epoch },
+            claim,
+        })
+    };
     match fields.as_slice() {
-        ["job", job, "epoch", epoch] => Ok(Some(Owner {
-            job: number(job, "job")?,
-            epoch: number(epoch, "epoch")?,
-        })),
+        ["job", job, "epoch", epoch, "claim", claim] => Ok(fence(
+            number(job, "job")?,
+            number(epoch, "epoch")?,
+            number(claim, "claim")?,
+        )),
+        ["job", job, "epoch", epoch] => Ok(fence(number(job, "job")?, number(epoch, "epoch")?, 0)),
         [epoch] if !epoch.is_empty() && epoch.bytes().all(|b| b.is_ascii_digit()) => {
-            Ok(Some(Owner {
-                job: 0,
-                epoch: number(epoch, "epoch")?,
-            }))
+            Ok(fence(0, number(epoch, "epoch")?, 0))
         }
         _ => Err(format!(
-            "{text:?} is not `job <job> epoch <epoch>` (a cut-off or damaged fence)"
+            "{text:?} is not `job <job> epoch <epoch> claim <token>` (a cut-off or damaged fence)"
         )),
     }
 }
@@ -234,12 +270,12 @@ fn refusal(current: Option<Owner>, ours: Owner, keep: u64, dir: &Path) -> Option
     None
 }
 
-/// Writes `owner` into the locked `fence` and makes it durable. Records have a fixed length
+/// Writes `record` into the locked `fence` and makes it durable. Records have a fixed length
 /// and no fence is longer, so the write replaces the old record whole and the length is already
 /// right (the cut only matters for a fence of the older, shorter format, which the write then
 /// covers entirely).
-fn record_owner(fence: &File, owner: Owner) -> io::Result<()> {
-    let record = owner.record();
+fn record_fence(fence: &File, record: Fence) -> io::Result<()> {
+    let record = record.record();
     fence.write_all_at(record.as_bytes(), 0)?;
     fence.set_len(record.len() as u64)?;
     fence.sync_all()
@@ -254,10 +290,11 @@ pub fn retire(path: &Path, owner: Owner) -> io::Result<bool> {
     let dir = dir_of(path);
     let (fence, created) = open_or_create(&fence_file, true)?;
     let _lock = Locked::new(&fence)?;
-    if let Some(refused) = refusal(read_owner(&fence, &fence_file)?, owner, 0, dir) {
+    let current = read_fence(&fence, &fence_file)?.map(|f| f.owner);
+    if let Some(refused) = refusal(current, owner, 0, dir) {
         return Err(refused);
     }
-    record_owner(&fence, owner)?;
+    record_fence(&fence, Fence::new_claim(owner))?;
     let removed = match std::fs::remove_file(path) {
         Ok(()) => true,
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
@@ -276,7 +313,8 @@ pub struct FencedFile {
     data: File,
     fence: File,
     fence_path: PathBuf,
-    owner: Owner,
+    /// What this file's claim recorded.
+    claimed: Fence,
 }
 
 impl FencedFile {
@@ -290,9 +328,10 @@ impl FencedFile {
         let fence_path = fence_path(path);
         let dir = dir_of(path);
         let (fence, fence_created) = open_or_create(&fence_path, true)?;
+        let claimed = Fence::new_claim(owner);
         let (data, data_created) = {
             let _lock = Locked::new(&fence)?;
-            let current = read_owner(&fence, &fence_path)?;
+            let current = read_fence(&fence, &fence_path)?.map(|f| f.owner);
             if let Some(refused) = refusal(current, owner, keep, dir) {
                 return Err(refused);
             }
@@ -304,7 +343,7 @@ impl FencedFile {
                     "a newer job takes the sink file over"
                 );
             }
-            record_owner(&fence, owner)?;
+            record_fence(&fence, claimed)?;
             let (mut data, created) = open_or_create(path, false)?;
             let len = data.metadata()?.len();
             if len < keep {
@@ -327,16 +366,16 @@ impl FencedFile {
             data,
             fence,
             fence_path,
-            owner,
+            claimed,
         })
     }
 
     /// The owner this file was claimed for.
     pub fn owner(&self) -> Owner {
-        self.owner
+        self.claimed.owner
     }
 
-    /// Fails unless the fence still names this file's owner (takes the fence lock).
+    /// Fails unless the fence still holds this file's claim (takes the fence lock).
     fn check_owner(&self) -> io::Result<()> {
         let _lock = Locked::new(&self.fence)?;
         self.check_owner_locked()
@@ -344,11 +383,20 @@ impl FencedFile {
 
     /// [`FencedFile::check_owner`] with the lock already held.
     fn check_owner_locked(&self) -> io::Result<()> {
-        let current = read_owner(&self.fence, &self.fence_path)?;
-        if current == Some(self.owner) {
-            Ok(())
-        } else {
-            Err(lost(self.owner, current, dir_of(&self.fence_path)))
+        let current = read_fence(&self.fence, &self.fence_path)?;
+        match current {
+            Some(current) if current == self.claimed => Ok(()),
+            Some(current) if current.owner == self.claimed.owner => Err(io::Error::other(format!(
+                "{}: its sink file in {} was claimed again by another writer of the same \
+                 attempt; refusing to write",
+                self.claimed.owner,
+                dir_of(&self.fence_path).display()
+            ))),
+            current => Err(lost(
+                self.claimed.owner,
+                current.map(|f| f.owner),
+                dir_of(&self.fence_path),
+            )),
         }
     }
 
@@ -482,9 +530,11 @@ pub(crate) mod tests {
         let mut old = FencedFile::claim(&path, of(4, 1), 0).unwrap();
         old.write_all(b"old row\n").unwrap();
         assert_eq!(owner(&path).unwrap(), Some(of(4, 1)));
-        assert_eq!(
-            std::fs::read_to_string(fence_path(&path)).unwrap(),
-            "job 00000000000000000004 epoch 00000000000000000001\n"
+        let record = std::fs::read_to_string(fence_path(&path)).unwrap();
+        assert!(
+            record.starts_with("job 00000000000000000004 epoch 00000000000000000001 claim ")
+                && record.len() == MAX_FENCE_BYTES,
+            "{record:?}"
         );
         let mut new = FencedFile::claim(&path, of(4, 2), 0).unwrap();
         assert_eq!(owner(&path).unwrap(), Some(of(4, 2)));
@@ -616,6 +666,27 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("fewer than the 1000"), "{err}");
     }
 
+    /// Two writers of one attempt (never started by the scheduler): the later claim wins,
+    /// the earlier writer's writes and syncs fail instead of interleaving rows.
+    #[test]
+    fn of_two_writers_of_one_attempt_only_the_later_claim_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sink_0.csv");
+        let mut first = FencedFile::claim(&path, of(4, 2), 0).unwrap();
+        first.write_all(b"first\n").unwrap();
+        let mut second = FencedFile::claim(&path, of(4, 2), 6).unwrap();
+        for err in [
+            first.write_all(b"late\n").unwrap_err(),
+            first.sync().unwrap_err(),
+        ] {
+            assert!(err.to_string().contains("claimed again"), "{err}");
+        }
+        second.write_all(b"second\n").unwrap();
+        second.sync().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"first\nsecond\n");
+        assert_eq!(owner(&path).unwrap(), Some(of(4, 2)));
+    }
+
     #[test]
     fn a_damaged_fence_refuses_writes_and_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -631,18 +702,20 @@ pub(crate) mod tests {
         let fence = fence_path(&path);
         for (content, expected) in [
             (
-                &b"job 1 epoch 123456789012345678901234567890123456789012345"[..],
-                "longer than 52 bytes",
+                &b"job 1 epoch 1 claim 123456789012345678901234567890123456789012345678901234567890"[..],
+                "longer than 79 bytes",
             ),
             (b"job 12x epoch 1", "\"12x\""),
             (b"job 1 epoch 0x1", "\"0x1\""),
             (b"job 1 epoch 99999999999999999999", "too large"),
-            (b"job 1 epoch", "not `job <job> epoch <epoch>`"),
-            (b"job 3", "not `job <job> epoch <epoch>`"),
-            (b"job 1  epoch 1", "not `job <job> epoch <epoch>`"),
+            (b"job 1 epoch", "not `job <job> epoch <epoch> claim <token>`"),
+            (b"job 3", "not `job <job> epoch <epoch> claim <token>`"),
+            (b"job 1  epoch 1", "not `job <job> epoch <epoch> claim <token>`"),
             (b"job 1 epoch 1\n\n", "not a decimal digit string"),
-            (b"\n", "not `job <job> epoch <epoch>`"),
-            (b"12x", "not `job <job> epoch <epoch>`"),
+            (b"job 1 epoch 1 claim x", "\"x\""),
+            (b"job 1 epoch 1 claim", "not `job <job> epoch <epoch> claim <token>`"),
+            (b"\n", "not `job <job> epoch <epoch> claim <token>`"),
+            (b"12x", "not `job <job> epoch <epoch> claim <token>`"),
             (&[0xff], "not text"),
         ] {
             std::fs::write(&fence, content).unwrap();
@@ -660,7 +733,7 @@ pub(crate) mod tests {
                 );
             }
         }
-        std::fs::write(&fence, max.record()).unwrap();
+        std::fs::write(&fence, file.claimed.record()).unwrap();
         file.write_all(b"row\n").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"row\nrow\n");
     }
@@ -688,14 +761,28 @@ pub(crate) mod tests {
         FencedFile::claim(&path, of(12_345, 67_890), 0).unwrap();
         FencedFile::claim(&path, of(12_345, 67_891), 0).unwrap();
         FencedFile::claim(&path, of(99_999, 1), 0).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(fence_path(&path)).unwrap(),
-            "job 00000000000000099999 epoch 00000000000000000001\n"
+        let record = std::fs::read_to_string(fence_path(&path)).unwrap();
+        assert!(
+            record.starts_with("job 00000000000000099999 epoch 00000000000000000001 claim ")
+                && record.len() == MAX_FENCE_BYTES,
+            "{record:?}"
         );
-        for o in [of(0, 0), of(1, 1), of(u64::MAX, u64::MAX)] {
-            assert_eq!(o.record().len(), MAX_FENCE_BYTES, "{o}");
+        for (o, claim) in [
+            (of(0, 0), 1),
+            (of(1, 1), 7),
+            (of(u64::MAX, u64::MAX), u64::MAX),
+        ] {
+            let fence = Fence { owner: o, claim };
+            assert_eq!(fence.record().len(), MAX_FENCE_BYTES, "{o}");
+            assert_eq!(parse_fence(&fence.record()), Ok(Some(fence)));
         }
-        // A record of the unpadded format still reads.
+        // Records of the formats before claim tokens and before padding still read.
+        std::fs::write(
+            fence_path(&path),
+            b"job 00000000000000000007 epoch 00000000000000000003\n",
+        )
+        .unwrap();
+        assert_eq!(owner(&path).unwrap(), Some(of(7, 3)));
         std::fs::write(fence_path(&path), b"job 99999 epoch 2\n").unwrap();
         assert_eq!(owner(&path).unwrap(), Some(of(99_999, 2)));
         sync_dir(dir.path()).unwrap();
