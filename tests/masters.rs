@@ -376,13 +376,30 @@ fn t04c_a_master_with_other_timing_settings_cannot_join() {
 /// clients as before.
 #[test]
 fn t04d_a_master_restarted_at_another_address_is_reached_there() {
+    restarted_at_another_address(false);
+}
+
+/// The same for the leader: restarted, it is a leader of the old term until the others'
+/// newer term deposes it, and what it appended as that leader is not taken as recorded.
+#[test]
+fn t04e_a_leader_restarted_at_another_address_is_reached_there() {
+    restarted_at_another_address(true);
+}
+
+fn restarted_at_another_address(leader_moves: bool) {
     let mut c = Cluster::bootstrap(3);
     let leader = c.wait_for_leader(&[1, 2, 3], ELECTION);
-    let moved = if leader == 3 { 2 } else { 3 };
+    let moved = match (leader_moves, leader) {
+        (true, l) => l,
+        (false, 3) => 2,
+        (false, _) => 3,
+    };
     let before = c.submit_job_ok(&[c.addr(leader)]);
     c.wait_for_jobs_on(moved, &[before], REPLICATION);
     c.kill(moved);
-    let missed = c.submit_job_ok(&[c.addr(leader)]);
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != moved).collect();
+    let now_leading = c.wait_for_leader(&others, ELECTION);
+    let missed = c.submit_job_ok(&[c.addr(now_leading)]);
     // From its data dir (no bootstrap, no join), at a new port.
     c.nodes.remove(&moved);
     let new_addr = common::free_udp_addr();

@@ -315,7 +315,8 @@ fn check_data_dir(path: &Path) -> Result<(), MasterError> {
     Ok(())
 }
 
-/// Unix time in milliseconds (metadata timestamps for humans; never used for liveness).
+/// Unix time in milliseconds: metadata timestamps for humans, and the leader's clock for the
+/// restart budget's window ([`crate::leader::RESTART_WINDOW_MS`]); never used for liveness.
 pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -382,7 +383,8 @@ struct Shared {
     /// reports).
     step_now: tokio::sync::Notify,
     /// Set while a master started with `join` has not been accepted as a voter of its data
-    /// dir's incarnation: it casts no votes meanwhile (see `join_on_leader`).
+    /// dir's incarnation: it casts no votes meanwhile (see `join_on_leader`). A restarted
+    /// master clears it once its stored membership shows it a voter, or once recorded.
     joining: std::sync::atomic::AtomicBool,
 }
 
@@ -1068,8 +1070,8 @@ pub struct MasterServer {
     shared: Arc<Shared>,
     endpoint: Endpoint,
     leader_loop: tokio::task::JoinHandle<()>,
-    /// Asks to join as a voter again, for a master restarted as a learner (see
-    /// [`rejoin_until_recorded`]).
+    /// Asks the cluster to record this master as it is now, for a restarted or bootstrapped
+    /// master (see [`rejoin_until_recorded`]).
     rejoin: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -1176,7 +1178,7 @@ impl MasterServer {
             } else if !config.join.is_empty() {
                 let via: Vec<SocketAddr> =
                     config.join.iter().filter_map(|a| a.parse().ok()).collect();
-                join(&endpoint, &config, &addr, &node, &via).await?;
+                join(&endpoint, &config, &addr, &node, &via, JOIN_DEADLINE).await?;
                 node.set_electing(true);
                 shared.joined();
             } else {
@@ -1248,18 +1250,17 @@ impl MasterServer {
 /// How long a restarted master waits for its stored membership to show in the raft metrics.
 const MEMBERSHIP_LOAD_WAIT: Duration = Duration::from_secs(10);
 
-/// How long a master restarted as a learner waits between two rounds of join requests.
+/// How long a restarted master waits between two rounds of asking to be recorded.
 const REJOIN_PAUSE: Duration = Duration::from_secs(5);
 
-/// Whether the membership has master `node` as a settled voter of its own address, name and
-/// data-dir incarnation.
+/// How long one such round asks: longer than a leader takes to answer one request
+/// ([`JOIN_PATIENCE`]), so that a round without an answer means no leader answered.
+const REJOIN_ROUND: Duration = Duration::from_secs(15);
+
+/// Whether the committed membership has master `node` as a settled voter of its own address,
+/// name and data-dir incarnation, recorded by this start or a later one.
 fn recorded(node: &MetaNode) -> bool {
-    let id = node.status().id;
-    node.is_settled_voter(id)
-        && node
-            .member(id)
-            .0
-            .is_some_and(|m| m.same_as(&node.master_node()))
+    node.has_recorded(node.status().id, &node.master_node())
 }
 
 /// Where to ask to join: the `join` addresses and the other members' (this master's view).
@@ -1277,14 +1278,18 @@ fn join_via(config: &MasterConfig, node: &MetaNode) -> Vec<SocketAddr> {
     via
 }
 
-/// Asks the cluster to make this master a voter of its own address, name and data-dir
-/// incarnation until it is one, or the master stops (its endpoint or raft node gone): a
-/// master restarted as a learner (its join stopped part-way), one restarted at another
-/// address, whose entry still names the old one, and one named in the bootstrap, whose
-/// incarnation no one knew then. Asks through `config.join` and the other members; as the
-/// leader, updates its entry itself. Turns on this master's elections (off from its start)
-/// unless its entry names another address; then once its entry is updated, or once no
-/// leader has answered for a whole join deadline.
+/// Asks the cluster to record this restarted (or bootstrapped) master as a voter of its own
+/// address, name, data-dir incarnation and start until it is one, or the master stops (its
+/// endpoint or raft node gone): a master restarted as a learner (its join stopped part-way),
+/// one restarted at another address, whose entry still names the old one, one restarted in
+/// place (its start, so that no request of an earlier start can move it), and one named in
+/// the bootstrap, whose incarnation no one knew then. Asks through `config.join` and the
+/// other members; as the leader, updates its entry itself.
+///
+/// Turns on this master's elections (off from its start) at once unless its entry names
+/// another address; then once its entry is updated, once a round of asking went unanswered
+/// (no leader to unseat, and the others may need this master for a quorum), or once it is
+/// refused. A voter with its log votes from the start.
 async fn rejoin_until_recorded(
     endpoint: WeakEndpoint,
     node: std::sync::Weak<MetaNode>,
@@ -1292,6 +1297,11 @@ async fn rejoin_until_recorded(
     config: MasterConfig,
     addr: String,
 ) {
+    let joined = || {
+        if let Some(shared) = shared.upgrade() {
+            shared.joined();
+        }
+    };
     // Right after a start the metrics may not show the stored membership yet.
     if let Some(meta) = node.upgrade() {
         let id = config.node_id;
@@ -1303,6 +1313,10 @@ async fn rejoin_until_recorded(
                 "the stored membership is loaded",
             )
             .await;
+        if meta.is_settled_voter(id) {
+            // Its log is its own: its votes count as before.
+            joined();
+        }
         match meta.member(id).0 {
             Some(entry) if entry.addr != meta.config().addr => info!(
                 node = id,
@@ -1321,9 +1335,7 @@ async fn rejoin_until_recorded(
         let meta = match node.upgrade() {
             Some(meta) if recorded(&meta) => {
                 meta.set_electing(true);
-                if let Some(shared) = shared.upgrade() {
-                    shared.joined();
-                }
+                joined();
                 return;
             }
             Some(meta) => meta,
@@ -1337,20 +1349,20 @@ async fn rejoin_until_recorded(
                 "asking the cluster to record this master's address and data dir"
             );
         }
-        let joined = if meta.role() == openraft::ServerState::Leader {
+        // A leader restored from its stored vote at its start may be deposed already: what it
+        // fails to write says nothing about whether a leader elsewhere answers.
+        let leading = meta.role() == openraft::ServerState::Leader;
+        let answer = if leading {
             meta.update_member(config.node_id, meta.master_node())
                 .await
                 .map_err(|e| JoinFailure::Unanswered(MasterError::Meta(e)))
         } else {
             let via = join_via(&config, &meta);
-            join(&endpoint, &config, &addr, &meta, &via).await
+            join(&endpoint, &config, &addr, &meta, &via, REJOIN_ROUND).await
         };
-        let pause = match joined {
+        let pause = match answer {
             Ok(()) => {
-                if let Some(shared) = shared.upgrade() {
-                    shared.joined();
-                }
-                // Done once the change is replicated here: wait for it, then look again.
+                // Done once the change is applied here: wait for it, then look again.
                 let expected = meta.master_node();
                 let id = config.node_id;
                 let _ = meta
@@ -1358,10 +1370,13 @@ async fn rejoin_until_recorded(
                     .wait(Some(REJOIN_PAUSE))
                     .metrics(
                         |m| {
-                            m.membership_config
-                                .membership()
-                                .get_node(&id)
-                                .is_some_and(|n| n.same_as(&expected))
+                            let applied = m.membership_config.log_id().map(|l| l.index)
+                                <= m.last_applied.map(|l| l.index);
+                            applied
+                                && m.membership_config
+                                    .membership()
+                                    .get_node(&id)
+                                    .is_some_and(|n| n.same_as(&expected))
                         },
                         "this master's entry is updated",
                     )
@@ -1369,13 +1384,16 @@ async fn rejoin_until_recorded(
                 Duration::ZERO
             }
             Err(JoinFailure::Refused(e)) => {
+                // Nothing to wait for: it goes on as the member it was.
+                meta.set_electing(true);
+                joined();
                 warn!(error = %e, "the cluster refused this master's membership entry");
                 return;
             }
             Err(JoinFailure::Unanswered(e)) => {
-                // No leader answered for a whole join deadline: there is none to unseat, and
-                // the others may need this master's candidacy for a quorum.
-                meta.set_electing(true);
+                if !leading {
+                    meta.set_electing(true);
+                }
                 warn!(error = %e, "membership entry not updated yet; asking again");
                 REJOIN_PAUSE
             }
@@ -1412,17 +1430,20 @@ fn join_call_timeout(write_timeout: Duration) -> Duration {
     JOIN_PATIENCE + write_timeout.saturating_mul(2) + Duration::from_secs(2)
 }
 
-/// Asks the masters at `config.join` to make this master (raft node `node`) a voter, naming
-/// its data dir's incarnation. A refusal that asking again cannot change ends it at once.
+/// Asks the masters at `via` to make this master (raft node `node`) a voter (or to record its
+/// entry anew), naming its data dir's incarnation and start, for at most `patience`. The
+/// cluster's refusal ends it at once, as does every address answering as no master of this
+/// cluster would.
 async fn join(
     endpoint: &Endpoint,
     config: &MasterConfig,
     addr: &str,
     node: &MetaNode,
     via: &[SocketAddr],
+    patience: Duration,
 ) -> Result<(), JoinFailure> {
     let addrs = via;
-    let deadline = tokio::time::Instant::now() + JOIN_DEADLINE;
+    let deadline = tokio::time::Instant::now() + patience;
     let has_log = node.raft().is_initialized().await.unwrap_or(false);
     let req = JoinRequest {
         node_id: config.node_id,
@@ -1441,29 +1462,43 @@ async fn join(
             .join(","),
         reason,
     };
+    if addrs.is_empty() {
+        return Err(JoinFailure::Unanswered(failed("no master to ask".into())));
+    }
     let mut last = String::new();
     while tokio::time::Instant::now() < deadline {
+        // Addresses that answered as no master of this cluster would (another process
+        // there now, e.g. at a moved master's old address) this round.
+        let mut not_masters = 0;
         for a in addrs {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let timeout = join_call_timeout(Duration::from_millis(config.write_timeout_ms))
+                .min(left.max(Duration::from_secs(1)));
             match endpoint
-                .call_timeout::<JoinCluster>(
-                    *a,
-                    &req,
-                    join_call_timeout(Duration::from_millis(config.write_timeout_ms)),
-                )
+                .call_timeout::<JoinCluster>(*a, &req, timeout)
                 .await
             {
                 Ok(_) => {
                     info!(node = config.node_id, via = %a, "joined the cluster");
                     return Ok(());
                 }
-                Err(e) if !e.is_retryable() => {
+                // The cluster's answer: asking again cannot change it.
+                Err(e) if e.remote().is_some_and(|r| r.is(ErrorCode::InvalidArgument)) => {
                     return Err(JoinFailure::Refused(failed(e.to_string())));
+                }
+                Err(e) if !e.is_retryable() => {
+                    warn!(via = %a, error = %e, "not a master of this cluster; asking the others");
+                    not_masters += 1;
+                    last = format!("{a}: {e}");
                 }
                 Err(e) => {
                     warn!(via = %a, error = %e, "join attempt failed");
-                    last = e.to_string();
+                    last = format!("{a}: {e}");
                 }
             }
+        }
+        if not_masters == addrs.len() {
+            return Err(JoinFailure::Refused(failed(last)));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

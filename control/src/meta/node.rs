@@ -51,8 +51,9 @@ pub struct MetaConfig {
     /// Build a snapshot after this many log entries since the last one.
     pub snapshot_every: u64,
     /// Whether this node starts elections when it hears no leader from the start (see
-    /// [`MetaNode::set_electing`]). A master restarted at another address starts without,
-    /// so that its climbing term does not depose the leader that is to record its address.
+    /// [`MetaNode::set_electing`]). Masters start without and turn them on once they are
+    /// reachable where the others look for them: a master restarted at another address must
+    /// not depose, with its climbing term, the leader that is to record its address.
     pub elect: bool,
 }
 
@@ -436,7 +437,10 @@ impl MetaNode {
                 "master {id} is a voter with another data dir; a master whose data dir was lost must join under a new node-id"
             )));
         }
-        if !known.as_ref().is_some_and(|k| k.same_as(&node)) {
+        if !known
+            .as_ref()
+            .is_some_and(|k| k.same_as(&node) && k.start >= node.start)
+        {
             let timeout = self.config.write_timeout();
             let set = |node: MasterNode| {
                 ChangeMembers::SetNodes(std::collections::BTreeMap::from([(id, node)]))
@@ -533,9 +537,10 @@ impl MetaNode {
     }
 
     /// On the leader: records `node` as member `id`'s address, name and incarnation where
-    /// they differ from its entry: a master restarted at another address, or the incarnation
-    /// of a master named in the bootstrap, which no one knew then (0). The caller checks that
-    /// `node` may take the entry.
+    /// they differ from its entry (a master restarted at another address, or the incarnation
+    /// of a master named in the bootstrap, which no one knew then: 0), and its start where it
+    /// is later (a master restarted in place), so that no request of an earlier start can
+    /// move it later. The caller checks that `node` may take the entry.
     ///
     /// A description from an earlier start of the master than the one that wrote its entry
     /// is refused ([`MetaError::Membership`]): it was sent before a restart and retried since.
@@ -543,7 +548,7 @@ impl MetaNode {
         let _one = self.membership_change.lock().await;
         match self.member(id).0 {
             Some(known) if node.older_than(&known) => Err(stale_member(id, &node, &known)),
-            Some(known) if known.same_as(&node) => Ok(()),
+            Some(known) if known.same_as(&node) && known.start >= node.start => Ok(()),
             _ => {
                 self.change_membership(ChangeMembers::SetNodes(std::collections::BTreeMap::from([
                     (id, node),
@@ -551,6 +556,22 @@ impl MetaNode {
                 .await
             }
         }
+    }
+
+    /// Whether the membership this node has applied (committed, not only appended: an entry
+    /// appended by a leader that lost its office may be undone) has `id` as a settled voter
+    /// described as `node`, by `node`'s start or a later one.
+    pub fn has_recorded(&self, id: NodeId, node: &MasterNode) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        let applied =
+            m.membership_config.log_id().map(|l| l.index) <= m.last_applied.map(|l| l.index);
+        let membership = m.membership_config.membership();
+        applied
+            && membership.get_joint_config().len() == 1
+            && membership.voter_ids().any(|v| v == id)
+            && membership
+                .get_node(&id)
+                .is_some_and(|k| k.same_as(node) && k.start >= node.start)
     }
 
     /// On the leader: turns learner `id` into a voter (joint consensus).

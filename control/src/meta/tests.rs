@@ -395,9 +395,16 @@ async fn t06_fourth_node_joins_as_learner_then_voter() {
     let unchanged = membership_at(l);
     l.update_member(4, readdressed.clone()).await.unwrap();
     assert_eq!(membership_at(l), unchanged, "no entry when nothing changed");
-    // Nor when only a later start describes it the same way (a restart in place).
+    // A later start describing it the same way (a restart in place) is recorded, once.
     let restarted = readdressed.clone().with_start(readdressed.start + 1);
     l.update_member(4, restarted.clone()).await.unwrap();
+    assert_eq!(member(l), Some(restarted.clone()));
+    assert!(membership_at(l) > unchanged);
+    assert!(l.has_recorded(4, &restarted) && l.has_recorded(4, &readdressed));
+    assert!(!l.has_recorded(4, &restarted.clone().with_start(restarted.start + 1)));
+    let unchanged = membership_at(l);
+    l.update_member(4, restarted.clone()).await.unwrap();
+    l.update_member(4, readdressed.clone()).await.unwrap_err();
     assert_eq!(membership_at(l), unchanged);
     // A later start moved it again; a request of the earlier start, retried on its behalf
     // since, does not move it back, as an update or as a join.
@@ -405,6 +412,7 @@ async fn t06_fourth_node_joins_as_learner_then_voter() {
         addr: "10.0.0.46:7000".into(),
         ..readdressed.clone().with_start(readdressed.start + 2)
     };
+    let readdressed = restarted;
     l.update_member(4, moved_again.clone()).await.unwrap();
     assert_eq!(member(l), Some(moved_again.clone()));
     let stale = l.update_member(4, readdressed.clone()).await.unwrap_err();
