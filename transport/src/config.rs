@@ -177,8 +177,12 @@ impl TransportConfig {
     pub(crate) fn quinn_endpoint(
         &self,
         reset_key: ring::hmac::Key,
+        cid_key: u64,
     ) -> Result<quinn::EndpointConfig, EndpointError> {
         let mut endpoint = quinn::EndpointConfig::new(std::sync::Arc::new(reset_key));
+        endpoint.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         endpoint
             .max_udp_payload_size(self.max_udp_payload)
             .map_err(|e| EndpointError::Config(format!("max_udp_payload: {e}")))?;
@@ -289,7 +293,7 @@ mod tests {
                 ..Default::default()
             };
             cfg.validate().unwrap();
-            cfg.quinn_endpoint(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k"))
+            cfg.quinn_endpoint(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k"), 7)
                 .unwrap();
         }
         // Ten GSO segments must fit the kernel's 64 KiB limit.

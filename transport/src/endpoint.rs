@@ -137,7 +137,7 @@ impl Endpoint {
             .local_addr()
             .map_err(|source| EndpointError::Bind { addr, source })?;
         let mut endpoint = quinn::Endpoint::new(
-            config.quinn_endpoint(identity.reset_key(bound))?,
+            config.quinn_endpoint(identity.reset_key(bound), identity.cid_key(bound))?,
             Some(server),
             socket,
             Arc::new(crate::socket::DrainingRuntime),

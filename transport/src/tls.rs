@@ -319,10 +319,26 @@ impl Identity {
     /// its idle timeout while the restarted node discards every packet. (A random key per
     /// start, quinn's default, gives resets that no peer of the old process can verify.)
     pub(crate) fn reset_key(&self, addr: SocketAddr) -> ring::hmac::Key {
-        let secret = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.key.secret_der());
-        let label = format!("microcosm stateless reset key for {addr}");
-        let derived = ring::hmac::sign(&secret, label.as_bytes());
+        let derived = self.derive(&format!("microcosm stateless reset key for {addr}"));
         ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())
+    }
+
+    /// The key an endpoint bound at `addr` signs the connection ids it hands out with, derived
+    /// like [`Identity::reset_key`]. A restarted node must recognise its predecessor's ids as
+    /// its own: an endpoint sends a stateless reset only for a packet whose id it could have
+    /// issued, and drops any other unknown one in silence (with quinn's default, a random key
+    /// per start, it drops them all).
+    pub(crate) fn cid_key(&self, addr: SocketAddr) -> u64 {
+        let derived = self.derive(&format!("microcosm connection id key for {addr}"));
+        let mut key = [0u8; 8];
+        key.copy_from_slice(&derived.as_ref()[..8]);
+        u64::from_le_bytes(key)
+    }
+
+    /// HMAC-SHA256 of `label` under this identity's private key.
+    fn derive(&self, label: &str) -> ring::hmac::Tag {
+        let secret = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.key.secret_der());
+        ring::hmac::sign(&secret, label.as_bytes())
     }
 
     pub(crate) fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {

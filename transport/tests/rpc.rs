@@ -919,6 +919,8 @@ async fn dropping_an_endpoint_closes_it_and_frees_its_port() {
 /// A node that crashed and restarted at the same address, with the same key, answers its
 /// predecessor's connection with a stateless reset its peer accepts: a data stream into that
 /// connection fails to finish at once instead of looking delivered until the idle timeout.
+/// It takes both keys derived from the identity: the reset key, and the connection-id key
+/// without which the restarted node does not recognise the old ids and drops their packets.
 #[test]
 fn a_stream_to_a_peer_that_restarted_at_its_address_fails_to_finish() {
     let dir = tempfile::tempdir().unwrap();
