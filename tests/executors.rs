@@ -169,6 +169,11 @@ fn t02b_an_executor_that_shuts_down_leaves_and_its_tasks_move_without_a_restart(
         !history.contains("restarting the job"),
         "a shutdown counted as a restart: {history}"
     );
+    assert_eq!(
+        (j["restarts"].as_u64(), j["recent_restarts"].as_u64()),
+        (Some(0), Some(0)),
+        "{j}"
+    );
 }
 
 #[test]

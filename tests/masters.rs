@@ -371,6 +371,47 @@ fn t04c_a_master_with_other_timing_settings_cannot_join() {
     assert_eq!(s.masters.len(), 1, "{s}");
 }
 
+/// Masters bootstrapped together with other timing settings all start (which one's settings
+/// are wrong is not clear), but each one the leader does not share its settings with says so
+/// in its log, naming the setting and both values.
+#[test]
+fn t04f_masters_bootstrapped_with_other_timing_settings_are_told() {
+    let mut c = Cluster::empty(ClusterOptions::default());
+    let addrs: Vec<(u64, std::net::SocketAddr)> =
+        (1..=3).map(|id| (id, common::free_udp_addr())).collect();
+    let members = addrs
+        .iter()
+        .map(|(id, a)| format!("{id}={a}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (id, addr) in addrs {
+        let mut flags = vec!["--initial-members".to_string(), members.clone()];
+        if id == 3 {
+            flags.extend(["--executor-ttl-ms".to_string(), "3000".to_string()]);
+        }
+        c.spawn_master(id, addr, &flags);
+    }
+    let leader = c.wait_for_leader(&[1, 2, 3], ELECTION);
+    // Those whose settings differ from the leader's: master 3, or both others if it leads.
+    let told: Vec<u64> = if leader == 3 { vec![1, 2] } else { vec![3] };
+    let r = wait_until("the masters with other settings say so", ELECTION, || {
+        c.assert_running(&[1, 2, 3]);
+        for id in &told {
+            let log = c.node(*id).log_text();
+            if !(log.contains(&format!(
+                "master {id} has other timing settings than the cluster"
+            )) && log.contains("executor-ttl-ms"))
+            {
+                return Err(format!("master {id} says nothing yet"));
+            }
+        }
+        Ok(())
+    });
+    c.unwrap_or_dump(r);
+    // They stay members: writes still go through any of them.
+    c.submit_job_ok(&[c.addr(told[0])]);
+}
+
 /// A master restarted from its data dir at another address asks to have its entry updated:
 /// the others reach it there, it gets the writes it missed and new ones, and it serves
 /// clients as before.

@@ -581,6 +581,11 @@ fn job_summary(st: &MetaState, j: &crate::meta::state::JobRecord) -> JobInfo {
 }
 
 fn job_info(st: &MetaState, j: &crate::meta::state::JobRecord) -> JobInfo {
+    job_info_at(st, j, unix_ms())
+}
+
+/// [`job_info`] as of `now_ms` (which counts the restarts within the budget's window).
+fn job_info_at(st: &MetaState, j: &crate::meta::state::JobRecord, now_ms: u64) -> JobInfo {
     JobInfo {
         id: j.id.0,
         job_type: j.job_type.clone(),
@@ -609,6 +614,9 @@ fn job_info(st: &MetaState, j: &crate::meta::state::JobRecord) -> JobInfo {
             at_ms: c.at_ms,
         }),
         restored_from: j.restored_from,
+        restarts: j.restarts,
+        recent_restarts: u32::try_from(crate::leader::restarts_in_window(j, now_ms))
+            .unwrap_or(u32::MAX),
     }
 }
 
@@ -1974,6 +1982,33 @@ initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
         );
         let full = job_info(&st, job);
         assert_eq!((full.spec.len(), full.history.len()), (60_000, 1));
+    }
+
+    /// A job's status counts its restarts in all and within the budget's window.
+    #[test]
+    fn a_jobs_status_counts_its_restarts_in_all_and_lately() {
+        let mut st = MetaState::default();
+        st.apply(&crate::meta::MetaRequest {
+            id: crate::meta::RequestId { client: 1, seq: 1 },
+            command: Command::SubmitJob {
+                job_type: "demo".into(),
+                spec: String::new(),
+                at_ms: 1,
+            },
+        });
+        let mut job = st
+            .jobs
+            .values()
+            .next()
+            .expect("the job was submitted")
+            .clone();
+        let window = crate::leader::RESTART_WINDOW_MS;
+        job.restarts = 7;
+        job.recent_restarts_ms = vec![1_000, 2_000 + window, 3_000 + window];
+        let info = job_info_at(&st, &job, 2_500 + window);
+        assert_eq!((info.restarts, info.recent_restarts), (7, 2));
+        let later = job_info_at(&st, &job, 10_000 + 2 * window);
+        assert_eq!((later.restarts, later.recent_restarts), (7, 0));
     }
 
     /// A master that fails to start leaves nothing behind: the same address and data dir

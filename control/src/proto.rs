@@ -243,6 +243,12 @@ pub struct JobInfo {
     pub checkpoint: Option<CheckpointInfo>,
     /// The checkpoint the current epoch resumed from (`None`: it started from scratch).
     pub restored_from: Option<u64>,
+    /// How many times the job was restarted after a task failed, in all.
+    pub restarts: u32,
+    /// How many of those came within the restart budget's window before the answer
+    /// ([`crate::leader::RESTART_WINDOW_MS`]): at [`crate::leader::MAX_RESTARTS`], the next
+    /// failure within it fails the job.
+    pub recent_restarts: u32,
 }
 
 /// A committed checkpoint, as `job status` shows it.

@@ -353,6 +353,7 @@ fn job_json(j: &JobInfo) -> serde_json::Value {
         "tasks": j.tasks,
         "checkpoint": j.checkpoint.map(|c| json!({"id": c.id, "epoch": c.epoch, "at_ms": c.at_ms})),
         "restored_from": j.restored_from,
+        "restarts": j.restarts, "recent_restarts": j.recent_restarts,
         "history": j.history.iter().map(|h| json!({"state": h.state, "reason": h.reason, "at_ms": h.at_ms})).collect::<Vec<_>>(),
         "stale": j.stale,
     })
@@ -427,6 +428,13 @@ fn print_job(args: &ClusterArgs, j: &JobInfo) {
         Some(id) => println!("resumed from checkpoint {id} (this epoch)"),
         None => println!("resumed from = nothing (this epoch started from scratch)"),
     }
+    println!(
+        "restarts = {} ({} within the last {} minutes; a failure after {} there fails the job)",
+        j.restarts,
+        j.recent_restarts,
+        microcosm_control::leader::RESTART_WINDOW_MS / 60_000,
+        microcosm_control::leader::MAX_RESTARTS
+    );
     println!("\nhistory:");
     for h in &j.history {
         println!("  {:>15}  {:<11} {}", h.at_ms, h.state, h.reason);
