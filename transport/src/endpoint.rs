@@ -321,12 +321,22 @@ impl Endpoint {
         let conn = self
             .connection(addr, <M::Service as Service>::SERVED_BY, deadline)
             .await?;
+        let heard_before = conn.conn.stats().udp_rx.datagrams;
         let result = conn.raw_call(M::ID, req, deadline).await;
-        // A lost connection, or one on which a call timed out (the peer may have died; QUIC
-        // would only notice at the idle timeout), is dropped: the next call dials afresh, which
-        // costs one handshake if the peer is fine and reaches a restarted peer at once.
-        if let Err(RpcError::ConnectionLost { .. } | RpcError::Timeout(_)) = &result {
-            self.forget_failed(addr, <M::Service as Service>::SERVED_BY, &conn.conn);
+        // A lost connection is dropped: the next call dials afresh. So is one on which a call
+        // timed out without a single datagram from the peer since it began (not even the
+        // acknowledgement of the request): the peer may have died, which QUIC would only
+        // notice at the idle timeout. A peer that answered something is alive and only slow
+        // with this call: its connection, and the other calls on it, stay.
+        let silent = || conn.conn.stats().udp_rx.datagrams == heard_before;
+        match &result {
+            Err(RpcError::ConnectionLost { .. }) => {
+                self.forget_failed(addr, <M::Service as Service>::SERVED_BY, &conn.conn);
+            }
+            Err(RpcError::Timeout(_)) if silent() => {
+                self.forget_failed(addr, <M::Service as Service>::SERVED_BY, &conn.conn);
+            }
+            _ => {}
         }
         // The server enforces the same deadline and may notice it a moment before we do: the
         // caller sees one outcome either way (the connection is fine, so it is kept).
@@ -414,6 +424,8 @@ impl Endpoint {
 /// One connection's state and counters, as [`Endpoint::connection_stats`] reports them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionStats {
+    /// Identifies the connection among this endpoint's open ones (a redial gets another).
+    pub id: usize,
     /// The peer, as its certificate names it.
     pub peer: Peer,
     /// True if this endpoint dialed the connection, false if the peer did.
@@ -438,6 +450,7 @@ impl ConnectionStats {
     fn of(peer: Peer, dialed: bool, conn: &quinn::Connection) -> Self {
         let stats = conn.stats();
         Self {
+            id: conn.stable_id(),
             peer,
             dialed,
             rtt: stats.path.rtt,

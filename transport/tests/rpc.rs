@@ -220,10 +220,80 @@ async fn concurrent_first_dials_share_one_connection() {
     );
 }
 
-/// A call that timed out closes its connection (the next call dials afresh) instead of
-/// leaving it open on both sides for good.
+/// A call that timed out on a peer that answers (acknowledges) it keeps the connection, and
+/// leaves alone the other calls on it, and no connection is left open twice.
 #[tokio::test]
-async fn a_timed_out_call_closes_its_connection() {
+async fn a_call_timed_out_on_a_live_peer_leaves_its_connection_and_the_other_calls_alone() {
+    let cluster = Cluster::new();
+    let client = cluster.client(Role::Client);
+    assert_eq!(client.call::<Sleep>(cluster.addr(), &1).await.unwrap(), 1);
+    let before = client.connection_stats();
+    let slow = {
+        let client = client.clone();
+        let addr = cluster.addr();
+        tokio::spawn(async move {
+            client
+                .call_timeout::<Sleep>(addr, &1_500, Duration::from_secs(10))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = client
+        .call_timeout::<Sleep>(cluster.addr(), &5_000, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RpcError::Timeout(_)), "{err:?}");
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        1_500,
+        "the call beside it went on"
+    );
+    let after = client.connection_stats();
+    assert_eq!((before.len(), after.len()), (1, 1), "{before:?} {after:?}");
+    assert_eq!(before[0].id, after[0].id, "the same connection");
+}
+
+/// A call that timed out without a word from its peer (a crashed node: here its runtime is
+/// gone, its socket closed) closes its connection, so the next call dials afresh instead of
+/// sending into it until the idle timeout.
+#[test]
+fn a_call_timed_out_on_a_silent_peer_closes_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    init_cluster_certs(dir.path(), "t", &[]).unwrap();
+    let runtime = |threads| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (main, crashing) = (runtime(1), runtime(1));
+    let identity = Identity::load(dir.path(), Role::Master).unwrap();
+    let server = crashing.block_on(async {
+        Endpoint::bind(localhost(), &identity, TransportConfig::default(), router()).unwrap()
+    });
+    let addr = server.local_addr();
+    main.block_on(async {
+        let client = endpoint_from(dir.path(), Role::Client);
+        assert_eq!(client.call::<Sleep>(addr, &1).await.unwrap(), 1);
+        crashing.shutdown_background();
+        drop(server);
+        let err = client
+            .call_timeout::<Sleep>(addr, &1, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RpcError::Timeout(_)), "{err:?}");
+        assert!(
+            client.connection_stats().is_empty(),
+            "the silent connection was dropped"
+        );
+    });
+}
+
+/// A call that timed out closes no connection for good: the next call works, and no
+/// connection is left open twice on either side.
+#[tokio::test]
+async fn a_timed_out_call_leaves_one_connection_on_each_side() {
     let cluster = Cluster::new();
     let client = cluster.client(Role::Client);
     let err = client
