@@ -167,7 +167,9 @@ impl InboundRegistry {
             port.abort();
             return;
         }
-        if inner.failed.contains(&key) {
+        // A retired attempt's consumers will not register: nothing to fail.
+        let retired = inner.retired.get(&key.0).is_some_and(|r| key.1 <= *r);
+        if retired || inner.failed.contains(&key) {
             return;
         }
         if inner.failed.len() == FAILED_KEPT {
@@ -1173,6 +1175,8 @@ mod tests {
         registry.stream_failed_early((7, 3, 1, 0));
         registry.stream_failed_early((8, 2, 1, 0));
         registry.retire(7, 2);
+        // A failure of the retired attempt reported later is not remembered either.
+        registry.stream_failed_early((7, 2, 2, 0));
         let failed: Vec<PortKey> = registry.lock().failed.iter().copied().collect();
         assert_eq!(failed, [(7, 3, 1, 0), (8, 2, 1, 0)]);
     }

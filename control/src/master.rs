@@ -29,7 +29,7 @@ use crate::liveness::{LivenessConfig, LivenessTracker};
 use crate::meta::state::MAX_CHECKPOINT_BYTES;
 use crate::meta::{
     Command, CommandResponse, JobId, MasterNode, MetaConfig, MetaError, MetaNode, MetaRequest,
-    MetaState, NodeId, RaftRpc, RaftRpcResponse, RaftTransport, Rejection, RequestId,
+    MetaState, NodeId, RaftEnvelope, RaftRpc, RaftRpcResponse, RaftTransport, Rejection, RequestId,
     TransportFailure, handle_raft_rpc,
 };
 use crate::proto::{
@@ -334,12 +334,13 @@ impl RaftTransport for QuicRaft {
     async fn call(
         &self,
         target: NodeId,
-        addr: &str,
+        node: &MasterNode,
         req: RaftRpc,
         timeout: Duration,
     ) -> Result<RaftRpcResponse, TransportFailure> {
         let unreachable = |reason: String| TransportFailure::Unreachable { target, reason };
         let network = |reason: String| TransportFailure::Network { target, reason };
+        let addr = &node.addr;
         let addr: SocketAddr = addr
             .parse()
             .map_err(|e| unreachable(format!("bad address {addr:?}: {e}")))?;
@@ -347,7 +348,12 @@ impl RaftTransport for QuicRaft {
             .endpoint
             .upgrade()
             .ok_or_else(|| unreachable("this master's endpoint is closed".into()))?;
-        let bytes = postcard::to_stdvec(&req).map_err(|e| network(e.to_string()))?;
+        let envelope = RaftEnvelope {
+            to: target,
+            incarnation: node.incarnation,
+            rpc: req,
+        };
+        let bytes = postcard::to_stdvec(&envelope).map_err(|e| network(e.to_string()))?;
         // The frame limit applies to the archived request: a little more than the blob.
         let limit = endpoint.config().max_frame_bytes as usize;
         if bytes.len() + 1024 > limit {
@@ -665,9 +671,15 @@ fn router(shared: Arc<Shared>) -> Router {
             let shared = s1.clone();
             async move {
                 let node = shared.node()?;
-                let rpc: RaftRpc = postcard::from_bytes(&blob.bytes).map_err(|e| {
+                let envelope: RaftEnvelope = postcard::from_bytes(&blob.bytes).map_err(|e| {
                     RemoteError::new(ErrorCode::BadRequest, format!("bad raft message: {e}"))
                 })?;
+                if let Some(why) = envelope.misaddressed(node.config().node_id, node.incarnation())
+                {
+                    warn!(reason = %why, "refusing a raft message");
+                    return Err(RemoteError::new(ErrorCode::InvalidArgument, why));
+                }
+                let rpc = envelope.rpc;
                 if matches!(rpc, RaftRpc::Vote(_))
                     && shared.joining.load(std::sync::atomic::Ordering::Acquire)
                 {
@@ -987,7 +999,13 @@ const JOIN_PATIENCE: Duration = Duration::from_secs(10);
 
 async fn join_on_leader(shared: &Shared, req: JoinRequest) -> Result<Nothing, RemoteError> {
     let node = shared.node()?;
-    let differences = shared.timing.differences(&req.timing);
+    // The leader's settings are the cluster's: another master forwards the request unchecked
+    // (it may be the one whose settings are off).
+    let differences = if node.role() == openraft::ServerState::Leader {
+        shared.timing.differences(&req.timing)
+    } else {
+        Vec::new()
+    };
     if !differences.is_empty() {
         return Err(RemoteError::new(
             ErrorCode::InvalidArgument,
@@ -1344,6 +1362,10 @@ async fn rejoin_until_recorded(
             Some(meta) if recorded(&meta) => {
                 meta.set_electing(true);
                 joined();
+                info!(
+                    node = config.node_id,
+                    "the cluster has this master's address and data dir on record"
+                );
                 return;
             }
             Some(meta) => meta,

@@ -172,17 +172,23 @@ impl TransportConfig {
         Ok(())
     }
 
-    /// The endpoint settings, with `reset_key` for the stateless resets it sends (see
-    /// [`crate::tls::Identity::reset_key`]).
+    /// The endpoint settings, with `keys` (the key of the stateless resets it sends and the
+    /// one of the connection ids it issues: see [`crate::tls::Identity::reset_key`] and
+    /// [`crate::tls::Identity::cid_key`]) or, without, quinn's random ones.
     pub(crate) fn quinn_endpoint(
         &self,
-        reset_key: ring::hmac::Key,
-        cid_key: u64,
+        keys: Option<(ring::hmac::Key, u64)>,
     ) -> Result<quinn::EndpointConfig, EndpointError> {
-        let mut endpoint = quinn::EndpointConfig::new(std::sync::Arc::new(reset_key));
-        endpoint.cid_generator(move || {
-            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-        });
+        let mut endpoint = match keys {
+            Some((reset_key, cid_key)) => {
+                let mut endpoint = quinn::EndpointConfig::new(std::sync::Arc::new(reset_key));
+                endpoint.cid_generator(move || {
+                    Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+                });
+                endpoint
+            }
+            None => quinn::EndpointConfig::default(),
+        };
         endpoint
             .max_udp_payload_size(self.max_udp_payload)
             .map_err(|e| EndpointError::Config(format!("max_udp_payload: {e}")))?;
@@ -293,8 +299,11 @@ mod tests {
                 ..Default::default()
             };
             cfg.validate().unwrap();
-            cfg.quinn_endpoint(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k"), 7)
-                .unwrap();
+            cfg.quinn_endpoint(Some((
+                ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k"),
+                7,
+            )))
+            .unwrap();
         }
         // Ten GSO segments must fit the kernel's 64 KiB limit.
         assert!(10 * usize::from(MAX_UDP_PAYLOAD) <= 65_507);

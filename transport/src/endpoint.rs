@@ -111,6 +111,16 @@ impl Drop for Inner {
     }
 }
 
+/// The stateless-reset and connection-id keys of an endpoint of `identity` bound at `bound`,
+/// derived from both so that a node restarted there answers its predecessor's connections
+/// with resets their peers accept. `None` (quinn's random keys) for an endpoint bound to a
+/// wildcard address with a port the system picked, such as a client's: such a node never
+/// comes back at the same address, and another one of the same identity elsewhere that got
+/// the same port must not share its keys.
+fn stable_keys(identity: &Identity, bound: SocketAddr) -> Option<(ring::hmac::Key, u64)> {
+    (!bound.ip().is_unspecified()).then(|| (identity.reset_key(bound), identity.cid_key(bound)))
+}
+
 impl Endpoint {
     /// Binds `addr` (port 0 picks a free port) and starts serving `router`. Must be called
     /// inside a tokio runtime. Dropping the last handle closes the endpoint (as
@@ -137,7 +147,7 @@ impl Endpoint {
             .local_addr()
             .map_err(|source| EndpointError::Bind { addr, source })?;
         let mut endpoint = quinn::Endpoint::new(
-            config.quinn_endpoint(identity.reset_key(bound), identity.cid_key(bound))?,
+            config.quinn_endpoint(stable_keys(identity, bound))?,
             Some(server),
             socket,
             Arc::new(crate::socket::DrainingRuntime),

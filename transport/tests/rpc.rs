@@ -253,9 +253,9 @@ async fn a_call_timed_out_on_a_live_peer_leaves_its_connection_and_the_other_cal
     assert_eq!(before[0].id, after[0].id, "the same connection");
 }
 
-/// A call that timed out without a word from its peer (a crashed node: here its runtime is
-/// gone, its socket closed) closes its connection, so the next call dials afresh instead of
-/// sending into it until the idle timeout.
+/// A call that timed out without a word from its peer (a hung node: here its runtime is
+/// gone) closes its connection, so the next call dials afresh instead of sending into it
+/// until the idle timeout.
 #[test]
 fn a_call_timed_out_on_a_silent_peer_closes_its_connection() {
     let dir = tempfile::tempdir().unwrap();
@@ -276,8 +276,9 @@ fn a_call_timed_out_on_a_silent_peer_closes_its_connection() {
     main.block_on(async {
         let client = endpoint_from(dir.path(), Role::Client);
         assert_eq!(client.call::<Sleep>(addr, &1).await.unwrap(), 1);
+        // Its tasks stop; its socket stays open (the handle lives), read by nobody: a hung
+        // node, which neither answers nor closes.
         crashing.shutdown_background();
-        drop(server);
         let err = client
             .call_timeout::<Sleep>(addr, &1, Duration::from_millis(300))
             .await
@@ -287,6 +288,7 @@ fn a_call_timed_out_on_a_silent_peer_closes_its_connection() {
             client.connection_stats().is_empty(),
             "the silent connection was dropped"
         );
+        drop(server);
     });
 }
 

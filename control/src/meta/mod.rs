@@ -25,7 +25,9 @@ mod tests;
 
 use serde::{Deserialize, Serialize};
 
-pub use network::{RaftRpc, RaftRpcResponse, RaftTransport, TransportFailure, handle_raft_rpc};
+pub use network::{
+    RaftEnvelope, RaftRpc, RaftRpcResponse, RaftTransport, TransportFailure, handle_raft_rpc,
+};
 pub use node::{MetaConfig, MetaNode, MetaStatus, SplitVoteWatchdog};
 pub use state::{
     Command, CommandResponse, ExecutorId, ExecutorState, JobId, MetaRequest, MetaState, Rejection,

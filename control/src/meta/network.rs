@@ -37,6 +37,41 @@ pub enum RaftRpc {
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
 }
 
+/// A [`RaftRpc`] addressed to one master: the master `to`, of data-dir incarnation
+/// `incarnation` (0: not known). The receiver refuses one meant for another master, or for
+/// another data dir of it ([`RaftEnvelope::misaddressed`]): a master whose data dir was lost,
+/// back at its old address, must not take the log entries and votes its predecessor was
+/// counted for (its empty log would also look to the leader like a log that went back).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RaftEnvelope {
+    /// The master it is for.
+    pub to: NodeId,
+    /// The data-dir incarnation the sender has on record for it.
+    pub incarnation: u64,
+    /// The request.
+    pub rpc: RaftRpc,
+}
+
+impl RaftEnvelope {
+    /// Why master `id` of incarnation `incarnation` must not answer this, if it must not.
+    pub fn misaddressed(&self, id: NodeId, incarnation: u64) -> Option<String> {
+        if self.to != id {
+            return Some(format!(
+                "a raft message for master {} reached master {id} (which now has its address)",
+                self.to
+            ));
+        }
+        if self.incarnation != 0 && self.incarnation != incarnation {
+            return Some(format!(
+                "a raft message for master {id}'s data dir {} reached its data dir {incarnation}: \
+                 this master's data dir was lost and replaced; it must join under a new node-id",
+                self.incarnation
+            ));
+        }
+        None
+    }
+}
+
 /// The peer's answer to a [`RaftRpc`], including openraft-level errors raised by the peer.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RaftRpcResponse {
@@ -85,13 +120,15 @@ pub enum TransportFailure {
 /// Implementations must answer within `timeout` or fail with [`TransportFailure::Network`], fail
 /// with [`TransportFailure::TooLarge`] (sending nothing) a request larger than they carry, and
 /// reach a master (e.g. by checking that its certificate names the master role; the addresses
-/// come from the replicated membership, so `target` is the master at `addr`).
+/// come from the replicated membership, so `target` is the master at `node.addr`, unless it
+/// moved or lost its data dir: see [`RaftEnvelope`]).
 pub trait RaftTransport: Send + Sync + 'static {
-    /// Sends `req` to master `target` at `addr` and returns its response.
+    /// Sends `req` to master `target`, described as `node` (its address, and the data dir
+    /// that must answer: see [`RaftEnvelope`]), and returns its response.
     fn call(
         &self,
         target: NodeId,
-        addr: &str,
+        node: &MasterNode,
         req: RaftRpc,
         timeout: Duration,
     ) -> impl Future<Output = Result<RaftRpcResponse, TransportFailure>> + Send;
@@ -129,7 +166,7 @@ impl<T: RaftTransport> RaftNetworkFactory<TypeConfig> for NetworkFactory<T> {
         PeerClient {
             transport: self.transport.clone(),
             target,
-            addr: node.addr.clone(),
+            node: node.clone(),
         }
     }
 }
@@ -138,7 +175,7 @@ impl<T: RaftTransport> RaftNetworkFactory<TypeConfig> for NetworkFactory<T> {
 pub struct PeerClient<T> {
     transport: Arc<T>,
     target: NodeId,
-    addr: String,
+    node: MasterNode,
 }
 
 /// A response of the wrong kind for the request.
@@ -164,7 +201,7 @@ impl<T: RaftTransport> PeerClient<T> {
         option: &RPCOption,
     ) -> Result<RaftRpcResponse, RPCError<NodeId, MasterNode, E>> {
         self.transport
-            .call(self.target, &self.addr, req, option.hard_ttl())
+            .call(self.target, &self.node, req, option.hard_ttl())
             .await
             .map_err(|f| match &f {
                 TransportFailure::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&f)),
@@ -201,7 +238,7 @@ impl<T: RaftTransport> RaftNetwork<TypeConfig> for PeerClient<T> {
             .transport
             .call(
                 self.target,
-                &self.addr,
+                &self.node,
                 RaftRpc::AppendEntries(rpc),
                 option.hard_ttl(),
             )
@@ -247,5 +284,37 @@ impl<T: RaftTransport> RaftNetwork<TypeConfig> for PeerClient<T> {
 
     fn backoff(&self) -> openraft::network::Backoff {
         openraft::network::Backoff::new(std::iter::repeat(UNREACHABLE_BACKOFF))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A raft message is answered only by the master and data dir it is for (any data dir
+    /// when the sender knows none).
+    #[test]
+    fn a_raft_message_for_another_master_or_data_dir_is_refused() {
+        let to = |to: NodeId, incarnation: u64| RaftEnvelope {
+            to,
+            incarnation,
+            rpc: RaftRpc::Vote(VoteRequest::new(openraft::Vote::new(1, 1), None)),
+        };
+        assert_eq!(to(2, 7).misaddressed(2, 7), None);
+        assert_eq!(
+            to(2, 0).misaddressed(2, 7),
+            None,
+            "incarnation not known yet"
+        );
+        let other_master = to(2, 7).misaddressed(3, 7).unwrap();
+        assert!(
+            other_master.contains("for master 2 reached master 3"),
+            "{other_master}"
+        );
+        let other_dir = to(2, 7).misaddressed(2, 8).unwrap();
+        assert!(
+            other_dir.contains("must join under a new node-id"),
+            "{other_dir}"
+        );
     }
 }

@@ -434,7 +434,7 @@ impl MetaNode {
             && voter
         {
             return Err(MetaError::Membership(format!(
-                "master {id} is a voter with another data dir; a master whose data dir was lost must join under a new node-id"
+                "master {id} is already a voter of this cluster with another data dir; a master whose data dir was lost must join under a new node-id"
             )));
         }
         if !known

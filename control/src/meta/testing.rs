@@ -112,7 +112,7 @@ impl RaftTransport for MemTransport {
     async fn call(
         &self,
         target: NodeId,
-        _addr: &str,
+        _node: &crate::meta::MasterNode,
         req: RaftRpc,
         timeout: Duration,
     ) -> Result<RaftRpcResponse, TransportFailure> {
