@@ -400,6 +400,13 @@ async fn t06_fourth_node_joins_as_learner_then_voter() {
     l.update_member(4, restarted.clone()).await.unwrap();
     assert_eq!(member(l), Some(restarted.clone()));
     assert!(membership_at(l) > unchanged);
+    // Recorded once applied here, which may come a moment after the commit.
+    let index = membership_at(l);
+    l.raft()
+        .wait(Some(WAIT))
+        .applied_index_at_least(index, "the update applied")
+        .await
+        .unwrap();
     assert!(l.has_recorded(4, &restarted) && l.has_recorded(4, &readdressed));
     assert!(!l.has_recorded(4, &restarted.clone().with_start(restarted.start + 1)));
     let unchanged = membership_at(l);
