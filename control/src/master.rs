@@ -1393,23 +1393,7 @@ async fn rejoin_until_recorded(
         let pause = match answer {
             Ok(()) => {
                 // Done once the change is applied here: wait for it, then look again.
-                let expected = meta.master_node();
-                let id = config.node_id;
-                let _ = meta
-                    .raft()
-                    .wait(Some(REJOIN_PAUSE))
-                    .metrics(
-                        |m| {
-                            let applied = m.membership_config.log_id().map(|l| l.index)
-                                <= m.last_applied.map(|l| l.index);
-                            applied
-                                && m.membership_config
-                                    .membership()
-                                    .get_node(&id)
-                                    .is_some_and(|n| n.same_as(&expected))
-                        },
-                        "this master's entry is updated",
-                    )
+                meta.wait_recorded(config.node_id, &meta.master_node(), REJOIN_PAUSE)
                     .await;
                 Duration::ZERO
             }
@@ -1983,18 +1967,24 @@ initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
         }
     }
 
-    /// The job list leaves out what can be large (specs, histories); `GetJob` keeps it.
-    #[test]
-    fn the_job_list_leaves_specs_and_histories_out() {
+    /// A state holding one submitted job of spec `spec`.
+    fn one_job(spec: String) -> MetaState {
         let mut st = MetaState::default();
         st.apply(&crate::meta::MetaRequest {
             id: crate::meta::RequestId { client: 1, seq: 1 },
             command: Command::SubmitJob {
                 job_type: "demo".into(),
-                spec: "x".repeat(60_000),
+                spec,
                 at_ms: 1,
             },
         });
+        st
+    }
+
+    /// The job list leaves out what can be large (specs, histories); `GetJob` keeps it.
+    #[test]
+    fn the_job_list_leaves_specs_and_histories_out() {
+        let st = one_job("x".repeat(60_000));
         let job = st.jobs.values().next().expect("the job was submitted");
         let brief = job_summary(&st, job);
         assert!(brief.spec.is_empty() && brief.history.is_empty());
@@ -2009,15 +1999,7 @@ initial-members = ["1=127.0.0.1:7101", "2=127.0.0.1:7102"]
     /// A job's status counts its restarts in all and within the budget's window.
     #[test]
     fn a_jobs_status_counts_its_restarts_in_all_and_lately() {
-        let mut st = MetaState::default();
-        st.apply(&crate::meta::MetaRequest {
-            id: crate::meta::RequestId { client: 1, seq: 1 },
-            command: Command::SubmitJob {
-                job_type: "demo".into(),
-                spec: String::new(),
-                at_ms: 1,
-            },
-        });
+        let st = one_job(String::new());
         let mut job = st
             .jobs
             .values()

@@ -562,16 +562,17 @@ impl MetaNode {
     /// appended by a leader that lost its office may be undone) has `id` as a settled voter
     /// described as `node`, by `node`'s start or a later one.
     pub fn has_recorded(&self, id: NodeId, node: &MasterNode) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        let applied =
-            m.membership_config.log_id().map(|l| l.index) <= m.last_applied.map(|l| l.index);
-        let membership = m.membership_config.membership();
-        applied
-            && membership.get_joint_config().len() == 1
-            && membership.voter_ids().any(|v| v == id)
-            && membership
-                .get_node(&id)
-                .is_some_and(|k| k.same_as(node) && k.start >= node.start)
+        records(&self.raft.metrics().borrow(), id, node)
+    }
+
+    /// Waits (at most `patience`) until [`MetaNode::has_recorded`] holds; says whether it
+    /// does.
+    pub async fn wait_recorded(&self, id: NodeId, node: &MasterNode, patience: Duration) -> bool {
+        self.raft
+            .wait(Some(patience))
+            .metrics(|m| records(m, id, node), "the member's entry is recorded")
+            .await
+            .is_ok()
     }
 
     /// On the leader: turns learner `id` into a voter (joint consensus).
@@ -690,6 +691,18 @@ impl Drop for MetaNode {
     fn drop(&mut self) {
         self.watchdog.abort();
     }
+}
+
+/// [`MetaNode::has_recorded`] on one metrics snapshot.
+fn records(m: &openraft::RaftMetrics<NodeId, MasterNode>, id: NodeId, node: &MasterNode) -> bool {
+    let applied = m.membership_config.log_id().map(|l| l.index) <= m.last_applied.map(|l| l.index);
+    let membership = m.membership_config.membership();
+    applied
+        && membership.get_joint_config().len() == 1
+        && membership.voter_ids().any(|v| v == id)
+        && membership
+            .get_node(&id)
+            .is_some_and(|k| k.same_as(node) && k.start >= node.start)
 }
 
 /// The refusal of `node`, an earlier start's description of master `id` than `known`.
